@@ -1,0 +1,107 @@
+"""Tokenizer, chat template and model for each profile: Hub ids on real hardware, embedded defaults otherwise.
+
+The embedded defaults need no network:
+- the real Mistral-7B tokenizer (sentencepiece, 32,000 pieces, BOS 1, EOS 2) shipped inside ``mistral-common``,
+  converted once to a fast tokenizer and cached under ``runs/assets/``;
+- a tiny ``MistralForCausalLM`` (same architecture, random weights), built once and cached there too.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from utils import CONFIGS_DIR, RUNS_DIR
+
+BASE_MODEL_ID = "mistralai/Mistral-7B-v0.1"
+CHAT_TEMPLATE_FILE = CONFIGS_DIR / "chat_template.jinja"
+ASSETS_DIR = RUNS_DIR / "assets"
+EMBEDDED_TOKENIZER_DIR = ASSETS_DIR / "mistral-7b-tokenizer"
+TINY_MODEL_DIR = ASSETS_DIR / "tiny-mistral"
+
+# A Mistral-7B in miniature: same vocabulary, GQA, RoPE and sliding-window settings, 4 layers of width 64.
+TINY_MISTRAL = dict(
+    vocab_size=32000,
+    hidden_size=64,
+    intermediate_size=224,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    sliding_window=4096,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+
+def chat_template() -> str:
+    """The Zephyr chat template of the alignment-handbook recipe (``configs/chat_template.jinja``)."""
+    return CHAT_TEMPLATE_FILE.read_text(encoding="utf-8")
+
+
+def sentencepiece_file() -> Path:
+    """Path of the Mistral-7B v1 sentencepiece model shipped by ``mistral-common``."""
+    import mistral_common
+
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        raise FileNotFoundError(f"mistral-common {mistral_common.__version__} does not ship {path.name}")
+    return path
+
+
+def build_embedded_tokenizer(out_dir: Path = EMBEDDED_TOKENIZER_DIR):
+    """Convert the shipped sentencepiece model to a fast tokenizer with our chat template; save it to ``out_dir``.
+
+    Like the Hub's Mistral-7B tokenizer it adds BOS ``<s>`` (id 1) and no EOS when called on text.
+    """
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(sentencepiece_file(), Path(tmp) / "tokenizer.model")
+        tokenizer = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
+    tokenizer.chat_template = chat_template()
+    _save_atomically(tokenizer, out_dir)
+    return tokenizer
+
+
+def load_tokenizer(model_id: str | None = None):
+    """The tokenizer of ``model_id`` from the Hub, or the embedded Mistral-7B tokenizer when ``model_id`` is None.
+
+    Either way it carries our Zephyr chat template.
+    """
+    from transformers import AutoTokenizer
+
+    if model_id is None:
+        if not (EMBEDDED_TOKENIZER_DIR / "tokenizer.json").is_file():
+            return build_embedded_tokenizer()
+        tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_TOKENIZER_DIR)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)  # never trust_remote_code
+    tokenizer.chat_template = chat_template()
+    return tokenizer
+
+
+def build_tiny_model(out_dir: Path = TINY_MODEL_DIR, seed: int = 0):
+    """Create (once) and return the tiny random-init ``MistralForCausalLM`` saved as safetensors in ``out_dir``."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    if (out_dir / "model.safetensors").is_file():
+        return MistralForCausalLM.from_pretrained(out_dir)
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(MistralConfig(**TINY_MISTRAL))
+    _save_atomically(model, out_dir)
+    return model
+
+
+def _save_atomically(obj, out_dir: Path) -> None:
+    """``save_pretrained`` into a temporary sibling, then rename, so a crash never leaves half a folder."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    obj.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)

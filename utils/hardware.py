@@ -1,0 +1,172 @@
+"""What machine is this, and which profile should the notebooks use on it?
+
+``choose_profile("auto")`` looks at the GPU and the Hub and prints one line with its choice and the reason.
+``python -m utils.hardware`` prints the same report from a shell.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+
+HUB_HOST = "huggingface.co"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The facts a profile is chosen from."""
+
+    cuda: bool
+    gpu_name: str | None = None
+    gpu_count: int = 0
+    gpu_memory_gib: float = 0.0
+    compute_capability: tuple[int, int] | None = None
+    bf16: bool = False
+    flash_attn: bool = False
+    platform: str = "local"  # "colab", "kaggle" or "local"
+    hub: bool = False
+
+    def summary(self) -> str:
+        """One human line: GPU (or CPU), platform and Hub reachability."""
+        if self.cuda:
+            cc = ".".join(map(str, self.compute_capability or ()))
+            gpu = f"{self.gpu_count}x {self.gpu_name} ({self.gpu_memory_gib:.0f} GiB, sm {cc}, bf16={'yes' if self.bf16 else 'no'})"
+        else:
+            gpu = "no CUDA GPU"
+        return f"{gpu}; platform {self.platform}; Hub {'reachable' if self.hub else 'unreachable'}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything that changes with the hardware. ``smoke`` runs the embedded default on a CPU."""
+
+    name: str
+    description: str
+    model_id: str | None  # None: the embedded tiny Mistral and the shipped tokenizer
+    dataset: str  # a Hub id or a local path understood by utils.prepare_data
+    max_train_rows: int | None  # None: every row
+    compute_dtype: str  # "bfloat16", "float16" or "float32"
+    attn_implementation: str  # "flash_attention_2", "sdpa" or "eager"
+    min_gpu_memory_gib: float = 0.0
+
+    @property
+    def is_smoke(self) -> bool:
+        return self.name == "smoke"
+
+
+SMOKE = Profile(
+    name="smoke",
+    description="embedded default: real Mistral tokenizer, tiny random Mistral, shipped sample dialogues",
+    model_id=None,
+    dataset="data/sample/ultrachat_200k",
+    max_train_rows=None,
+    compute_dtype="float32",
+    attn_implementation="sdpa",
+)
+# Real-GPU profiles, smallest first; `auto` takes the last one whose needs the GPU meets.
+GPU_PROFILES = (
+    Profile("gpu-16gb", "16 GB class (T4, V100, RTX 4080): fp16 compute, no flash-attn", "mistralai/Mistral-7B-v0.1",
+            "HuggingFaceH4/ultrachat_200k", None, "float16", "sdpa", 14.0),
+    Profile("gpu-24gb", "24 GB class (L4, A10, RTX 3090/4090)", "mistralai/Mistral-7B-v0.1",
+            "HuggingFaceH4/ultrachat_200k", None, "bfloat16", "sdpa", 22.0),
+    Profile("gpu-40gb", "40 GB and more (A100, H100, L40S)", "mistralai/Mistral-7B-v0.1",
+            "HuggingFaceH4/ultrachat_200k", None, "bfloat16", "sdpa", 38.0),
+)
+PROFILES = {p.name: p for p in (SMOKE, *GPU_PROFILES)}
+
+
+def detect_platform() -> str:
+    """``colab``, ``kaggle`` or ``local``, from the environment variables those services set."""
+    if "COLAB_RELEASE_TAG" in os.environ or "google.colab" in sys.modules:
+        return "colab"
+    if "KAGGLE_KERNEL_RUN_TYPE" in os.environ or "KAGGLE_URL_BASE" in os.environ:
+        return "kaggle"
+    return "local"
+
+
+@lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """True when the Hugging Face Hub answers a TCP connect within ``timeout`` seconds and offline mode is off."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def detect_hardware(check_hub: bool = True) -> Hardware:
+    """Read the GPU (through torch), the platform and, unless ``check_hub`` is False, the Hub's reachability."""
+    import torch
+
+    platform = detect_platform()
+    hub = hub_reachable() if check_hub else False
+    flash_attn = importlib.util.find_spec("flash_attn") is not None
+    if not torch.cuda.is_available():
+        return Hardware(cuda=False, platform=platform, hub=hub, flash_attn=flash_attn)
+    props = torch.cuda.get_device_properties(0)
+    return Hardware(
+        cuda=True,
+        gpu_name=props.name,
+        gpu_count=torch.cuda.device_count(),
+        gpu_memory_gib=props.total_memory / 2**30,
+        compute_capability=(props.major, props.minor),
+        bf16=torch.cuda.is_bf16_supported(),
+        flash_attn=flash_attn and props.major >= 8,
+        platform=platform,
+        hub=hub,
+    )
+
+
+def choose_profile(requested: str = "auto", hardware: Hardware | None = None, verbose: bool = True) -> Profile:
+    """Resolve ``requested`` ("auto" or a profile name) to a Profile and print the choice with its reason."""
+    if requested != "auto" and requested not in PROFILES:
+        raise ValueError(f"unknown profile {requested!r}; choose one of: auto, {', '.join(PROFILES)}")
+    hw = hardware or detect_hardware(check_hub=requested != "smoke")
+    profile, reason = _pick(requested, hw)
+    if verbose:
+        print(f"Profile: {profile.name} — {reason} [{hw.summary()}]")
+    return profile
+
+
+def _pick(requested: str, hw: Hardware) -> tuple[Profile, str]:
+    if requested == "smoke":
+        return SMOKE, "asked for explicitly"
+    if not hw.cuda:
+        return SMOKE, "no CUDA GPU, so the embedded default runs on the CPU"
+    if not hw.hub:
+        return SMOKE, "the Hugging Face Hub is unreachable, so the embedded default is used"
+    fitting = [p for p in GPU_PROFILES if hw.gpu_memory_gib >= p.min_gpu_memory_gib]
+    if requested != "auto":
+        profile = PROFILES[requested]
+        if profile not in fitting:
+            raise RuntimeError(
+                f"profile {requested!r} needs {profile.min_gpu_memory_gib:.0f} GiB of GPU memory; this "
+                f"{hw.gpu_name} has {hw.gpu_memory_gib:.0f} GiB. Use PROFILE='auto' or a smaller profile."
+            )
+        return _with_dtype(profile, hw), "asked for explicitly"
+    if not fitting:
+        raise RuntimeError(
+            f"{hw.gpu_name} has {hw.gpu_memory_gib:.1f} GiB; QLoRA of a 7B model at length 2048 needs a 16 GB GPU. "
+            "Use a larger GPU (Colab T4 or better) or PROFILE='smoke' to run the embedded default."
+        )
+    profile = fitting[-1]
+    return _with_dtype(profile, hw), f"{hw.gpu_memory_gib:.0f} GiB GPU fits {profile.description}"
+
+
+def _with_dtype(profile: Profile, hw: Hardware) -> Profile:
+    """Downgrade to fp16 on GPUs without bf16 and upgrade to flash-attn 2 where it is installed and supported."""
+    from dataclasses import replace
+
+    dtype = profile.compute_dtype if hw.bf16 else "float16"
+    attn = "flash_attention_2" if hw.flash_attn and dtype == "bfloat16" else "sdpa"
+    return replace(profile, compute_dtype=dtype, attn_implementation=attn)
+
+
+if __name__ == "__main__":
+    choose_profile(sys.argv[1] if len(sys.argv) > 1 else "auto")
