@@ -79,7 +79,11 @@ def load_tokenizer(model_id: str | None = None):
             return build_embedded_tokenizer()
         tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_TOKENIZER_DIR)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)  # never trust_remote_code
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_id)  # never trust_remote_code
+        except Exception as exc:  # noqa: BLE001 - offline, gated or missing: fall back with one line
+            print(f"Could not load the {model_id} tokenizer ({type(exc).__name__}); using the embedded Mistral-7B one.")
+            return load_tokenizer(None)
     tokenizer.chat_template = chat_template()
     return tokenizer
 

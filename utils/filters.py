@@ -46,7 +46,9 @@ def structure_problem(messages: Any) -> str | None:
                 return "structure:starts_with_assistant"
             return "structure:not_alternating"
         expected = "assistant" if role == "user" else "user"
-    if expected == "assistant":  # the last message was a user turn (or only a system message)
+    if messages[-1]["role"] == "system":  # a system message and nothing else
+        return "structure:empty_dialogue"
+    if expected == "assistant":  # the last message was a user turn
         return "structure:ends_with_user"
     return None
 

@@ -1,0 +1,106 @@
+"""Each filter and the truecasing on their own cases."""
+
+import pytest
+
+from utils.filters import disclaimer_in, load_disclaimers, structure_problem, truecase, truecase_messages
+
+
+def U(text):
+    return {"role": "user", "content": text}
+
+
+def A(text):
+    return {"role": "assistant", "content": text}
+
+
+S = {"role": "system", "content": "Be brief."}
+
+
+@pytest.mark.parametrize(
+    "messages, reason",
+    [
+        ([U("Hi"), A("Hello")], None),
+        ([S, U("Hi"), A("Hello")], None),
+        ([U("Hi"), A("Hello"), U("More?"), A("Sure")], None),
+        ("Hi", "structure:not_a_list"),
+        ([], "structure:empty_dialogue"),
+        ([U("Hi"), "Hello"], "structure:bad_message"),
+        ([U("Hi"), {"role": "assistant"}], "structure:bad_message"),
+        ([U("Hi"), {"role": "narrator", "content": "Once"}, A("x")], "structure:bad_role"),
+        ([U("Hi"), A(7)], "structure:content_not_string"),
+        ([U("Hi"), A(" \n ")], "structure:empty_content"),
+        ([U(""), A("Hello")], "structure:empty_content"),
+        ([U("Hi"), A("Hello"), S], "structure:misplaced_system"),
+        ([A("Hello"), U("Hi"), A("Yes")], "structure:starts_with_assistant"),
+        ([S, A("Hello"), U("Hi"), A("Yes")], "structure:starts_with_assistant"),
+        ([U("Hi"), U("Hi again"), A("Hello")], "structure:not_alternating"),
+        ([U("Hi"), A("Hello"), A("Hello again")], "structure:not_alternating"),
+        ([U("Hi")], "structure:ends_with_user"),
+        ([U("Hi"), A("Hello"), U("Bye")], "structure:ends_with_user"),
+        ([S], "structure:empty_dialogue"),
+    ],
+)
+def test_structure(messages, reason):
+    assert structure_problem(messages) == reason
+
+
+def test_disclaimers_match_case_and_curly_apostrophes():
+    phrases = load_disclaimers()
+    assert "as an ai language model" in phrases
+    assert disclaimer_in([U("Hi"), A("AS AN AI LANGUAGE MODEL I can't")], phrases) == "as an ai language model"
+    assert disclaimer_in([U("Hi"), A("I don\u2019t have personal opinions.")], phrases) == "i don't have personal opinions"
+    assert disclaimer_in([U("I do not have emotions, do you?"), A("Sometimes.")], phrases) is None  # user turns don't count
+    assert disclaimer_in([U("Hi"), A("Hello there")], phrases) is None
+
+
+def test_disclaimer_list_is_configurable(tmp_path):
+    path = tmp_path / "phrases.txt"
+    path.write_text("# comment\n\nI'm sorry, but\n", encoding="utf-8")
+    phrases = load_disclaimers(path)
+    assert phrases == ["i'm sorry, but"]
+    assert disclaimer_in([U("Hi"), A("I\u2019m sorry, but no.")], phrases) == "i'm sorry, but"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Hello. how are you?", "Hello. How are you?"),
+        ("Wow! that works? yes.", "Wow! That works? Yes."),
+        ("One.\nnext line", "One.\nNext line"),
+        ("See https://example.org/a. it helps.", "See https://example.org/a. It helps."),
+        ("Visit www.example.com/x?y=1. then go", "Visit www.example.com/x?y=1. Then go"),
+        ("call `a. b` now. done", "call `a. b` now. Done"),
+        ("```\nx = 1. y\n```\nok. fine", "```\nx = 1. y\n```\nok. Fine"),
+    ],
+)
+def test_truecase_fixes(text, expected):
+    assert truecase(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello. How are you?",
+        "Use a helper, e.g. the one below, i.e. this one.",
+        "Ask Dr. smith or Mr. jones.",
+        "It costs 3.5 dollars.",
+        "Wait... what",
+        "I bought one. iPhones are popular. eBay too.",
+        "```python\nfor x in y:  # one. two\n    pass\n```",
+        "Run `make. test` first",
+        "see https://example.org/a.b/c?x=y.z",
+        "",
+    ],
+)
+def test_truecase_leaves_right_text_alone(text):
+    assert truecase(text) == text
+
+
+def test_truecase_messages_counts_changed_messages_and_copies():
+    messages = [U("hello. how are you?"), A("Fine. thanks.")]
+    fixed, changed = truecase_messages(messages)
+    assert changed == 2
+    assert fixed == [U("hello. How are you?"), A("Fine. Thanks.")]
+    assert messages[0]["content"] == "hello. how are you?"  # the input is not modified
+    same, zero = truecase_messages([U("Hi."), A("Hello.")])
+    assert zero == 0 and same == [U("Hi."), A("Hello.")]
