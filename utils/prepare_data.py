@@ -19,6 +19,7 @@ import sys
 import tempfile
 from bisect import bisect_left, insort
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -31,7 +32,7 @@ from utils.filters import disclaimer_in, load_disclaimers, structure_problem, tr
 MAX_LENGTH = 2048
 TEST_FRACTION = 0.1  # for sources with a single split (raw UltraChat): ultrachat_200k holds out about 10%
 SPLIT_NAMES = {"train_sft": "train", "test_sft": "test", "train": "train", "test": "test"}
-CHUNK_ROWS = 2000  # rows tokenized per batch
+CHUNK_ROWS = 500  # rows tokenized per batch (in a worker thread, overlapping the filters)
 
 
 class SourceError(Exception):
@@ -238,10 +239,10 @@ def prepare(
         report = reports[split] = SplitReport()
         target = SPLIT_NAMES.get(split, "train")
         pending: list[tuple[str, str, list, str]] = []  # (out split, prompt, messages, where)
+        in_flight: list = []  # at most one (rows, future) being tokenized while the next chunk is filtered
 
-        def flush() -> None:
-            texts = [render(m, eos) for _, _, m, _ in pending]
-            for (dest, prompt, messages, where), ids in zip(pending, tokenize_batch(tokenizer, texts)):
+        def collect(rows: list, ids_future) -> None:
+            for (dest, prompt, messages, where), ids in zip(rows, ids_future.result()):
                 n = len(ids)
                 if min_tokens is not None and n < min_tokens:
                     report.drop("too_short", where, {"messages": messages, "num_tokens": n})
@@ -257,43 +258,54 @@ def prepare(
                 cols["num_tokens"].append(n)
                 cols["num_turns"].append(sum(m["role"] == "user" for m in messages))
                 report.kept += 1
+
+        def flush() -> None:
+            # The Rust tokenizer releases the GIL: tokenize this chunk in the worker while Python filters the next.
+            texts = [render(m, eos) for _, _, m, _ in pending]
+            job = (list(pending), pool.submit(tokenize_batch, tokenizer, texts))
             pending.clear()
+            if in_flight:
+                collect(*in_flight.pop())
+            in_flight.append(job)
 
         bar = tqdm(desc=f"{split}", unit=" rows", disable=not progress, mininterval=1.0)
-        for line_no, obj, error in splits[split]:
-            if max_rows is not None and report.input_rows >= max_rows:
-                break
-            report.input_rows += 1
-            bar.update()
-            where = f"{split}:{line_no}"
-            if error:
-                report.drop(error, where, None)
-                continue
-            messages, reason = to_messages(obj)
-            reason = reason or structure_problem(messages)
-            if reason:
-                report.drop(reason, where, obj)
-                continue
-            messages, fixed = truecase_messages(messages)
-            if disclaimer_in(messages, phrases):
-                report.drop("disclaimer", where, obj)
-                continue
-            prompt = next(m["content"] for m in messages if m["role"] == "user")
-            if prompt in seen:
-                report.drop("duplicate_prompt", where, obj)
-                continue
-            seen.add(prompt)
-            if fixed:
-                report.truecased += 1
-                report.truecased_messages += fixed
-            dest = target
-            if single:
-                dest = "test" if int(prompt_id(prompt)[:8], 16) % 10_000 < test_fraction * 10_000 else "train"
-            pending.append((dest, prompt, messages, where))
-            if len(pending) >= CHUNK_ROWS:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for line_no, obj, error in splits[split]:
+                if max_rows is not None and report.input_rows >= max_rows:
+                    break
+                report.input_rows += 1
+                bar.update()
+                where = f"{split}:{line_no}"
+                if error:
+                    report.drop(error, where, None)
+                    continue
+                messages, reason = to_messages(obj)
+                reason = reason or structure_problem(messages)
+                if reason:
+                    report.drop(reason, where, obj)
+                    continue
+                messages, fixed = truecase_messages(messages)
+                if disclaimer_in(messages, phrases):
+                    report.drop("disclaimer", where, obj)
+                    continue
+                prompt = next(m["content"] for m in messages if m["role"] == "user")
+                if prompt in seen:
+                    report.drop("duplicate_prompt", where, obj)
+                    continue
+                seen.add(prompt)
+                if fixed:
+                    report.truecased += 1
+                    report.truecased_messages += fixed
+                dest = target
+                if single:
+                    dest = "test" if int(prompt_id(prompt)[:8], 16) % 10_000 < test_fraction * 10_000 else "train"
+                pending.append((dest, prompt, messages, where))
+                if len(pending) >= CHUNK_ROWS:
+                    flush()
+            if pending:
                 flush()
-        if pending:
-            flush()
+            if in_flight:
+                collect(*in_flight.pop())
         bar.close()
         report.check(split)
     return Prepared(out, reports, max_length)

@@ -1,0 +1,315 @@
+"""Notebook 02 as a script: QLoRA SFT of Mistral-7B (or the embedded tiny Mistral) with TRL's SFTTrainer.
+
+    python -m utils.sft --config configs/sft_qlora.yaml [--field value ...]
+    python -m utils.sft --config configs/sft_qlora.yaml --profile smoke --output_dir runs/qlora --max_steps 30
+
+YAML plus command-line overrides are parsed by TRL's own ``TrlParser`` into ``ScriptArguments``, ``SFTConfig`` and
+``ModelConfig``. The hardware profile then fills in what depends on the GPU, except where the command line set it.
+Re-running with the same ``--output_dir`` resumes from its latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from utils import REPO_ROOT, RUNS_DIR
+from utils.hardware import Profile
+
+MISTRAL_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ULTRACHAT_200K_TRAIN_ROWS = 207_865
+SMOKE_DATA_DIR = RUNS_DIR / "data" / "ultrachat_sample"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work, found before any weights load: one line for the user."""
+
+
+@dataclass
+class RunArguments:
+    """Options of this script that TRL's dataclasses do not have."""
+
+    profile: str = field(default="auto", metadata={"help": "auto, smoke, or a GPU profile (utils/hardware.py)"})
+    merge: bool = field(default=True, metadata={"help": "merge the adapter into a 16-bit base after training"})
+
+
+# Per-profile training settings: (per-device batch, gradient accumulation) keep 8 sequences per optimizer step
+# and GPU, as the recipe (4 x 2) does. Smoke runs short sequences so the sample makes a few dozen steps.
+PROFILE_TRAINING: dict[str, dict[str, Any]] = {
+    "smoke": dict(per_device_train_batch_size=2, per_device_eval_batch_size=2, gradient_accumulation_steps=1,
+                  max_length=256, logging_steps=1, save_steps=10, gradient_checkpointing=False,
+                  packing_strategy="bfd", report_to=[]),
+    "gpu-16gb": dict(per_device_train_batch_size=1, per_device_eval_batch_size=2, gradient_accumulation_steps=8,
+                     packing_strategy="bfd", optim="paged_adamw_8bit"),
+    "gpu-24gb": dict(per_device_train_batch_size=2, per_device_eval_batch_size=4, gradient_accumulation_steps=4,
+                     packing_strategy="bfd"),
+    "gpu-40gb": dict(per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
+                     packing_strategy="bfd"),
+}
+
+
+# --- configuration -------------------------------------------------------------------------------------------------
+def parse(argv: list[str] | None = None):
+    """Parse ``--config YAML`` plus overrides into (ScriptArguments, SFTConfig, ModelConfig, RunArguments)."""
+    from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, RunArguments))
+    return parser.parse_args_and_config(argv)
+
+
+def explicit_fields(argv: list[str]) -> set[str]:
+    """Names given on the command line (``--name value`` or ``--name=value``), which the profile must not change."""
+    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+
+
+def apply_profile(profile: Profile, script_args, training_args, model_args, explicit: set[str] = frozenset()) -> None:
+    """Fill in what depends on the hardware (model, dtype, attention, batch), keeping values set on the CLI."""
+    import torch
+
+    from utils.assets import TINY_MODEL_DIR, build_tiny_model
+
+    def put(obj, name: str, value) -> None:
+        if name not in explicit:
+            setattr(obj, name, value)
+
+    if profile.is_smoke:
+        build_tiny_model()
+        put(model_args, "model_name_or_path", str(TINY_MODEL_DIR))
+        if not Path(script_args.dataset_name).exists() and "dataset_name" not in explicit:
+            script_args.dataset_name = str(SMOKE_DATA_DIR)
+    put(model_args, "dtype", profile.compute_dtype)
+    put(model_args, "attn_implementation", profile.attn_implementation)
+    for name, value in PROFILE_TRAINING.get(profile.name, {}).items():
+        put(training_args, name, value)
+    half = profile.compute_dtype in ("bfloat16", "float16") and torch.cuda.is_available()
+    put(training_args, "bf16", half and profile.compute_dtype == "bfloat16")
+    put(training_args, "fp16", half and profile.compute_dtype == "float16")
+
+
+def validate(script_args, training_args, model_args) -> None:
+    """Raise ConfigError for a configuration that cannot work, before any weights are loaded."""
+    for name in ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps"):
+        value = getattr(training_args, name)
+        if value is None or value <= 0:
+            raise ConfigError(f"{name} must be a positive number, got {value}")
+    if training_args.learning_rate <= 0:
+        raise ConfigError(f"learning_rate must be positive, got {training_args.learning_rate}")
+    modules = model_args.lora_target_modules or []
+    unknown = [m for m in modules if m not in MISTRAL_LINEAR_MODULES and m != "all-linear"]
+    if unknown:
+        raise ConfigError(f"unknown LoRA target module(s) {', '.join(unknown)}; Mistral's linear layers are "
+                          f"{', '.join(MISTRAL_LINEAR_MODULES)}")
+    if not script_args.dataset_name:
+        raise ConfigError("no dataset: set dataset_name to the folder notebook 01 wrote (data/processed/ultrachat)")
+    path = Path(script_args.dataset_name)
+    if not path.exists() and path != SMOKE_DATA_DIR and (path.is_absolute() or script_args.dataset_name.count("/") != 1):
+        raise ConfigError(f"dataset {script_args.dataset_name} not found: run notebook 01 or "
+                          f"`python -m utils.prepare_data --out {script_args.dataset_name}` first")
+
+
+# --- the objects a learner came to see -----------------------------------------------------------------------------
+def bnb_config(model_args):
+    """4-bit NF4 quantization of the frozen base, computing in the profile's dtype."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=getattr(torch, model_args.dtype),
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+    )
+
+
+def lora_config(model_args):
+    """LoRA adapters of rank r on every linear layer of the attention and MLP blocks."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=list(model_args.lora_target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+# --- data, model, training -----------------------------------------------------------------------------------------
+def load_training_data(script_args, tokenizer, profile: Profile):
+    """The prepared DatasetDict (``input_ids`` only, so TRL uses our token ids as they are).
+
+    A missing smoke dataset is prepared from the shipped sample; a Hub id is prepared with notebook 01's pipeline.
+    """
+    import datasets
+
+    from utils.prepare_data import open_source, prepare, save
+
+    path = Path(script_args.dataset_name)
+    if not path.exists():
+        source = profile.dataset if path == SMOKE_DATA_DIR else script_args.dataset_name
+        out = path if path == SMOKE_DATA_DIR else RUNS_DIR / "data" / source.replace("/", "__")
+        if not out.exists():
+            print(f"Preparing {source} into {out} (notebook 01's pipeline) ...")
+            save(prepare(open_source(source), tokenizer, progress=False), out, source)
+        path = out
+    data = datasets.load_from_disk(str(path))
+    keep = ["input_ids"]
+    return {split: data[name].select_columns(keep) for split, name in
+            (("train", script_args.dataset_train_split), ("test", script_args.dataset_test_split)) if name in data}
+
+
+def load_model(model_args, quantization=None):
+    """The base model, 4-bit when ``quantization`` is given, on the GPU when there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(dtype=getattr(torch, model_args.dtype), attn_implementation=model_args.attn_implementation)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+
+
+def latest_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that was written completely (has trainer_state.json)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
+    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
+
+
+def train(script_args, training_args, model_args, profile: Profile, tokenizer=None):
+    """Build the trainer, resume when a checkpoint exists, train, save the adapter and the state. Returns the trainer."""
+    from trl import SFTTrainer
+
+    from utils.assets import load_tokenizer
+
+    tokenizer = tokenizer or load_tokenizer(profile.model_id)
+    data = load_training_data(script_args, tokenizer, profile)
+    model = load_model(model_args, bnb_config(model_args) if model_args.load_in_4bit else None)
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("test") if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args) if model_args.use_peft else None,
+    )
+    resume = latest_checkpoint(training_args.output_dir)
+    if resume:
+        print(f"Resuming from {resume} (a previous run was interrupted).")
+    trainer.train(resume_from_checkpoint=resume)
+    save_outputs(trainer, tokenizer)
+    return trainer
+
+
+def save_outputs(trainer, tokenizer) -> Path:
+    """Save the adapter (safetensors) with the tokenizer and chat template, and trainer_state.json, in output_dir."""
+    out = Path(trainer.args.output_dir)
+    adapter = out / "adapter"
+    trainer.model.save_pretrained(adapter, safe_serialization=True)
+    tokenizer.save_pretrained(adapter)
+    trainer.save_state()  # trainer_state.json with the log history, read by notebook 04
+    return adapter
+
+
+def merge_adapter(model_args, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
+    """Load the base in 16-bit, apply the adapter, merge it into the weights and save model + tokenizer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base = load_model(_with_dtype(model_args, dtype))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.to(getattr(torch, dtype)).save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def _with_dtype(model_args, dtype: str):
+    from dataclasses import replace
+
+    return replace(model_args, dtype=dtype)
+
+
+# --- checks and report ---------------------------------------------------------------------------------------------
+def label_checks(trainer) -> dict:
+    """Collate one training batch and check what the loss sees: EOS kept in the labels, share of loss tokens."""
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(min(4, len(trainer.train_dataset)))])
+    ids, labels = batch["input_ids"], batch["labels"]
+    eos = trainer.processing_class.eos_token_id
+    eos_positions = ids == eos
+    return {
+        "sequences": int(ids.shape[0]),
+        "tokens": int(ids.numel()),
+        "eos_tokens": int(eos_positions.sum()),
+        "eos_tokens_in_loss": int((labels[eos_positions] == eos).sum()),
+        "loss_token_share": round(float((labels != -100).float().mean()), 4),
+        "pad_token": trainer.processing_class.pad_token,
+    }
+
+
+def speed_report(trainer, prepared_report: Path | None = None) -> dict:
+    """Peak GPU memory, tokens/s, seconds per step, and the estimated time for one epoch of ultrachat_200k."""
+    import torch
+
+    history = trainer.state.log_history
+    summary = next((h for h in reversed(history) if "train_runtime" in h), {})
+    runtime = summary.get("train_runtime", float("nan"))
+    steps = trainer.state.global_step
+    tokens = trainer.state.num_input_tokens_seen or 0
+    tok_s = tokens / runtime if runtime and tokens else float("nan")
+    mean_tokens = None
+    if prepared_report and prepared_report.is_file():
+        mean_tokens = json.loads(prepared_report.read_text())["outputs"]["train"].get("mean_tokens")
+    epoch_tokens = (mean_tokens or 1400) * ULTRACHAT_200K_TRAIN_ROWS
+    return {
+        "steps": steps,
+        "train_runtime_s": round(runtime, 1),
+        "seconds_per_step": round(runtime / steps, 3) if steps else None,
+        "tokens_seen": int(tokens),
+        "tokens_per_second": round(tok_s, 1),
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "ultrachat_200k_epoch_tokens": int(epoch_tokens),
+        "ultrachat_200k_epoch_hours": round(epoch_tokens / tok_s / 3600, 1) if tok_s == tok_s and tok_s > 0 else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from utils.hardware import choose_profile
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        script_args, training_args, model_args, run_args = parse(argv)
+        profile = choose_profile(run_args.profile)
+        apply_profile(profile, script_args, training_args, model_args, explicit_fields(argv))
+        validate(script_args, training_args, model_args)
+    except (ConfigError, ValueError, RuntimeError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    training_args.include_num_input_tokens_seen = "all"
+    start = time.perf_counter()
+    trainer = train(script_args, training_args, model_args, profile)
+    report = speed_report(trainer, Path(script_args.dataset_name) / "report.json")
+    out = Path(training_args.output_dir)
+    if run_args.merge and trainer.is_world_process_zero():
+        merge_adapter(model_args, out / "adapter", out / "merged", "float16" if model_args.dtype == "float16" else "bfloat16")
+    if trainer.is_world_process_zero():
+        (out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
+        final = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        print(f"done: {report['steps']} steps in {time.perf_counter() - start:.0f} s, final loss "
+              f"{final[-1] if final else float('nan'):.4f}, {report['tokens_per_second']} tokens/s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
