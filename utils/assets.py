@@ -76,7 +76,7 @@ def load_tokenizer(model_id: str | None = None):
 
     if model_id is None:
         if not (EMBEDDED_TOKENIZER_DIR / "tokenizer.json").is_file():
-            return build_embedded_tokenizer()
+            build_embedded_tokenizer()
         tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_TOKENIZER_DIR)
     else:
         try:
@@ -85,6 +85,8 @@ def load_tokenizer(model_id: str | None = None):
             print(f"Could not load the {model_id} tokenizer ({type(exc).__name__}); using the embedded Mistral-7B one.")
             return load_tokenizer(None)
     tokenizer.chat_template = chat_template()
+    if tokenizer.pad_token is None:  # Mistral has none; <unk> keeps EOS out of every padding mask
+        tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
 
 

@@ -23,6 +23,7 @@ from utils.hardware import Profile
 
 MISTRAL_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ULTRACHAT_200K_TRAIN_ROWS = 207_865
+ULTRACHAT_TOKENS_PER_DIALOGUE = 1_400  # ultrachat_200k with the Zephyr template and Mistral tokenizer, typical
 SMOKE_DATA_DIR = RUNS_DIR / "data" / "ultrachat_sample"
 
 
@@ -39,10 +40,12 @@ class RunArguments:
 
 
 # Per-profile training settings: (per-device batch, gradient accumulation) keep 8 sequences per optimizer step
-# and GPU, as the recipe (4 x 2) does. Smoke runs short sequences so the sample makes a few dozen steps.
+# and GPU, as the recipe (4 x 2) does. Smoke runs short sequences so the sample makes a few dozen steps, and a
+# larger learning rate: LoRA on a random 64-wide model barely moves at 2e-4 in 30 steps.
 PROFILE_TRAINING: dict[str, dict[str, Any]] = {
     "smoke": dict(per_device_train_batch_size=2, per_device_eval_batch_size=2, gradient_accumulation_steps=1,
-                  max_length=256, logging_steps=1, save_steps=10, gradient_checkpointing=False,
+                  max_length=256, logging_steps=1, save_steps=10, activation_checkpointing=False, num_train_epochs=3,
+                  learning_rate=3e-3,
                   packing_strategy="bfd", report_to=[]),
     "gpu-16gb": dict(per_device_train_batch_size=1, per_device_eval_batch_size=2, gradient_accumulation_steps=8,
                      packing_strategy="bfd", optim="paged_adamw_8bit"),
@@ -67,28 +70,30 @@ def explicit_fields(argv: list[str]) -> set[str]:
     return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
 
 
-def apply_profile(profile: Profile, script_args, training_args, model_args, explicit: set[str] = frozenset()) -> None:
-    """Fill in what depends on the hardware (model, dtype, attention, batch), keeping values set on the CLI."""
+def apply_profile(profile: Profile, script_args, training_args, model_args, explicit: set[str] = frozenset()):
+    """Fill in what depends on the hardware (model, dtype, attention, batch), keeping values set on the CLI.
+
+    Returns the updated SFTConfig (rebuilt with ``dataclasses.replace``, so its own checks run on the final values).
+    """
+    import dataclasses
+
     import torch
 
     from utils.assets import TINY_MODEL_DIR, build_tiny_model
 
-    def put(obj, name: str, value) -> None:
-        if name not in explicit:
-            setattr(obj, name, value)
-
     if profile.is_smoke:
         build_tiny_model()
-        put(model_args, "model_name_or_path", str(TINY_MODEL_DIR))
+        if "model_name_or_path" not in explicit:
+            model_args.model_name_or_path = str(TINY_MODEL_DIR)
         if not Path(script_args.dataset_name).exists() and "dataset_name" not in explicit:
             script_args.dataset_name = str(SMOKE_DATA_DIR)
-    put(model_args, "dtype", profile.compute_dtype)
-    put(model_args, "attn_implementation", profile.attn_implementation)
-    for name, value in PROFILE_TRAINING.get(profile.name, {}).items():
-        put(training_args, name, value)
+    for name, value in (("dtype", profile.compute_dtype), ("attn_implementation", profile.attn_implementation)):
+        if name not in explicit:
+            setattr(model_args, name, value)
     half = profile.compute_dtype in ("bfloat16", "float16") and torch.cuda.is_available()
-    put(training_args, "bf16", half and profile.compute_dtype == "bfloat16")
-    put(training_args, "fp16", half and profile.compute_dtype == "float16")
+    changes = {**PROFILE_TRAINING.get(profile.name, {}),
+               "bf16": half and profile.compute_dtype == "bfloat16", "fp16": half and profile.compute_dtype == "float16"}
+    return dataclasses.replace(training_args, **{k: v for k, v in changes.items() if k not in explicit})
 
 
 def validate(script_args, training_args, model_args) -> None:
@@ -249,7 +254,7 @@ def label_checks(trainer) -> dict:
     eos = trainer.processing_class.eos_token_id
     eos_positions = ids == eos
     return {
-        "sequences": int(ids.shape[0]),
+        "rows": int(ids.shape[0]),  # padding-free batches are one long row
         "tokens": int(ids.numel()),
         "eos_tokens": int(eos_positions.sum()),
         "eos_tokens_in_loss": int((labels[eos_positions] == eos).sum()),
@@ -259,19 +264,23 @@ def label_checks(trainer) -> dict:
 
 
 def speed_report(trainer, prepared_report: Path | None = None) -> dict:
-    """Peak GPU memory, tokens/s, seconds per step, and the estimated time for one epoch of ultrachat_200k."""
+    """Peak GPU memory, tokens/s, seconds per step, and the estimated time for one epoch of ultrachat_200k.
+
+    The epoch's token count comes from notebook 01's report when it processed the real dataset, otherwise from
+    ultrachat_200k's typical 1,400 tokens per dialogue (the sample's dialogues are much shorter).
+    """
     import torch
 
-    history = trainer.state.log_history
-    summary = next((h for h in reversed(history) if "train_runtime" in h), {})
+    summary = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
     runtime = summary.get("train_runtime", float("nan"))
     steps = trainer.state.global_step
     tokens = trainer.state.num_input_tokens_seen or 0
     tok_s = tokens / runtime if runtime and tokens else float("nan")
-    mean_tokens = None
+    epoch_tokens, basis = ULTRACHAT_200K_TRAIN_ROWS * ULTRACHAT_TOKENS_PER_DIALOGUE, "1,400 tokens x 207,865 dialogues"
     if prepared_report and prepared_report.is_file():
-        mean_tokens = json.loads(prepared_report.read_text())["outputs"]["train"].get("mean_tokens")
-    epoch_tokens = (mean_tokens or 1400) * ULTRACHAT_200K_TRAIN_ROWS
+        train = json.loads(prepared_report.read_text())["outputs"].get("train", {})
+        if train.get("dialogues", 0) >= 100_000:
+            epoch_tokens, basis = train["total_tokens"], f"notebook 01's count ({prepared_report})"
     return {
         "steps": steps,
         "train_runtime_s": round(runtime, 1),
@@ -280,6 +289,7 @@ def speed_report(trainer, prepared_report: Path | None = None) -> dict:
         "tokens_per_second": round(tok_s, 1),
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "ultrachat_200k_epoch_tokens": int(epoch_tokens),
+        "ultrachat_200k_epoch_tokens_from": basis,
         "ultrachat_200k_epoch_hours": round(epoch_tokens / tok_s / 3600, 1) if tok_s == tok_s and tok_s > 0 else None,
     }
 
@@ -291,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         script_args, training_args, model_args, run_args = parse(argv)
         profile = choose_profile(run_args.profile)
-        apply_profile(profile, script_args, training_args, model_args, explicit_fields(argv))
+        training_args = apply_profile(profile, script_args, training_args, model_args, explicit_fields(argv))
         validate(script_args, training_args, model_args)
     except (ConfigError, ValueError, RuntimeError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
