@@ -11,7 +11,7 @@ ALL = notebooks()
 
 
 def test_the_series_is_there():
-    assert [p.name[:2] for p in ALL][:1] == ["01"]
+    assert [p.name[:2] for p in ALL][:2] == ["01", "02"]
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
@@ -38,3 +38,13 @@ def test_notebook_01_executes_in_smoke(tmp_path):
     assert "Profile: smoke — asked for explicitly" in text
     assert "66 rows in, 50 kept, 16 dropped, 3 truecased (5 messages)" in text
     assert (tmp_path / "processed" / "report.json").is_file()
+
+
+def test_notebook_02_executes_in_smoke(tmp_path):
+    executed = run_notebook(ALL[1], "smoke", out_dir=tmp_path, OUTPUT_DIR=str(tmp_path / "qlora"))
+    text = _outputs(executed)
+    assert "28 linear layers are 4-bit" in text
+    assert "Starting a new run." in text
+    assert "same next token: True" in text
+    assert (tmp_path / "qlora" / "merged" / "model.safetensors").is_file()
+    assert (tmp_path / "qlora" / "trainer_state.json").is_file()

@@ -90,17 +90,16 @@ def load_tokenizer(model_id: str | None = None):
     return tokenizer
 
 
-def build_tiny_model(out_dir: Path = TINY_MODEL_DIR, seed: int = 0):
-    """Create (once) and return the tiny random-init ``MistralForCausalLM`` saved as safetensors in ``out_dir``."""
+def ensure_tiny_model(out_dir: Path = TINY_MODEL_DIR, seed: int = 0) -> Path:
+    """Create (once) the tiny random-init ``MistralForCausalLM`` as safetensors in ``out_dir``; return the folder."""
+    if (out_dir / "model.safetensors").is_file():
+        return out_dir
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
-    if (out_dir / "model.safetensors").is_file():
-        return MistralForCausalLM.from_pretrained(out_dir)
     torch.manual_seed(seed)
-    model = MistralForCausalLM(MistralConfig(**TINY_MISTRAL))
-    _save_atomically(model, out_dir)
-    return model
+    _save_atomically(MistralForCausalLM(MistralConfig(**TINY_MISTRAL)), out_dir)
+    return out_dir
 
 
 def _save_atomically(obj, out_dir: Path) -> None:

@@ -79,10 +79,9 @@ def apply_profile(profile: Profile, script_args, training_args, model_args, expl
 
     import torch
 
-    from utils.assets import TINY_MODEL_DIR, build_tiny_model
+    from utils.assets import TINY_MODEL_DIR
 
     if profile.is_smoke:
-        build_tiny_model()
         if "model_name_or_path" not in explicit:
             model_args.model_name_or_path = str(TINY_MODEL_DIR)
         if not Path(script_args.dataset_name).exists() and "dataset_name" not in explicit:
@@ -175,6 +174,10 @@ def load_model(model_args, quantization=None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from utils.assets import TINY_MODEL_DIR, ensure_tiny_model
+
+    if Path(model_args.model_name_or_path) == TINY_MODEL_DIR:
+        ensure_tiny_model()
     kwargs: dict[str, Any] = dict(dtype=getattr(torch, model_args.dtype), attn_implementation=model_args.attn_implementation)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
@@ -225,6 +228,24 @@ def save_outputs(trainer, tokenizer) -> Path:
     tokenizer.save_pretrained(adapter)
     trainer.save_state()  # trainer_state.json with the log history, read by notebook 04
     return adapter
+
+
+def load_adapter(base, adapter_dir: str | Path):
+    """``base`` plus the saved LoRA adapter, kept in the dtype it was saved in.
+
+    TRL trains QLoRA adapters in bf16; PEFT would create them in the base's dtype. Restoring the saved dtype makes
+    the reloaded model compute exactly as the trained one did.
+    """
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), "pt") as tensors:
+        saved = tensors.get_tensor(next(iter(tensors.keys()))).dtype
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(saved)
+    return model
 
 
 def merge_adapter(model_args, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
