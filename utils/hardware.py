@@ -107,20 +107,36 @@ def detect_hardware(check_hub: bool = True) -> Hardware:
     platform = detect_platform()
     hub = hub_reachable() if check_hub else False
     flash_attn = importlib.util.find_spec("flash_attn") is not None
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # asks the driver without initialising CUDA
         return Hardware(cuda=False, platform=platform, hub=hub, flash_attn=flash_attn)
-    props = torch.cuda.get_device_properties(0)
+    gpu = _gpu_properties()
     return Hardware(
         cuda=True,
-        gpu_name=props.name,
-        gpu_count=torch.cuda.device_count(),
-        gpu_memory_gib=props.total_memory / 2**30,
-        compute_capability=(props.major, props.minor),
-        bf16=torch.cuda.is_bf16_supported(),
-        flash_attn=flash_attn and props.major >= 8,
+        gpu_name=gpu["name"],
+        gpu_count=gpu["count"],
+        gpu_memory_gib=gpu["memory"] / 2**30,
+        compute_capability=(gpu["major"], gpu["minor"]),
+        bf16=gpu["major"] >= 8,
+        flash_attn=flash_attn and gpu["major"] >= 8,
         platform=platform,
         hub=hub,
     )
+
+
+_GPU_QUERY = """import json, torch
+p = torch.cuda.get_device_properties(0)
+print(json.dumps({"name": p.name, "count": torch.cuda.device_count(), "memory": p.total_memory,
+                  "major": p.major, "minor": p.minor}))"""
+
+
+def _gpu_properties() -> dict:
+    """GPU 0's properties, read in a child process so this one never initialises CUDA (which would stop
+    ``accelerate.notebook_launcher`` from forking the training processes later)."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _GPU_QUERY], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def choose_profile(requested: str = "auto", hardware: Hardware | None = None, verbose: bool = True) -> Profile:

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils import REPO_ROOT, RUNS_DIR
+from transformers import TrainerCallback
+
+from utils import RUNS_DIR
 from utils.hardware import Profile
 
 MISTRAL_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -37,6 +39,9 @@ class RunArguments:
 
     profile: str = field(default="auto", metadata={"help": "auto, smoke, or a GPU profile (utils/hardware.py)"})
     merge: bool = field(default=True, metadata={"help": "merge the adapter into a 16-bit base after training"})
+    global_batch_size: int | None = field(
+        default=None, metadata={"help": "sequences per optimizer step over all GPUs; sets gradient_accumulation_steps "
+                                        "from the world size and per-device batch (the card: 512)"})
 
 
 # Per-profile training settings: (per-device batch, gradient accumulation) keep 8 sequences per optimizer step
@@ -61,6 +66,15 @@ def parse(argv: list[str] | None = None):
     """Parse ``--config YAML`` plus overrides into (ScriptArguments, SFTConfig, ModelConfig, RunArguments)."""
     from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
+    import torch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available():  # a CPU: no bf16 (SFTConfig refuses it), and gloo for several processes
+        given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+        defaults = {"bf16": "false", "use_cpu": "true"}
+        if _world_size() > 1:  # started by torchrun/accelerate with several processes
+            defaults["ddp_backend"] = "gloo"
+        argv += [x for name, value in defaults.items() if name not in given for x in (f"--{name}", value)]
     parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, RunArguments))
     return parser.parse_args_and_config(argv)
 
@@ -70,7 +84,8 @@ def explicit_fields(argv: list[str]) -> set[str]:
     return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
 
 
-def apply_profile(profile: Profile, script_args, training_args, model_args, explicit: set[str] = frozenset()):
+def apply_profile(profile: Profile, script_args, training_args, model_args, explicit: set[str] = frozenset(),
+                  run_args: RunArguments | None = None, world_size: int | None = None):
     """Fill in what depends on the hardware (model, dtype, attention, batch), keeping values set on the CLI.
 
     Returns the updated SFTConfig (rebuilt with ``dataclasses.replace``, so its own checks run on the final values).
@@ -92,7 +107,20 @@ def apply_profile(profile: Profile, script_args, training_args, model_args, expl
     half = profile.compute_dtype in ("bfloat16", "float16") and torch.cuda.is_available()
     changes = {**PROFILE_TRAINING.get(profile.name, {}),
                "bf16": half and profile.compute_dtype == "bfloat16", "fp16": half and profile.compute_dtype == "float16"}
-    return dataclasses.replace(training_args, **{k: v for k, v in changes.items() if k not in explicit})
+    changes = {k: v for k, v in changes.items() if k not in explicit}
+    if run_args is not None and run_args.global_batch_size and not profile.is_smoke:
+        from utils.scaling import accumulation_for
+
+        per_device = changes.get("per_device_train_batch_size", training_args.per_device_train_batch_size)
+        world = world_size or _world_size()
+        changes["gradient_accumulation_steps"] = accumulation_for(run_args.global_batch_size, world, per_device)
+    return dataclasses.replace(training_args, **changes)
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def validate(script_args, training_args, model_args) -> None:
@@ -181,8 +209,10 @@ def load_model(model_args, quantization=None):
     kwargs: dict[str, Any] = dict(dtype=getattr(torch, model_args.dtype), attn_implementation=model_args.attn_implementation)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if torch.cuda.is_available() and quantization is not None:  # 4-bit weights live on this process's GPU
+        from accelerate import PartialState
+
+        kwargs["device_map"] = {"": PartialState().local_process_index}
     return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
 
 
@@ -201,9 +231,13 @@ def train(script_args, training_args, model_args, profile: Profile, tokenizer=No
 
     from utils.assets import load_tokenizer
 
-    tokenizer = tokenizer or load_tokenizer(profile.model_id)
-    data = load_training_data(script_args, tokenizer, profile)
-    model = load_model(model_args, bnb_config(model_args) if model_args.load_in_4bit else None)
+    from accelerate import PartialState
+
+    training_args.device  # noqa: B018 - lets TrainingArguments start the process group (gloo on a CPU) first
+    with PartialState().main_process_first():  # rank 0 builds the cached tokenizer, tiny model and data first
+        tokenizer = tokenizer or load_tokenizer(profile.model_id)
+        data = load_training_data(script_args, tokenizer, profile)
+        model = load_model(model_args, bnb_config(model_args) if model_args.load_in_4bit else None)
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -211,6 +245,7 @@ def train(script_args, training_args, model_args, profile: Profile, tokenizer=No
         eval_dataset=data.get("test") if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=lora_config(model_args) if model_args.use_peft else None,
+        callbacks=[RankLog()],
     )
     resume = latest_checkpoint(training_args.output_dir)
     if resume:
@@ -221,13 +256,52 @@ def train(script_args, training_args, model_args, profile: Profile, tokenizer=No
 
 
 def save_outputs(trainer, tokenizer) -> Path:
-    """Save the adapter (safetensors) with the tokenizer and chat template, and trainer_state.json, in output_dir."""
+    """Save the adapter (or, for a full fine-tune, the model) as safetensors with the tokenizer and chat template,
+    and trainer_state.json, in output_dir. Returns the adapter/model folder."""
     out = Path(trainer.args.output_dir)
-    adapter = out / "adapter"
-    trainer.model.save_pretrained(adapter, safe_serialization=True)
-    tokenizer.save_pretrained(adapter)
+    final = out / ("adapter" if _is_peft(trainer.model) else "model")
+    trainer.save_model(str(final))  # rank 0 writes; gathers sharded weights under FSDP/ZeRO-3
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(final)
     trainer.save_state()  # trainer_state.json with the log history, read by notebook 04
-    return adapter
+    return final
+
+
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+class RankLog(TrainerCallback):
+    """Print each rank's training loss as it is logged, and write ``rank_logs/rank<N>.json`` at the end."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1 and args.world_size > 1 and model is not None:  # wrapped (and sharded) by now
+            held, total = parameters_held(model)
+            print(f"[rank {args.process_index}/{args.world_size}] this rank holds {held:,} of {total:,} parameters "
+                  f"({100 * held / total:.0f}%: {'sharded' if held < total else 'a full replica'})", flush=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and args.world_size > 1:
+            print(f"[rank {args.process_index}/{args.world_size}] step {state.global_step} loss {logs['loss']:.4f}",
+                  flush=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / "rank_logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"rank": args.process_index, "world_size": args.world_size, "global_step": state.global_step,
+                  "losses": [h["loss"] for h in state.log_history if "loss" in h]}
+        (folder / f"rank{args.process_index}.json").write_text(json.dumps(record) + "\n")
+
+
+def parameters_held(model) -> tuple[int, int]:
+    """(parameters stored on this rank, parameters of the whole model): they differ when FSDP shards the model."""
+    held = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        held += param.to_local().numel() if hasattr(param, "to_local") else param.numel()
+    return held, total
 
 
 def load_adapter(base, adapter_dir: str | Path):
@@ -322,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         script_args, training_args, model_args, run_args = parse(argv)
         profile = choose_profile(run_args.profile)
-        training_args = apply_profile(profile, script_args, training_args, model_args, explicit_fields(argv))
+        training_args = apply_profile(profile, script_args, training_args, model_args, explicit_fields(argv), run_args)
         validate(script_args, training_args, model_args)
     except (ConfigError, ValueError, RuntimeError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
@@ -332,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = train(script_args, training_args, model_args, profile)
     report = speed_report(trainer, Path(script_args.dataset_name) / "report.json")
     out = Path(training_args.output_dir)
-    if run_args.merge and trainer.is_world_process_zero():
+    if run_args.merge and model_args.use_peft and trainer.is_world_process_zero():
         merge_adapter(model_args, out / "adapter", out / "merged", "float16" if model_args.dtype == "float16" else "bfloat16")
     if trainer.is_world_process_zero():
         (out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
