@@ -105,7 +105,10 @@ def apply_profile(profile: Profile, script_args, training_args, model_args, expl
         if name not in explicit:
             setattr(model_args, name, value)
     half = profile.compute_dtype in ("bfloat16", "float16") and torch.cuda.is_available()
-    changes = {**PROFILE_TRAINING.get(profile.name, {}),
+    # GPU profiles size QLoRA batches to the GPU; a full fine-tune keeps the recipe's batch (its memory is the
+    # sharding engine's business, see utils/scaling.py). Smoke shrinks everything.
+    sized = PROFILE_TRAINING.get(profile.name, {}) if profile.is_smoke or model_args.use_peft else {}
+    changes = {**sized,
                "bf16": half and profile.compute_dtype == "bfloat16", "fp16": half and profile.compute_dtype == "float16"}
     changes = {k: v for k, v in changes.items() if k not in explicit}
     if run_args is not None and run_args.global_batch_size and not profile.is_smoke:

@@ -1,0 +1,153 @@
+"""Notebook 03: the card's recipe, the accelerate configs, the calculator, the estimator, a 2-process CPU run."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from utils import DATA_DIR, REPO_ROOT, scaling, sft
+
+FULL = str(REPO_ROOT / "configs" / "sft_full.yaml")
+CARD = REPO_ROOT.parent / "shared" / "seed" / "mistral-7b-sft-beta_model_card.md"
+REFERENCE = json.loads((DATA_DIR / "card_reference.json").read_text())
+
+
+def card_hyperparameters() -> dict:
+    """The model card's "Training hyperparameters" list, or the reference file where the card is not beside us."""
+    if not CARD.is_file():
+        return {k: str(v) for k, v in REFERENCE["hyperparameters"].items()}
+    section = CARD.read_text().split("### Training hyperparameters")[1].split("###")[0]
+    return dict(re.findall(r"^- (\w+): (.+)$", section, flags=re.M))
+
+
+def test_reference_file_matches_the_card():
+    if not CARD.is_file():
+        pytest.skip(f"model card not found at {CARD}")
+    card = card_hyperparameters()
+    ref = REFERENCE["hyperparameters"]
+    for key, text in card.items():
+        assert str(ref[key]) == text or float(ref[key]) == float(text), key
+    assert "Loss: 0.9399" in CARD.read_text() and REFERENCE["final_eval_loss"] == 0.9399
+    assert "| 0.9367        | 0.67  | 272  | 0.9397          |" in CARD.read_text()
+    assert REFERENCE["training_results"] == [{"training_loss": 0.9367, "epoch": 0.67, "step": 272,
+                                              "validation_loss": 0.9397}]
+
+
+def test_full_recipe_has_every_card_value():
+    card = card_hyperparameters()
+    script_args, args, model_args, run_args = sft.parse(["--config", FULL])
+    devices = int(card["num_devices"])
+    assert args.learning_rate == float(card["learning_rate"])
+    assert args.per_device_train_batch_size == int(card["train_batch_size"])
+    assert args.per_device_eval_batch_size == int(card["eval_batch_size"])
+    assert args.seed == int(card["seed"])
+    assert args.gradient_accumulation_steps == int(card["gradient_accumulation_steps"])
+    assert run_args.global_batch_size == int(card["total_train_batch_size"])
+    assert args.per_device_train_batch_size * devices * args.gradient_accumulation_steps == run_args.global_batch_size
+    assert args.per_device_eval_batch_size * devices == int(card["total_eval_batch_size"])
+    assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (0.9, 0.999, 1e-8)
+    assert "betas=(0.9,0.999) and epsilon=1e-08" in card["optimizer"]
+    assert args.lr_scheduler_type == card["lr_scheduler_type"] == "cosine"
+    assert args.warmup_steps == float(card["lr_scheduler_warmup_ratio"])
+    assert args.num_train_epochs == int(card["num_epochs"])
+    # what the handbook's full recipe adds
+    assert model_args.use_peft is False and model_args.load_in_4bit is False and model_args.dtype == "bfloat16"
+    assert (args.max_length, args.packing, args.activation_checkpointing) == (2048, True, True)
+    assert args.eval_strategy == "epoch" and script_args.dataset_test_split == "test"
+
+
+@pytest.mark.parametrize("gpus, per_device, accumulation", [(16, 8, 4), (8, 8, 8), (2, 4, 64), (1, 8, 64)])
+def test_accumulation_keeps_512(gpus, per_device, accumulation):
+    assert scaling.accumulation_for(512, gpus, per_device) == accumulation
+
+
+def test_accumulation_rejects_what_cannot_divide():
+    with pytest.raises(ValueError, match="not a multiple of 8 per device x 3 GPUs = 24"):
+        scaling.accumulation_for(512, 3, 8)
+
+
+def test_global_batch_sets_accumulation_from_world_size():
+    from utils.hardware import GPU_PROFILES
+
+    argv = ["--config", FULL]
+    script_args, args, model_args, run_args = sft.parse(argv)
+    args = sft.apply_profile(GPU_PROFILES[-1], script_args, args, model_args, sft.explicit_fields(argv), run_args,
+                             world_size=8)
+    assert args.per_device_train_batch_size == 8  # the card's, not the QLoRA profile's 4
+    assert args.gradient_accumulation_steps == 8  # 8 per device x 8 GPUs x 8 = 512
+
+
+def test_steps_per_epoch():
+    assert scaling.steps_per_epoch(512, 512) == 1
+    assert scaling.steps_per_epoch(513, 512) == 2
+    assert scaling.steps_per_epoch(139_264, 512) == 272
+
+
+def test_model_states_reproduce_the_zero_paper():
+    """Rajbhandari et al. 2020, Fig. 1: 7.5B parameters, 64 GPUs, K=12."""
+    gb = lambda parts: round(sum(parts) / 1e9, 1)  # noqa: E731
+    psi = 7_500_000_000
+    assert gb(scaling.model_states_bytes(psi, "ddp", 64)) == 120.0
+    assert gb(scaling.model_states_bytes(psi, "zero1", 64)) == 31.4
+    assert gb(scaling.model_states_bytes(psi, "zero2", 64)) == 16.6
+    assert gb(scaling.model_states_bytes(psi, "zero3", 64)) == 1.9
+
+
+@pytest.mark.parametrize("strategy, gpus, gib, fits", [
+    ("zero3", 8, 80, True),        # the alignment-handbook's 8 x A100 80GB
+    ("ddp", 8, 80, False),         # 16 bytes/parameter on every GPU
+    ("zero3", 16, 24, True),
+    ("zero3", 8, 16, False),
+    ("zero3_offload", 8, 16, True),
+    ("fsdp", 4, 40, True),
+    ("zero2", 2, 40, False),
+])
+def test_fit_verdicts(strategy, gpus, gib, fits):
+    assert scaling.estimate(strategy, gpus, gib, per_device_batch=8).fits is fits
+
+
+def test_estimate_parts():
+    e = scaling.estimate("zero3", 8, 80, per_device_batch=8)
+    assert e.weights == pytest.approx(2 * 7_241_732_096 / 8 / 2**30)
+    assert e.optimizer == pytest.approx(6 * e.weights)
+    assert 8 < e.activations < 12 and e.total == pytest.approx(26.0, abs=0.1)
+    table = scaling.fit_table()
+    assert len(table) == len(scaling.STRATEGIES) * 5
+    assert table[(table.strategy == "ddp")]["80 GB"].eq("-").all()
+
+
+@pytest.mark.parametrize("name, kind, processes, machines", [
+    ("deepspeed_zero3.yaml", "DEEPSPEED", 8, 1),
+    ("deepspeed_zero3_2nodes.yaml", "DEEPSPEED", 16, 2),
+    ("fsdp.yaml", "FSDP", 8, 1),
+    ("ddp.yaml", "MULTI_GPU", 2, 1),
+])
+def test_accelerate_configs_load(name, kind, processes, machines):
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+
+    config = load_config_from_file(str(REPO_ROOT / "configs" / "accelerate" / name))
+    assert isinstance(config, ClusterConfig)
+    assert (config.distributed_type.value, config.num_processes, config.num_machines) == (kind, processes, machines)
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == 3
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "MistralDecoderLayer"
+
+
+def test_two_process_cpu_run(tmp_path):
+    out = tmp_path / "full"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "utils.sft", "--config", FULL,
+         "--profile", "smoke", "--output_dir", str(out), "--max_steps", "4", "--save_steps", "2"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = [json.loads(p.read_text()) for p in sorted((out / "rank_logs").glob("rank*.json"))]
+    assert [(log["rank"], log["world_size"], log["global_step"]) for log in logs] == [(0, 2, 4), (1, 2, 4)]
+    assert logs[0]["losses"] == logs[1]["losses"] and len(logs[0]["losses"]) == 4
+    assert "[rank 1/2] step 4 loss" in result.stdout and "[rank 0/2] step 4 loss" in result.stdout
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    assert (out / "model" / "model.safetensors").is_file()
+    assert result.stdout.count("done: 4 steps") == 1  # only rank 0 reports
