@@ -1,4 +1,4 @@
-"""Stored notebooks are clean and parameterised; each executes in the smoke profile."""
+"""Stored notebooks are clean and parameterised; the whole series executes in the smoke profile, in order."""
 
 import json
 
@@ -11,7 +11,7 @@ ALL = notebooks()
 
 
 def test_the_series_is_there():
-    assert [p.name[:2] for p in ALL][:3] == ["01", "02", "03"]
+    assert [p.name[:2] for p in ALL] == ["01", "02", "03", "04", "05"]
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
@@ -32,27 +32,55 @@ def _outputs(executed):
     return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
 
 
-def test_notebook_01_executes_in_smoke(tmp_path):
-    executed = run_notebook(ALL[0], "smoke", out_dir=tmp_path, OUT=str(tmp_path / "processed"))
-    text = _outputs(executed)
-    assert "Profile: smoke — asked for explicitly" in text
-    assert "66 rows in, 50 kept, 16 dropped, 3 truecased (5 messages)" in text
-    assert (tmp_path / "processed" / "report.json").is_file()
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    """Run 01 to 05 in the smoke profile, as `make tutorial` does; 04 and 05 read what 02 and 03 wrote."""
+    base = tmp_path_factory.mktemp("series")
+    runs = base / "runs"
+    params = {
+        "01": dict(OUT=str(base / "processed")),
+        "02": dict(OUTPUT_DIR=str(runs / "qlora")),
+        "03": dict(OUTPUT_DIR=str(runs / "full"), SMOKE_STEPS=4),
+        "04": dict(RUNS=str(runs), PLOTS=str(base / "plots")),
+        "05": dict(RUNS=str(runs), MAX_NEW_TOKENS=32),
+    }
+    texts = {}
+    for path in ALL:
+        number = path.name[:2]
+        texts[number] = _outputs(run_notebook(path, "smoke", out_dir=base / "executed", **params[number]))
+    return base, texts
 
 
-def test_notebook_02_executes_in_smoke(tmp_path):
-    executed = run_notebook(ALL[1], "smoke", out_dir=tmp_path, OUTPUT_DIR=str(tmp_path / "qlora"))
-    text = _outputs(executed)
-    assert "28 linear layers are 4-bit" in text
-    assert "Starting a new run." in text
-    assert "same next token: True" in text
-    assert (tmp_path / "qlora" / "merged" / "model.safetensors").is_file()
-    assert (tmp_path / "qlora" / "trainer_state.json").is_file()
+def test_notebook_01(series):
+    base, texts = series
+    assert "Profile: smoke — asked for explicitly" in texts["01"]
+    assert "66 rows in, 50 kept, 16 dropped, 3 truecased (5 messages)" in texts["01"]
+    assert (base / "processed" / "report.json").is_file()
 
 
-def test_notebook_03_executes_in_smoke(tmp_path):
-    executed = run_notebook(ALL[2], "smoke", out_dir=tmp_path, OUTPUT_DIR=str(tmp_path / "full"), SMOKE_STEPS=4)
-    text = _outputs(executed)
-    assert "skipped: one node of 8 GPUs needed, this machine has 0" in text
-    assert "rank 0 of 2: 4 steps" in text and "rank 1 of 2: 4 steps" in text
-    assert "checkpoints: ['checkpoint-4'] | trainer_state.json: True" in text
+def test_notebook_02(series):
+    base, texts = series
+    assert "28 linear layers are 4-bit" in texts["02"]
+    assert "Starting a new run." in texts["02"]
+    assert "same next token: True" in texts["02"]
+    assert (base / "runs" / "qlora" / "merged" / "model.safetensors").is_file()
+
+
+def test_notebook_03(series):
+    _, texts = series
+    assert "skipped: one node of 8 GPUs needed, this machine has 0" in texts["03"]
+    assert "rank 0 of 2: 4 steps" in texts["03"] and "rank 1 of 2: 4 steps" in texts["03"]
+    assert "checkpoints: ['checkpoint-4'] | trainer_state.json: True" in texts["03"]
+
+
+def test_notebook_04(series):
+    base, texts = series
+    assert "full         4 train logs" in texts["04"] and "qlora        30 train logs" in texts["04"]
+    assert (base / "plots" / "loss_curves.png").is_file() and (base / "plots" / "loss_curves.svg").is_file()
+
+
+def test_notebook_05(series):
+    _, texts = series
+    assert "You are a friendly chatbot who always responds in the style of a pirate</s>" in texts["05"]
+    assert "re-ran full with seed 42: identical answers" in texts["05"]
+    assert "GPU memory: no GPU" in texts["05"]

@@ -91,14 +91,23 @@ def load_tokenizer(model_id: str | None = None):
 
 
 def ensure_tiny_model(out_dir: Path = TINY_MODEL_DIR, seed: int = 0) -> Path:
-    """Create (once) the tiny random-init ``MistralForCausalLM`` as safetensors in ``out_dir``; return the folder."""
-    if (out_dir / "model.safetensors").is_file():
+    """Create (once) the tiny random-init ``MistralForCausalLM`` as safetensors in ``out_dir``, with the embedded
+    tokenizer beside it so it loads like a Hub model (``pipeline(model=out_dir)``); return the folder."""
+    if (out_dir / "model.safetensors").is_file() and (out_dir / "tokenizer.json").is_file():
         return out_dir
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
-    _save_atomically(MistralForCausalLM(MistralConfig(**TINY_MISTRAL)), out_dir)
+    model = MistralForCausalLM(MistralConfig(**TINY_MISTRAL))
+    tokenizer = load_tokenizer(None)
+
+    class Both:  # one atomic folder holding model and tokenizer
+        def save_pretrained(self, path):
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+
+    _save_atomically(Both(), out_dir)
     return out_dir
 
 

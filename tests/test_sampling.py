@@ -1,0 +1,61 @@
+"""Notebook 05's generation: the card's prompt, reproducible sampling, EOS stops, left-padded batches."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from utils import sampling
+from utils.assets import ensure_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return AutoModelForCausalLM.from_pretrained(ensure_tiny_model(), dtype=torch.float32).eval()
+
+
+def test_rendered_prompt_equals_the_card(tokenizer):
+    rendered = tokenizer.apply_chat_template(sampling.PIRATE, tokenize=False, add_generation_prompt=True)
+    assert rendered == sampling.CARD_RENDERING
+    assert sampling.CARD_SAMPLING == dict(max_new_tokens=256, do_sample=True, temperature=0.7, top_k=50, top_p=0.95)
+
+
+def test_same_seed_same_text(model, tokenizer):
+    prompts = [sampling.CARD_RENDERING, "<|user|>\nHi</s>\n<|assistant|>\n"]
+    first = sampling.generate(model, tokenizer, prompts, seed=7, max_new_tokens=20)
+    again = sampling.generate(model, tokenizer, prompts, seed=7, max_new_tokens=20)
+    other = sampling.generate(model, tokenizer, prompts, seed=8, max_new_tokens=20)
+    assert [a.text for a in first] == [a.text for a in again]
+    assert [a.text for a in first] != [a.text for a in other]
+    assert all(a.new_tokens == 20 and not a.stopped_at_eos for a in first)
+
+
+def test_generation_stops_at_eos(model, tokenizer):
+    greedy = dict(do_sample=False, temperature=None, top_k=None, top_p=None, max_new_tokens=12)
+    batch = tokenizer([sampling.CARD_RENDERING], return_tensors="pt")
+    with torch.no_grad():
+        row = model.generate(**batch, pad_token_id=0, **greedy)[0, batch["input_ids"].shape[1]:].tolist()
+    stop = row[4]  # declare the 5th generated token the end of sequence
+    first = row.index(stop)
+    answer = sampling.generate(model, tokenizer, [sampling.CARD_RENDERING], eos_token_id=stop, **greedy)[0]
+    assert answer.stopped_at_eos and answer.new_tokens == first + 1 < 12
+    assert answer.text == tokenizer.decode(row[:first], skip_special_tokens=True)
+
+
+def test_left_padded_batch_matches_single_prompts(model, tokenizer):
+    greedy = dict(do_sample=False, temperature=None, top_k=None, top_p=None, max_new_tokens=8)
+    short = "<|user|>\nHi</s>\n<|assistant|>\n"
+    batch = sampling.generate(model, tokenizer, [sampling.CARD_RENDERING, short], **greedy)
+    alone = [sampling.generate(model, tokenizer, [p], **greedy)[0] for p in (sampling.CARD_RENDERING, short)]
+    assert [a.text for a in batch] == [a.text for a in alone]
+    assert tokenizer.padding_side == "left"
+
+
+def test_candidate_models_in_smoke(tmp_path):
+    from utils.hardware import SMOKE
+
+    assert list(sampling.candidate_models(SMOKE, runs_dir=tmp_path)) == ["base"]
+    (tmp_path / "full" / "model").mkdir(parents=True)
+    (tmp_path / "full" / "model" / "config.json").write_text("{}")
+    models = sampling.candidate_models(SMOKE, runs_dir=tmp_path, hub=True)
+    assert list(models) == ["base", "full", "mistral-7b-sft-beta"]
+    assert models["mistral-7b-sft-beta"] == "HuggingFaceH4/mistral-7b-sft-beta"
