@@ -84,3 +84,14 @@ def test_notebook_05(series):
     assert "You are a friendly chatbot who always responds in the style of a pirate</s>" in texts["05"]
     assert "re-ran full with seed 42: identical answers" in texts["05"]
     assert "GPU memory: no GPU" in texts["05"]
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
+def test_papermill_reads_every_parameter(path):
+    """papermill parses the parameters cell to show and check overrides; an apostrophe in a comment breaks it."""
+    from papermill.inspection import inspect_notebook
+
+    nb = nbformat.read(path, as_version=4)
+    source = next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    names = [line.split("=")[0].strip() for line in source.splitlines() if "=" in line and not line.startswith("#")]
+    assert list(inspect_notebook(str(path))) == names

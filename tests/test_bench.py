@@ -1,0 +1,30 @@
+"""The benchmarks run end to end on the CPU (they assert nothing about speed; the numbers go to docs/benchmarks.md)."""
+
+import json
+import subprocess
+import sys
+
+from utils import REPO_ROOT
+
+
+def test_train_throughput_cpu_smoke(tmp_path):
+    out = tmp_path / "throughput.json"
+    result = subprocess.run([sys.executable, "bench/train_throughput.py", "--cpu-smoke", "--json", str(out)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    ran = [name for name, r in rows.items() if "tokens/s" in r]
+    assert ran == ["baseline (TRL defaults)", "ours", "ours + no checkpointing", "ours + checkpoint every 2nd layer"]
+    assert all(rows[name]["tokens/s"] > 0 and rows[name]["s/step"] > 0 for name in ran)
+    assert rows["baseline (TRL defaults)"]["batch"] == "4x2" and rows["ours"]["batch"] == "4x2"
+    assert rows["ours + paged 8-bit AdamW"]["skipped"] == "needs CUDA"
+    assert rows["ours + flash-attn 2"]["skipped"].startswith("needs CUDA")
+    assert "fastest:" in result.stdout and "device: CPU (smoke: tiny model)" in result.stdout
+
+
+def test_train_throughput_refuses_a_cpu_without_smoke():
+    code = ("import sys, torch; torch.cuda.is_available = lambda: False; sys.argv = ['x']; "
+            "sys.path.insert(0, 'bench'); import train_throughput as t; sys.exit(t.main())")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("error: no CUDA GPU; run with --cpu-smoke to exercise the script on the CPU")
