@@ -252,10 +252,12 @@ def print_table(rows: list[dict], device: str, profile: str, args) -> None:
         if "skipped" in r:
             print(f"{r['variant']:38s} skipped: {r['skipped']}")
             continue
-        fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+        def fmt(value, width: int, digits: int, suffix: str = "") -> str:
+            return f"{value:{width - len(suffix)}.{digits}f}{suffix}" if value is not None else f"{'-':>{width}s}"
+
+        mfu = 100 * r["MFU"] if r["MFU"] is not None else None
         print(f"{r['variant']:38s} {r['batch']:>6s} {r['tokens/s']:9.0f} {r['s/step']:7.2f} "
-              f"{fmt(r['peak alloc GiB'], '10.2f')} {fmt(r['peak reserved GiB'], '9.2f')} "
-              f"{fmt(r['MFU'] and 100 * r['MFU'], '5.1f')}%")
+              f"{fmt(r['peak alloc GiB'], 10, 2)} {fmt(r['peak reserved GiB'], 9, 2)} {fmt(mfu, 6, 1, '%')}")
     if base:
         best = max((r for r in rows if "tokens/s" in r), key=lambda r: r["tokens/s"])
         print(f"fastest: {best['variant']}, {best['tokens/s'] / base['tokens/s']:.2f}x the baseline's tokens/s")
