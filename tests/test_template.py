@@ -2,13 +2,11 @@
 
 import json
 
-from utils import SAMPLE_DIR
+from utils import SAMPLE_DIR, sampling
 from utils.prepare_data import render
+from utils.sampling import PIRATE
 
-PIRATE = [
-    {"role": "system", "content": "You are a friendly chatbot who always responds in the style of a pirate"},
-    {"role": "user", "content": "How many helicopters can a human eat in one sitting?"},
-]
+# the specification (issue 2): the card's messages rendered with add_generation_prompt=True
 CARD_RENDERING = (
     "<|system|>\nYou are a friendly chatbot who always responds in the style of a pirate</s>\n"
     "<|user|>\nHow many helicopters can a human eat in one sitting?</s>\n<|assistant|>\n"
@@ -16,7 +14,10 @@ CARD_RENDERING = (
 
 
 def test_pirate_prompt_renders_exactly(tokenizer):
+    assert PIRATE[0]["content"] == "You are a friendly chatbot who always responds in the style of a pirate"
+    assert PIRATE[1] == {"role": "user", "content": "How many helicopters can a human eat in one sitting?"}
     assert tokenizer.apply_chat_template(PIRATE, tokenize=False, add_generation_prompt=True) == CARD_RENDERING
+    assert sampling.CARD_RENDERING == CARD_RENDERING  # what notebook 05 asserts against
 
 
 def test_embedded_tokenizer_is_mistral_7b(tokenizer):
