@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,7 @@ def test_merged_model_matches_base_plus_adapter(trained):
     assert (merged_dir / "model.safetensors").is_file()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16)
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
-    unmerged = PeftModel.from_pretrained(sft.load_model(sft._with_dtype(model_args, "bfloat16")), str(out / "adapter"))
+    unmerged = PeftModel.from_pretrained(sft.load_model(replace(model_args, dtype="bfloat16")), str(out / "adapter"))
     a, b = _logits(unmerged.eval(), trainer.processing_class), _logits(merged.eval(), trainer.processing_class)
     assert (a - b).abs().max() / a.abs().max() < 2e-2
 

@@ -329,19 +329,19 @@ def merge_adapter(model_args, adapter_dir: str | Path, out_dir: str | Path, dtyp
     """Load the base in 16-bit, apply the adapter, merge it into the weights and save model + tokenizer."""
     import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = load_model(_with_dtype(model_args, dtype))
+    from utils.assets import TINY_MODEL_DIR, ensure_tiny_model
+
+    if Path(model_args.model_name_or_path) == TINY_MODEL_DIR:
+        ensure_tiny_model()
+    # 16-bit Mistral-7B is 14.5 GB: on the GPU where it fits, spilling to CPU RAM where it does not (device_map auto)
+    base = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=getattr(torch, dtype),
+                                                device_map="auto" if torch.cuda.is_available() else None)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.to(getattr(torch, dtype)).save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
     return Path(out_dir)
-
-
-def _with_dtype(model_args, dtype: str):
-    from dataclasses import replace
-
-    return replace(model_args, dtype=dtype)
 
 
 # --- checks and report ---------------------------------------------------------------------------------------------
