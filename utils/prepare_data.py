@@ -122,12 +122,15 @@ def _open_hub(dataset_id: str) -> dict[str, Iterable[Row]]:
                           "pass a local path such as data/sample/ultrachat_200k")
     import datasets
 
-    try:
-        loaded = datasets.load_dataset(dataset_id)
+    try:  # only the SFT splits: ultrachat_200k also has train_gen/test_gen, which we never read
+        names = [n for n in datasets.get_dataset_split_names(dataset_id) if n in SPLIT_NAMES]
+        loaded = {name: datasets.load_dataset(dataset_id, split=name) for name in names}
     except Exception as exc:  # noqa: BLE001 - one line for any Hub/loader failure
         raise SourceError(f"cannot load {dataset_id} from the Hub: {str(exc).splitlines()[0]}") from None
-    return {name: ((i, row, None) for i, row in enumerate(split, start=1)) for name, split in loaded.items()
-            if name in SPLIT_NAMES}
+    if not loaded:
+        raise SourceError(f"{dataset_id} has none of the splits {', '.join(SPLIT_NAMES)}")
+    return {name: _Lazy(lambda split: ((i, row, None) for i, row in enumerate(split, start=1)), split)
+            for name, split in loaded.items()}
 
 
 # --- one row -----------------------------------------------------------------------------------------------------
