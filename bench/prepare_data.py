@@ -24,7 +24,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.assets import load_tokenizer  # noqa: E402
-from utils.prepare_data import open_source, pack_wrapped, prepare, render  # noqa: E402,F401
+from utils.prepare_data import pack_wrapped, prepare, render  # noqa: E402
 
 ULTRACHAT_200K_ROWS = 207_865 + 23_110  # train_sft + test_sft
 WORDS = (

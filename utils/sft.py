@@ -11,7 +11,7 @@ Re-running with the same ``--output_dir`` resumes from its latest complete check
 from __future__ import annotations
 
 import json
-import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,13 +64,12 @@ PROFILE_TRAINING: dict[str, dict[str, Any]] = {
 # --- configuration -------------------------------------------------------------------------------------------------
 def parse(argv: list[str] | None = None):
     """Parse ``--config YAML`` plus overrides into (ScriptArguments, SFTConfig, ModelConfig, RunArguments)."""
-    from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
-
     import torch
+    from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():  # a CPU: no bf16 (SFTConfig refuses it), and gloo for several processes
-        given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+        given = explicit_fields(argv)
         defaults = {"bf16": "false", "use_cpu": "true"}
         if _world_size() > 1:  # started by torchrun/accelerate with several processes
             defaults["ddp_backend"] = "gloo"
@@ -121,8 +120,7 @@ def apply_profile(profile: Profile, script_args, training_args, model_args, expl
 
 
 def _world_size() -> int:
-    import os
-
+    """Processes in this run, as torchrun and accelerate announce it."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
