@@ -63,7 +63,7 @@ def build_embedded_tokenizer(out_dir: Path = EMBEDDED_TOKENIZER_DIR):
         shutil.copy(sentencepiece_file(), Path(tmp) / "tokenizer.model")
         tokenizer = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
     tokenizer.chat_template = chat_template()
-    _save_atomically(tokenizer, out_dir)
+    _save_atomically(out_dir, tokenizer)
     return tokenizer
 
 
@@ -99,23 +99,16 @@ def ensure_tiny_model(out_dir: Path = TINY_MODEL_DIR, seed: int = 0) -> Path:
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
-    model = MistralForCausalLM(MistralConfig(**TINY_MISTRAL))
-    tokenizer = load_tokenizer(None)
-
-    class Both:  # one atomic folder holding model and tokenizer
-        def save_pretrained(self, path):
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
-
-    _save_atomically(Both(), out_dir)
+    _save_atomically(out_dir, MistralForCausalLM(MistralConfig(**TINY_MISTRAL)), load_tokenizer(None))
     return out_dir
 
 
-def _save_atomically(obj, out_dir: Path) -> None:
-    """``save_pretrained`` into a temporary sibling, then rename, so a crash never leaves half a folder."""
+def _save_atomically(out_dir: Path, *objects) -> None:
+    """``save_pretrained`` each object into a temporary sibling, then rename, so a crash never leaves half a folder."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    obj.save_pretrained(tmp)
+    for obj in objects:
+        obj.save_pretrained(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

@@ -75,8 +75,7 @@ def read_tensorboard(folder: Path) -> Run | None:
                 "tokens": [scalars.get("train/num_input_tokens_seen", {}).get(s) for s, _ in points],
                 "learning_rate": [scalars.get("train/learning_rate", {}).get(s) for s, _ in points]}
 
-    run_dir = folder if folder.name != "runs" else folder.parent
-    return Run(run_dir.name, run_dir, "tensorboard", series("train/loss"), series("eval/loss"))
+    return Run(folder.name, folder, "tensorboard", series("train/loss"), series("eval/loss"))
 
 
 def find_runs(runs_dir: Path = RUNS_DIR) -> list[Run]:
@@ -89,8 +88,7 @@ def find_runs(runs_dir: Path = RUNS_DIR) -> list[Run]:
         if not state.parent.name.startswith("checkpoint-"):
             found[state.parent] = read_trainer_state(state)
     for event in sorted(runs_dir.rglob("events.out.tfevents.*")):
-        run_dir = event.parent.parent if event.parent.parent.name != "runs" else event.parent
-        run_dir = next((p for p in event.parents if p.parent == runs_dir), run_dir)
+        run_dir = next((p for p in event.parents if p.parent == runs_dir), event.parent)  # its top-level folder
         if run_dir not in found and not any(run_dir.is_relative_to(p) for p in found):
             run = read_tensorboard(run_dir)
             if run and run.train.get("step"):
