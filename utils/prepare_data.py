@@ -241,11 +241,11 @@ def prepare(
     for split in ordered:
         report = reports[split] = SplitReport()
         target = SPLIT_NAMES.get(split, "train")
-        pending: list[tuple[str, str, list, str]] = []  # (out split, prompt, messages, where)
+        pending: list[tuple[str, str, str, list, str]] = []  # (out split, prompt, prompt_id, messages, where)
         in_flight: list = []  # at most one (rows, future) being tokenized while the next chunk is filtered
 
         def collect(rows: list, ids_future) -> None:
-            for (dest, prompt, messages, where), ids in zip(rows, ids_future.result()):
+            for (dest, prompt, pid, messages, where), ids in zip(rows, ids_future.result()):
                 n = len(ids)
                 if min_tokens is not None and n < min_tokens:
                     report.drop("too_short", where, {"messages": messages, "num_tokens": n})
@@ -255,7 +255,7 @@ def prepare(
                     continue
                 cols = out[dest]
                 cols["prompt"].append(prompt)
-                cols["prompt_id"].append(prompt_id(prompt))
+                cols["prompt_id"].append(pid)
                 cols["messages"].append(messages)
                 cols["input_ids"].append(ids)
                 cols["num_tokens"].append(n)
@@ -264,7 +264,7 @@ def prepare(
 
         def flush() -> None:
             # The Rust tokenizer releases the GIL: tokenize this chunk in the worker while Python filters the next.
-            texts = [render(m, eos) for _, _, m, _ in pending]
+            texts = [render(m, eos) for *_, m, _ in pending]
             job = (list(pending), pool.submit(tokenize_batch, tokenizer, texts))
             pending.clear()
             if in_flight:
@@ -299,10 +299,11 @@ def prepare(
                 if fixed:
                     report.truecased += 1
                     report.truecased_messages += fixed
+                pid = prompt_id(prompt)
                 dest = target
                 if single:
-                    dest = "test" if int(prompt_id(prompt)[:8], 16) % 10_000 < test_fraction * 10_000 else "train"
-                pending.append((dest, prompt, messages, where))
+                    dest = "test" if int(pid[:8], 16) % 10_000 < test_fraction * 10_000 else "train"
+                pending.append((dest, prompt, pid, messages, where))
                 if len(pending) >= CHUNK_ROWS:
                     flush()
             if pending:

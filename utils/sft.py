@@ -198,8 +198,11 @@ def load_training_data(script_args, tokenizer, profile: Profile):
             (("train", script_args.dataset_train_split), ("test", script_args.dataset_test_split)) if name in data}
 
 
-def load_model(model_args, quantization=None):
-    """The base model, 4-bit when ``quantization`` is given, on the GPU when there is one."""
+def load_model(model_args, quantization=None, device_map: str | dict | None = None):
+    """The base model, 4-bit when ``quantization`` is given (then on this process's GPU when there is one).
+
+    ``device_map`` overrides the placement, e.g. "auto" to spill a 16-bit 7B model to CPU RAM when the GPU is small.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -210,7 +213,9 @@ def load_model(model_args, quantization=None):
     kwargs: dict[str, Any] = dict(dtype=getattr(torch, model_args.dtype), attn_implementation=model_args.attn_implementation)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-    if torch.cuda.is_available() and quantization is not None:  # 4-bit weights live on this process's GPU
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    elif torch.cuda.is_available() and quantization is not None:  # 4-bit weights live on this process's GPU
         from accelerate import PartialState
 
         kwargs["device_map"] = {"": PartialState().local_process_index}
@@ -228,11 +233,10 @@ def latest_checkpoint(output_dir: str | Path) -> str | None:
 
 def train(script_args, training_args, model_args, profile: Profile, tokenizer=None):
     """Build the trainer, resume when a checkpoint exists, train, save the adapter and the state. Returns the trainer."""
+    from accelerate import PartialState
     from trl import SFTTrainer
 
     from utils.assets import load_tokenizer
-
-    from accelerate import PartialState
 
     training_args.device  # noqa: B018 - lets TrainingArguments start the process group (gloo on a CPU) first
     with PartialState().main_process_first():  # rank 0 builds the cached tokenizer, tiny model and data first
@@ -323,19 +327,23 @@ def load_adapter(base, adapter_dir: str | Path):
     return model
 
 
-def merge_adapter(model_args, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
+def merge_dtype(model_args) -> str:
+    """The 16-bit dtype to merge into: float16 where training computed in fp16 (T4, V100), else bfloat16."""
+    return "float16" if model_args.dtype == "float16" else "bfloat16"
+
+
+def merge_adapter(model_args, adapter_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
     """Load the base in 16-bit, apply the adapter, merge it into the weights and save model + tokenizer."""
+    import dataclasses
+
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from utils.assets import TINY_MODEL_DIR, ensure_tiny_model
-
-    if Path(model_args.model_name_or_path) == TINY_MODEL_DIR:
-        ensure_tiny_model()
+    dtype = dtype or merge_dtype(model_args)
     # 16-bit Mistral-7B is 14.5 GB: on the GPU where it fits, spilling to CPU RAM where it does not (device_map auto)
-    base = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=getattr(torch, dtype),
-                                                device_map="auto" if torch.cuda.is_available() else None)
+    base = load_model(dataclasses.replace(model_args, dtype=dtype),
+                      device_map="auto" if torch.cuda.is_available() else None)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.to(getattr(torch, dtype)).save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
@@ -386,7 +394,7 @@ def speed_report(trainer, prepared_report: Path | None = None) -> dict:
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "ultrachat_200k_epoch_tokens": int(epoch_tokens),
         "ultrachat_200k_epoch_tokens_from": basis,
-        "ultrachat_200k_epoch_hours": round(epoch_tokens / tok_s / 3600, 1) if tok_s == tok_s and tok_s > 0 else None,
+        "ultrachat_200k_epoch_hours": round(epoch_tokens / tok_s / 3600, 1) if tok_s > 0 else None,  # False for NaN
     }
 
 
@@ -408,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     report = speed_report(trainer, Path(script_args.dataset_name) / "report.json")
     out = Path(training_args.output_dir)
     if run_args.merge and model_args.use_peft and trainer.is_world_process_zero():
-        merge_adapter(model_args, out / "adapter", out / "merged", "float16" if model_args.dtype == "float16" else "bfloat16")
+        merge_adapter(model_args, out / "adapter", out / "merged")
     if trainer.is_world_process_zero():
         (out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
         final = [h["loss"] for h in trainer.state.log_history if "loss" in h]
