@@ -1,6 +1,7 @@
 """The data pipeline of notebook 01: accounting, outputs, the command line and the packing counts."""
 
 import json
+import os
 import string
 import subprocess
 import sys
@@ -12,17 +13,21 @@ from hypothesis import strategies as st
 
 from utils import REPO_ROOT, SAMPLE_DIR
 from utils.prepare_data import (
-    SourceError, count_bfd_bins, main, open_source, pack_wrapped, prepare, prompt_id, render, save,
+    MARKER, OutputError, SourceError, count_bfd_bins, main, open_source, pack_wrapped, prepare, prompt_id, render,
+    save, split_lengths, token_stats,
 )
 
 SAMPLE_200K = SAMPLE_DIR / "ultrachat_200k"
 SAMPLE_RAW = SAMPLE_DIR / "ultrachat_raw" / "ultrachat_raw.jsonl"
-SAMPLE_DROPS = {
-    "disclaimer": 3, "duplicate_prompt": 2, "invalid_json": 1, "missing_messages": 1, "not_an_object": 1,
+STRUCTURE_DROPS = {
+    "invalid_json": 1, "missing_messages": 1, "not_an_object": 1,
     "structure:bad_role": 1, "structure:content_not_string": 1, "structure:empty_content": 1,
     "structure:ends_with_user": 1, "structure:misplaced_system": 1, "structure:not_a_list": 1,
     "structure:not_alternating": 1, "structure:starts_with_assistant": 1,
 }
+SAMPLE_DROPS = {**STRUCTURE_DROPS, "disclaimer": 3, "duplicate_prompt": 2}
+# <s> <|system|>\n </s> \n <|user|>\n Hi </s> \n <|assistant|>\n Yo </s> \n </s>: the card's empty system turn
+SYSTEM_TURN_IDS = [1, 523, 28766, 6574, 28766, 28767, 13, 2, 13, 28789, 28766, 1838, 28766, 28767, 13]
 
 
 @pytest.fixture(scope="module")
@@ -30,27 +35,79 @@ def sample(tokenizer):
     return prepare(open_source(str(SAMPLE_200K)), tokenizer, progress=False)
 
 
-def test_sample_accounting_is_exact(sample):
+@pytest.fixture(scope="module")
+def filtered(tokenizer):
+    return prepare(open_source(str(SAMPLE_200K)), tokenizer, progress=False, filters="all")
+
+
+def test_ultrachat_200k_rows_are_kept_and_the_chain_audited(sample):
     report = sample.report()
+    assert report["input_rows"] == 66
+    assert report["kept"] == 55
+    assert report["dropped"] == STRUCTURE_DROPS
+    assert report["audited"] == {"disclaimer": 3, "duplicate_prompt": 2, "truecase": 3}
+    assert report["filters_applied"] == ["structure"]
+    assert report["filters_audited"] == ["truecase", "disclaimer", "duplicate_prompt"]
+    assert report["truecased"] == 0 and report["system_turn"] is True
+    assert report["splits"]["train_sft"]["input_rows"] == 60 and report["splits"]["train_sft"]["kept"] == 49
+    rows = sample.rows["train"]
+    i = next(i for i, p in enumerate(rows["prompt"]) if p.lower() == "hello. how do i boil an egg?")
+    assert rows["messages"][i][1]["content"].startswith("Place the egg in boiling water for nine minutes. then")
+    audit = sample.reports["train_sft"].audit_examples
+    assert audit["disclaimer"]["row"]["prompt"] == "What is your favourite colour?"
+
+
+def test_filters_all_applies_the_chain(filtered):
+    report = filtered.report()
     assert report["input_rows"] == 66
     assert report["kept"] == 50
     assert report["dropped"] == SAMPLE_DROPS
     assert report["truecased"] == 3 and report["truecased_messages"] == 5
+    assert report["filters_applied"] == ["structure", "truecase", "disclaimer", "duplicate_prompt"]
+    assert report["filters_audited"] == [] and report["audited"] == {}
     assert report["splits"]["train_sft"]["input_rows"] == 60 and report["splits"]["train_sft"]["kept"] == 44
     assert report["splits"]["test_sft"] == {"input_rows": 6, "kept": 6, "dropped": {}, "truecased": 0,
-                                            "truecased_messages": 0}
-    assert len(sample.rows["train"]["prompt"]) == 44 and len(sample.rows["test"]["prompt"]) == 6
+                                            "truecased_messages": 0, "audited": {}}
+    assert len(filtered.rows["train"]["prompt"]) == 44 and len(filtered.rows["test"]["prompt"]) == 6
 
 
-def test_drop_examples_name_split_and_line(sample):
-    examples = sample.reports["train_sft"].examples
+def test_drop_examples_name_split_and_line(filtered):
+    examples = filtered.reports["train_sft"].examples
     assert examples["invalid_json"]["where"] == "train_sft:2"
     assert examples["not_an_object"]["where"] == "train_sft:4"
     assert examples["disclaimer"]["row"]["prompt"] == "What is your favourite colour?"
 
 
-def test_kept_rows_are_truecased_hashed_and_tokenized(sample, tokenizer):
+def test_every_dialogue_starts_with_the_empty_system_turn(sample, tokenizer):
     rows = sample.rows["train"]
+    without = [i for i, m in enumerate(rows["messages"]) if m[0]["role"] != "system"]
+    assert len(without) == 48  # all but the one dialogue with its own system prompt
+    for i in without:
+        assert rows["input_ids"][i][:15] == SYSTEM_TURN_IDS
+    ids = tokenizer(render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]))["input_ids"]
+    assert ids == SYSTEM_TURN_IDS + [23809, 2, 13, 28789, 28766, 489, 11143, 28766, 28767, 13, 28802, 28709, 2, 13, 2]
+    short = prepare({"train": [(1, {"messages": [{"role": "user", "content": "Hi"},
+                                                 {"role": "assistant", "content": "Yo"}]}, None)]},
+                    tokenizer, progress=False, test_fraction=0, system_turn=False)
+    assert short.rows["train"]["input_ids"][0] == [1, 523] + ids[10:]  # 8 tokens fewer without it
+
+
+def test_special_token_text_in_messages_stays_text(tokenizer):
+    row = {"messages": [{"role": "user", "content": "What do <s> and </s> mean?"},
+                        {"role": "assistant", "content": "They mark a start </s> and an end."}]}
+    ids = prepare({"train": [(1, row, None)]}, tokenizer, progress=False, test_fraction=0).rows["train"]["input_ids"][0]
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids.count(tokenizer.eos_token_id) == 4  # system, 2 turns, end
+    assert "▁</" in tokenizer.convert_ids_to_tokens(ids)
+    plain = {"messages": [{"role": "user", "content": "What do they mean?"},
+                          {"role": "assistant", "content": "They mark a start and an end."}]}
+    from utils.prepare_data import tokenize_safely, with_system_turn
+
+    assert tokenize_safely(tokenizer, with_system_turn(plain["messages"])) == \
+        tokenizer(render(plain["messages"]))["input_ids"]  # the safe path gives the usual ids on ordinary text
+
+
+def test_kept_rows_are_truecased_hashed_and_tokenized(filtered, tokenizer):
+    rows = filtered.rows["train"]
     i = rows["prompt"].index("hello. How do I boil an egg?")
     assert rows["messages"][i][1]["content"] == (
         "Place the egg in boiling water for nine minutes. Then cool it in cold water! After that it peels easily.")
@@ -78,11 +135,19 @@ def test_raw_schema_gets_a_hash_split(tokenizer):
 
 
 def test_token_length_bounds(tokenizer):
-    prepared = prepare(open_source(str(SAMPLE_200K)), tokenizer, min_tokens=55, max_tokens=200, progress=False)
+    prepared = prepare(open_source(str(SAMPLE_200K)), tokenizer, min_tokens=63, max_tokens=208, progress=False,
+                       filters="all")
     dropped = prepared.report()["dropped"]
     assert dropped["too_long"] == 1  # the history of paper
-    assert dropped["too_short"] == 3  # 50, 50 and 54 tokens
-    assert all(55 <= n <= 200 for split in prepared.rows.values() for n in split["num_tokens"])
+    assert dropped["too_short"] == 3  # 58, 58 and 62 tokens (each with the 8-token system turn)
+    assert all(63 <= n <= 208 for split in prepared.rows.values() for n in split["num_tokens"])
+
+
+def test_bfd_truncation_is_measured():
+    stats = token_stats([100, 2048, 2100, 5000], 2048)
+    assert (stats["dialogues_truncated_by_bfd"], stats["tokens_truncated_by_bfd"]) == (2, 52 + 2952)
+    assert split_lengths([100, 2100, 5000], 2048) == [100, 2048, 52, 2048, 2048, 904]
+    assert stats["packed_sequences_bfd_split"] == count_bfd_bins(split_lengths([100, 2048, 2100, 5000], 2048), 2048)
 
 
 # --- the accounting invariant over generated malformed input ---------------------------------------------------------
@@ -118,9 +183,10 @@ def test_save_reloads_and_replaces_atomically(sample, tmp_path, monkeypatch):
     out = tmp_path / "processed"
     report = save(sample, out, "sample")
     loaded = datasets.load_from_disk(str(out))
-    assert set(loaded) == {"train", "test"} and loaded["train"].num_rows == 44
+    assert set(loaded) == {"train", "test"} and loaded["train"].num_rows == 49
     assert {"prompt", "prompt_id", "messages", "input_ids"} <= set(loaded["train"].column_names)
-    assert json.loads((out / "report.json").read_text())["kept"] == report["kept"] == 50
+    assert json.loads((out / "report.json").read_text())["kept"] == report["kept"] == 55
+    assert (out / MARKER).is_file()
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -136,9 +202,157 @@ def test_cli_writes_output(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["--source", str(SAMPLE_200K), "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("66 rows read, 50 kept, 16 dropped, 3 truecased")
-    assert "dropped      3  disclaimer" in printed
+    assert printed.startswith("66 rows read, 55 kept, 11 dropped, 0 truecased")
+    assert "  filters applied: structure; audited only: truecase, disclaimer, duplicate_prompt\n" in printed
+    assert "audited      3  disclaimer (kept: ultrachat_200k's authors already filtered it" in printed
     assert datasets.load_from_disk(str(out))["test"].num_rows == 6
+    assert main(["--source", str(SAMPLE_200K), "--out", str(out), "--no-progress", "--filters", "all"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("66 rows read, 50 kept, 16 dropped, 3 truecased")  # its own output: replaced
+    assert "dropped      3  disclaimer" in printed
+
+
+# --- what a careful user can do wrong: one line, exit 2, nothing of theirs touched ----------------------------------
+def _cli(tmp_path, *argv):
+    return subprocess.run([sys.executable, "-m", "utils.prepare_data", "--no-progress", *argv], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_out_folder_of_the_users_is_never_touched(tmp_path):
+    mine = tmp_path / "my_notes"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("four years of work")
+    result = _cli(tmp_path, "--source", str(SAMPLE_200K), "--out", str(mine))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: --out {mine} already holds files this tool did not write; choose a new or empty folder\n"
+    assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
+
+
+def test_out_may_not_be_the_source_or_a_file(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "train_sft.jsonl").write_bytes((SAMPLE_200K / "train_sft.jsonl").read_bytes())
+    result = _cli(tmp_path, "--source", str(src), "--out", str(src))
+    assert result.returncode == 2
+    assert result.stderr == f"error: --out {src} would replace the source {src}; write the output somewhere else\n"
+    assert (src / "train_sft.jsonl").read_bytes() == (SAMPLE_200K / "train_sft.jsonl").read_bytes()
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("keep me")
+    result = _cli(tmp_path, "--source", str(src), "--out", str(a_file))
+    assert result.returncode == 2 and result.stderr.startswith(f"error: --out {a_file} is a file; name a folder")
+    assert a_file.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "src"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_read_only_out_is_refused_before_work(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    result = _cli(tmp_path, "--source", str(SAMPLE_200K), "--out", str(ro / "out"))
+    assert result.returncode == 2 and result.stderr.startswith(f"error: cannot write to {ro / 'out'}")
+
+
+def test_read_only_out_is_refused_before_work_as_root(tmp_path, monkeypatch, capsys):
+    from utils import prepare_data
+
+    monkeypatch.setattr(prepare_data.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(prepare_data, "prepare", lambda *a, **k: pytest.fail("no work before the check"))
+    assert main(["--source", str(SAMPLE_200K), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot write to {tmp_path / 'out'}: ")
+
+
+def test_killed_swap_is_recovered_and_stale_temporaries_cleaned(sample, tmp_path, capsys):
+    out = tmp_path / "processed"
+    save(sample, out, "first")
+    old = out.rename(tmp_path / ".processed.old-abcd1234")  # killed between the two renames
+    dead = tmp_path / ".processed.tmp-999999999-xyz"  # a killed run's temporary folder (no such pid)
+    dead.mkdir()
+    save(sample, out, "second")
+    assert "restored" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["source"] == "second"
+    assert not old.exists() and not dead.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["processed"]
+
+
+def test_empty_splits_are_not_written_and_the_output_loads(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["--source", str(SAMPLE_RAW), "--out", str(out), "--test-fraction", "0", "--no-progress"]) == 0
+    assert "  test: no rows, so no test split was written" in capsys.readouterr().out
+    assert set(datasets.load_from_disk(str(out))) == {"train"}
+    out2 = tmp_path / "o2"
+    assert main(["--source", str(SAMPLE_RAW.parent), "--out", str(out2), "--no-progress"]) == 0  # a folder, any name
+    assert set(datasets.load_from_disk(str(out2))) == {"train", "test"}
+
+
+def test_nothing_kept_is_a_clear_error(tmp_path, capsys):
+    src = tmp_path / "bad.jsonl"
+    src.write_text("not json\n{}\n")
+    assert main(["--source", str(src), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: no training rows were kept from {src}; nothing written to {tmp_path / 'o'}\n"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["--source", str(empty), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+GOOD = {"messages": [{"role": "user", "content": "Is tea hot?"}, {"role": "assistant", "content": "Usually, yes."}]}
+
+
+def test_bad_rows_are_dropped_with_reasons(tmp_path, tokenizer):
+    src = tmp_path / "train.jsonl"
+    lines = [
+        b"\xef\xbb\xbf" + json.dumps(GOOD).encode(),  # a byte-order mark before the first row
+        b'{"messages": [{"role": "user", "content": "bad \xff\xfe bytes"}]}',
+        json.dumps({"messages": [{"role": "user", "content": "lone \ud800"},
+                                 {"role": "assistant", "content": "x"}]}).encode(),  # JSON-escaped lone surrogate
+        json.dumps({"messages": [{"role": "user", "content": "big"},
+                                 {"role": "assistant", "content": "x" * 300}]}).encode(),
+        bytes(range(11, 256)) + bytes(range(10)),  # a binary blob
+    ]
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    prepared = prepare(open_source(str(src), max_chars=200), tokenizer, progress=False, test_fraction=0)
+    report = prepared.reports["train"]
+    assert report.kept == 1 and report.input_rows == 5
+    assert dict(report.dropped) == {"invalid_utf8": 2, "invalid_unicode": 1, "too_large": 1}
+    assert report.examples["invalid_unicode"]["where"] == "train:3"
+
+
+def test_json_arrays_are_read_as_arrays(tmp_path, tokenizer):
+    src = tmp_path / "rows.json"
+    src.write_text(json.dumps([GOOD, {"messages": "no"}, 5], indent=2))
+    report = prepare(open_source(str(src)), tokenizer, progress=False, test_fraction=0).reports["train"]
+    assert (report.input_rows, report.kept) == (3, 1)
+    assert dict(report.dropped) == {"structure:not_a_list": 1, "not_an_object": 1}
+
+
+def test_a_corrupt_parquet_file_is_one_error_line(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.Table.from_pylist([GOOD]), src / "train_sft-00000-of-00002.parquet")
+    (src / "train_sft-00001-of-00002.parquet").write_bytes(b"PAR1 this is not parquet")
+    assert main(["--source", str(src), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read {src / 'train_sft-00001-of-00002.parquet'}: not a valid Parquet file")
+    assert len(err.splitlines()) == 1
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=40),
+       cut=st.integers(0, 10**6))
+def test_random_byte_corruption_never_crashes(tokenizer, flips, cut, tmp_path_factory):
+    data = bytearray((SAMPLE_200K / "train_sft.jsonl").read_bytes())
+    for where, value in flips:
+        data[where % len(data)] = value
+    data = data[: max(1, cut % (len(data) + 1))]
+    folder = tmp_path_factory.mktemp("corrupt")
+    (folder / "train_sft.jsonl").write_bytes(bytes(data))
+    prepared = prepare(open_source(str(folder)), tokenizer, progress=False)
+    report = prepared.reports["train_sft"]
+    assert report.input_rows == sum(1 for line in bytes(data).split(b"\n") if line.strip())
+    assert report.kept + sum(report.dropped.values()) == report.input_rows
 
 
 @pytest.mark.parametrize("argv, message", [

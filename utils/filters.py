@@ -14,6 +14,7 @@ from utils import CONFIGS_DIR
 
 ROLES = ("system", "user", "assistant")
 DISCLAIMERS_FILE = CONFIGS_DIR / "disclaimers.txt"
+ABBREVIATIONS_FILE = CONFIGS_DIR / "abbreviations.txt"
 
 
 def structure_problem(messages: Any) -> str | None:
@@ -89,10 +90,16 @@ _TRUECASE = re.compile(
 )
 # A quick pre-check that lets the ~95% of texts with nothing to fix skip the full scan.
 _MAYBE = re.compile(r"[.!?]\s+[a-z]")
-# Tokens after which a lowercase word is correct ("e.g. the"), so they never count as a sentence end.
-ABBREVIATIONS = frozenset(
-    "e.g. i.e. etc. vs. cf. approx. incl. esp. al. mr. mrs. ms. dr. prof. st. no. fig. eq. a.m. p.m. ca.".split()
-)
+
+
+def load_abbreviations(path: str | Path = ABBREVIATIONS_FILE) -> frozenset[str]:
+    """Read one abbreviation per line (``#`` starts a comment), lowercased: ``configs/abbreviations.txt``."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return frozenset(line.strip().lower() for line in lines if line.strip() and not line.startswith("#"))
+
+
+# Tokens after which a lowercase word is correct ("U.S. and", "e.g. the"), so they never count as a sentence end.
+ABBREVIATIONS = load_abbreviations()
 
 
 def _capitalise(match: re.Match) -> str:
