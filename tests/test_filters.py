@@ -104,3 +104,24 @@ def test_truecase_messages_counts_changed_messages_and_copies():
     assert messages[0]["content"] == "hello. how are you?"  # the input is not modified
     same, zero = truecase_messages([U("Hi."), A("Hello.")])
     assert zero == 0 and same == [U("Hi."), A("Hello.")]
+
+
+@pytest.mark.parametrize("text", [
+    "Made in the U.S. and sold in the U.K. and Canada.",
+    "Acme Inc. and Widgets Ltd. and Smith & Co. merged.",
+    "It opened in Jan. and closed in Dec. after a busy Feb. and Sept. of work.",
+    "Lay it 3 ft. per row, 2 in. deep, with 1 lb. or 4 oz. of seed.",
+    "Bring fruit, e.g. apples, i.e. something sweet, vs. sweets, etc. and water.",
+    "Ask Dr. and Mr. and Mrs. and Ms. Lee about No. and approx. numbers.",
+])
+def test_truecase_leaves_words_after_abbreviations_alone(text):
+    assert truecase(text) == text
+
+
+def test_abbreviations_are_configurable():
+    from utils.filters import ABBREVIATIONS, load_abbreviations
+
+    needed = "u.s. u.k. inc. ltd. co. jan. feb. mar. apr. jun. jul. aug. sep. oct. nov. dec. ft. in. lb. oz. e.g. " \
+             "i.e. vs. etc. dr. mr. mrs. ms. no. approx.".split()
+    assert set(needed) <= ABBREVIATIONS == load_abbreviations()
+    assert truecase("It ended. and then") == "It ended. And then"  # a real sentence end is still fixed

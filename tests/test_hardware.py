@@ -12,19 +12,55 @@ def gpu(name, gib, cc, bf16, hub=True, flash=False):
                     hub=hub, flash_attn=flash)
 
 
-@pytest.mark.parametrize("hw, name, dtype, attn", [
-    (CPU, "smoke", "float32", "sdpa"),
-    (gpu("Tesla T4", 15.0, (7, 5), False, hub=False), "smoke", "float32", "sdpa"),
-    (gpu("Tesla T4", 15.0, (7, 5), False), "gpu-16gb", "float16", "sdpa"),
-    (gpu("NVIDIA L4", 22.5, (8, 9), True), "gpu-24gb", "bfloat16", "sdpa"),
-    (gpu("NVIDIA A100-SXM4-80GB", 79.2, (8, 0), True, flash=True), "gpu-40gb", "bfloat16", "flash_attention_2"),
-    (gpu("Tesla V100-SXM2-32GB", 31.7, (7, 0), False), "gpu-24gb", "float16", "sdpa"),
+@pytest.mark.parametrize("hw, name, dtype, attn, every", [
+    (CPU, "smoke", "float32", "sdpa", 0),
+    (gpu("Tesla T4", 15.0, (7, 5), False, hub=False), "smoke", "float32", "sdpa", 0),
+    (gpu("Tesla T4", 15.0, (7, 5), False), "gpu-16gb", "float16", "sdpa", 1),
+    (gpu("NVIDIA L4", 22.5, (8, 9), True), "gpu-24gb", "bfloat16", "flex_attention", 1),
+    (gpu("NVIDIA A100-SXM4-40GB", 39.4, (8, 0), True), "gpu-40gb", "bfloat16", "flex_attention", 2),
+    (gpu("NVIDIA A100-SXM4-80GB", 79.2, (8, 0), True, flash=True), "gpu-80gb", "bfloat16", "flash_attention_2", 0),
+    (gpu("NVIDIA H200", 139.8, (9, 0), True), "gpu-80gb", "bfloat16", "flex_attention", 0),
+    (gpu("Tesla V100-SXM2-32GB", 31.7, (7, 0), False), "gpu-24gb", "float16", "sdpa", 1),
 ])
-def test_auto_profile(hw, name, dtype, attn, capsys):
+def test_auto_profile(hw, name, dtype, attn, every, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "triton" else real(n, *a))
     profile = choose_profile("auto", hw)
     assert (profile.name, profile.compute_dtype, profile.attn_implementation) == (name, dtype, attn)
-    line = capsys.readouterr().out
-    assert line.startswith(f"Profile: {name} — ") and line.count("\n") == 1
+    assert profile.checkpoint_every == every
+    out = capsys.readouterr().out
+    assert out.startswith(f"Profile: {name} — ") and out.count("\n") == (1 if name == "smoke" else 2)
+
+
+def test_t4_falls_back_to_sdpa_with_a_reason(capsys):
+    choose_profile("auto", gpu("Tesla T4", 15.0, (7, 5), False))
+    assert "sdpa: flex_attention's Triton kernels need compute capability 8.0+, this GPU is 7.5" in \
+        capsys.readouterr().out
+
+
+def test_a_local_model_gets_the_gpu_profile_without_the_hub(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    profile = choose_profile("auto", gpu("NVIDIA H100 80GB HBM3", 79.1, (9, 0), True, hub=False), model=str(tmp_path))
+    assert profile.name == "gpu-80gb" and profile.model_id == str(tmp_path)
+    assert profile.dataset == "data/sample/ultrachat_200k"
+    assert f"the Hub is unreachable: {tmp_path} from disk, the shipped sample dialogues as data" in \
+        capsys.readouterr().out
+
+
+def test_no_hub_and_no_local_model_says_which_case_applied(tmp_path, capsys):
+    profile = choose_profile("auto", gpu("NVIDIA L4", 22.5, (8, 9), True, hub=False), model=str(tmp_path / "none"))
+    assert profile.name == "smoke"
+    assert "the Hugging Face Hub is unreachable and " in capsys.readouterr().out
+
+
+def test_a_cached_hub_model_counts_as_local(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: f"/cache/{repo}/{name}")
+    profile = choose_profile("auto", gpu("NVIDIA L4", 22.5, (8, 9), True, hub=False), verbose=False)
+    assert profile.name == "gpu-24gb" and profile.model_id == "mistralai/Mistral-7B-v0.1"
 
 
 def test_smoke_reason_names_the_missing_gpu(capsys):

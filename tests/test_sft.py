@@ -69,13 +69,68 @@ def test_cli_overrides_beat_the_profile(tmp_path):
     (["--lora_target_modules", "q_proj", "qkv_proj"], "error: unknown LoRA target module(s) qkv_proj; "),
     (["--max_length", "0"], "error: max_length must be a positive number, got 0"),
     (["--per_device_train_batch_size", "-1"], "error: per_device_train_batch_size must be a positive number, got -1"),
-    (["--dataset_name", "/no/such/folder"], "error: dataset /no/such/folder not found: run notebook 01"),
+    (["--dataset_name", "/no/such/folder"], "error: dataset /no/such/folder: no such file or folder"),
+    (["--dataset_name", "file.jsonl"], "error: dataset file.jsonl: no such file or folder: file.jsonl"),
+    (["--dataset_name", "HuggingFaceH4/nope"], "error: dataset HuggingFaceH4/nope: the Hugging Face Hub is unreachable"),
+    (["--lora_r", "0"], "error: lora_r must be a whole number of 1 or more, got 0"),
+    (["--learning_rate", "nan"], "error: learning_rate must be a positive number, got nan"),
+    (["--num_train_epochs", "0"], "error: num_train_epochs must be positive (or set max_steps), got 0.0"),
+    (["--lora_dropout", "1.5"], "error: lora_dropout must be in [0, 1), got 1.5"),
+    (["--config", "no/such.yaml"], "error: config file no/such.yaml not found"),
 ])
 def test_bad_configuration_fails_in_one_line(extra, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("weights must not load"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = sft.main(["--config", RECIPE, "--profile", "smoke", "--output_dir", str(tmp_path), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(message)
+
+
+def test_malformed_config_files_are_one_line(tmp_path, capsys):
+    for name, text in (("bad.yaml", "learning_rate: [\n"), ("bad.json", '{"learning_rate":'), ("list.yaml", "- 1\n")):
+        (tmp_path / name).write_text(text)
+        assert sft.main(["--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: config file {tmp_path / name} ")
+
+
+def test_one_lora_target_module_is_a_list(tmp_path):
+    *_, model_args = smoke_args(tmp_path, "--lora_target_modules", "q_proj")
+    assert model_args.lora_target_modules == ["q_proj"]
+
+
+def test_a_dataset_without_test_split_turns_evaluation_off(tmp_path, capsys):
+    from utils.prepare_data import main as prepare_main
+
+    data = tmp_path / "data"
+    assert prepare_main(["--source", str(REPO_ROOT / "data/sample/ultrachat_raw/ultrachat_raw.jsonl"), "--out",
+                         str(data), "--test-fraction", "0", "--no-progress"]) == 0
+    *_, training_args, _ = smoke_args(tmp_path / "out", "--dataset_name", str(data))
+    assert training_args.eval_strategy == "no"
+    assert f"Note: dataset {data} has no 'test' split, so evaluation is off" in capsys.readouterr().out
+
+
+def test_trainable_share_counts_4bit_weights_by_their_real_size():
+    from utils.assets import ensure_tiny_model
+    from trl import ModelConfig
+
+    args = ModelConfig(model_name_or_path=str(ensure_tiny_model()), dtype="float32", load_in_4bit=True,
+                       bnb_4bit_quant_type="nf4", attn_implementation="sdpa")
+    unquantized = sum(p.numel() for p in sft.load_model(args).parameters())
+    quantized = sft.load_model(args, sft.bnb_config(args))
+    assert sum(p.numel() for p in quantized.parameters()) < unquantized  # packed: two 4-bit values per byte
+    assert sft.count_parameters(quantized)[1] == unquantized == 4_317_760  # not 4,291,136
+
+
+def test_the_smoke_profile_prints_its_changes_as_a_diff(tmp_path, capsys):
+    profile, _, training_args, model_args = smoke_args(tmp_path)
+    changes = {name: (old, new) for name, old, new in sft.recipe_changes(RECIPE, training_args, model_args)}
+    assert changes["learning_rate"] == (2e-4, 3e-3) and changes["max_length"] == (2048, 256)
+    assert changes["num_train_epochs"] == (1, 3) and changes["activation_checkpointing"] == (True, False)
+    assert "lora_r" not in changes and "lr_scheduler_type" not in changes
+    sft.print_recipe_changes(RECIPE, training_args, model_args, profile)
+    out = capsys.readouterr().out
+    assert "Changed from " in out and "learning_rate" in out and "0.0002 -> 0.003" in out
 
 
 def test_linear_layers_are_4bit_and_only_lora_trains(trained):
@@ -174,3 +229,114 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
     assert "Resuming from " in output
     step, loss = _final(killed)
     assert (step, pytest.approx(loss, abs=1e-4)) == _final(straight)
+
+
+# --- re-runs, changed settings, two runs at once, damaged checkpoints ------------------------------------------------
+def _cli(out, *extra):
+    return sft.main(["--config", RECIPE, "--profile", "smoke", "--output_dir", str(out), "--max_steps", "4",
+                     "--save_steps", "2", "--merge", "false", "--eval_strategy", "no", *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert _cli(out, "--save_total_limit", "2") == 0
+    return out
+
+
+def test_a_finished_run_is_recognised_and_left_alone(finished, capsys):
+    before = {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert _cli(finished, "--save_total_limit", "2") == 0
+    out = capsys.readouterr().out
+    assert f"already trained: 4/4 steps in {finished}; set FRESH = True (--fresh true)" in out
+    assert "its report: 4 steps" in out and "Resuming" not in out and "interrupted" not in out
+    assert {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
+def test_a_changed_setting_is_refused_in_one_line(finished, capsys):
+    assert _cli(finished, "--save_total_limit", "2", "--lora_r", "64") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {finished} holds a run with lora_r=16; this run asks for lora_r=64. Set FRESH = True "
+                   "(--fresh true) to start over there, or choose another output folder"]
+
+
+def test_a_folder_in_use_is_refused(finished, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", f"from utils import runs; from pathlib import Path; "
+                               f"runs.lock(Path({str(finished)!r})); print('locked', flush=True); import time; "
+                               "time.sleep(60)"], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert _cli(finished, "--save_total_limit", "2") == 2
+        assert capsys.readouterr().err == (f"error: {finished.resolve()} is in use by another training run (pid "
+                                           f"{holder.pid}); wait for it to end or choose another output folder\n")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_users_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert _cli(tmp_path) == 2
+    assert capsys.readouterr().err == f"error: output folder {tmp_path} holds files this tool did not write; " \
+                                      "choose another folder\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def _interrupt(run_dir):
+    """Make a finished run look killed after its last checkpoint."""
+    record = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**record, "status": "running"}))
+    (run_dir / "trainer_state.json").unlink()
+
+
+def test_damaged_checkpoints_are_skipped_by_name(finished, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    _interrupt(run)
+    for ckpt in ("checkpoint-2", "checkpoint-4"):
+        state = json.loads((run / ckpt / "trainer_state.json").read_text())
+        (run / ckpt / "trainer_state.json").write_text(json.dumps({**state, "max_steps": 8}))  # not the last step
+    adapter = run / "checkpoint-4" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])  # truncated
+    from utils.runs import checkpoint_problem, newest_loadable_checkpoint
+
+    assert checkpoint_problem(run / "checkpoint-4").startswith("adapter_model.safetensors is damaged")
+    assert newest_loadable_checkpoint(run) == (str(run / "checkpoint-2"), [
+        "skipped checkpoint-4: adapter_model.safetensors is damaged (SafetensorError)"])
+    (run / "checkpoint-2" / "trainer_state.json").write_text('{"global_st')  # truncated
+    assert newest_loadable_checkpoint(run) == (None, [
+        "skipped checkpoint-4: adapter_model.safetensors is damaged (SafetensorError)",
+        "skipped checkpoint-2: trainer_state.json is damaged"])
+    assert _cli(run, "--save_total_limit", "2") == 0
+    out = capsys.readouterr().out
+    assert "skipped checkpoint-4: adapter_model.safetensors is damaged" in out
+    assert "Starting a new run. No checkpoint could be loaded, so training starts over." in out
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_without_another_step(finished, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    _interrupt(run)
+    assert _cli(run, "--save_total_limit", "2") == 0
+    out = capsys.readouterr().out
+    assert f"Finishing from {run / 'checkpoint-4'}: the previous run reached its last step (4/4)" in out
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 4  # never 5
+    assert "already trained: 4/4" in (capsys.readouterr(), _cli(run, "--save_total_limit", "2"),
+                                      capsys.readouterr().out)[2]
+
+
+def test_fresh_starts_over_in_its_own_folder(finished, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "my_notes.txt").write_text("kept")
+    assert _cli(run, "--save_total_limit", "2", "--lora_r", "8", "--fresh", "true") == 0
+    assert "Starting a new run." in capsys.readouterr().out
+    assert json.loads((run / "run.json").read_text())["settings"]["lora_r"] == 8
+    assert (run / "my_notes.txt").read_text() == "kept"

@@ -67,8 +67,9 @@ def build_embedded_tokenizer(out_dir: Path = EMBEDDED_TOKENIZER_DIR):
     return tokenizer
 
 
-def load_tokenizer(model_id: str | None = None):
-    """The tokenizer of ``model_id`` from the Hub, or the embedded Mistral-7B tokenizer when ``model_id`` is None.
+def load_tokenizer(model_id: str | None = None, revision: str = "main"):
+    """The tokenizer of ``model_id`` (a Hub id at ``revision``, or a local folder), or the embedded Mistral-7B
+    tokenizer when ``model_id`` is None or cannot be loaded.
 
     Either way it carries our Zephyr chat template.
     """
@@ -80,7 +81,7 @@ def load_tokenizer(model_id: str | None = None):
         tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_TOKENIZER_DIR)
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_id)  # never trust_remote_code
+            tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)  # never trust_remote_code
         except Exception as exc:  # noqa: BLE001 - offline, gated or missing: fall back with one line
             print(f"Could not load the {model_id} tokenizer ({type(exc).__name__}); using the embedded Mistral-7B one.")
             return load_tokenizer(None)

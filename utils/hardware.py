@@ -1,6 +1,7 @@
 """What machine is this, and which profile should the notebooks use on it?
 
-``choose_profile("auto")`` looks at the GPU and the Hub and prints one line with its choice and the reason.
+``choose_profile("auto")`` looks at the GPU, where the model can come from (the Hub, or a folder or the HF cache
+on disk) and prints its choice with the reasons.
 ``python -m utils.hardware`` prints the same report from a shell.
 """
 
@@ -10,7 +11,7 @@ import importlib.util
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 HUB_HOST = "huggingface.co"
@@ -46,18 +47,21 @@ class Profile:
 
     name: str
     description: str
-    model_id: str | None  # None: the embedded tiny Mistral and the shipped tokenizer
+    model_id: str | None  # a Hub id or a local folder; None: the embedded tiny Mistral and the shipped tokenizer
     dataset: str  # a Hub id or a local path understood by utils.prepare_data
     max_train_rows: int | None  # None: every row
     compute_dtype: str  # "bfloat16", "float16" or "float32"
-    attn_implementation: str  # "flash_attention_2", "sdpa" or "eager"
+    attn_implementation: str  # "flash_attention_2", "flex_attention", "sdpa" or "eager"
     min_gpu_memory_gib: float = 0.0
+    checkpoint_every: int = 1  # activation checkpointing on every n-th decoder layer; 0: none
+    reasons: tuple[str, ...] = ()  # why attention and checkpointing were chosen, for the printed line
 
     @property
     def is_smoke(self) -> bool:
         return self.name == "smoke"
 
 
+BASE_MODEL_ID = "mistralai/Mistral-7B-v0.1"
 SMOKE = Profile(
     name="smoke",
     description="embedded default: real Mistral tokenizer, tiny random Mistral, shipped sample dialogues",
@@ -66,15 +70,20 @@ SMOKE = Profile(
     max_train_rows=None,
     compute_dtype="float32",
     attn_implementation="sdpa",
+    checkpoint_every=0,
 )
-# Real-GPU profiles, smallest first; `auto` takes the last one whose needs the GPU meets.
+# Real-GPU profiles, smallest first; `auto` takes the last one whose needs the GPU meets. Activation checkpointing
+# follows the memory measured for QLoRA of the 7B shape at 4 x 2048 tokens on an H200 (docs/benchmarks.md): every
+# layer ~9.6 GiB, every 2nd layer ~36.5 GiB, none ~68.4 GiB of reserved memory.
 GPU_PROFILES = (
-    Profile("gpu-16gb", "16 GB class (T4, V100, RTX 4080): fp16 compute, no flash-attn", "mistralai/Mistral-7B-v0.1",
-            "HuggingFaceH4/ultrachat_200k", None, "float16", "sdpa", 14.0),
-    Profile("gpu-24gb", "24 GB class (L4, A10, RTX 3090/4090)", "mistralai/Mistral-7B-v0.1",
-            "HuggingFaceH4/ultrachat_200k", None, "bfloat16", "sdpa", 22.0),
-    Profile("gpu-40gb", "40 GB and more (A100, H100, L40S)", "mistralai/Mistral-7B-v0.1",
-            "HuggingFaceH4/ultrachat_200k", None, "bfloat16", "sdpa", 38.0),
+    Profile("gpu-16gb", "16 GB class (T4, V100, RTX 4080): checkpointing every layer", BASE_MODEL_ID,
+            "HuggingFaceH4/ultrachat_200k", None, "float16", "sdpa", 14.0, checkpoint_every=1),
+    Profile("gpu-24gb", "24 GB class (L4, A10, RTX 3090/4090): checkpointing every layer", BASE_MODEL_ID,
+            "HuggingFaceH4/ultrachat_200k", None, "bfloat16", "sdpa", 22.0, checkpoint_every=1),
+    Profile("gpu-40gb", "40 GB class (A100 40GB, L40S, A6000): checkpointing every 2nd layer", BASE_MODEL_ID,
+            "HuggingFaceH4/ultrachat_200k", None, "bfloat16", "sdpa", 38.0, checkpoint_every=2),
+    Profile("gpu-80gb", "80 GB and more (A100/H100 80GB, H200): no activation checkpointing", BASE_MODEL_ID,
+            "HuggingFaceH4/ultrachat_200k", None, "bfloat16", "sdpa", 75.0, checkpoint_every=0),
 )
 PROFILES = {p.name: p for p in (SMOKE, *GPU_PROFILES)}
 
@@ -139,24 +148,52 @@ def _gpu_properties() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def choose_profile(requested: str = "auto", hardware: Hardware | None = None, verbose: bool = True) -> Profile:
-    """Resolve ``requested`` ("auto" or a profile name) to a Profile and print the choice with its reason."""
+def local_model(model: str | None) -> str | None:
+    """``model`` when it can load without the network: a folder with ``config.json``, or a Hub id already in the
+    Hugging Face cache (used with ``HF_HUB_OFFLINE=1``). None otherwise."""
+    if not model:
+        return None
+    from pathlib import Path
+
+    if (Path(model) / "config.json").is_file():
+        return model
+    if model.count("/") == 1 and not Path(model).exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            return model if isinstance(try_to_load_from_cache(model, "config.json"), str) else None
+        except Exception:  # noqa: BLE001 - an unreadable cache is the same as none
+            return None
+    return None
+
+
+def choose_profile(requested: str = "auto", hardware: Hardware | None = None, verbose: bool = True,
+                   model: str | None = None) -> Profile:
+    """Resolve ``requested`` ("auto" or a profile name) to a Profile and print the choice with its reason.
+
+    ``model`` is a local folder or Hub id to train instead of Mistral-7B from the Hub: a GPU with such a model on
+    disk gets its GPU profile even without the Hub (then with the shipped sample dialogues as data).
+    """
     if requested != "auto" and requested not in PROFILES:
         raise ValueError(f"unknown profile {requested!r}; choose one of: auto, {', '.join(PROFILES)}")
     hw = hardware or detect_hardware(check_hub=requested != "smoke")
-    profile, reason = _pick(requested, hw)
+    profile, reason = _pick(requested, hw, model)
     if verbose:
-        print(f"Profile: {profile.name} — {reason} [{hw.summary()}]")
+        why = "; ".join(profile.reasons)
+        print(f"Profile: {profile.name} — {reason} [{hw.summary()}]" + (f"\n  {why}" if why else ""))
     return profile
 
 
-def _pick(requested: str, hw: Hardware) -> tuple[Profile, str]:
+def _pick(requested: str, hw: Hardware, model: str | None = None) -> tuple[Profile, str]:
     if requested == "smoke":
         return SMOKE, "asked for explicitly"
     if not hw.cuda:
         return SMOKE, "no CUDA GPU, so the embedded default runs on the CPU"
-    if not hw.hub:
-        return SMOKE, "the Hugging Face Hub is unreachable, so the embedded default is used"
+    wanted = model or BASE_MODEL_ID
+    local = local_model(wanted)
+    if local is None and not hw.hub:
+        return SMOKE, (f"the Hugging Face Hub is unreachable and {wanted} is not on disk (set MODEL to a local "
+                       "folder), so the embedded default is used")
     fitting = [p for p in GPU_PROFILES if hw.gpu_memory_gib >= p.min_gpu_memory_gib]
     if requested != "auto":
         profile = PROFILES[requested]
@@ -165,23 +202,52 @@ def _pick(requested: str, hw: Hardware) -> tuple[Profile, str]:
                 f"profile {requested!r} needs {profile.min_gpu_memory_gib:.0f} GiB of GPU memory; this "
                 f"{hw.gpu_name} has {hw.gpu_memory_gib:.0f} GiB. Use PROFILE='auto' or a smaller profile."
             )
-        return _with_dtype(profile, hw), "asked for explicitly"
-    if not fitting:
-        raise RuntimeError(
-            f"{hw.gpu_name} has {hw.gpu_memory_gib:.1f} GiB; QLoRA of a 7B model at length 2048 needs a 16 GB GPU. "
-            "Use a larger GPU (Colab T4 or better) or PROFILE='smoke' to run the embedded default."
-        )
-    profile = fitting[-1]
-    return _with_dtype(profile, hw), f"{hw.gpu_memory_gib:.0f} GiB GPU fits {profile.description}"
+        reason = "asked for explicitly"
+    else:
+        if not fitting:
+            raise RuntimeError(
+                f"{hw.gpu_name} has {hw.gpu_memory_gib:.1f} GiB; QLoRA of a 7B model at length 2048 needs a 16 GB "
+                "GPU. Use a larger GPU (Colab T4 or better) or PROFILE='smoke' to run the embedded default."
+            )
+        profile = fitting[-1]
+        reason = f"{hw.gpu_memory_gib:.0f} GiB GPU fits {profile.description}"
+    source = {"model_id": local or wanted}
+    if hw.hub:
+        reason += f"; {source['model_id']} {'from disk' if local else 'from the Hub'}"
+    else:
+        source["dataset"] = SMOKE.dataset
+        reason += f"; the Hub is unreachable: {local} from disk, the shipped sample dialogues as data"
+    return _for_gpu(replace(profile, **source), hw), reason
 
 
-def _with_dtype(profile: Profile, hw: Hardware) -> Profile:
-    """Downgrade to fp16 on GPUs without bf16 and upgrade to flash-attn 2 where it is installed and supported."""
-    from dataclasses import replace
+def choose_attention(hw: Hardware, dtype: str) -> tuple[str, str]:
+    """The attention kernel for packed, padding-free QLoRA batches on this GPU, and why.
 
+    flash-attention 2 where it is installed (Ampere or newer, 16-bit); else ``flex_attention`` on compute capability
+    8.0 and newer, where PyTorch compiles it with Triton and it skips the masked blocks between packed dialogues
+    (1.47x sdpa at the same memory, measured on an H200); else ``sdpa``. FlexAttention's Triton kernels are
+    written for sm80+ (their tiles need more shared memory than a T4's 64 KB per block), so a T4 (sm75) or V100
+    (sm70) keeps sdpa.
+    """
+    import importlib.util
+
+    cc = hw.compute_capability or (0, 0)
+    if hw.flash_attn and dtype == "bfloat16":
+        return "flash_attention_2", "flash-attn 2 is installed"
+    if cc >= (8, 0) and importlib.util.find_spec("triton") is not None:
+        return "flex_attention", f"flex_attention on sm {cc[0]}{cc[1]}: skips the blocks between packed dialogues"
+    if cc >= (8, 0):
+        return "sdpa", "sdpa: flex_attention needs Triton, which is not installed"
+    return "sdpa", f"sdpa: flex_attention's Triton kernels need compute capability 8.0+, this GPU is {cc[0]}.{cc[1]}"
+
+
+def _for_gpu(profile: Profile, hw: Hardware) -> Profile:
+    """fp16 on GPUs without bf16; the attention kernel for this GPU; the reasons for the printed line."""
     dtype = profile.compute_dtype if hw.bf16 else "float16"
-    attn = "flash_attention_2" if hw.flash_attn and dtype == "bfloat16" else "sdpa"
-    return replace(profile, compute_dtype=dtype, attn_implementation=attn)
+    attn, why = choose_attention(hw, dtype)
+    checkpointing = {0: "no activation checkpointing", 1: "activation checkpointing on every layer"}.get(
+        profile.checkpoint_every, f"activation checkpointing on every {profile.checkpoint_every}nd layer")
+    return replace(profile, compute_dtype=dtype, attn_implementation=attn, reasons=(why, checkpointing))
 
 
 if __name__ == "__main__":

@@ -5,15 +5,18 @@
 
 YAML plus command-line overrides are parsed by TRL's own ``TrlParser`` into ``ScriptArguments``, ``SFTConfig`` and
 ``ModelConfig``. The hardware profile then fills in what depends on the GPU, except where the command line set it.
-Re-running with the same ``--output_dir`` resumes from its latest complete checkpoint.
+Re-running with the same ``--output_dir`` resumes from its newest checkpoint that loads, recognises a finished run
+(and then changes nothing), and refuses settings that differ from the folder's (``--fresh true`` starts over).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,11 @@ from transformers import TrainerCallback
 
 from utils import RUNS_DIR
 from utils.hardware import Profile
+from utils.runs import Run, RunError, open_run, run_settings
+
+# peft 0.21 reads the model's old `is_gradient_checkpointing` attribute, which transformers 5 marks deprecated: the
+# warning is about peft's code, not ours, and says nothing a learner can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 MISTRAL_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ULTRACHAT_200K_TRAIN_ROWS = 207_865
@@ -42,6 +50,11 @@ class RunArguments:
     global_batch_size: int | None = field(
         default=None, metadata={"help": "sequences per optimizer step over all GPUs; sets gradient_accumulation_steps "
                                         "from the world size and per-device batch (the card: 512)"})
+    fresh: bool = field(default=False, metadata={"help": "start over in output_dir, removing its earlier run"})
+    card_schedule: bool = field(
+        default=False, metadata={"help": "the card's schedule: plan the cosine over dialogues / global batch steps, as "
+                                         "TRL 0.7 did, and stop when the packed data ends (272 of 406 for the card)"})
+    dataset_revision: str = field(default="main", metadata={"help": "Hub dataset commit or tag to prepare"})
 
 
 # Per-profile training settings: (per-device batch, gradient accumulation) keep 8 sequences per optimizer step
@@ -52,11 +65,15 @@ PROFILE_TRAINING: dict[str, dict[str, Any]] = {
                   max_length=256, logging_steps=1, save_steps=10, activation_checkpointing=False, num_train_epochs=3,
                   learning_rate=3e-3,
                   packing_strategy="bfd", report_to=[]),
-    "gpu-16gb": dict(per_device_train_batch_size=1, per_device_eval_batch_size=2, gradient_accumulation_steps=8,
-                     packing_strategy="bfd", optim="paged_adamw_8bit"),
-    "gpu-24gb": dict(per_device_train_batch_size=2, per_device_eval_batch_size=4, gradient_accumulation_steps=4,
+    # 4 x 2 with checkpointing on every layer peaked at 9.9 GiB reserved on an H200: inside a T4's 15 GiB. LoRA's
+    # optimizer states are ~0.5 GB, so a paged 8-bit optimizer saves little; `--optim paged_adamw_8bit` if needed.
+    "gpu-16gb": dict(per_device_train_batch_size=4, per_device_eval_batch_size=4, gradient_accumulation_steps=2,
+                     packing_strategy="bfd"),
+    "gpu-24gb": dict(per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
                      packing_strategy="bfd"),
     "gpu-40gb": dict(per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
+                     packing_strategy="bfd"),
+    "gpu-80gb": dict(per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
                      packing_strategy="bfd"),
 }
 
@@ -78,6 +95,26 @@ def parse(argv: list[str] | None = None):
     return parser.parse_args_and_config(argv)
 
 
+def check_config_file(argv: list[str]) -> None:
+    """Raise ConfigError when ``--config`` names no file, or a file that is not a YAML/JSON mapping."""
+    import yaml
+
+    names = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    names += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in names:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"config file {name} not found")
+        try:
+            content = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise ConfigError(f"config file {name} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(content, dict):
+            raise ConfigError(f"config file {name} must hold 'field: value' lines, got {type(content).__name__}")
+
+
 def explicit_fields(argv: list[str]) -> set[str]:
     """Names given on the command line (``--name value`` or ``--name=value``), which the profile must not change."""
     return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
@@ -95,11 +132,13 @@ def apply_profile(profile: Profile, script_args, training_args, model_args, expl
 
     from utils.assets import TINY_MODEL_DIR
 
-    if profile.is_smoke:
-        if "model_name_or_path" not in explicit:
-            model_args.model_name_or_path = str(TINY_MODEL_DIR)
-        if not Path(script_args.dataset_name).exists() and "dataset_name" not in explicit:
+    if "model_name_or_path" not in explicit:
+        model_args.model_name_or_path = profile.model_id or str(TINY_MODEL_DIR)
+    if "dataset_name" not in explicit and not Path(script_args.dataset_name).exists():
+        if profile.is_smoke:
             script_args.dataset_name = str(SMOKE_DATA_DIR)
+        elif profile.dataset != "HuggingFaceH4/ultrachat_200k":  # a GPU without the Hub: the shipped sample
+            script_args.dataset_name = profile.dataset
     for name, value in (("dtype", profile.compute_dtype), ("attn_implementation", profile.attn_implementation)):
         if name not in explicit:
             setattr(model_args, name, value)
@@ -109,6 +148,11 @@ def apply_profile(profile: Profile, script_args, training_args, model_args, expl
     sized = PROFILE_TRAINING.get(profile.name, {}) if profile.is_smoke or model_args.use_peft else {}
     changes = {**sized,
                "bf16": half and profile.compute_dtype == "bfloat16", "fp16": half and profile.compute_dtype == "float16"}
+    if not profile.is_smoke and model_args.use_peft:  # checkpointing as the GPU's memory allows (utils/hardware.py)
+        changes["activation_checkpointing"] = profile.checkpoint_every > 0
+        if profile.checkpoint_every > 1:
+            changes["activation_checkpointing_kwargs"] = {**(training_args.activation_checkpointing_kwargs or {}),
+                                                          "every_n_layers": profile.checkpoint_every}
     changes = {k: v for k, v in changes.items() if k not in explicit}
     if run_args is not None and run_args.global_batch_size and not profile.is_smoke:
         from utils.scaling import accumulation_for
@@ -125,25 +169,61 @@ def _world_size() -> int:
 
 
 def validate(script_args, training_args, model_args) -> None:
-    """Raise ConfigError for a configuration that cannot work, before any weights are loaded."""
-    for name in ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                 "gradient_accumulation_steps"):
+    """Raise ConfigError for a configuration that cannot work, before any weights are loaded: every number finite
+    and in range, LoRA modules that exist, a dataset that can be read."""
+    from utils.prepare_data import SourceError, local_path, open_source
+
+    positive = ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps", "save_steps", "learning_rate")
+    for name in positive:
         value = getattr(training_args, name)
-        if value is None or value <= 0:
+        if value is None or not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{name} must be a positive number, got {value}")
-    if training_args.learning_rate <= 0:
-        raise ConfigError(f"learning_rate must be positive, got {training_args.learning_rate}")
-    modules = model_args.lora_target_modules or []
-    unknown = [m for m in modules if m not in MISTRAL_LINEAR_MODULES and m != "all-linear"]
-    if unknown:
-        raise ConfigError(f"unknown LoRA target module(s) {', '.join(unknown)}; Mistral's linear layers are "
-                          f"{', '.join(MISTRAL_LINEAR_MODULES)}")
+    for name in ("warmup_steps", "weight_decay", "max_grad_norm", "adam_epsilon"):
+        value = getattr(training_args, name)
+        if value is None or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{name} must be a finite number of 0 or more, got {value}")
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(training_args, name)
+        if not 0 <= value < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {value}")
+    epochs = training_args.num_train_epochs
+    if training_args.max_steps <= 0 and (not math.isfinite(epochs) or epochs <= 0):
+        raise ConfigError(f"num_train_epochs must be positive (or set max_steps), got {epochs}")
+    if model_args.use_peft:
+        if isinstance(model_args.lora_target_modules, str):  # TRL passes a single CLI value as a string
+            model_args.lora_target_modules = [m for m in model_args.lora_target_modules.split(",") if m]
+        if model_args.lora_r is None or model_args.lora_r < 1:
+            raise ConfigError(f"lora_r must be a whole number of 1 or more, got {model_args.lora_r}")
+        if not math.isfinite(model_args.lora_alpha) or model_args.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be positive, got {model_args.lora_alpha}")
+        if not 0 <= model_args.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {model_args.lora_dropout}")
+        modules = model_args.lora_target_modules or []
+        unknown = [m for m in modules if m not in MISTRAL_LINEAR_MODULES and m != "all-linear"]
+        if unknown or not modules:
+            raise ConfigError(f"unknown LoRA target module(s) {', '.join(unknown) or '(none given)'}; Mistral's "
+                              f"linear layers are {', '.join(MISTRAL_LINEAR_MODULES)}")
     if not script_args.dataset_name:
         raise ConfigError("no dataset: set dataset_name to the folder notebook 01 wrote (data/processed/ultrachat)")
-    path = Path(script_args.dataset_name)
-    if not path.exists() and path != SMOKE_DATA_DIR and (path.is_absolute() or script_args.dataset_name.count("/") != 1):
-        raise ConfigError(f"dataset {script_args.dataset_name} not found: run notebook 01 or "
-                          f"`python -m utils.prepare_data --out {script_args.dataset_name}` first")
+    path = local_path(script_args.dataset_name)
+    if path is not None and (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        if script_args.dataset_train_split not in splits:
+            raise ConfigError(f"dataset {path} has no {script_args.dataset_train_split!r} split (it has "
+                              f"{', '.join(splits) or 'none'})")
+        if training_args.eval_strategy != "no" and script_args.dataset_test_split not in splits:
+            print(f"Note: dataset {path} has no {script_args.dataset_test_split!r} split, so evaluation is off "
+                  "(eval_strategy no).")
+            training_args.eval_strategy = "no"
+        return
+    if Path(script_args.dataset_name) == SMOKE_DATA_DIR:
+        return
+    try:  # a source notebook 01's pipeline can prepare: a .jsonl/.json/.parquet file or folder, or a Hub id
+        open_source(script_args.dataset_name)
+    except SourceError as exc:
+        raise ConfigError(f"dataset {script_args.dataset_name}: {exc}. Run notebook 01 or `python -m "
+                          f"utils.prepare_data --out data/processed/ultrachat` first") from None
 
 
 # --- the objects a learner came to see -----------------------------------------------------------------------------
@@ -175,22 +255,24 @@ def lora_config(model_args):
 
 
 # --- data, model, training -----------------------------------------------------------------------------------------
-def load_training_data(script_args, tokenizer, profile: Profile):
+def load_training_data(script_args, tokenizer, profile: Profile, revision: str = "main"):
     """The prepared DatasetDict (``input_ids`` only, so TRL uses our token ids as they are).
 
-    A missing smoke dataset is prepared from the shipped sample; a Hub id is prepared with notebook 01's pipeline.
+    ``dataset_name`` is notebook 01's output folder; anything else notebook 01's pipeline reads (a ``.jsonl`` file,
+    a folder of them, a Hub id) is prepared first into ``runs/data/``, and the shipped sample when smoke has none.
     """
     import datasets
 
-    from utils.prepare_data import open_source, prepare, save
+    from utils.prepare_data import is_own_output, local_path, open_source, prepare, save
 
-    path = Path(script_args.dataset_name)
-    if not path.exists():
-        source = profile.dataset if path == SMOKE_DATA_DIR else script_args.dataset_name
-        out = path if path == SMOKE_DATA_DIR else RUNS_DIR / "data" / source.replace("/", "__")
-        if not out.exists():
+    path = local_path(script_args.dataset_name)
+    if path is None or not (path / "dataset_dict.json").is_file():
+        smoke = Path(script_args.dataset_name) == SMOKE_DATA_DIR
+        source = profile.dataset if smoke else script_args.dataset_name
+        out = SMOKE_DATA_DIR if smoke else RUNS_DIR / "data" / Path(source).name.replace("/", "__")
+        if not is_own_output(out):
             print(f"Preparing {source} into {out} (notebook 01's pipeline) ...")
-            save(prepare(open_source(source), tokenizer, progress=False), out, source)
+            save(prepare(open_source(source, revision=revision), tokenizer, progress=False), out, source)
         path = out
     data = datasets.load_from_disk(str(path))
     keep = ["input_ids"]
@@ -210,7 +292,8 @@ def load_model(model_args, quantization=None, device_map: str | dict | None = No
 
     if Path(model_args.model_name_or_path) == TINY_MODEL_DIR:
         ensure_tiny_model()
-    kwargs: dict[str, Any] = dict(dtype=getattr(torch, model_args.dtype), attn_implementation=model_args.attn_implementation)
+    kwargs: dict[str, Any] = dict(dtype=getattr(torch, model_args.dtype), attn_implementation=model_args.attn_implementation,
+                                  revision=model_args.model_revision)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     if device_map is not None:
@@ -223,26 +306,66 @@ def load_model(model_args, quantization=None, device_map: str | dict | None = No
 
 
 def latest_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that was written completely (has trainer_state.json)."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
-    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
+    """The newest ``checkpoint-N`` in ``output_dir`` that loads (see ``utils.runs.newest_loadable_checkpoint``)."""
+    from utils.runs import newest_loadable_checkpoint
+
+    return newest_loadable_checkpoint(output_dir)[0]
 
 
-def train(script_args, training_args, model_args, profile: Profile, tokenizer=None):
-    """Build the trainer, resume when a checkpoint exists, train, save the adapter and the state. Returns the trainer."""
+def start_run(script_args, training_args, model_args, run_args: RunArguments | None = None) -> Run:
+    """Open ``output_dir`` for this run (``utils.runs.open_run``) and print what happens there; before any weights."""
+    from accelerate import PartialState
+
+    run_args = run_args or RunArguments()
+    settings = run_settings(script_args, training_args, model_args, _world_size(), run_args.card_schedule)
+    run = open_run(training_args.output_dir, settings, run_args.fresh, PartialState().is_main_process)
+    for line in run.skipped:
+        print(line)
+    print(run.message)
+    return run
+
+
+class StopWhenDataEnds(TrainerCallback):
+    """The card's schedule: the trainer plans more steps than one pass over the packed data, and stops at its end."""
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        control.should_training_stop = True
+
+
+def card_schedule_steps(dialogues: int, global_batch: int) -> int:
+    """The steps TRL 0.7.4 planned: its ConstantLengthDataset reported the number of *dialogues* as its length, so
+    the trainer planned ``ceil(dialogues / global batch)`` steps (406 for ultrachat_200k's 207,865 at 512) while the
+    packed stream ran out earlier (the card's step 272, its "epoch 0.67")."""
+    return math.ceil(dialogues / global_batch)
+
+
+def train(script_args, training_args, model_args, profile: Profile, tokenizer=None,
+          run_args: RunArguments | None = None):
+    """Open the run folder, build the trainer, resume when a checkpoint loads, train, save the adapter and the state.
+
+    Returns the trainer, or None when the folder holds a finished run (which is left as it is).
+    """
     from accelerate import PartialState
     from trl import SFTTrainer
 
     from utils.assets import load_tokenizer
 
+    run_args = run_args or RunArguments()
     training_args.device  # noqa: B018 - lets TrainingArguments start the process group (gloo on a CPU) first
-    with PartialState().main_process_first():  # rank 0 builds the cached tokenizer, tiny model and data first
-        tokenizer = tokenizer or load_tokenizer(profile.model_id)
-        data = load_training_data(script_args, tokenizer, profile)
+    with PartialState().main_process_first():  # rank 0 checks the folder, builds the cached assets and data first
+        run = start_run(script_args, training_args, model_args, run_args)
+        if run.finished:
+            return None
+        tokenizer = tokenizer or load_tokenizer(profile.model_id, revision=model_args.model_revision)
+        data = load_training_data(script_args, tokenizer, profile, run_args.dataset_revision)
         model = load_model(model_args, bnb_config(model_args) if model_args.load_in_4bit else None)
+    callbacks: list = [RankLog()]
+    if run_args.card_schedule:
+        per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+        training_args.max_steps = card_schedule_steps(data["train"].num_rows, per_step * _world_size())
+        callbacks.append(StopWhenDataEnds())
+        print(f"card schedule: cosine planned over {training_args.max_steps} steps ({data['train'].num_rows} "
+              f"dialogues / {per_step * _world_size()}), stopping when the packed data ends")
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -250,14 +373,24 @@ def train(script_args, training_args, model_args, profile: Profile, tokenizer=No
         eval_dataset=data.get("test") if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=lora_config(model_args) if model_args.use_peft else None,
-        callbacks=[RankLog()],
+        callbacks=callbacks,
     )
-    resume = latest_checkpoint(training_args.output_dir)
-    if resume:
-        print(f"Resuming from {resume} (a previous run was interrupted).")
-    trainer.train(resume_from_checkpoint=resume)
+    resume_or_finish(trainer, run)
     save_outputs(trainer, tokenizer)
+    trainer.run = run
     return trainer
+
+
+def resume_or_finish(trainer, run: Run) -> None:
+    """``trainer.train``, resuming from ``run.resume_from``; when that checkpoint already holds the last step, load it
+    instead (``Trainer.train`` would take one step past ``max_steps`` from there)."""
+    if not run.resume_is_final:
+        trainer.train(resume_from_checkpoint=run.resume_from)
+        return
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(run.resume_from)  # the weights (adapter) of the last step
+    trainer.state = TrainerState.load_from_json(str(Path(run.resume_from) / "trainer_state.json"))
 
 
 def save_outputs(trainer, tokenizer) -> Path:
@@ -350,6 +483,67 @@ def merge_adapter(model_args, adapter_dir: str | Path, out_dir: str | Path, dtyp
     return Path(out_dir)
 
 
+# --- what a learner is shown -------------------------------------------------------------------------------------
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters, counting 4-bit weights by their real shape.
+
+    bitsandbytes packs two 4-bit values per byte, so a quantized weight's ``numel()`` is half its parameter count;
+    its ``quant_state.shape`` is the true shape.
+    """
+    trainable = total = 0
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        n = math.prod(state.shape) if state is not None else param.numel()
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total
+
+
+RECIPE_FIELDS = ("learning_rate", "num_train_epochs", "max_steps", "max_length", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "activation_checkpointing", "activation_checkpointing_kwargs",
+                 "packing_strategy", "optim", "bf16", "fp16", "logging_steps", "save_steps", "report_to",
+                 "eval_strategy")
+MODEL_FIELDS = ("model_name_or_path", "dtype", "attn_implementation")
+
+
+def recipe_changes(config: str, training_args, model_args) -> list[tuple[str, Any, Any]]:
+    """(setting, recipe value, this run's value) for each setting the profile or command line changed from the
+    YAML recipe in ``config``: the diff a learner needs beside the recipe's table."""
+    import yaml
+
+    recipe = yaml.safe_load(Path(config).read_text())
+    changes = []
+    for name in (*MODEL_FIELDS, *RECIPE_FIELDS):
+        value = getattr(model_args if name in MODEL_FIELDS else training_args, name)
+        value = getattr(value, "value", value)
+        default = recipe.get(name, "(TRL default)")
+        if name in recipe and _same(recipe[name], value):
+            continue
+        if name not in recipe and name in ("max_steps", "optim") and value in (-1, "adamw_torch", "adamw_torch_fused"):
+            continue
+        changes.append((name, default, value))
+    return changes
+
+
+def _same(a, b) -> bool:
+    try:
+        return a == b or float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def print_recipe_changes(config: str, training_args, model_args, profile: Profile) -> None:
+    """Print ``recipe_changes`` as 'setting: recipe -> this run' lines, or that the recipe runs as written."""
+    changes = recipe_changes(config, training_args, model_args)
+    if not changes:
+        print(f"{config} runs as written.")
+        return
+    print(f"Changed from {config} for this run (profile {profile.name} and the arguments given):")
+    width = max(len(name) for name, *_ in changes)
+    for name, old, new in changes:
+        print(f"  {name:<{width}}  {old!s:>22} -> {new}")
+
+
 # --- checks and report ---------------------------------------------------------------------------------------------
 def label_checks(trainer) -> dict:
     """Collate one training batch and check what the loss sees: EOS kept in the labels, share of loss tokens."""
@@ -379,7 +573,7 @@ def speed_report(trainer, prepared_report: Path | None = None) -> dict:
     runtime = summary.get("train_runtime", float("nan"))
     steps = trainer.state.global_step
     tokens = trainer.state.num_input_tokens_seen or 0
-    tok_s = tokens / runtime if runtime and tokens else float("nan")
+    tok_s = tokens / runtime if runtime and runtime >= 0.5 and tokens else float("nan")  # never from a 0-s run
     epoch_tokens, basis = ULTRACHAT_200K_TRAIN_ROWS * ULTRACHAT_TOKENS_PER_DIALOGUE, "1,400 tokens x 207,865 dialogues"
     if prepared_report and prepared_report.is_file():
         train = json.loads(prepared_report.read_text())["outputs"].get("train", {})
@@ -400,29 +594,50 @@ def speed_report(trainer, prepared_report: Path | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from utils.hardware import choose_profile
+    from utils.prepare_data import OutputError, SourceError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        check_config_file(argv)
         script_args, training_args, model_args, run_args = parse(argv)
-        profile = choose_profile(run_args.profile)
-        training_args = apply_profile(profile, script_args, training_args, model_args, explicit_fields(argv), run_args)
+        explicit = explicit_fields(argv)
+        profile = choose_profile(run_args.profile,
+                                 model=model_args.model_name_or_path if "model_name_or_path" in explicit else None)
+        training_args = apply_profile(profile, script_args, training_args, model_args, explicit, run_args)
         validate(script_args, training_args, model_args)
-    except (ConfigError, ValueError, RuntimeError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+    except (ConfigError, ValueError, RuntimeError, OSError) as exc:  # includes a missing or malformed config file
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     training_args.include_num_input_tokens_seen = "all"
     start = time.perf_counter()
-    trainer = train(script_args, training_args, model_args, profile)
-    report = speed_report(trainer, Path(script_args.dataset_name) / "report.json")
+    try:
+        trainer = train(script_args, training_args, model_args, profile, run_args=run_args)
+    except (RunError, SourceError, OutputError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     out = Path(training_args.output_dir)
+    if trainer is None:  # a finished run: report what it measured, change nothing
+        saved = json.loads((out / "speed.json").read_text()) if (out / "speed.json").is_file() else None
+        if saved:
+            print(f"its report: {saved['steps']} steps, {saved['tokens_per_second']} tokens/s, "
+                  f"{saved['train_runtime_s']} s ({out / 'speed.json'})")
+        return 0
+    report = speed_report(trainer, Path(script_args.dataset_name) / "report.json")
+    if trainer.is_world_process_zero():
+        (out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
     if run_args.merge and model_args.use_peft and trainer.is_world_process_zero():
         merge_adapter(model_args, out / "adapter", out / "merged")
     if trainer.is_world_process_zero():
-        (out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
+        trainer.run.finish(trainer.state.global_step, trainer.state.max_steps)
         final = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         print(f"done: {report['steps']} steps in {time.perf_counter() - start:.0f} s, final loss "
               f"{final[-1] if final else float('nan'):.4f}, {report['tokens_per_second']} tokens/s -> {out}")
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

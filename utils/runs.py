@@ -1,0 +1,225 @@
+"""A training run's folder: whose it is, what settings shaped it, whether it finished, and what to resume.
+
+``open_run(output_dir, settings)`` is called before any weights load, by ``utils.sft`` and notebooks 02/03:
+
+- a folder this tool did not write (no ``run.json``, no checkpoints) is refused, as is a file;
+- a folder another live run holds (``.lock``) is refused;
+- a finished run is recognised: nothing is trained or rewritten, and its saved report is reused;
+- settings that shape the checkpoints (model, LoRA, batch, length, schedule) must match the folder's, or the run
+  is refused with the difference and the way out (``fresh=True`` or another folder);
+- otherwise training resumes from the newest checkpoint that loads; damaged ones are named and skipped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+# What a run writes, and so what fresh=True may remove; nothing else in the folder is touched.
+OWN_OUTPUTS = ("checkpoint-*", "adapter", "model", "merged", "runs", "rank_logs", "trainer_state.json", "speed.json",
+               "torchrun.log", "README.md", RUN_FILE)
+_HELD: dict[Path, int] = {}  # folders whose lock this process holds -> file descriptor
+
+
+class RunError(ValueError):
+    """A run folder that cannot be used as asked: one line for the user."""
+
+
+@dataclass
+class Run:
+    """What ``open_run`` decided for one output folder."""
+
+    path: Path
+    settings: dict
+    finished: bool = False
+    resume_from: str | None = None
+    resume_is_final: bool = False  # the checkpoint holds the last step: finish from it, train nothing
+    message: str = ""
+    skipped: list[str] = field(default_factory=list)  # damaged checkpoints, with the reason
+
+    def saved_report(self) -> dict | None:
+        """The speed report the run saved when it finished (``speed.json``), or None."""
+        path = self.path / "speed.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def finish(self, global_step: int, max_steps: int) -> None:
+        """Mark the run finished (after its outputs are saved) and release the folder."""
+        _write_record(self.path, {**_read_record(self.path), "settings": self.settings, "status": "finished",
+                                  "global_step": global_step, "max_steps": max_steps})
+        release(self.path)
+
+
+def run_settings(script_args, training_args, model_args, world_size: int = 1, card_schedule: bool = False) -> dict:
+    """The settings that shape a run's checkpoints; a resumed run must have the same."""
+    peft = bool(model_args.use_peft)
+    return {
+        "model": model_args.model_name_or_path,
+        "load_in_4bit": bool(model_args.load_in_4bit),
+        "use_peft": peft,
+        "lora_r": model_args.lora_r if peft else None,
+        "lora_alpha": model_args.lora_alpha if peft else None,
+        "lora_dropout": model_args.lora_dropout if peft else None,
+        "lora_target_modules": sorted(model_args.lora_target_modules or []) if peft else None,
+        "dataset": script_args.dataset_name,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "world_size": world_size,
+        "max_length": training_args.max_length,
+        "packing_strategy": training_args.packing_strategy if training_args.packing else None,
+        "learning_rate": training_args.learning_rate,
+        "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
+        "warmup_steps": training_args.warmup_steps,
+        "num_train_epochs": training_args.num_train_epochs,
+        "max_steps": training_args.max_steps,
+        "card_schedule": card_schedule,
+        "seed": training_args.seed,
+    }
+
+
+def open_run(output_dir: str | Path, settings: dict, fresh: bool = False, main_process: bool = True) -> Run:
+    """Check ``output_dir`` and decide what this run does there (see the module docstring). The main process also
+    locks the folder until ``Run.finish`` or ``release``; other processes of the same run only read."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise RunError(f"output folder {path} is a file; choose a folder")
+    record = _read_record(path)
+    ours = bool(record) or any(path.glob("checkpoint-*")) or (path / "trainer_state.json").is_file()
+    if path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()) and not ours:
+        raise RunError(f"output folder {path} holds files this tool did not write; choose another folder")
+    if main_process:
+        lock(path)
+    try:
+        if fresh and ours:
+            clear(path)
+            record = {}
+        elif record.get("settings"):
+            diff = [k for k in settings if k in record["settings"] and record["settings"][k] != settings[k]]
+            if diff:
+                k = diff[0]
+                raise RunError(f"{path} holds a run with {k}={record['settings'][k]!r}; this run asks for "
+                               f"{k}={settings[k]!r}. Set FRESH = True (--fresh true) to start over there, or "
+                               "choose another output folder")
+        if record.get("status") == "finished":
+            release(path)
+            return Run(path, settings, finished=True, message=(
+                f"already trained: {record.get('global_step')}/{record.get('max_steps')} steps in {path}; set FRESH = "
+                "True (--fresh true) or another output folder to train again"))
+        resume, skipped = newest_loadable_checkpoint(path)
+        final = False
+        if resume:
+            state = json.loads((Path(resume) / "trainer_state.json").read_text())
+            step, planned = state["global_step"], state.get("max_steps", 0)
+            final = 0 < planned <= step
+            message = (f"Finishing from {resume}: the previous run reached its last step ({step}/{planned}) but was "
+                       "stopped before its final save." if final else
+                       f"Resuming from {resume}: the previous run was interrupted after step {step}.")
+        else:
+            message = "Starting a new run." + (" No checkpoint could be loaded, so training starts over."
+                                               if skipped else "")
+        if main_process:
+            path.mkdir(parents=True, exist_ok=True)
+            _write_record(path, {"tool": "utils.sft", "settings": settings, "status": "running"})
+        return Run(path, settings, resume_from=resume, resume_is_final=final, message=message, skipped=skipped)
+    except BaseException:
+        if main_process:
+            release(path)
+        raise
+
+
+def newest_loadable_checkpoint(folder: str | Path) -> tuple[str | None, list[str]]:
+    """The newest ``checkpoint-N`` whose state parses and whose files' headers read, and a line for each newer
+    one skipped because it is damaged."""
+    folder = Path(folder)
+    candidates = sorted((p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()),
+                        key=lambda p: int(p.name[11:]), reverse=True)
+    skipped = []
+    for ckpt in candidates:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return str(ckpt), skipped
+        skipped.append(f"skipped {ckpt.name}: {problem}")
+    return None, skipped
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None. Reads only headers: cheap for a 7B checkpoint."""
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        int(state["global_step"])
+    except FileNotFoundError:
+        return "no trainer_state.json (it was not finished writing)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "trainer_state.json is damaged"
+    weights = sorted(ckpt.glob("*.safetensors"))
+    if not weights:
+        return "no weights (*.safetensors)"
+    for file in weights:
+        try:
+            with safe_open(str(file), "pt") as tensors:
+                list(tensors.keys())
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            return f"{file.name} is damaged ({type(exc).__name__})"
+    for file in [*ckpt.glob("*.pt"), *ckpt.glob("*.pth"), *ckpt.glob("*.bin")]:
+        if not zipfile.is_zipfile(file):
+            return f"{file.name} is damaged"
+    return None
+
+
+def clear(path: Path) -> None:
+    """Remove what a run writes (``OWN_OUTPUTS``) from ``path``; anything else stays."""
+    for pattern in OWN_OUTPUTS:
+        for item in path.glob(pattern):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+
+
+def lock(path: Path) -> None:
+    """Hold ``path/.lock`` for this process, or raise RunError when a live run holds it."""
+    path = path.resolve()
+    if path in _HELD:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunError(f"{path} is in use by another training run (pid {holder}); wait for it to end or choose "
+                       "another output folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[path] = fd
+
+
+def release(path: Path) -> None:
+    """Let go of the folder's lock, if this process holds it."""
+    fd = _HELD.pop(Path(path).resolve(), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads((path / RUN_FILE).read_text())
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_record(path: Path, record: dict) -> None:
+    tmp = path / f".{RUN_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path / RUN_FILE)
