@@ -151,3 +151,22 @@ def test_two_process_cpu_run(tmp_path):
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
     assert (out / "model" / "model.safetensors").is_file()
     assert result.stdout.count("done: 4 steps") == 1  # only rank 0 reports
+
+
+def test_the_recipe_parses_in_a_child_process_the_same(monkeypatch):
+    """Kaggle's 2 x T4 path: creating TrainingArguments initialises CUDA, after which notebook_launcher cannot fork;
+    notebook 03 parses the recipe in a child process instead, and must see the same values."""
+    import torch
+
+    argv = ["--config", str(REPO_ROOT / "configs" / "sft_full.yaml")]
+    child = sft.parse_recipe(argv, in_child=True)
+    here = sft.parse_recipe(argv, in_child=False)
+    assert [vars(part) for part in child] == [vars(part) for part in here]
+    assert (child[1].learning_rate, child[1].lr_scheduler_type, child[3].global_batch_size) == (2e-5, "cosine", 512)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    calls = []
+    monkeypatch.setattr(sft, "_recipe_dicts", lambda a: calls.append(a) or pytest.fail("parsed in this process"))
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: type("R", (), {"returncode": 0, "stdout": json.dumps(
+        [vars(part) for part in here])})())
+    assert sft.parse_recipe(argv)[1].learning_rate == 2e-5 and not calls

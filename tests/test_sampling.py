@@ -59,3 +59,26 @@ def test_candidate_models_in_smoke(tmp_path):
     models = sampling.candidate_models(SMOKE, runs_dir=tmp_path, hub=True)
     assert list(models) == ["base", "full", "mistral-7b-sft-beta"]
     assert models["mistral-7b-sft-beta"] == "HuggingFaceH4/mistral-7b-sft-beta"
+
+
+def test_max_new_tokens_is_capped_by_the_models_positions(model, tokenizer, monkeypatch):
+    monkeypatch.setattr(model.config, "max_position_embeddings", 40)  # 4,096 in the real config: same rule, faster
+    answer = sampling.generate(model, tokenizer, ["<|user|>\nHi</s>\n<|assistant|>\n"], max_new_tokens=10**9,
+                               eos_token_id=-1)[0]  # no EOS: runs to the cap
+    prompt_tokens = len(tokenizer("<|user|>\nHi</s>\n<|assistant|>\n")["input_ids"])
+    assert answer.new_tokens == 40 - prompt_tokens
+
+
+def test_the_command_line(capsys, tmp_path):
+    model_dir = str(ensure_tiny_model())
+    assert sampling.main(["--model", model_dir, "--prompt", "Name a river.", "--max_new_tokens", "5",
+                          "--seed", "3", "--profile", "smoke"]) == 0
+    out = capsys.readouterr().out
+    assert f"== {model_dir} (5 tokens, max_new_tokens)" in out
+    assert sampling.main(["--model", str(tmp_path / "nope"), "--profile", "smoke"]) == 2
+    assert capsys.readouterr().err == f"error: no such model folder: {tmp_path / 'nope'}\n"
+    assert sampling.main(["--model", "runs/qlora/merged-typo", "--profile", "smoke"]) == 2
+    assert capsys.readouterr().err == "error: no such model folder: runs/qlora/merged-typo\n"
+    with pytest.raises(SystemExit) as exit_:
+        sampling.main(["--max_new_tokens", "0"])
+    assert exit_.value.code == 2

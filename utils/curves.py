@@ -86,7 +86,10 @@ def find_runs(runs_dir: Path = RUNS_DIR) -> list[Run]:
     found: dict[Path, Run] = {}
     for state in sorted(runs_dir.rglob("trainer_state.json")):
         if not state.parent.name.startswith("checkpoint-"):
-            found[state.parent] = read_trainer_state(state)
+            try:
+                found[state.parent] = read_trainer_state(state)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                print(f"skipped {state}: unreadable ({type(exc).__name__})")
     for event in sorted(runs_dir.rglob("events.out.tfevents.*")):
         run_dir = next((p for p in event.parents if p.parent == runs_dir), event.parent)  # its top-level folder
         if run_dir not in found and not any(run_dir.is_relative_to(p) for p in found):

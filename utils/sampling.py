@@ -1,6 +1,7 @@
 """Notebook 05: the card's pirate prompt on the base and fine-tuned models, side by side.
 
-    python -m utils.sampling          # one sampled answer per model found, with the card's settings
+    python -m utils.sampling                                   # every model found under runs/, the card's prompt
+    python -m utils.sampling --model runs/qlora/merged --prompt "Name three rivers." --max_new_tokens 64 --seed 1
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import RUNS_DIR
+from utils import REPO_ROOT, RUNS_DIR
 from utils.hardware import Profile
 
 PIRATE = [
@@ -27,6 +28,14 @@ MORE_PROMPTS = [
     "What is the capital of Australia?",
 ]
 SFT_BETA_ID = "HuggingFaceH4/mistral-7b-sft-beta"
+# The card's own answer to the pirate prompt (its model card, "Intended uses & limitations"). Its printed prompt ends
+# "pirate." while its messages say "pirate": we render the messages, as the card's code does.
+CARD_ANSWER = ("Ah, me hearty matey! But yer question be a puzzler! A human cannot eat a helicopter in one sitting, as "
+               "helicopters are not edible. They be made of metal, plastic, and other materials, not food!")
+
+
+class SamplingError(ValueError):
+    """A model or option that cannot be used: one line for the user."""
 
 
 @dataclass
@@ -85,6 +94,9 @@ def generate(model, tokenizer, prompts: list[str], seed: int = 42, eos_token_id:
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     tokenizer.padding_side = "left"  # decoder-only models continue from the right end of every row
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
+    room = max_new_tokens_allowed(model, batch["input_ids"].shape[1])
+    if settings["max_new_tokens"] > room:  # the model has no positions beyond max_position_embeddings
+        settings["max_new_tokens"] = room
     set_seed(seed)
     with torch.no_grad():
         out = model.generate(**batch, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **settings)
@@ -96,18 +108,72 @@ def generate(model, tokenizer, prompts: list[str], seed: int = 42, eos_token_id:
     return answers
 
 
+def max_new_tokens_allowed(model, prompt_tokens: int) -> int:
+    """How many tokens fit after a prompt of ``prompt_tokens`` within the model's ``max_position_embeddings``."""
+    limit = getattr(model.config, "max_position_embeddings", None) or 10**9
+    return max(0, limit - prompt_tokens)
+
+
+def check_model_ref(ref: str) -> str:
+    """``ref`` if it is a model folder or looks like a Hub id; a missing local folder is named as such."""
+    path = Path(ref)
+    if path.exists():
+        if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+            raise SamplingError(f"{ref} is not a model folder (no config.json or adapter_config.json)")
+        return ref
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1 or (REPO_ROOT / ref).exists() or \
+            ref.startswith(("runs/", "data/")):
+        raise SamplingError(f"no such model folder: {ref}")
+    return ref
+
+
+def parse_args(argv: list[str] | None = None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m utils.sampling", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", help="model folder, adapter folder or Hub id (repeatable); "
+                                                          "default: every model found under runs/")
+    parser.add_argument("--prompt", default=None, help="a user message; default: the card's pirate prompt")
+    parser.add_argument("--system", default=None, help="a system message for --prompt")
+    parser.add_argument("--max_new_tokens", type=int, default=CARD_SAMPLING["max_new_tokens"])
+    parser.add_argument("--temperature", type=float, default=CARD_SAMPLING["temperature"])
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--profile", default="auto", help="auto, smoke, or a GPU profile (utils/hardware.py)")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.exit(2, f"error: --max_new_tokens must be 1 or more, got {args.max_new_tokens}\n")
+    if not 0 < args.temperature <= 100:
+        parser.exit(2, f"error: --temperature must be in (0, 100], got {args.temperature}\n")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     from utils.assets import load_tokenizer
     from utils.hardware import choose_profile, hub_reachable
 
-    profile = choose_profile("auto")
+    args = parse_args(argv)
+    try:
+        refs = [check_model_ref(ref) for ref in args.model or []]
+    except SamplingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    profile = choose_profile(args.profile)
     tokenizer = load_tokenizer(profile.model_id)
     dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    prompt = tokenizer.apply_chat_template(PIRATE, tokenize=False, add_generation_prompt=True)
-    for name, ref in candidate_models(profile, hub=hub_reachable()).items():
-        answer = generate(load_model(ref, profile, dtype), tokenizer, [prompt])[0]
+    messages = PIRATE if args.prompt is None else (
+        ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}])
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    models = {ref: ref for ref in refs} or candidate_models(profile, hub=hub_reachable())
+    for name, ref in models.items():
+        try:
+            model = load_model(ref, profile, dtype)
+        except OSError as exc:  # an unreachable Hub id, a folder without weights
+            print(f"error: cannot load {ref}: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 2
+        answer = generate(model, tokenizer, [prompt], seed=args.seed, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature)[0]
         print(f"== {name} ({answer.new_tokens} tokens, {'EOS' if answer.stopped_at_eos else 'max_new_tokens'})")
         print(answer.text)
     return 0

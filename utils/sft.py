@@ -79,6 +79,41 @@ PROFILE_TRAINING: dict[str, dict[str, Any]] = {
 
 
 # --- configuration -------------------------------------------------------------------------------------------------
+def parse_recipe(argv: list[str], in_child: bool | None = None):
+    """``parse(argv)`` as plain namespaces (script, training, model, run), parsed in a child process while this one
+    has a GPU and has not initialised CUDA.
+
+    Creating ``TrainingArguments`` picks its device, which initialises CUDA (transformers 5.24,
+    ``_setup_devices``); after that ``accelerate.notebook_launcher`` can no longer fork training processes
+    (Kaggle's 2 x T4). Notebook 03 shows the recipe this way and keeps the launcher working.
+    """
+    import subprocess
+    from types import SimpleNamespace
+
+    import torch
+
+    if in_child is None:
+        in_child = torch.cuda.is_available() and not torch.cuda.is_initialized()
+    if in_child:
+        code = f"import json, sys; from utils.sft import _recipe_dicts; print(json.dumps(_recipe_dicts({argv!r})))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path.cwd(),
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        if out.returncode:
+            raise ConfigError(_one_line(RuntimeError((out.stderr.strip().splitlines() or ["parse failed"])[-1])))
+        parts = json.loads(out.stdout.strip().splitlines()[-1])
+    else:
+        parts = _recipe_dicts(argv)
+    return tuple(SimpleNamespace(**part) for part in parts)
+
+
+def _recipe_dicts(argv: list[str]) -> list[dict]:
+    import dataclasses
+
+    script_args, training_args, model_args, run_args = parse(argv)
+    return [dataclasses.asdict(script_args), training_args.to_dict(), dataclasses.asdict(model_args),
+            dataclasses.asdict(run_args)]
+
+
 def parse(argv: list[str] | None = None):
     """Parse ``--config YAML`` plus overrides into (ScriptArguments, SFTConfig, ModelConfig, RunArguments)."""
     import torch
