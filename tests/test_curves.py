@@ -59,32 +59,57 @@ def test_card_reference():
 
 
 def _lines(ax):
-    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()
+            if not line.get_label().startswith("_")}
 
 
 def test_plot_has_the_expected_series(runs_dir, tmp_path):
     runs = curves.find_runs(runs_dir)
     fig = curves.plot_runs(runs, curves.card_reference(), smoothing=0.5)
-    (step_ax, token_ax, epoch_ax), (lr_step, _, _) = fig.axes[:3], fig.axes[3:6]
-    lines = _lines(step_ax)
+    loss_ax, card_ax, lr_ax, card_lr_ax = fig.axes[:4]
+    lines = _lines(loss_ax)
     assert lines["alpha train"] == ([1, 2, 3], [3.0, 2.5, 2.0])
     assert lines["alpha train (EMA)"][1] == pytest.approx(curves.ema([3.0, 2.5, 2.0], 0.5))
     assert lines["alpha eval"] == ([2], [2.7])
     assert lines["beta train"][0] == [1, 2, 3]
-    assert lines["card train 0.9367 @ step 272"] == ([272], [0.9367])
-    assert lines["card eval 0.9397 @ step 272"] == ([272], [0.9397])
-    assert lines["card final eval 0.9399"][1] == [0.9399, 0.9399]
-    assert _lines(token_ax)["alpha train"][0] == [100, 200, 300]
-    assert _lines(token_ax)["card train 0.9367 @ step 272"][0] == [272 * 512 * 2048]
-    assert _lines(epoch_ax)["card eval 0.9397 @ step 272"] == ([0.67], [0.9397])
-    assert _lines(epoch_ax)["alpha train"][0] == [0.1, 0.2, 0.3]
-    assert _lines(lr_step)["alpha lr"] == ([1, 2, 3], [1e-4, 2e-4, 1e-4])
-    assert "beta train" not in _lines(token_ax)  # no token counts logged: not plotted against tokens
+    assert not any(label.startswith("card") for label in lines)  # the card has its own panel
+    card = _lines(card_ax)
+    assert card["card train 0.9367 @ step 272"] == ([272], [0.9367])
+    assert card["card eval 0.9397 @ step 272"] == ([272], [0.9397])
+    assert card["card final eval 0.9399"][1] == [0.9399, 0.9399]
+    assert _lines(lr_ax)["alpha lr"] == ([1, 2, 3], [1e-4, 2e-4, 1e-4])
+    assert _lines(lr_ax)["alpha cosine, 10% warm-up"] == ([1, 2, 3], [0.0, 2e-4, 1e-4])
+    card_lr = _lines(card_lr_ax)
+    assert len(card_lr["planned: cosine over 406 steps"][0]) == 407
+    assert card_lr["run: stopped at 272"][0][-1] == 272
+    stop = next(label for label in card_lr if label.endswith("of peak)"))
+    assert stop == "5.9e-06 at the stop (30% of peak)"
+    tokens = curves.plot_runs(runs, curves.card_reference(), x="tokens")
+    assert _lines(tokens.axes[0])["alpha train"][0] == [100, 200, 300]
+    assert "beta train" not in _lines(tokens.axes[0])  # no token counts logged: not plotted against tokens
+    epochs = curves.plot_runs(runs, None, x="epoch")
+    assert _lines(epochs.axes[0])["alpha train"][0] == [0.1, 0.2, 0.3]
     png, svg = curves.save_figure(fig, out_dir=tmp_path / "plots")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "<svg" in svg.read_text()[:500]
 
 
+def test_the_card_schedule_stops_at_30_percent_of_the_peak():
+    ref = curves.card_reference()
+    assert (ref["planned_steps"], ref["warmup_steps"]) == (406, 41)
+    assert curves.cosine_lr(41, 406, 41, 2e-5) == 2e-5
+    assert curves.cosine_lr(272, 406, 41, 2e-5) == pytest.approx(5.95e-6, rel=1e-3)
+    assert curves.cosine_lr(406, 406, 41, 2e-5) == 0.0
+
+
 def test_plot_with_no_runs_shows_the_card_alone():
     fig = curves.plot_runs([], curves.card_reference())
-    assert sorted(_lines(fig.axes[0])) == ["card eval 0.9397 @ step 272", "card final eval 0.9399",
+    assert _lines(fig.axes[0]) == {}
+    assert sorted(_lines(fig.axes[1])) == ["card eval 0.9397 @ step 272", "card final eval 0.9399",
                                           "card train 0.9367 @ step 272"]
+
+
+def test_an_unreadable_run_is_skipped_by_name(runs_dir, capsys):
+    (runs_dir / "gamma").mkdir()
+    (runs_dir / "gamma" / "trainer_state.json").write_text('{"log_hist')
+    assert [run.name for run in curves.find_runs(runs_dir)] == ["alpha", "beta"]
+    assert f"skipped {runs_dir / 'gamma' / 'trainer_state.json'}: unreadable (JSONDecodeError)" in capsys.readouterr().out

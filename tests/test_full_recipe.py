@@ -170,3 +170,19 @@ def test_the_recipe_parses_in_a_child_process_the_same(monkeypatch):
     monkeypatch.setattr("subprocess.run", lambda *a, **k: type("R", (), {"returncode": 0, "stdout": json.dumps(
         [vars(part) for part in here])})())
     assert sft.parse_recipe(argv)[1].learning_rate == 2e-5 and not calls
+
+
+@pytest.mark.parametrize("every", [1, 2, 0])
+def test_qlora_memory_estimate_is_within_15_percent_of_the_h200_measurements(every):
+    parts = scaling.qlora_memory(every)
+    assert list(parts) == ["weights", "LoRA gradients", "optimizer", "activations"]
+    measured = scaling.MEASURED_QLORA_H200_GIB[every]
+    assert abs(sum(parts.values()) - measured) / measured < 0.15
+    assert scaling.lora_parameters() == 41_943_040  # r16 on all 7 projections of 32 layers
+
+
+def test_zero_table_is_split_into_parts():
+    table = scaling.fit_table()
+    row = table[(table.strategy == "zero3") & (table.gpus == 8)].iloc[0]
+    assert row["weights"] + row["gradients"] + row["optimizer"] + row["activations"] == pytest.approx(
+        row["GiB per GPU"], abs=0.2)

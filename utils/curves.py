@@ -8,6 +8,7 @@ A run is a folder with ``trainer_state.json`` (its ``log_history``) or, failing 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,55 +115,96 @@ def card_reference(path: Path = CARD_FILE) -> dict:
     ref = json.loads(Path(path).read_text())
     point = ref["training_results"][0]
     global_batch = ref["hyperparameters"]["total_train_batch_size"]
+    schedule = ref["schedule"]
     return {"step": point["step"], "epoch": point["epoch"], "train_loss": point["training_loss"],
             "eval_loss": point["validation_loss"], "final_eval_loss": ref["final_eval_loss"],
-            "tokens": point["step"] * global_batch * CARD_SEQUENCE_LENGTH}
+            "tokens": point["step"] * global_batch * CARD_SEQUENCE_LENGTH,
+            "planned_steps": schedule["planned_steps"], "warmup_steps": schedule["warmup_steps"],
+            "peak_lr": ref["hyperparameters"]["learning_rate"]}
 
 
-AXES = (("step", "optimizer step"), ("tokens", "tokens seen"), ("epoch", "epoch"))
+def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
+    """transformers' ``get_cosine_schedule_with_warmup`` at ``step``: a linear ramp over ``warmup`` steps, then a
+    half cosine from ``peak`` to 0 at ``total``."""
+    if step < warmup:
+        return peak * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def plot_runs(runs: list[Run], reference: dict | None = None, smoothing: float = 0.9):
-    """Loss (raw and EMA-smoothed, train and eval) against step, tokens and epoch, with the learning rate beneath.
+AXES = {"step": "optimizer step", "tokens": "tokens seen", "epoch": "epoch"}
 
-    Every line carries a label ("<run> train", "<run> train (EMA)", "<run> eval", "<run> lr", "card ...") so the
-    figure can be read back.
+
+def plot_runs(runs: list[Run], reference: dict | None = None, smoothing: float = 0.9, x: str = "step"):
+    """Your runs (left) and the card's run (right): loss above, learning rate below.
+
+    Left: each run's training loss (thin: raw, thick: EMA-smoothed), evaluation loss (circles) against ``x``
+    ("step", "tokens" or "epoch"), and its learning rate with, on steps, the cosine it should follow (dashed). Right:
+    the card's logged points at step 272 and its learning rate as planned (406 steps) and as run (stopped at 272).
+    Every line carries a label, so the figure can be read back.
     """
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7), sharex="col", gridspec_kw={"height_ratios": [3, 1]})
+    if x not in AXES:
+        raise ValueError(f"x must be one of {', '.join(AXES)}, got {x!r}")
+    fig, axes = plt.subplots(2, 2, figsize=(13, 6.5), sharex="col", gridspec_kw={"height_ratios": [3, 1.4]})
+    (loss_ax, card_ax), (lr_ax, card_lr_ax) = axes
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for col, (key, label) in enumerate(AXES):
-        loss_ax, lr_ax = axes[0, col], axes[1, col]
-        for i, run in enumerate(runs):
-            color = colors[i % len(colors)]
-            xs = run.train.get(key, [])
-            if xs and all(x is not None for x in xs):
-                losses = run.train["loss"]
-                loss_ax.plot(xs, losses, color=color, alpha=0.3, linewidth=1, label=f"{run.name} train")
-                loss_ax.plot(xs, ema(losses, smoothing), color=color, linewidth=2, label=f"{run.name} train (EMA)")
-                lrs = run.train.get("learning_rate", [])
-                if lrs and all(v is not None for v in lrs):
-                    lr_ax.plot(xs, lrs, color=color, label=f"{run.name} lr")
-            exs = run.eval.get(key, [])
-            if exs and all(x is not None for x in exs):
-                loss_ax.plot(exs, run.eval["loss"], color=color, marker="o", linestyle="--", label=f"{run.name} eval")
-        if reference:
-            loss_ax.plot([reference[key]], [reference["train_loss"]], marker="*", markersize=14, color="black",
-                         linestyle="none", label=f"card train {reference['train_loss']} @ step {reference['step']}")
-            loss_ax.plot([reference[key]], [reference["eval_loss"]], marker="X", markersize=11, color="crimson",
-                         linestyle="none", label=f"card eval {reference['eval_loss']} @ step {reference['step']}")
-            loss_ax.axhline(reference["final_eval_loss"], color="crimson", linestyle=":", linewidth=1,
-                            label=f"card final eval {reference['final_eval_loss']}")
-        loss_ax.set_title(f"loss vs {label}")
-        lr_ax.set_xlabel(label)
-        if key == "tokens":
-            loss_ax.set_xscale("log")
-    axes[0, 0].set_ylabel("loss")
-    axes[1, 0].set_ylabel("learning rate")
-    axes[0, 2].legend(fontsize=7, loc="upper right")
+    for i, run in enumerate(runs):
+        color = colors[i % len(colors)]
+        xs = run.train.get(x, [])
+        if xs and all(v is not None for v in xs):
+            losses = run.train["loss"]
+            loss_ax.plot(xs, losses, color=color, alpha=0.3, linewidth=1, label=f"{run.name} train")
+            loss_ax.plot(xs, ema(losses, smoothing), color=color, linewidth=2, label=f"{run.name} train (EMA)")
+            lrs = run.train.get("learning_rate", [])
+            if lrs and all(v is not None for v in lrs):
+                lr_ax.plot(xs, lrs, color=color, marker=".", label=f"{run.name} lr")
+                if x == "step":
+                    total, peak = max(xs), max(lrs)
+                    steps = list(range(1, total + 1))  # the rate logged at step s is the one step s used: lr(s - 1)
+                    lr_ax.plot(steps, [cosine_lr(s - 1, total, math.ceil(0.1 * total), peak) for s in steps],
+                               color=color, linestyle="--", linewidth=1, label=f"{run.name} cosine, 10% warm-up")
+        exs = run.eval.get(x, [])
+        if exs and all(v is not None for v in exs):
+            loss_ax.plot(exs, run.eval["loss"], color=color, marker="o", linestyle="--", label=f"{run.name} eval")
+    loss_ax.set_title(f"your runs: loss vs {AXES[x]}" if runs else "your runs: none yet (run notebook 02 or 03)")
+    loss_ax.set_ylabel("loss (cross-entropy per token)")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel(AXES[x])
+    if runs:
+        loss_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        lr_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if reference:
+        _plot_card(card_ax, card_lr_ax, reference)
     fig.tight_layout()
     return fig
+
+
+def _plot_card(loss_ax, lr_ax, ref: dict) -> None:
+    loss_ax.plot([ref["step"]], [ref["train_loss"]], marker="*", markersize=14, color="black", linestyle="none",
+                 label=f"card train {ref['train_loss']} @ step {ref['step']}")
+    loss_ax.plot([ref["step"]], [ref["eval_loss"]], marker="X", markersize=11, color="crimson", linestyle="none",
+                 label=f"card eval {ref['eval_loss']} @ step {ref['step']}")
+    loss_ax.axhline(ref["final_eval_loss"], color="crimson", linestyle=":", linewidth=1,
+                    label=f"card final eval {ref['final_eval_loss']}")
+    loss_ax.axvline(ref["step"], color="grey", linewidth=0.8)
+    loss_ax.set_ylim(0.8, 1.1)
+    loss_ax.set_title(f"the card (16 GPUs, full fine-tune): its data ended at step {ref['step']}\n"
+                      f"of {ref['planned_steps']} planned, so its 'epoch' reads {ref['step']}/{ref['planned_steps']} = "
+                      f"{ref['epoch']}", fontsize=10)
+    loss_ax.legend(fontsize=7, loc="upper right")
+    planned = list(range(ref["planned_steps"] + 1))
+    lrs = [cosine_lr(s, ref["planned_steps"], ref["warmup_steps"], ref["peak_lr"]) for s in planned]
+    lr_ax.plot(planned, lrs, color="grey", linestyle=":", label=f"planned: cosine over {ref['planned_steps']} steps")
+    lr_ax.plot(planned[: ref["step"] + 1], lrs[: ref["step"] + 1], color="black",
+               label=f"run: stopped at {ref['step']}")
+    stop = lrs[ref["step"]]
+    lr_ax.plot([ref["step"]], [stop], marker="o", color="black", linestyle="none",
+               label=f"{stop:.1e} at the stop ({stop / ref['peak_lr']:.0%} of peak)")
+    lr_ax.set_xlabel("optimizer step")
+    lr_ax.set_xlim(0, ref["planned_steps"] + 10)
+    lr_ax.legend(fontsize=7, loc="upper right")
 
 
 def save_figure(fig, name: str = "loss_curves", out_dir: Path = PLOTS_DIR) -> list[Path]:
@@ -178,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = find_runs()
     if not runs:
         print("No training runs under runs/ yet: run notebook 02 (QLoRA) or 03 (full fine-tune) first.")
-    fig = plot_runs(runs, card_reference())
+    fig = plot_runs(runs, card_reference(), x=argv[0] if argv else "step")
     for path in save_figure(fig):
         print("wrote", path)
     for run in runs:

@@ -40,6 +40,7 @@ MAX_CHARS = 200_000  # a row with more characters is dropped as too_large (ultra
 FILTER_CHAIN = ("truecase", "disclaimer", "duplicate_prompt")  # after the structure check, which always applies
 FILTER_MODES = ("auto", "all", "structure")
 MARKER = ".prepared-by-utils.prepare_data"  # identifies a folder this tool wrote, so it may replace it
+FORMAT = 2  # report.json's "format": 2 added the empty system turn; an older output is prepared again when reused
 
 
 class SourceError(Exception):
@@ -305,6 +306,7 @@ class Prepared:
             dropped.update(r.dropped)
             audited.update(r.audited)
         return {
+            "format": FORMAT,
             "source": source,
             "input_rows": sum(r.input_rows for r in self.reports.values()),
             "kept": sum(r.kept for r in self.reports.values()),
@@ -620,6 +622,14 @@ def is_own_output(folder: Path) -> bool:
     return (folder / MARKER).is_file() or ((folder / "dataset_dict.json").is_file() and (folder / "report.json").is_file())
 
 
+def is_current(folder: Path) -> bool:
+    """True for this tool's output in the current format (reusable as a cache)."""
+    try:
+        return is_own_output(folder) and json.loads((folder / "report.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
 def check_output(out_dir: str | Path, source: str | None = None) -> Path:
     """Refuse, with one line, an output this tool must not write: a file, a non-empty folder it did not write,
     the source itself (or a folder holding it), or a place it cannot write to. Called before any work."""
@@ -694,7 +704,15 @@ def save(prepared: Prepared, out_dir: str | Path, source: str = "") -> dict:
             name: datasets.Dataset.from_dict(cols, features=features)
             for name, cols in prepared.rows.items() if cols["prompt"]
         })
-        dataset.save_to_disk(str(tmp))
+        from datasets.utils.tqdm import disable_progress_bars, enable_progress_bars, are_progress_bars_disabled
+
+        shown = not are_progress_bars_disabled()
+        disable_progress_bars()  # a bar per split for a sub-second save is noise
+        try:
+            dataset.save_to_disk(str(tmp))
+        finally:
+            if shown:
+                enable_progress_bars()
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (tmp / MARKER).write_text("Written by python -m utils.prepare_data; it may replace this folder.\n")
         old = None

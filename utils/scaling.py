@@ -101,17 +101,89 @@ def estimate(strategy: str, gpus: int, gpu_gib: int, per_device_batch: int = 8, 
 
 
 def fit_table(per_device_batch: int = 8, gpu_counts=(1, 2, 4, 8, 16), gpu_sizes=(16, 24, 40, 80)):
-    """A pandas DataFrame: per-GPU GiB for each strategy and GPU count, with a fits/does-not-fit mark per GPU size."""
+    """A pandas DataFrame: per-GPU GiB for each strategy and GPU count, split into weights, gradients, optimizer
+    states and activations (+ reserve), with a fits/does-not-fit mark per GPU size."""
     import pandas as pd
 
     rows = []
     for strategy in STRATEGIES:
         for n in gpu_counts:
             e = estimate(strategy, n, 80, per_device_batch)
-            row = {"strategy": strategy, "gpus": n, "GiB per GPU": round(e.total, 1)}
+            row = {"strategy": strategy, "gpus": n, "weights": round(e.weights, 1), "gradients": round(e.gradients, 1),
+                   "optimizer": round(e.optimizer, 1), "activations": round(e.activations + e.reserve, 1),
+                   "GiB per GPU": round(e.total, 1)}
             row.update({f"{size} GB": "fits" if e.total <= size else "-" for size in gpu_sizes})
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+# --- QLoRA on one GPU ------------------------------------------------------------------------------------------------
+# Peak reserved memory measured for QLoRA of the Mistral-7B shape (random weights, 4-bit NF4, LoRA r16 on all 7
+# projections, 4 x 2048 tokens, packed), one H200, torch 2.11 cu130, transformers 5.24, TRL 1.16, bitsandbytes 0.50.2:
+# docs/benchmarks.md, "QLoRA on an H200". Keyed by checkpoint_every (1: every layer, 2: every 2nd, 0: none).
+MEASURED_QLORA_H200_GIB = {1: 9.6, 2: 36.5, 0: 68.4}
+MISTRAL_7B_SHAPE = dict(layers=32, hidden=4096, kv=1024, intermediate=14_336, vocab=32_000)
+
+
+def lora_parameters(r: int = 16, shape: dict = MISTRAL_7B_SHAPE) -> int:
+    """LoRA parameters on q, k, v, o, gate, up and down: r x (in + out) per matrix, per layer."""
+    h, kv, ff = shape["hidden"], shape["kv"], shape["intermediate"]
+    per_layer = r * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + ff) + (ff + h))
+    return per_layer * shape["layers"]
+
+
+def qlora_memory(checkpoint_every: int = 1, batch: int = 4, seq_len: int = 2048, r: int = 16,
+                 shape: dict = MISTRAL_7B_SHAPE) -> dict[str, float]:
+    """Peak GPU memory of QLoRA training, in GiB, by part: weights, LoRA gradients, optimizer, activations.
+
+    - weights: the linear layers in 4-bit NF4 (0.5 byte + a 4-byte absmax per 64 values), embeddings and lm_head in
+      16-bit, the LoRA weights in fp32;
+    - LoRA gradients in fp32; optimizer: Adam's two fp32 moments of the LoRA weights;
+    - activations per token and layer: 34 x hidden bytes for a 16-bit block (Korthikanti et al., 2022, no s^2 term
+      with sdpa/flex), plus LoRA's inputs kept for its gradients: dropout output (2 bytes) and mask (1 byte) for
+      the six hidden-wide inputs and the intermediate-wide one; a checkpointed layer keeps only its 2 x hidden-byte
+      input, and one layer is recomputed at a time; plus the fp32 logits and their gradient.
+    """
+    h, layers, ff, vocab = shape["hidden"], shape["layers"], shape["intermediate"], shape["vocab"]
+    linear = layers * (2 * h * h + 2 * h * shape["kv"] + 3 * h * ff)
+    lora = lora_parameters(r, shape)
+    tokens = batch * seq_len
+    block = 34 * h + 3 * (6 * h + ff)  # bytes per token, one layer, activations kept
+    kept = layers if checkpoint_every == 0 else layers - math.ceil(layers / checkpoint_every)
+    checkpointed = layers - kept
+    activations = tokens * (kept * block + checkpointed * 2 * h + (block if checkpointed else 0))
+    return {
+        "weights": (linear * (0.5 + 4 / 64) + 2 * vocab * h * 2 + 4 * lora) / GIB,
+        "LoRA gradients": 4 * lora / GIB,
+        "optimizer": 8 * lora / GIB,
+        "activations": (activations + 2 * 4 * tokens * vocab) / GIB,
+    }
+
+
+def plot_qlora_memory(profiles: dict[str, int] | None = None):
+    """A stacked bar per GPU class (its checkpointing policy): estimated parts, with the H200 measurement marked."""
+    import matplotlib.pyplot as plt
+
+    profiles = profiles or {"16 GB (T4): every layer": 1, "24 GB (L4, A10): every layer": 1,
+                            "40 GB (A100 40GB): every 2nd layer": 2, "80 GB (H100): none": 0}
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    colors = {"weights": "#4C72B0", "LoRA gradients": "#DD8452", "optimizer": "#55A868", "activations": "#C44E52"}
+    for i, (label, every) in enumerate(profiles.items()):
+        left = 0.0
+        for part, gib in qlora_memory(every).items():
+            ax.barh(i, gib, left=left, color=colors[part], label=part if i == 0 else None)
+            left += gib
+        measured = MEASURED_QLORA_H200_GIB[every]
+        ax.plot(measured, i, marker="|", markersize=22, color="black", label="measured on an H200" if i == 0 else None)
+        ax.text(max(left, measured) + 1.5, i, f"{left:.1f} GiB estimated, {measured} measured", va="center", fontsize=8)
+    ax.set_yticks(range(len(profiles)), list(profiles))
+    ax.invert_yaxis()
+    ax.set_xlabel("GiB at the peak (QLoRA of Mistral-7B, 4 x 2048 tokens per micro-batch)")
+    ax.set_xlim(0, 105)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.set_title("Where a QLoRA step's memory goes, by activation checkpointing")
+    fig.tight_layout()
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -298,14 +298,14 @@ def load_training_data(script_args, tokenizer, profile: Profile, revision: str =
     """
     import datasets
 
-    from utils.prepare_data import is_own_output, local_path, open_source, prepare, save
+    from utils.prepare_data import is_current, local_path, open_source, prepare, save
 
     path = local_path(script_args.dataset_name)
     if path is None or not (path / "dataset_dict.json").is_file():
         smoke = Path(script_args.dataset_name) == SMOKE_DATA_DIR
         source = profile.dataset if smoke else script_args.dataset_name
         out = SMOKE_DATA_DIR if smoke else RUNS_DIR / "data" / Path(source).name.replace("/", "__")
-        if not is_own_output(out):
+        if not is_current(out):
             print(f"Preparing {source} into {out} (notebook 01's pipeline) ...")
             save(prepare(open_source(source, revision=revision), tokenizer, progress=False), out, source)
         path = out
@@ -577,6 +577,54 @@ def print_recipe_changes(config: str, training_args, model_args, profile: Profil
     width = max(len(name) for name, *_ in changes)
     for name, old, new in changes:
         print(f"  {name:<{width}}  {old!s:>22} -> {new}")
+
+
+def packed_row_table(trainer, row: int = 0, start: int = 0, count: int = 48):
+    """One collated training row as a table: token, id, label (or "masked"), position id, dialogue index.
+
+    Padding-free packing puts several dialogues in one row; ``position_ids`` restart at 0 where each begins, and
+    attention is kept inside each dialogue. The labels are the input ids: the model predicts each next token.
+    """
+    import pandas as pd
+
+    tokenizer = trainer.processing_class
+    batch = trainer.data_collator([trainer.train_dataset[row]])
+    ids = batch["input_ids"][0].tolist()
+    labels = batch["labels"][0].tolist()
+    positions = batch["position_ids"][0].tolist() if "position_ids" in batch else list(range(len(ids)))
+    dialogue, dialogues = -1, []
+    for p in positions:
+        dialogue += p == 0
+        dialogues.append(dialogue)
+    table = pd.DataFrame({"token": tokenizer.convert_ids_to_tokens(ids), "id": ids,
+                          "label": [("masked" if lab == -100 else lab) for lab in labels],
+                          "position id": positions, "dialogue": dialogues})
+    return table.iloc[start:start + count]
+
+
+def show_packed_row(table) -> None:
+    """Display ``packed_row_table``: coloured HTML (a colour per dialogue, EOS in bold) where the front end renders
+    HTML, the plain table otherwise."""
+    from IPython.display import display
+
+    palette = ["#e8f0fe", "#fde8e8", "#e6f4ea", "#fef7e0", "#f3e8fd", "#e0f7fa"]
+    rows = []
+    for index, r in table.iterrows():
+        token = html_escape(r["token"])
+        if r["token"] in ("</s>", "<s>"):
+            token = f"<b>{token}</b>"
+        label = '<span style="color:#999">masked</span>' if r["label"] == "masked" else r["label"]
+        rows.append(f'<tr style="background:{palette[r["dialogue"] % len(palette)]}"><td>{index}</td><td>{token}</td>'
+                    f'<td>{r["id"]}</td><td>{label}</td><td>{r["position id"]}</td><td>{r["dialogue"]}</td></tr>')
+    head = "".join(f"<th>{h}</th>" for h in ("#", "token", "id", "label", "position id", "dialogue"))
+    html = f'<table style="font-family:monospace;font-size:12px"><tr>{head}</tr>{"".join(rows)}</table>'
+    display({"text/html": html, "text/plain": table.to_string()}, raw=True)
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text).replace("\n", "\\n")
 
 
 # --- checks and report ---------------------------------------------------------------------------------------------
