@@ -598,17 +598,26 @@ def pack_wrapped(input_ids: list[list[int]], max_length: int = MAX_LENGTH) -> np
 
 
 def plot_token_histogram(prepared: Prepared, path: Path | None = None):
-    """Histogram of tokens per dialogue for each output split, with ``max_length`` marked; saved when ``path``."""
+    """Tokens per dialogue, one panel per output split (so the small test split stays visible), on an axis fitted
+    to the data; ``max_length`` is drawn where it falls inside, else named in the title. Saved when ``path``."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    for name, cols in prepared.rows.items():
-        if cols["num_tokens"]:
-            ax.hist(cols["num_tokens"], bins=40, alpha=0.6, label=f"{name} ({len(cols['num_tokens'])} dialogues)")
-    ax.axvline(prepared.max_length, color="black", linestyle="--", label=f"max_length {prepared.max_length}")
-    ax.set_xlabel("tokens per dialogue (Zephyr template, Mistral tokenizer)")
-    ax.set_ylabel("dialogues")
-    ax.legend()
+    splits = [(name, cols["num_tokens"]) for name, cols in prepared.rows.items() if cols["num_tokens"]]
+    fig, axes = plt.subplots(len(splits) or 1, 1, figsize=(8, 1.6 + 1.4 * max(1, len(splits))), sharex=True,
+                             squeeze=False)
+    longest = max((max(n) for _, n in splits), default=prepared.max_length)
+    right = longest * 1.05 if longest < prepared.max_length else max(longest, prepared.max_length) * 1.05
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (i, (name, lengths)) in zip(axes[:, 0], enumerate(splits)):
+        ax.hist(lengths, bins=40, range=(0, right), color=colors[i], label=f"{name}: {len(lengths)} dialogues")
+        if prepared.max_length <= right:
+            ax.axvline(prepared.max_length, color="black", linestyle="--", label=f"max_length {prepared.max_length}")
+        ax.set_ylabel("dialogues")
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1, 0].set_xlim(0, right)
+    axes[-1, 0].set_xlabel("tokens per dialogue (Zephyr template, Mistral tokenizer)")
+    if prepared.max_length > right:
+        axes[0, 0].set_title(f"every dialogue fits in max_length {prepared.max_length} (off the right edge)", fontsize=9)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)

@@ -452,13 +452,12 @@ class RankLog(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step == 1 and args.world_size > 1 and model is not None:  # wrapped (and sharded) by now
             held, total = parameters_held(model)
-            print(f"[rank {args.process_index}/{args.world_size}] this rank holds {held:,} of {total:,} parameters "
-                  f"({100 * held / total:.0f}%: {'sharded' if held < total else 'a full replica'})", flush=True)
+            _say(f"[rank {args.process_index}/{args.world_size}] this rank holds {held:,} of {total:,} parameters "
+                 f"({100 * held / total:.0f}%: {'sharded' if held < total else 'a full replica'})")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and args.world_size > 1:
-            print(f"[rank {args.process_index}/{args.world_size}] step {state.global_step} loss {logs['loss']:.4f}",
-                  flush=True)
+            _say(f"[rank {args.process_index}/{args.world_size}] step {state.global_step} loss {logs['loss']:.4f}")
 
     def on_train_end(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / "rank_logs"
@@ -466,6 +465,12 @@ class RankLog(TrainerCallback):
         record = {"rank": args.process_index, "world_size": args.world_size, "global_step": state.global_step,
                   "losses": [h["loss"] for h in state.log_history if "loss" in h]}
         (folder / f"rank{args.process_index}.json").write_text(json.dumps(record) + "\n")
+
+
+def _say(line: str) -> None:
+    """One line in one write, so the lines of several processes sharing a terminal do not run into each other."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def parameters_held(model) -> tuple[int, int]:
@@ -579,6 +584,12 @@ def print_recipe_changes(config: str, training_args, model_args, profile: Profil
         print(f"  {name:<{width}}  {old!s:>22} -> {new}")
 
 
+def fullest_row(trainer) -> int:
+    """Index of the packed training row that holds the most dialogues (TRL's ``seq_lengths`` column)."""
+    lengths = trainer.train_dataset["seq_lengths"]
+    return max(range(len(lengths)), key=lambda i: len(lengths[i]))
+
+
 def packed_row_table(trainer, row: int = 0, start: int = 0, count: int = 48):
     """One collated training row as a table: token, id, label (or "masked"), position id, dialogue index.
 
@@ -644,7 +655,7 @@ def label_checks(trainer) -> dict:
     }
 
 
-def speed_report(trainer, prepared_report: Path | None = None) -> dict:
+def speed_report(trainer, prepared_report: Path | None = None, estimate_epoch: bool = True) -> dict:
     """Peak GPU memory, tokens/s, seconds per step, and the estimated time for one epoch of ultrachat_200k.
 
     The epoch's token count comes from notebook 01's report when it processed the real dataset, otherwise from
@@ -671,7 +682,7 @@ def speed_report(trainer, prepared_report: Path | None = None) -> dict:
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "ultrachat_200k_epoch_tokens": int(epoch_tokens),
         "ultrachat_200k_epoch_tokens_from": basis,
-        "ultrachat_200k_epoch_hours": round(epoch_tokens / tok_s / 3600, 1) if tok_s > 0 else None,  # False for NaN
+        "ultrachat_200k_epoch_hours": round(epoch_tokens / tok_s / 3600, 1) if tok_s > 0 and estimate_epoch else None,
     }
 
 
@@ -705,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"its report: {saved['steps']} steps, {saved['tokens_per_second']} tokens/s, "
                   f"{saved['train_runtime_s']} s ({out / 'speed.json'})")
         return 0
-    report = speed_report(trainer, Path(script_args.dataset_name) / "report.json")
+    report = speed_report(trainer, Path(script_args.dataset_name) / "report.json", not profile.is_smoke)
     if trainer.is_world_process_zero():
         (out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
     if run_args.merge and model_args.use_peft and trainer.is_world_process_zero():
