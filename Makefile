@@ -3,33 +3,49 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# Torch is pinned apart from requirements.txt so that Colab/Kaggle keep their own CUDA build.
+# Torch is pinned apart from requirements.txt so that Colab/Kaggle keep their own CUDA build. pip installs it, so
+# that the machine's own pip settings (a local wheel, constraints) apply; uv installs the rest, much faster.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# JupyterLab refuses to start as root without --allow-root; root is the usual user on cloud GPU containers.
+AS_ROOT  := $(if $(filter 0,$(shell id -u)),--allow-root)
+LAB_ARGS ?=
 
-.PHONY: setup tutorial test lab bench clean
+.PHONY: setup tutorial test lint lab bench gpu-check clean
 
 setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	@if $(PY) -m pip install --quiet --disable-pip-version-check uv==0.13.9; then \
+		echo "installing the pinned packages with uv"; \
+		$(VENV)/bin/uv pip install --quiet --python $(PY) -r requirements.txt -r requirements-dev.txt; \
+	else \
+		echo "uv unavailable: installing the pinned packages with pip (a few minutes)"; \
+		$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt; \
+	fi
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
 tutorial: setup
 	$(PY) -m utils.notebook_runner
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check utils bench tests notebooks
+	$(VENV)/bin/ruff format --check utils bench tests notebooks
+
+test: lint
 	$(PY) -m pytest -q tests
 
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=.
+	$(VENV)/bin/jupyter lab --notebook-dir=. $(AS_ROOT) $(LAB_ARGS)
 
 bench: setup
 	$(PY) bench/prepare_data.py
+
+gpu-check: setup
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf runs data/processed

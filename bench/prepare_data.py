@@ -85,10 +85,18 @@ def trl_prepare(dataset, tokenizer, packing: bool, max_length: int | None):
     from trl import SFTConfig, SFTTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = SFTConfig(output_dir=tmp, max_length=max_length, packing=packing, packing_strategy="bfd",
-                         bf16=False, report_to=[], shuffle_dataset=False)
-    stub = SimpleNamespace(_tokenizer=tokenizer, chat_template=None, completion_only_loss=None,
-                           _is_vision_dataset=False, args=args)
+        args = SFTConfig(
+            output_dir=tmp,
+            max_length=max_length,
+            packing=packing,
+            packing_strategy="bfd",
+            bf16=False,
+            report_to=[],
+            shuffle_dataset=False,
+        )
+    stub = SimpleNamespace(
+        _tokenizer=tokenizer, chat_template=None, completion_only_loss=None, _is_vision_dataset=False, args=args
+    )
     return SFTTrainer._prepare_dataset(stub, dataset, tokenizer, args, packing, None, "train")
 
 
@@ -124,8 +132,10 @@ def main() -> None:
     same = trl_ids == ids
 
     mean = tokens / len(ids)
-    print(f"corpus: {args.rows} synthetic dialogues, {len(ids)} kept, {tokens:,} tokens "
-          f"({mean:,.0f} per dialogue), best of {args.repeat}")
+    print(
+        f"corpus: {args.rows} synthetic dialogues, {len(ids)} kept, {tokens:,} tokens "
+        f"({mean:,.0f} per dialogue), best of {args.repeat}"
+    )
     print(f"{'pipeline':58s} {'seconds':>8s} {'M tok/s':>8s} {'vs floor':>9s} {'vs no-offsets floor':>20s}")
     for name, seconds in [
         ("floor: tokenizer(rendered texts)", floor_s),
@@ -134,13 +144,19 @@ def main() -> None:
         ("TRL 1.x _prepare_dataset, text column (EOS+tokenize+bfd)", trl_text_s),
         ("TRL 1.x _prepare_dataset, messages column (chat template)", trl_chat_s),
     ]:
-        print(f"{name:58s} {seconds:8.2f} {tokens / seconds / 1e6:8.2f} {seconds / floor_s:8.2f}x "
-              f"{seconds / fast_s:19.2f}x")
-    print(f"ours is {trl_text_s / ours_s:.1f}x faster than TRL (text) and {trl_chat_s / ours_s:.1f}x than TRL "
-          f"(messages); token ids identical to TRL (text): {same}")
+        print(
+            f"{name:58s} {seconds:8.2f} {tokens / seconds / 1e6:8.2f} {seconds / floor_s:8.2f}x "
+            f"{seconds / fast_s:19.2f}x"
+        )
+    print(
+        f"ours is {trl_text_s / ours_s:.1f}x faster than TRL (text) and {trl_chat_s / ours_s:.1f}x than TRL "
+        f"(messages); token ids identical to TRL (text): {same}"
+    )
     total = ULTRACHAT_200K_ROWS * mean
-    print(f"all of ultrachat_200k (~{ULTRACHAT_200K_ROWS:,} dialogues, ~{total / 1e6:.0f}M tokens at this length): "
-          f"ours ~{total / (tokens / ours_s) / 60:.1f} min, TRL (text) ~{total / (tokens / trl_text_s) / 60:.1f} min")
+    print(
+        f"all of ultrachat_200k (~{ULTRACHAT_200K_ROWS:,} dialogues, ~{total / 1e6:.0f}M tokens at this length): "
+        f"ours ~{total / (tokens / ours_s) / 60:.1f} min, TRL (text) ~{total / (tokens / trl_text_s) / 60:.1f} min"
+    )
 
 
 def _ours(rows, tokenizer):

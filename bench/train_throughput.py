@@ -36,8 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers import TrainerCallback  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
-                    "T4": 65.0, "V100": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "T4": 65.0,
+    "V100": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
 SEQ = 2048
 
 
@@ -59,16 +69,24 @@ def variants(profile_name: str) -> list[Variant]:
     from utils.sft import PROFILE_TRAINING
 
     p = PROFILE_TRAINING.get(profile_name, PROFILE_TRAINING["gpu-40gb"])
-    ours = Variant("ours", p["per_device_train_batch_size"], p["gradient_accumulation_steps"], packing=True,
-                   optim=p.get("optim", "adamw_torch"))
+    ours = Variant(
+        "ours",
+        p["per_device_train_batch_size"],
+        p["gradient_accumulation_steps"],
+        packing=True,
+        optim=p.get("optim", "adamw_torch"),
+    )
     return [
         Variant("baseline (TRL defaults)"),
         ours,
         replace(ours, name="ours + flash-attn 2", attn="flash_attention_2", needs="flash_attn"),
         replace(ours, name="ours + paged 8-bit AdamW", optim="paged_adamw_8bit", needs="cuda"),
         replace(ours, name="ours + no checkpointing", checkpointing=False),
-        replace(ours, name="ours + checkpoint every 2nd layer",
-                checkpoint_kwargs={"use_reentrant": False, "every_n_layers": 2}),
+        replace(
+            ours,
+            name="ours + checkpoint every 2nd layer",
+            checkpoint_kwargs={"use_reentrant": False, "every_n_layers": 2},
+        ),
         replace(ours, name="ours + Liger kernels (fused loss)", liger=True, needs="liger_kernel"),  # patches: last
     ]
 
@@ -127,31 +145,61 @@ def run_variant(v: Variant, model_dir: Path, data, tokenizer, args, cuda: bool) 
 
     from utils import sft
 
-    model_args = ModelConfig(model_name_or_path=str(model_dir), dtype="bfloat16" if cuda else "float32",
-                             attn_implementation=v.attn, load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                             use_peft=True, lora_r=16, lora_alpha=16, lora_dropout=0.05,
-                             lora_target_modules=list(sft.MISTRAL_LINEAR_MODULES))
+    model_args = ModelConfig(
+        model_name_or_path=str(model_dir),
+        dtype="bfloat16" if cuda else "float32",
+        attn_implementation=v.attn,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        use_peft=True,
+        lora_r=16,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        lora_target_modules=list(sft.MISTRAL_LINEAR_MODULES),
+    )
     steps = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
-            output_dir=out, max_steps=steps, per_device_train_batch_size=v.per_device,
-            gradient_accumulation_steps=v.accumulation, learning_rate=2e-4, lr_scheduler_type="constant",
-            max_length=args.max_length, packing=v.packing, packing_strategy="bfd",
-            activation_checkpointing=v.checkpointing, activation_checkpointing_kwargs=v.checkpoint_kwargs,
-            optim=v.optim, use_liger_kernel=v.liger, bf16=cuda, use_cpu=not cuda, report_to=[],
-            logging_steps=1, save_strategy="no", include_num_input_tokens_seen="non_padding",
-            dataloader_num_workers=0, seed=42)
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=v.per_device,
+            gradient_accumulation_steps=v.accumulation,
+            learning_rate=2e-4,
+            lr_scheduler_type="constant",
+            max_length=args.max_length,
+            packing=v.packing,
+            packing_strategy="bfd",
+            activation_checkpointing=v.checkpointing,
+            activation_checkpointing_kwargs=v.checkpoint_kwargs,
+            optim=v.optim,
+            use_liger_kernel=v.liger,
+            bf16=cuda,
+            use_cpu=not cuda,
+            report_to=[],
+            logging_steps=1,
+            save_strategy="no",
+            include_num_input_tokens_seen="non_padding",
+            dataloader_num_workers=0,
+            seed=42,
+        )
         model = sft.load_model(model_args, sft.bnb_config(model_args))
         clock = StepClock(args.warmup)
-        trainer = SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_dict({"input_ids": data}),
-                             processing_class=tokenizer, peft_config=sft.lora_config(model_args), callbacks=[clock])
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=datasets.Dataset.from_dict({"input_ids": data}),
+            processing_class=tokenizer,
+            peft_config=sft.lora_config(model_args),
+            callbacks=[clock],
+        )
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
         seconds = clock.seconds()
         tokens = clock.tokens()
         result = {
-            "variant": v.name, "batch": f"{v.per_device}x{v.accumulation}",
+            "variant": v.name,
+            "batch": f"{v.per_device}x{v.accumulation}",
             "tokens/s": tokens / seconds if seconds else float("nan"),
             "s/step": seconds / max(args.steps, 1),
             "peak alloc GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -244,27 +292,34 @@ def main() -> int:
 
 
 def print_table(rows: list[dict], device: str, profile: str, args) -> None:
-    print(f"\ndevice: {device} | profile: {profile} | length {args.max_length} | {args.steps} steps after "
-          f"{args.warmup} warm-up")
+    print(
+        f"\ndevice: {device} | profile: {profile} | length {args.max_length} | {args.steps} steps after "
+        f"{args.warmup} warm-up"
+    )
     print(f"{'variant':38s} {'batch':>6s} {'tok/s':>9s} {'s/step':>7s} {'alloc GiB':>10s} {'resv GiB':>9s} {'MFU':>6s}")
     base = next((r for r in rows if "tokens/s" in r), None)
     for r in rows:
         if "skipped" in r:
             print(f"{r['variant']:38s} skipped: {r['skipped']}")
             continue
+
         def fmt(value, width: int, digits: int, suffix: str = "") -> str:
             return f"{value:{width - len(suffix)}.{digits}f}{suffix}" if value is not None else f"{'-':>{width}s}"
 
         mfu = 100 * r["MFU"] if r["MFU"] is not None else None
-        print(f"{r['variant']:38s} {r['batch']:>6s} {r['tokens/s']:9.0f} {r['s/step']:7.2f} "
-              f"{fmt(r['peak alloc GiB'], 10, 2)} {fmt(r['peak reserved GiB'], 9, 2)} {fmt(mfu, 6, 1, '%')}")
+        print(
+            f"{r['variant']:38s} {r['batch']:>6s} {r['tokens/s']:9.0f} {r['s/step']:7.2f} "
+            f"{fmt(r['peak alloc GiB'], 10, 2)} {fmt(r['peak reserved GiB'], 9, 2)} {fmt(mfu, 6, 1, '%')}"
+        )
     if base:
         best = max((r for r in rows if "tokens/s" in r), key=lambda r: r["tokens/s"])
         print(f"fastest: {best['variant']}, {best['tokens/s'] / base['tokens/s']:.2f}x the baseline's tokens/s")
     check = next((r for r in rows if r["variant"].startswith("16 GB check") and "tokens/s" in r), None)
     if check and check["peak reserved GiB"] is not None:
-        print(f"16 GB check: gpu-16gb settings peak at {check['peak reserved GiB']:.2f} GiB reserved "
-              f"({'below' if check['peak reserved GiB'] < 15 else 'ABOVE'} 15 GiB)")
+        print(
+            f"16 GB check: gpu-16gb settings peak at {check['peak reserved GiB']:.2f} GiB reserved "
+            f"({'below' if check['peak reserved GiB'] < 15 else 'ABOVE'} 15 GiB)"
+        )
 
 
 if __name__ == "__main__":

@@ -9,8 +9,13 @@ from utils import REPO_ROOT
 
 def test_train_throughput_cpu_smoke(tmp_path):
     out = tmp_path / "throughput.json"
-    result = subprocess.run([sys.executable, "bench/train_throughput.py", "--cpu-smoke", "--json", str(out)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "bench/train_throughput.py", "--cpu-smoke", "--json", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     ran = [name for name, r in rows.items() if "tokens/s" in r]
@@ -23,8 +28,10 @@ def test_train_throughput_cpu_smoke(tmp_path):
 
 
 def test_train_throughput_refuses_a_cpu_without_smoke():
-    code = ("import sys, torch; torch.cuda.is_available = lambda: False; sys.argv = ['x']; "
-            "sys.path.insert(0, 'bench'); import train_throughput as t; sys.exit(t.main())")
+    code = (
+        "import sys, torch; torch.cuda.is_available = lambda: False; sys.argv = ['x']; "
+        "sys.path.insert(0, 'bench'); import train_throughput as t; sys.exit(t.main())"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().endswith("error: no CUDA GPU; run with --cpu-smoke to exercise the script on the CPU")

@@ -41,8 +41,15 @@ def test_find_runs_reads_trainer_state_and_tensorboard(runs_dir):
     assert (beta.name, beta.source) == ("beta", "tensorboard")
     assert beta.train["step"] == [1, 2, 3] and beta.train["loss"] == pytest.approx([4.0, 3.5, 3.25])
     assert beta.eval["loss"] == pytest.approx([3.4])
-    assert alpha.summary() == {"run": "alpha", "final train loss": 2.0, "final eval loss": 2.7, "steps": 3,
-                               "tokens": 300, "runtime (s)": 12.5, "from": "trainer_state.json"}
+    assert alpha.summary() == {
+        "run": "alpha",
+        "final train loss": 2.0,
+        "final eval loss": 2.7,
+        "steps": 3,
+        "tokens": 300,
+        "runtime (s)": 12.5,
+        "from": "trainer_state.json",
+    }
 
 
 def test_ema():
@@ -54,13 +61,21 @@ def test_ema():
 def test_card_reference():
     ref = curves.card_reference()
     assert (ref["step"], ref["epoch"], ref["train_loss"], ref["eval_loss"], ref["final_eval_loss"]) == (
-        272, 0.67, 0.9367, 0.9397, 0.9399)
+        272,
+        0.67,
+        0.9367,
+        0.9397,
+        0.9399,
+    )
     assert ref["tokens"] == 272 * 512 * 2048
 
 
 def _lines(ax):
-    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()
-            if not line.get_label().startswith("_")}
+    return {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+        for line in ax.get_lines()
+        if not line.get_label().startswith("_")
+    }
 
 
 def test_plot_has_the_expected_series(runs_dir, tmp_path):
@@ -104,12 +119,17 @@ def test_the_card_schedule_stops_at_30_percent_of_the_peak():
 def test_plot_with_no_runs_shows_the_card_alone():
     fig = curves.plot_runs([], curves.card_reference())
     assert _lines(fig.axes[0]) == {}
-    assert sorted(_lines(fig.axes[1])) == ["card eval 0.9397 @ step 272", "card final eval 0.9399",
-                                          "card train 0.9367 @ step 272"]
+    assert sorted(_lines(fig.axes[1])) == [
+        "card eval 0.9397 @ step 272",
+        "card final eval 0.9399",
+        "card train 0.9367 @ step 272",
+    ]
 
 
 def test_an_unreadable_run_is_skipped_by_name(runs_dir, capsys):
     (runs_dir / "gamma").mkdir()
     (runs_dir / "gamma" / "trainer_state.json").write_text('{"log_hist')
     assert [run.name for run in curves.find_runs(runs_dir)] == ["alpha", "beta"]
-    assert f"skipped {runs_dir / 'gamma' / 'trainer_state.json'}: unreadable (JSONDecodeError)" in capsys.readouterr().out
+    assert (
+        f"skipped {runs_dir / 'gamma' / 'trainer_state.json'}: unreadable (JSONDecodeError)" in capsys.readouterr().out
+    )

@@ -48,8 +48,12 @@ def test_disclaimers_match_case_and_curly_apostrophes():
     phrases = load_disclaimers()
     assert "as an ai language model" in phrases
     assert disclaimer_in([U("Hi"), A("AS AN AI LANGUAGE MODEL I can't")], phrases) == "as an ai language model"
-    assert disclaimer_in([U("Hi"), A("I don\u2019t have personal opinions.")], phrases) == "i don't have personal opinions"
-    assert disclaimer_in([U("I do not have emotions, do you?"), A("Sometimes.")], phrases) is None  # user turns don't count
+    assert (
+        disclaimer_in([U("Hi"), A("I don\u2019t have personal opinions.")], phrases) == "i don't have personal opinions"
+    )
+    assert (
+        disclaimer_in([U("I do not have emotions, do you?"), A("Sometimes.")], phrases) is None
+    )  # user turns don't count
     assert disclaimer_in([U("Hi"), A("Hello there")], phrases) is None
 
 
@@ -106,14 +110,17 @@ def test_truecase_messages_counts_changed_messages_and_copies():
     assert zero == 0 and same == [U("Hi."), A("Hello.")]
 
 
-@pytest.mark.parametrize("text", [
-    "Made in the U.S. and sold in the U.K. and Canada.",
-    "Acme Inc. and Widgets Ltd. and Smith & Co. merged.",
-    "It opened in Jan. and closed in Dec. after a busy Feb. and Sept. of work.",
-    "Lay it 3 ft. per row, 2 in. deep, with 1 lb. or 4 oz. of seed.",
-    "Bring fruit, e.g. apples, i.e. something sweet, vs. sweets, etc. and water.",
-    "Ask Dr. and Mr. and Mrs. and Ms. Lee about No. and approx. numbers.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Made in the U.S. and sold in the U.K. and Canada.",
+        "Acme Inc. and Widgets Ltd. and Smith & Co. merged.",
+        "It opened in Jan. and closed in Dec. after a busy Feb. and Sept. of work.",
+        "Lay it 3 ft. per row, 2 in. deep, with 1 lb. or 4 oz. of seed.",
+        "Bring fruit, e.g. apples, i.e. something sweet, vs. sweets, etc. and water.",
+        "Ask Dr. and Mr. and Mrs. and Ms. Lee about No. and approx. numbers.",
+    ],
+)
 def test_truecase_leaves_words_after_abbreviations_alone(text):
     assert truecase(text) == text
 
@@ -121,7 +128,7 @@ def test_truecase_leaves_words_after_abbreviations_alone(text):
 def test_abbreviations_are_configurable():
     from utils.filters import ABBREVIATIONS, load_abbreviations
 
-    needed = "u.s. u.k. inc. ltd. co. jan. feb. mar. apr. jun. jul. aug. sep. oct. nov. dec. ft. in. lb. oz. e.g. " \
-             "i.e. vs. etc. dr. mr. mrs. ms. no. approx.".split()
+    needed = """u.s. u.k. inc. ltd. co. jan. feb. mar. apr. jun. jul. aug. sep. oct. nov. dec. ft. in. lb. oz. e.g. i.e.
+                vs. etc. dr. mr. mrs. ms. no. approx.""".split()
     assert set(needed) <= ABBREVIATIONS == load_abbreviations()
     assert truecase("It ended. and then") == "It ended. And then"  # a real sentence end is still fixed

@@ -31,8 +31,9 @@ def test_reference_file_matches_the_card():
         assert str(ref[key]) == text or float(ref[key]) == float(text), key
     assert "Loss: 0.9399" in CARD.read_text() and REFERENCE["final_eval_loss"] == 0.9399
     assert "| 0.9367        | 0.67  | 272  | 0.9397          |" in CARD.read_text()
-    assert REFERENCE["training_results"] == [{"training_loss": 0.9367, "epoch": 0.67, "step": 272,
-                                              "validation_loss": 0.9397}]
+    assert REFERENCE["training_results"] == [
+        {"training_loss": 0.9367, "epoch": 0.67, "step": 272, "validation_loss": 0.9397}
+    ]
 
 
 def test_full_recipe_has_every_card_value():
@@ -73,8 +74,9 @@ def test_global_batch_sets_accumulation_from_world_size():
 
     argv = ["--config", FULL]
     script_args, args, model_args, run_args = sft.parse(argv)
-    args = sft.apply_profile(GPU_PROFILES[-1], script_args, args, model_args, sft.explicit_fields(argv), run_args,
-                             world_size=8)
+    args = sft.apply_profile(
+        GPU_PROFILES[-1], script_args, args, model_args, sft.explicit_fields(argv), run_args, world_size=8
+    )
     assert args.per_device_train_batch_size == 8  # the card's, not the QLoRA profile's 4
     assert args.gradient_accumulation_steps == 8  # 8 per device x 8 GPUs x 8 = 512
 
@@ -95,15 +97,18 @@ def test_model_states_reproduce_the_zero_paper():
     assert gb(scaling.model_states_bytes(psi, "zero3", 64)) == 1.9
 
 
-@pytest.mark.parametrize("strategy, gpus, gib, fits", [
-    ("zero3", 8, 80, True),        # the alignment-handbook's 8 x A100 80GB
-    ("ddp", 8, 80, False),         # 16 bytes/parameter on every GPU
-    ("zero3", 16, 24, True),
-    ("zero3", 8, 16, False),
-    ("zero3_offload", 8, 16, True),
-    ("fsdp", 4, 40, True),
-    ("zero2", 2, 40, False),
-])
+@pytest.mark.parametrize(
+    "strategy, gpus, gib, fits",
+    [
+        ("zero3", 8, 80, True),  # the alignment-handbook's 8 x A100 80GB
+        ("ddp", 8, 80, False),  # 16 bytes/parameter on every GPU
+        ("zero3", 16, 24, True),
+        ("zero3", 8, 16, False),
+        ("zero3_offload", 8, 16, True),
+        ("fsdp", 4, 40, True),
+        ("zero2", 2, 40, False),
+    ],
+)
 def test_fit_verdicts(strategy, gpus, gib, fits):
     assert scaling.estimate(strategy, gpus, gib, per_device_batch=8).fits is fits
 
@@ -118,12 +123,15 @@ def test_estimate_parts():
     assert table[(table.strategy == "ddp")]["80 GB"].eq("-").all()
 
 
-@pytest.mark.parametrize("name, kind, processes, machines", [
-    ("deepspeed_zero3.yaml", "DEEPSPEED", 8, 1),
-    ("deepspeed_zero3_2nodes.yaml", "DEEPSPEED", 16, 2),
-    ("fsdp.yaml", "FSDP", 8, 1),
-    ("ddp.yaml", "MULTI_GPU", 2, 1),
-])
+@pytest.mark.parametrize(
+    "name, kind, processes, machines",
+    [
+        ("deepspeed_zero3.yaml", "DEEPSPEED", 8, 1),
+        ("deepspeed_zero3_2nodes.yaml", "DEEPSPEED", 16, 2),
+        ("fsdp.yaml", "FSDP", 8, 1),
+        ("ddp.yaml", "MULTI_GPU", 2, 1),
+    ],
+)
 def test_accelerate_configs_load(name, kind, processes, machines):
     from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 
@@ -139,9 +147,30 @@ def test_accelerate_configs_load(name, kind, processes, machines):
 def test_two_process_cpu_run(tmp_path):
     out = tmp_path / "full"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "utils.sft", "--config", FULL,
-         "--profile", "smoke", "--output_dir", str(out), "--max_steps", "4", "--save_steps", "2"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "utils.sft",
+            "--config",
+            FULL,
+            "--profile",
+            "smoke",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "2",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     logs = [json.loads(p.read_text()) for p in sorted((out / "rank_logs").glob("rank*.json"))]
     assert [(log["rank"], log["world_size"], log["global_step"]) for log in logs] == [(0, 2, 4), (1, 2, 4)]
@@ -167,8 +196,10 @@ def test_the_recipe_parses_in_a_child_process_the_same(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     calls = []
     monkeypatch.setattr(sft, "_recipe_dicts", lambda a: calls.append(a) or pytest.fail("parsed in this process"))
-    monkeypatch.setattr("subprocess.run", lambda *a, **k: type("R", (), {"returncode": 0, "stdout": json.dumps(
-        [vars(part) for part in here])})())
+    monkeypatch.setattr(
+        "subprocess.run",
+        lambda *a, **k: type("R", (), {"returncode": 0, "stdout": json.dumps([vars(part) for part in here])})(),
+    )
     assert sft.parse_recipe(argv)[1].learning_rate == 2e-5 and not calls
 
 
@@ -185,4 +216,5 @@ def test_zero_table_is_split_into_parts():
     table = scaling.fit_table()
     row = table[(table.strategy == "zero3") & (table.gpus == 8)].iloc[0]
     assert row["weights"] + row["gradients"] + row["optimizer"] + row["activations"] == pytest.approx(
-        row["GiB per GPU"], abs=0.2)
+        row["GiB per GPU"], abs=0.2
+    )

@@ -8,20 +8,31 @@ CPU = Hardware(cuda=False, hub=True)
 
 
 def gpu(name, gib, cc, bf16, hub=True, flash=False):
-    return Hardware(cuda=True, gpu_name=name, gpu_count=1, gpu_memory_gib=gib, compute_capability=cc, bf16=bf16,
-                    hub=hub, flash_attn=flash)
+    return Hardware(
+        cuda=True,
+        gpu_name=name,
+        gpu_count=1,
+        gpu_memory_gib=gib,
+        compute_capability=cc,
+        bf16=bf16,
+        hub=hub,
+        flash_attn=flash,
+    )
 
 
-@pytest.mark.parametrize("hw, name, dtype, attn, every", [
-    (CPU, "smoke", "float32", "sdpa", 0),
-    (gpu("Tesla T4", 15.0, (7, 5), False, hub=False), "smoke", "float32", "sdpa", 0),
-    (gpu("Tesla T4", 15.0, (7, 5), False), "gpu-16gb", "float16", "sdpa", 1),
-    (gpu("NVIDIA L4", 22.5, (8, 9), True), "gpu-24gb", "bfloat16", "flex_attention", 1),
-    (gpu("NVIDIA A100-SXM4-40GB", 39.4, (8, 0), True), "gpu-40gb", "bfloat16", "flex_attention", 2),
-    (gpu("NVIDIA A100-SXM4-80GB", 79.2, (8, 0), True, flash=True), "gpu-80gb", "bfloat16", "flash_attention_2", 0),
-    (gpu("NVIDIA H200", 139.8, (9, 0), True), "gpu-80gb", "bfloat16", "flex_attention", 0),
-    (gpu("Tesla V100-SXM2-32GB", 31.7, (7, 0), False), "gpu-24gb", "float16", "sdpa", 1),
-])
+@pytest.mark.parametrize(
+    "hw, name, dtype, attn, every",
+    [
+        (CPU, "smoke", "float32", "sdpa", 0),
+        (gpu("Tesla T4", 15.0, (7, 5), False, hub=False), "smoke", "float32", "sdpa", 0),
+        (gpu("Tesla T4", 15.0, (7, 5), False), "gpu-16gb", "float16", "sdpa", 1),
+        (gpu("NVIDIA L4", 22.5, (8, 9), True), "gpu-24gb", "bfloat16", "flex_attention", 1),
+        (gpu("NVIDIA A100-SXM4-40GB", 39.4, (8, 0), True), "gpu-40gb", "bfloat16", "flex_attention", 2),
+        (gpu("NVIDIA A100-SXM4-80GB", 79.2, (8, 0), True, flash=True), "gpu-80gb", "bfloat16", "flash_attention_2", 0),
+        (gpu("NVIDIA H200", 139.8, (9, 0), True), "gpu-80gb", "bfloat16", "flex_attention", 0),
+        (gpu("Tesla V100-SXM2-32GB", 31.7, (7, 0), False), "gpu-24gb", "float16", "sdpa", 1),
+    ],
+)
 def test_auto_profile(hw, name, dtype, attn, every, capsys, monkeypatch):
     import importlib.util
 
@@ -36,8 +47,9 @@ def test_auto_profile(hw, name, dtype, attn, every, capsys, monkeypatch):
 
 def test_t4_falls_back_to_sdpa_with_a_reason(capsys):
     choose_profile("auto", gpu("Tesla T4", 15.0, (7, 5), False))
-    assert "sdpa: flex_attention's Triton kernels need compute capability 8.0+, this GPU is 7.5" in \
-        capsys.readouterr().out
+    assert (
+        "sdpa: flex_attention's Triton kernels need compute capability 8.0+, this GPU is 7.5" in capsys.readouterr().out
+    )
 
 
 def test_a_local_model_gets_the_gpu_profile_without_the_hub(tmp_path, capsys):
@@ -45,8 +57,9 @@ def test_a_local_model_gets_the_gpu_profile_without_the_hub(tmp_path, capsys):
     profile = choose_profile("auto", gpu("NVIDIA H100 80GB HBM3", 79.1, (9, 0), True, hub=False), model=str(tmp_path))
     assert profile.name == "gpu-80gb" and profile.model_id == str(tmp_path)
     assert profile.dataset == "data/sample/ultrachat_200k"
-    assert f"the Hub is unreachable: {tmp_path} from disk, the shipped sample dialogues as data" in \
-        capsys.readouterr().out
+    assert (
+        f"the Hub is unreachable: {tmp_path} from disk, the shipped sample dialogues as data" in capsys.readouterr().out
+    )
 
 
 def test_no_hub_and_no_local_model_says_which_case_applied(tmp_path, capsys):

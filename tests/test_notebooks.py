@@ -1,11 +1,19 @@
 """Stored notebooks are clean and parameterised; the whole series executes in the smoke profile, in order."""
 
+import ast
 import json
+import os
+import re
+import shlex
+import subprocess
+import sys
 
 import nbformat
 import pytest
 
+from utils import REPO_ROOT
 from utils.notebook_runner import notebooks, run_notebook
+from utils.setup_cell import SETUP_CELL
 
 ALL = notebooks()
 
@@ -25,6 +33,7 @@ def test_stored_without_outputs_and_with_parameters(path):
     assert nb.cells[0].cell_type == "markdown" and "**Hardware.**" in nb.cells[0].source
     assert "**Time.**" in nb.cells[0].source
     assert "## Try this" in nb.cells[-1].source
+    assert code[0].source == SETUP_CELL  # one set-up cell, kept in utils/setup_cell.py
 
 
 def _outputs(executed):
@@ -47,23 +56,39 @@ def series(tmp_path_factory):
     texts = {}
     for path in ALL:
         number = path.name[:2]
-        texts[number] = _outputs(run_notebook(path, "smoke", out_dir=base / "executed", **params[number]))
+        texts[number] = _outputs(
+            run_notebook(path, "smoke", out_dir=base / "executed", progress_bar=False, **params[number])
+        )
     return base, texts
 
 
 def test_notebook_01(series):
     base, texts = series
     assert "Profile: smoke — asked for explicitly" in texts["01"]
-    assert "66 rows in, 50 kept, 16 dropped, 3 truecased (5 messages)" in texts["01"]
+    assert (
+        "23 rows in, 16 kept, 7 dropped, 1 truecased; filters applied: structure, truecase, disclaimer, "
+        "duplicate_prompt" in texts["01"]
+    )
+    assert "66 rows in, 55 kept, 11 dropped, 0 truecased (0 messages)" in texts["01"]
+    assert "filters applied: structure | audited only: truecase, disclaimer, duplicate_prompt" in texts["01"]
+    assert (
+        "[('<s>', 1), ('▁<', 523), ('|', 28766), ('system', 6574), ('|', 28766), ('>', 28767), ('<0x0A>', 13), "
+        "('</s>', 2), ('<0x0A>', 13)" in texts["01"]
+    )  # the empty system turn, in ids
     assert (base / "processed" / "report.json").is_file()
 
 
 def test_notebook_02(series):
     base, texts = series
     assert "28 linear layers are 4-bit" in texts["02"]
+    assert "  learning_rate                                0.0002 -> 0.003" in texts["02"]  # the smoke diff
     assert "Starting a new run." in texts["02"]
-    assert "same next token: True" in texts["02"]
+    assert "trainable parameters: 83,968 of 4,401,728 (1.91%)" in texts["02"]
+    assert re.search(r"row \d+ holds \d+ tokens in [2-9] dialogues", texts["02"])
+    assert "merged vs 16-bit base + adapter          : largest logit difference" in texts["02"]
+    assert "merged vs 4-bit base + adapter (trained) : largest logit difference" in texts["02"]
     assert (base / "runs" / "qlora" / "merged" / "model.safetensors").is_file()
+    assert json.loads((base / "runs" / "qlora" / "run.json").read_text())["status"] == "finished"
 
 
 def test_notebook_03(series):
@@ -75,7 +100,7 @@ def test_notebook_03(series):
 
 def test_notebook_04(series):
     base, texts = series
-    assert "full         4 train logs" in texts["04"] and "qlora        30 train logs" in texts["04"]
+    assert "full         4 train logs" in texts["04"] and "qlora        33 train logs" in texts["04"]
     assert (base / "plots" / "loss_curves.png").is_file() and (base / "plots" / "loss_curves.svg").is_file()
 
 
@@ -83,7 +108,100 @@ def test_notebook_05(series):
     _, texts = series
     assert "You are a friendly chatbot who always responds in the style of a pirate</s>" in texts["05"]
     assert "re-ran full with seed 42: identical answers" in texts["05"]
+    assert re.search(r"full: \d of 4 answers ended at EOS", texts["05"])
     assert "GPU memory: no GPU" in texts["05"]
+
+
+def test_executed_outputs_are_clean(series):
+    """What a learner reads: no widgets, no half-drawn progress bars, no warnings, one stream of each kind per cell."""
+    base, _ = series
+    for path in sorted((base / "executed").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+            streams = [o for o in cell.outputs if o.output_type == "stream"]
+            assert len(streams) <= len({o.name for o in streams}) + 1, (path.name, i)  # stderr may split stdout once
+            text = "".join(o.text for o in streams)
+            assert "\r" not in text and "Warning" not in text and "warn(" not in text, (path.name, i, text[-300:])
+            for output in cell.outputs:
+                assert "application/vnd.jupyter.widget-view+json" not in output.get("data", {}), (path.name, i)
+                assert (
+                    output.output_type != "execute_result"
+                    or "text/plain" not in output.data
+                    or not re.fullmatch(r"\d+", output.data["text/plain"])
+                ), (path.name, i)  # a stray gc.collect() value
+        streamed = (
+            next(c for c in nb.cells if "streamer=TextStreamer" in c.source) if path.name.startswith("05") else None
+        )
+        if streamed is not None:
+            assert len(streamed.outputs) == 1  # the streamed tokens are one output
+
+
+def test_a_finished_notebook_run_is_recognised(series):
+    base, _ = series
+    adapter = base / "runs" / "qlora" / "adapter" / "adapter_model.safetensors"
+    before = adapter.stat().st_mtime_ns
+    text = _outputs(
+        run_notebook(
+            ALL[1], "smoke", out_dir=base / "again", progress_bar=False, OUTPUT_DIR=str(base / "runs" / "qlora")
+        )
+    )
+    assert f"already trained: 33/33 steps in {base / 'runs' / 'qlora'}; set FRESH = True" in text
+    assert "Resuming" not in text and "interrupted" not in text
+    assert "This run finished earlier; its own report:" in text and "tokens_per_second" in text
+    assert "already merged:" in text
+    assert adapter.stat().st_mtime_ns == before
+
+
+# --- every "Try this" runs exactly as written ------------------------------------------------------------------------
+def _try_this(path):
+    """The exercises of a notebook: parameter assignments and shell commands, in backticks."""
+    text = nbformat.read(path, as_version=4).cells[-1].source
+    params = re.findall(r"`([A-Z_]+) = ([^`]+)`", text)
+    commands = re.findall(r"`((?:python -m|torchrun) [^`]+)`", text)
+    return params, commands
+
+
+@pytest.mark.parametrize("number", ["01", "04"])
+def test_try_this_parameters_run(number, series, tmp_path):
+    base, _ = series
+    path = next(p for p in ALL if p.name.startswith(number))
+    params, commands = _try_this(path)
+    assert len(params) >= 3 and not commands
+    extra = {"01": dict(OUT=str(tmp_path / "processed")), "04": dict(RUNS=str(base / "runs"), PLOTS=str(tmp_path))}
+    for name, value in params:
+        text = _outputs(
+            run_notebook(
+                path,
+                "smoke",
+                out_dir=tmp_path / name,
+                progress_bar=False,
+                **{**extra[number], name: ast.literal_eval(value)},
+            )
+        )
+        assert "collection at" in text
+
+
+@pytest.mark.parametrize("number", ["02", "03", "05"])
+def test_try_this_commands_run(number, tmp_path):
+    path = next(p for p in ALL if p.name.startswith(number))
+    params, commands = _try_this(path)
+    assert len(commands) >= 3 and not params
+    for name in ("configs", "data"):  # the commands name these relative to the collection
+        (tmp_path / name).symlink_to(REPO_ROOT / name)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+    }
+    for command in commands:
+        result = subprocess.run(
+            shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+    if number == "02":  # "run any of them a second time": nothing is trained or rewritten
+        again = subprocess.run(shlex.split(commands[0]), cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert again.returncode == 0 and "already trained: 4/4 steps in runs/qlora-r64" in again.stdout
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)

@@ -13,17 +13,34 @@ from hypothesis import strategies as st
 
 from utils import REPO_ROOT, SAMPLE_DIR
 from utils.prepare_data import (
-    MARKER, OutputError, SourceError, count_bfd_bins, main, open_source, pack_wrapped, prepare, prompt_id, render,
-    save, split_lengths, token_stats,
+    MARKER,
+    SourceError,
+    count_bfd_bins,
+    main,
+    open_source,
+    pack_wrapped,
+    prepare,
+    prompt_id,
+    render,
+    save,
+    split_lengths,
+    token_stats,
 )
 
 SAMPLE_200K = SAMPLE_DIR / "ultrachat_200k"
 SAMPLE_RAW = SAMPLE_DIR / "ultrachat_raw" / "ultrachat_raw.jsonl"
 STRUCTURE_DROPS = {
-    "invalid_json": 1, "missing_messages": 1, "not_an_object": 1,
-    "structure:bad_role": 1, "structure:content_not_string": 1, "structure:empty_content": 1,
-    "structure:ends_with_user": 1, "structure:misplaced_system": 1, "structure:not_a_list": 1,
-    "structure:not_alternating": 1, "structure:starts_with_assistant": 1,
+    "invalid_json": 1,
+    "missing_messages": 1,
+    "not_an_object": 1,
+    "structure:bad_role": 1,
+    "structure:content_not_string": 1,
+    "structure:empty_content": 1,
+    "structure:ends_with_user": 1,
+    "structure:misplaced_system": 1,
+    "structure:not_a_list": 1,
+    "structure:not_alternating": 1,
+    "structure:starts_with_assistant": 1,
 }
 SAMPLE_DROPS = {**STRUCTURE_DROPS, "disclaimer": 3, "duplicate_prompt": 2}
 # <s> <|system|>\n </s> \n <|user|>\n Hi </s> \n <|assistant|>\n Yo </s> \n </s>: the card's empty system turn
@@ -66,8 +83,14 @@ def test_filters_all_applies_the_chain(filtered):
     assert report["filters_applied"] == ["structure", "truecase", "disclaimer", "duplicate_prompt"]
     assert report["filters_audited"] == [] and report["audited"] == {}
     assert report["splits"]["train_sft"]["input_rows"] == 60 and report["splits"]["train_sft"]["kept"] == 44
-    assert report["splits"]["test_sft"] == {"input_rows": 6, "kept": 6, "dropped": {}, "truecased": 0,
-                                            "truecased_messages": 0, "audited": {}}
+    assert report["splits"]["test_sft"] == {
+        "input_rows": 6,
+        "kept": 6,
+        "dropped": {},
+        "truecased": 0,
+        "truecased_messages": 0,
+        "audited": {},
+    }
     assert len(filtered.rows["train"]["prompt"]) == 44 and len(filtered.rows["test"]["prompt"]) == 6
 
 
@@ -86,31 +109,50 @@ def test_every_dialogue_starts_with_the_empty_system_turn(sample, tokenizer):
         assert rows["input_ids"][i][:15] == SYSTEM_TURN_IDS
     ids = tokenizer(render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]))["input_ids"]
     assert ids == SYSTEM_TURN_IDS + [23809, 2, 13, 28789, 28766, 489, 11143, 28766, 28767, 13, 28802, 28709, 2, 13, 2]
-    short = prepare({"train": [(1, {"messages": [{"role": "user", "content": "Hi"},
-                                                 {"role": "assistant", "content": "Yo"}]}, None)]},
-                    tokenizer, progress=False, test_fraction=0, system_turn=False)
+    short = prepare(
+        {
+            "train": [
+                (1, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, None)
+            ]
+        },
+        tokenizer,
+        progress=False,
+        test_fraction=0,
+        system_turn=False,
+    )
     assert short.rows["train"]["input_ids"][0] == [1, 523] + ids[10:]  # 8 tokens fewer without it
 
 
 def test_special_token_text_in_messages_stays_text(tokenizer):
-    row = {"messages": [{"role": "user", "content": "What do <s> and </s> mean?"},
-                        {"role": "assistant", "content": "They mark a start </s> and an end."}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "What do <s> and </s> mean?"},
+            {"role": "assistant", "content": "They mark a start </s> and an end."},
+        ]
+    }
     ids = prepare({"train": [(1, row, None)]}, tokenizer, progress=False, test_fraction=0).rows["train"]["input_ids"][0]
     assert ids.count(tokenizer.bos_token_id) == 1 and ids.count(tokenizer.eos_token_id) == 4  # system, 2 turns, end
     assert "▁</" in tokenizer.convert_ids_to_tokens(ids)
-    plain = {"messages": [{"role": "user", "content": "What do they mean?"},
-                          {"role": "assistant", "content": "They mark a start and an end."}]}
+    plain = {
+        "messages": [
+            {"role": "user", "content": "What do they mean?"},
+            {"role": "assistant", "content": "They mark a start and an end."},
+        ]
+    }
     from utils.prepare_data import tokenize_safely, with_system_turn
 
-    assert tokenize_safely(tokenizer, with_system_turn(plain["messages"])) == \
-        tokenizer(render(plain["messages"]))["input_ids"]  # the safe path gives the usual ids on ordinary text
+    assert (
+        tokenize_safely(tokenizer, with_system_turn(plain["messages"]))
+        == tokenizer(render(plain["messages"]))["input_ids"]
+    )  # the safe path gives the usual ids on ordinary text
 
 
 def test_kept_rows_are_truecased_hashed_and_tokenized(filtered, tokenizer):
     rows = filtered.rows["train"]
     i = rows["prompt"].index("hello. How do I boil an egg?")
     assert rows["messages"][i][1]["content"] == (
-        "Place the egg in boiling water for nine minutes. Then cool it in cold water! After that it peels easily.")
+        "Place the egg in boiling water for nine minutes. Then cool it in cold water! After that it peels easily."
+    )
     assert rows["prompt_id"][i] == prompt_id("hello. How do I boil an egg?")
     assert rows["input_ids"][i] == tokenizer(render(rows["messages"][i]))["input_ids"]
     assert rows["num_tokens"][i] == len(rows["input_ids"][i])
@@ -124,9 +166,15 @@ def test_raw_schema_gets_a_hash_split(tokenizer):
     prepared = prepare(open_source(str(SAMPLE_RAW)), tokenizer, progress=False)
     report = prepared.report()
     assert report["input_rows"] == 23 and report["kept"] == 16
-    assert report["dropped"] == {"disclaimer": 1, "duplicate_prompt": 1, "invalid_json": 1, "missing_messages": 1,
-                                 "structure:empty_content": 1, "structure:ends_with_user": 1,
-                                 "structure:not_a_list": 1}
+    assert report["dropped"] == {
+        "disclaimer": 1,
+        "duplicate_prompt": 1,
+        "invalid_json": 1,
+        "missing_messages": 1,
+        "structure:empty_content": 1,
+        "structure:ends_with_user": 1,
+        "structure:not_a_list": 1,
+    }
     assert report["truecased"] == 1
     train, test = (len(prepared.rows[s]["prompt"]) for s in ("train", "test"))
     assert train + test == 16 and test == 1
@@ -135,8 +183,9 @@ def test_raw_schema_gets_a_hash_split(tokenizer):
 
 
 def test_token_length_bounds(tokenizer):
-    prepared = prepare(open_source(str(SAMPLE_200K)), tokenizer, min_tokens=63, max_tokens=208, progress=False,
-                       filters="all")
+    prepared = prepare(
+        open_source(str(SAMPLE_200K)), tokenizer, min_tokens=63, max_tokens=208, progress=False, filters="all"
+    )
     dropped = prepared.report()["dropped"]
     assert dropped["too_long"] == 1  # the history of paper
     assert dropped["too_short"] == 3  # 58, 58 and 62 tokens (each with the 8-token system turn)
@@ -152,15 +201,24 @@ def test_bfd_truncation_is_measured():
 
 # --- the accounting invariant over generated malformed input ---------------------------------------------------------
 text = st.text(alphabet=string.ascii_letters + " .!?é", max_size=12)
-message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "bot"]),
-                                 "content": st.one_of(text, st.integers(), st.none())})
+message = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "assistant", "system", "bot"]),
+        "content": st.one_of(text, st.integers(), st.none()),
+    }
+)
 row = st.one_of(
     st.fixed_dictionaries({"messages": st.lists(message, max_size=5)}),
     st.fixed_dictionaries({"data": st.one_of(st.lists(text, max_size=5), text)}),
     st.dictionaries(st.sampled_from(["prompt", "id", "x"]), text, max_size=2),
 )
-line = st.one_of(row.map(json.dumps), text, st.lists(st.integers(), max_size=3).map(json.dumps),
-                 st.just("{\"messages\": ["), st.integers().map(str))
+line = st.one_of(
+    row.map(json.dumps),
+    text,
+    st.lists(st.integers(), max_size=3).map(json.dumps),
+    st.just('{"messages": ['),
+    st.integers().map(str),
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -214,8 +272,13 @@ def test_cli_writes_output(tmp_path, capsys):
 
 # --- what a careful user can do wrong: one line, exit 2, nothing of theirs touched ----------------------------------
 def _cli(tmp_path, *argv):
-    return subprocess.run([sys.executable, "-m", "utils.prepare_data", "--no-progress", *argv], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "utils.prepare_data", "--no-progress", *argv],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_out_folder_of_the_users_is_never_touched(tmp_path):
@@ -224,7 +287,10 @@ def test_out_folder_of_the_users_is_never_touched(tmp_path):
     (mine / "thesis.txt").write_text("four years of work")
     result = _cli(tmp_path, "--source", str(SAMPLE_200K), "--out", str(mine))
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == f"error: --out {mine} already holds files this tool did not write; choose a new or empty folder\n"
+    assert (
+        result.stderr
+        == f"error: --out {mine} already holds files this tool did not write; choose a new or empty folder\n"
+    )
     assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
 
 
@@ -288,7 +354,10 @@ def test_nothing_kept_is_a_clear_error(tmp_path, capsys):
     src = tmp_path / "bad.jsonl"
     src.write_text("not json\n{}\n")
     assert main(["--source", str(src), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
-    assert capsys.readouterr().err == f"error: no training rows were kept from {src}; nothing written to {tmp_path / 'o'}\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: no training rows were kept from {src}; nothing written to {tmp_path / 'o'}\n"
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert main(["--source", str(empty), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
@@ -303,10 +372,12 @@ def test_bad_rows_are_dropped_with_reasons(tmp_path, tokenizer):
     lines = [
         b"\xef\xbb\xbf" + json.dumps(GOOD).encode(),  # a byte-order mark before the first row
         b'{"messages": [{"role": "user", "content": "bad \xff\xfe bytes"}]}',
-        json.dumps({"messages": [{"role": "user", "content": "lone \ud800"},
-                                 {"role": "assistant", "content": "x"}]}).encode(),  # JSON-escaped lone surrogate
-        json.dumps({"messages": [{"role": "user", "content": "big"},
-                                 {"role": "assistant", "content": "x" * 300}]}).encode(),
+        json.dumps(
+            {"messages": [{"role": "user", "content": "lone \ud800"}, {"role": "assistant", "content": "x"}]}
+        ).encode(),  # JSON-escaped lone surrogate
+        json.dumps(
+            {"messages": [{"role": "user", "content": "big"}, {"role": "assistant", "content": "x" * 300}]}
+        ).encode(),
         bytes(range(11, 256)) + bytes(range(10)),  # a binary blob
     ]
     src.write_bytes(b"\n".join(lines) + b"\n")
@@ -340,8 +411,10 @@ def test_a_corrupt_parquet_file_is_one_error_line(tmp_path, capsys):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=40),
-       cut=st.integers(0, 10**6))
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=40),
+    cut=st.integers(0, 10**6),
+)
 def test_random_byte_corruption_never_crashes(tokenizer, flips, cut, tmp_path_factory):
     data = bytearray((SAMPLE_200K / "train_sft.jsonl").read_bytes())
     for where, value in flips:
@@ -355,11 +428,14 @@ def test_random_byte_corruption_never_crashes(tokenizer, flips, cut, tmp_path_fa
     assert report.kept + sum(report.dropped.values()) == report.input_rows
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--source", "no/such/file.jsonl"], "error: no such file or folder: no/such/file.jsonl"),
-    (["--max-tokens", "0"], "error: --max-tokens must be positive, got 0"),
-    (["--test-fraction", "1.5"], "error: --test-fraction must be in [0, 1), got 1.5"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--source", "no/such/file.jsonl"], "error: no such file or folder: no/such/file.jsonl"),
+        (["--max-tokens", "0"], "error: --max-tokens must be positive, got 0"),
+        (["--test-fraction", "1.5"], "error: --test-fraction must be in [0, 1), got 1.5"),
+    ],
+)
 def test_cli_bad_input_is_one_line(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
@@ -371,8 +447,21 @@ def test_cli_unreadable_file_exits_nonzero(tmp_path):
     folder = tmp_path / "src"
     folder.mkdir()
     (folder / "train_sft.jsonl").mkdir()  # a folder where a file should be: unreadable
-    result = subprocess.run([sys.executable, "-m", "utils.prepare_data", "--source", str(folder), "--out",
-                             str(tmp_path / "o"), "--no-progress"], cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "utils.prepare_data",
+            "--source",
+            str(folder),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot read {folder / 'train_sft.jsonl'}")
 

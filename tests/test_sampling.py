@@ -16,7 +16,7 @@ def model():
 def test_rendered_prompt_equals_the_card(tokenizer):
     rendered = tokenizer.apply_chat_template(sampling.PIRATE, tokenize=False, add_generation_prompt=True)
     assert rendered == sampling.CARD_RENDERING
-    assert sampling.CARD_SAMPLING == dict(max_new_tokens=256, do_sample=True, temperature=0.7, top_k=50, top_p=0.95)
+    assert dict(max_new_tokens=256, do_sample=True, temperature=0.7, top_k=50, top_p=0.95) == sampling.CARD_SAMPLING
 
 
 def test_same_seed_same_text(model, tokenizer):
@@ -33,7 +33,7 @@ def test_generation_stops_at_eos(model, tokenizer):
     greedy = dict(do_sample=False, temperature=None, top_k=None, top_p=None, max_new_tokens=12)
     batch = tokenizer([sampling.CARD_RENDERING], return_tensors="pt")
     with torch.no_grad():
-        row = model.generate(**batch, pad_token_id=0, **greedy)[0, batch["input_ids"].shape[1]:].tolist()
+        row = model.generate(**batch, pad_token_id=0, **greedy)[0, batch["input_ids"].shape[1] :].tolist()
     stop = row[4]  # declare the 5th generated token the end of sequence
     first = row.index(stop)
     answer = sampling.generate(model, tokenizer, [sampling.CARD_RENDERING], eos_token_id=stop, **greedy)[0]
@@ -63,16 +63,32 @@ def test_candidate_models_in_smoke(tmp_path):
 
 def test_max_new_tokens_is_capped_by_the_models_positions(model, tokenizer, monkeypatch):
     monkeypatch.setattr(model.config, "max_position_embeddings", 40)  # 4,096 in the real config: same rule, faster
-    answer = sampling.generate(model, tokenizer, ["<|user|>\nHi</s>\n<|assistant|>\n"], max_new_tokens=10**9,
-                               eos_token_id=-1)[0]  # no EOS: runs to the cap
+    answer = sampling.generate(
+        model, tokenizer, ["<|user|>\nHi</s>\n<|assistant|>\n"], max_new_tokens=10**9, eos_token_id=-1
+    )[0]  # no EOS: runs to the cap
     prompt_tokens = len(tokenizer("<|user|>\nHi</s>\n<|assistant|>\n")["input_ids"])
     assert answer.new_tokens == 40 - prompt_tokens
 
 
 def test_the_command_line(capsys, tmp_path):
     model_dir = str(ensure_tiny_model())
-    assert sampling.main(["--model", model_dir, "--prompt", "Name a river.", "--max_new_tokens", "5",
-                          "--seed", "3", "--profile", "smoke"]) == 0
+    assert (
+        sampling.main(
+            [
+                "--model",
+                model_dir,
+                "--prompt",
+                "Name a river.",
+                "--max_new_tokens",
+                "5",
+                "--seed",
+                "3",
+                "--profile",
+                "smoke",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"== {model_dir} (5 tokens, max_new_tokens)" in out
     assert sampling.main(["--model", str(tmp_path / "nope"), "--profile", "smoke"]) == 2

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import REPO_ROOT
-from utils import sft
+from utils import REPO_ROOT, sft
 from utils.hardware import choose_profile
 
 RECIPE = str(REPO_ROOT / "configs" / "sft_qlora.yaml")
@@ -65,19 +64,28 @@ def test_cli_overrides_beat_the_profile(tmp_path):
     assert training_args.per_device_train_batch_size == 2  # from the smoke profile
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--lora_target_modules", "q_proj", "qkv_proj"], "error: unknown LoRA target module(s) qkv_proj; "),
-    (["--max_length", "0"], "error: max_length must be a positive number, got 0"),
-    (["--per_device_train_batch_size", "-1"], "error: per_device_train_batch_size must be a positive number, got -1"),
-    (["--dataset_name", "/no/such/folder"], "error: dataset /no/such/folder: no such file or folder"),
-    (["--dataset_name", "file.jsonl"], "error: dataset file.jsonl: no such file or folder: file.jsonl"),
-    (["--dataset_name", "HuggingFaceH4/nope"], "error: dataset HuggingFaceH4/nope: the Hugging Face Hub is unreachable"),
-    (["--lora_r", "0"], "error: lora_r must be a whole number of 1 or more, got 0"),
-    (["--learning_rate", "nan"], "error: learning_rate must be a positive number, got nan"),
-    (["--num_train_epochs", "0"], "error: num_train_epochs must be positive (or set max_steps), got 0.0"),
-    (["--lora_dropout", "1.5"], "error: lora_dropout must be in [0, 1), got 1.5"),
-    (["--config", "no/such.yaml"], "error: config file no/such.yaml not found"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lora_target_modules", "q_proj", "qkv_proj"], "error: unknown LoRA target module(s) qkv_proj; "),
+        (["--max_length", "0"], "error: max_length must be a positive number, got 0"),
+        (
+            ["--per_device_train_batch_size", "-1"],
+            "error: per_device_train_batch_size must be a positive number, got -1",
+        ),
+        (["--dataset_name", "/no/such/folder"], "error: dataset /no/such/folder: no such file or folder"),
+        (["--dataset_name", "file.jsonl"], "error: dataset file.jsonl: no such file or folder: file.jsonl"),
+        (
+            ["--dataset_name", "HuggingFaceH4/nope"],
+            "error: dataset HuggingFaceH4/nope: the Hugging Face Hub is unreachable",
+        ),
+        (["--lora_r", "0"], "error: lora_r must be a whole number of 1 or more, got 0"),
+        (["--learning_rate", "nan"], "error: learning_rate must be a positive number, got nan"),
+        (["--num_train_epochs", "0"], "error: num_train_epochs must be positive (or set max_steps), got 0.0"),
+        (["--lora_dropout", "1.5"], "error: lora_dropout must be in [0, 1), got 1.5"),
+        (["--config", "no/such.yaml"], "error: config file no/such.yaml not found"),
+    ],
+)
 def test_bad_configuration_fails_in_one_line(extra, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("weights must not load"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -103,19 +111,37 @@ def test_a_dataset_without_test_split_turns_evaluation_off(tmp_path, capsys):
     from utils.prepare_data import main as prepare_main
 
     data = tmp_path / "data"
-    assert prepare_main(["--source", str(REPO_ROOT / "data/sample/ultrachat_raw/ultrachat_raw.jsonl"), "--out",
-                         str(data), "--test-fraction", "0", "--no-progress"]) == 0
+    assert (
+        prepare_main(
+            [
+                "--source",
+                str(REPO_ROOT / "data/sample/ultrachat_raw/ultrachat_raw.jsonl"),
+                "--out",
+                str(data),
+                "--test-fraction",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     *_, training_args, _ = smoke_args(tmp_path / "out", "--dataset_name", str(data))
     assert training_args.eval_strategy == "no"
     assert f"Note: dataset {data} has no 'test' split, so evaluation is off" in capsys.readouterr().out
 
 
 def test_trainable_share_counts_4bit_weights_by_their_real_size():
-    from utils.assets import ensure_tiny_model
     from trl import ModelConfig
 
-    args = ModelConfig(model_name_or_path=str(ensure_tiny_model()), dtype="float32", load_in_4bit=True,
-                       bnb_4bit_quant_type="nf4", attn_implementation="sdpa")
+    from utils.assets import ensure_tiny_model
+
+    args = ModelConfig(
+        model_name_or_path=str(ensure_tiny_model()),
+        dtype="float32",
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        attn_implementation="sdpa",
+    )
     unquantized = sum(p.numel() for p in sft.load_model(args).parameters())
     quantized = sft.load_model(args, sft.bnb_config(args))
     assert sum(p.numel() for p in quantized.parameters()) < unquantized  # packed: two 4-bit values per byte
@@ -181,8 +207,9 @@ def test_adapter_reloads_with_the_same_logits(trained):
     assert reloaded.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.bfloat16
     after = _logits(reloaded, trainer.processing_class)
     assert torch.allclose(before, after, atol=1e-6, rtol=0)
-    assert not torch.allclose(before, _logits(sft.load_model(model_args, sft.bnb_config(model_args)),
-                                              trainer.processing_class), atol=1e-3)  # the adapter matters
+    assert not torch.allclose(
+        before, _logits(sft.load_model(model_args, sft.bnb_config(model_args)), trainer.processing_class), atol=1e-3
+    )  # the adapter matters
 
 
 def test_merged_model_matches_base_plus_adapter(trained):
@@ -200,8 +227,24 @@ def test_merged_model_matches_base_plus_adapter(trained):
 
 
 def _run(out, extra=()):
-    cmd = [sys.executable, "-m", "utils.sft", "--config", RECIPE, "--profile", "smoke", "--output_dir", str(out),
-           "--max_steps", "12", "--save_steps", "4", "--merge", "false", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "utils.sft",
+        "--config",
+        RECIPE,
+        "--profile",
+        "smoke",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "12",
+        "--save_steps",
+        "4",
+        "--merge",
+        "false",
+        *extra,
+    ]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -233,8 +276,25 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
 
 # --- re-runs, changed settings, two runs at once, damaged checkpoints ------------------------------------------------
 def _cli(out, *extra):
-    return sft.main(["--config", RECIPE, "--profile", "smoke", "--output_dir", str(out), "--max_steps", "4",
-                     "--save_steps", "2", "--merge", "false", "--eval_strategy", "no", *extra])
+    return sft.main(
+        [
+            "--config",
+            RECIPE,
+            "--profile",
+            "smoke",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "2",
+            "--merge",
+            "false",
+            "--eval_strategy",
+            "no",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -256,19 +316,32 @@ def test_a_finished_run_is_recognised_and_left_alone(finished, capsys):
 def test_a_changed_setting_is_refused_in_one_line(finished, capsys):
     assert _cli(finished, "--save_total_limit", "2", "--lora_r", "64") == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"error: {finished} holds a run with lora_r=16; this run asks for lora_r=64. Set FRESH = True "
-                   "(--fresh true) to start over there, or choose another output folder"]
+    assert err == [
+        f"error: {finished} holds a run with lora_r=16; this run asks for lora_r=64. Set FRESH = True "
+        "(--fresh true) to start over there, or choose another output folder"
+    ]
 
 
 def test_a_folder_in_use_is_refused(finished, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", f"from utils import runs; from pathlib import Path; "
-                               f"runs.lock(Path({str(finished)!r})); print('locked', flush=True); import time; "
-                               "time.sleep(60)"], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from utils import runs; from pathlib import Path; "
+            f"runs.lock(Path({str(finished)!r})); print('locked', flush=True); import time; "
+            "time.sleep(60)",
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert _cli(finished, "--save_total_limit", "2") == 2
-        assert capsys.readouterr().err == (f"error: {finished.resolve()} is in use by another training run (pid "
-                                           f"{holder.pid}); wait for it to end or choose another output folder\n")
+        assert capsys.readouterr().err == (
+            f"error: {finished.resolve()} is in use by another training run (pid "
+            f"{holder.pid}); wait for it to end or choose another output folder\n"
+        )
     finally:
         holder.kill()
         holder.wait()
@@ -277,8 +350,10 @@ def test_a_folder_in_use_is_refused(finished, capsys):
 def test_a_users_folder_is_refused(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert _cli(tmp_path) == 2
-    assert capsys.readouterr().err == f"error: output folder {tmp_path} holds files this tool did not write; " \
-                                      "choose another folder\n"
+    assert (
+        capsys.readouterr().err == f"error: output folder {tmp_path} holds files this tool did not write; "
+        "choose another folder\n"
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
@@ -303,12 +378,18 @@ def test_damaged_checkpoints_are_skipped_by_name(finished, tmp_path, capsys):
     from utils.runs import checkpoint_problem, newest_loadable_checkpoint
 
     assert checkpoint_problem(run / "checkpoint-4").startswith("adapter_model.safetensors is damaged")
-    assert newest_loadable_checkpoint(run) == (str(run / "checkpoint-2"), [
-        "skipped checkpoint-4: adapter_model.safetensors is damaged (SafetensorError)"])
+    assert newest_loadable_checkpoint(run) == (
+        str(run / "checkpoint-2"),
+        ["skipped checkpoint-4: adapter_model.safetensors is damaged (SafetensorError)"],
+    )
     (run / "checkpoint-2" / "trainer_state.json").write_text('{"global_st')  # truncated
-    assert newest_loadable_checkpoint(run) == (None, [
-        "skipped checkpoint-4: adapter_model.safetensors is damaged (SafetensorError)",
-        "skipped checkpoint-2: trainer_state.json is damaged"])
+    assert newest_loadable_checkpoint(run) == (
+        None,
+        [
+            "skipped checkpoint-4: adapter_model.safetensors is damaged (SafetensorError)",
+            "skipped checkpoint-2: trainer_state.json is damaged",
+        ],
+    )
     assert _cli(run, "--save_total_limit", "2") == 0
     out = capsys.readouterr().out
     assert "skipped checkpoint-4: adapter_model.safetensors is damaged" in out
@@ -326,8 +407,10 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_without_another_step(fi
     out = capsys.readouterr().out
     assert f"Finishing from {run / 'checkpoint-4'}: the previous run reached its last step (4/4)" in out
     assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 4  # never 5
-    assert "already trained: 4/4" in (capsys.readouterr(), _cli(run, "--save_total_limit", "2"),
-                                      capsys.readouterr().out)[2]
+    assert (
+        "already trained: 4/4"
+        in (capsys.readouterr(), _cli(run, "--save_total_limit", "2"), capsys.readouterr().out)[2]
+    )
 
 
 def test_fresh_starts_over_in_its_own_folder(finished, tmp_path, capsys):

@@ -48,7 +48,8 @@ def test_eos_is_one_token_in_rendered_text(tokenizer):
 
 
 def test_render_equals_jinja_template_on_the_sample(tokenizer):
-    rows = [json.loads(line) for line in open(SAMPLE_DIR / "ultrachat_200k" / "test_sft.jsonl", encoding="utf-8")]
+    lines = (SAMPLE_DIR / "ultrachat_200k" / "test_sft.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
     rows.append({"messages": [{"role": "system", "content": "Be brief."}, *rows[0]["messages"]]})
     for row in rows:
         expected = tokenizer.apply_chat_template(row["messages"], tokenize=False) + tokenizer.eos_token

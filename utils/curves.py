@@ -34,16 +34,26 @@ class Run:
     def summary(self) -> dict:
         """Final train/eval loss, steps, tokens and runtime: one row of the summary table."""
         last = lambda series: series[-1] if series else None  # noqa: E731
-        return {"run": self.name, "final train loss": last(self.train.get("loss", [])),
-                "final eval loss": last(self.eval.get("loss", [])), "steps": last(self.train.get("step", [])),
-                "tokens": last(self.train.get("tokens", [])), "runtime (s)": self.runtime_s, "from": self.source}
+        return {
+            "run": self.name,
+            "final train loss": last(self.train.get("loss", [])),
+            "final eval loss": last(self.eval.get("loss", [])),
+            "steps": last(self.train.get("step", [])),
+            "tokens": last(self.train.get("tokens", [])),
+            "runtime (s)": self.runtime_s,
+            "from": self.source,
+        }
 
 
 def _series(entries: list[dict], key: str) -> dict[str, list]:
     rows = [e for e in entries if key in e]
-    return {"step": [e["step"] for e in rows], "loss": [e[key] for e in rows],
-            "epoch": [e.get("epoch") for e in rows], "tokens": [e.get("num_input_tokens_seen") for e in rows],
-            "learning_rate": [e.get("learning_rate") for e in rows]}
+    return {
+        "step": [e["step"] for e in rows],
+        "loss": [e[key] for e in rows],
+        "epoch": [e.get("epoch") for e in rows],
+        "tokens": [e.get("num_input_tokens_seen") for e in rows],
+        "learning_rate": [e.get("learning_rate") for e in rows],
+    }
 
 
 def read_trainer_state(path: Path) -> Run:
@@ -51,8 +61,14 @@ def read_trainer_state(path: Path) -> Run:
     state = json.loads(path.read_text())
     history = state.get("log_history", [])
     end = next((e for e in reversed(history) if "train_runtime" in e), {})
-    return Run(path.parent.name, path.parent, "trainer_state.json", _series(history, "loss"),
-               _series(history, "eval_loss"), end.get("train_runtime"))
+    return Run(
+        path.parent.name,
+        path.parent,
+        "trainer_state.json",
+        _series(history, "loss"),
+        _series(history, "eval_loss"),
+        end.get("train_runtime"),
+    )
 
 
 def read_tensorboard(folder: Path) -> Run | None:
@@ -71,10 +87,13 @@ def read_tensorboard(folder: Path) -> Run | None:
 
     def series(tag: str) -> dict[str, list]:
         points = sorted(scalars.get(tag, {}).items())
-        return {"step": [s for s, _ in points], "loss": [v for _, v in points],
-                "epoch": [scalars.get("train/epoch", {}).get(s) for s, _ in points],
-                "tokens": [scalars.get("train/num_input_tokens_seen", {}).get(s) for s, _ in points],
-                "learning_rate": [scalars.get("train/learning_rate", {}).get(s) for s, _ in points]}
+        return {
+            "step": [s for s, _ in points],
+            "loss": [v for _, v in points],
+            "epoch": [scalars.get("train/epoch", {}).get(s) for s, _ in points],
+            "tokens": [scalars.get("train/num_input_tokens_seen", {}).get(s) for s, _ in points],
+            "learning_rate": [scalars.get("train/learning_rate", {}).get(s) for s, _ in points],
+        }
 
     return Run(folder.name, folder, "tensorboard", series("train/loss"), series("eval/loss"))
 
@@ -116,11 +135,17 @@ def card_reference(path: Path = CARD_FILE) -> dict:
     point = ref["training_results"][0]
     global_batch = ref["hyperparameters"]["total_train_batch_size"]
     schedule = ref["schedule"]
-    return {"step": point["step"], "epoch": point["epoch"], "train_loss": point["training_loss"],
-            "eval_loss": point["validation_loss"], "final_eval_loss": ref["final_eval_loss"],
-            "tokens": point["step"] * global_batch * CARD_SEQUENCE_LENGTH,
-            "planned_steps": schedule["planned_steps"], "warmup_steps": schedule["warmup_steps"],
-            "peak_lr": ref["hyperparameters"]["learning_rate"]}
+    return {
+        "step": point["step"],
+        "epoch": point["epoch"],
+        "train_loss": point["training_loss"],
+        "eval_loss": point["validation_loss"],
+        "final_eval_loss": ref["final_eval_loss"],
+        "tokens": point["step"] * global_batch * CARD_SEQUENCE_LENGTH,
+        "planned_steps": schedule["planned_steps"],
+        "warmup_steps": schedule["warmup_steps"],
+        "peak_lr": ref["hyperparameters"]["learning_rate"],
+    }
 
 
 def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
@@ -163,8 +188,14 @@ def plot_runs(runs: list[Run], reference: dict | None = None, smoothing: float =
                 if x == "step":
                     total, peak = max(xs), max(lrs)
                     steps = list(range(1, total + 1))  # the rate logged at step s is the one step s used: lr(s - 1)
-                    lr_ax.plot(steps, [cosine_lr(s - 1, total, math.ceil(0.1 * total), peak) for s in steps],
-                               color=color, linestyle="--", linewidth=1, label=f"{run.name} cosine, 10% warm-up")
+                    lr_ax.plot(
+                        steps,
+                        [cosine_lr(s - 1, total, math.ceil(0.1 * total), peak) for s in steps],
+                        color=color,
+                        linestyle="--",
+                        linewidth=1,
+                        label=f"{run.name} cosine, 10% warm-up",
+                    )
         exs = run.eval.get(x, [])
         if exs and all(v is not None for v in exs):
             loss_ax.plot(exs, run.eval["loss"], color=color, marker="o", linestyle="--", label=f"{run.name} eval")
@@ -182,26 +213,55 @@ def plot_runs(runs: list[Run], reference: dict | None = None, smoothing: float =
 
 
 def _plot_card(loss_ax, lr_ax, ref: dict) -> None:
-    loss_ax.plot([ref["step"]], [ref["train_loss"]], marker="*", markersize=14, color="black", linestyle="none",
-                 label=f"card train {ref['train_loss']} @ step {ref['step']}")
-    loss_ax.plot([ref["step"]], [ref["eval_loss"]], marker="X", markersize=11, color="crimson", linestyle="none",
-                 label=f"card eval {ref['eval_loss']} @ step {ref['step']}")
-    loss_ax.axhline(ref["final_eval_loss"], color="crimson", linestyle=":", linewidth=1,
-                    label=f"card final eval {ref['final_eval_loss']}")
+    loss_ax.plot(
+        [ref["step"]],
+        [ref["train_loss"]],
+        marker="*",
+        markersize=14,
+        color="black",
+        linestyle="none",
+        label=f"card train {ref['train_loss']} @ step {ref['step']}",
+    )
+    loss_ax.plot(
+        [ref["step"]],
+        [ref["eval_loss"]],
+        marker="X",
+        markersize=11,
+        color="crimson",
+        linestyle="none",
+        label=f"card eval {ref['eval_loss']} @ step {ref['step']}",
+    )
+    loss_ax.axhline(
+        ref["final_eval_loss"],
+        color="crimson",
+        linestyle=":",
+        linewidth=1,
+        label=f"card final eval {ref['final_eval_loss']}",
+    )
     loss_ax.axvline(ref["step"], color="grey", linewidth=0.8)
     loss_ax.set_ylim(0.8, 1.1)
-    loss_ax.set_title(f"the card (16 GPUs, full fine-tune): its data ended at step {ref['step']}\n"
-                      f"of {ref['planned_steps']} planned, so its 'epoch' reads {ref['step']}/{ref['planned_steps']} = "
-                      f"{ref['epoch']}", fontsize=10)
+    loss_ax.set_title(
+        f"the card (16 GPUs, full fine-tune): its data ended at step {ref['step']}\n"
+        f"of {ref['planned_steps']} planned, so its 'epoch' reads {ref['step']}/{ref['planned_steps']} = "
+        f"{ref['epoch']}",
+        fontsize=10,
+    )
     loss_ax.legend(fontsize=7, loc="upper right")
     planned = list(range(ref["planned_steps"] + 1))
     lrs = [cosine_lr(s, ref["planned_steps"], ref["warmup_steps"], ref["peak_lr"]) for s in planned]
     lr_ax.plot(planned, lrs, color="grey", linestyle=":", label=f"planned: cosine over {ref['planned_steps']} steps")
-    lr_ax.plot(planned[: ref["step"] + 1], lrs[: ref["step"] + 1], color="black",
-               label=f"run: stopped at {ref['step']}")
+    lr_ax.plot(
+        planned[: ref["step"] + 1], lrs[: ref["step"] + 1], color="black", label=f"run: stopped at {ref['step']}"
+    )
     stop = lrs[ref["step"]]
-    lr_ax.plot([ref["step"]], [stop], marker="o", color="black", linestyle="none",
-               label=f"{stop:.1e} at the stop ({stop / ref['peak_lr']:.0%} of peak)")
+    lr_ax.plot(
+        [ref["step"]],
+        [stop],
+        marker="o",
+        color="black",
+        linestyle="none",
+        label=f"{stop:.1e} at the stop ({stop / ref['peak_lr']:.0%} of peak)",
+    )
     lr_ax.set_xlabel("optimizer step")
     lr_ax.set_xlim(0, ref["planned_steps"] + 10)
     lr_ax.legend(fontsize=7, loc="upper right")

@@ -7,8 +7,9 @@ Every filter answers with a drop *reason* (a short string) or ``None`` for "keep
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from utils import CONFIGS_DIR
 

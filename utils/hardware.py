@@ -35,7 +35,8 @@ class Hardware:
         """One human line: GPU (or CPU), platform and Hub reachability."""
         if self.cuda:
             cc = ".".join(map(str, self.compute_capability or ()))
-            gpu = f"{self.gpu_count}x {self.gpu_name} ({self.gpu_memory_gib:.0f} GiB, sm {cc}, bf16={'yes' if self.bf16 else 'no'})"
+            bf16 = "yes" if self.bf16 else "no"
+            gpu = f"{self.gpu_count}x {self.gpu_name} ({self.gpu_memory_gib:.0f} GiB, sm {cc}, bf16={bf16})"
         else:
             gpu = "no CUDA GPU"
         return f"{gpu}; platform {self.platform}; Hub {'reachable' if self.hub else 'unreachable'}"
@@ -76,14 +77,50 @@ SMOKE = Profile(
 # follows the memory measured for QLoRA of the 7B shape at 4 x 2048 tokens on an H200 (docs/benchmarks.md): every
 # layer ~9.6 GiB, every 2nd layer ~36.5 GiB, none ~68.4 GiB of reserved memory.
 GPU_PROFILES = (
-    Profile("gpu-16gb", "16 GB class (T4, V100, RTX 4080): checkpointing every layer", BASE_MODEL_ID,
-            "HuggingFaceH4/ultrachat_200k", None, "float16", "sdpa", 14.0, checkpoint_every=1),
-    Profile("gpu-24gb", "24 GB class (L4, A10, RTX 3090/4090): checkpointing every layer", BASE_MODEL_ID,
-            "HuggingFaceH4/ultrachat_200k", None, "bfloat16", "sdpa", 22.0, checkpoint_every=1),
-    Profile("gpu-40gb", "40 GB class (A100 40GB, L40S, A6000): checkpointing every 2nd layer", BASE_MODEL_ID,
-            "HuggingFaceH4/ultrachat_200k", None, "bfloat16", "sdpa", 38.0, checkpoint_every=2),
-    Profile("gpu-80gb", "80 GB and more (A100/H100 80GB, H200): no activation checkpointing", BASE_MODEL_ID,
-            "HuggingFaceH4/ultrachat_200k", None, "bfloat16", "sdpa", 75.0, checkpoint_every=0),
+    Profile(
+        "gpu-16gb",
+        "16 GB class (T4, V100, RTX 4080): checkpointing every layer",
+        BASE_MODEL_ID,
+        "HuggingFaceH4/ultrachat_200k",
+        None,
+        "float16",
+        "sdpa",
+        14.0,
+        checkpoint_every=1,
+    ),
+    Profile(
+        "gpu-24gb",
+        "24 GB class (L4, A10, RTX 3090/4090): checkpointing every layer",
+        BASE_MODEL_ID,
+        "HuggingFaceH4/ultrachat_200k",
+        None,
+        "bfloat16",
+        "sdpa",
+        22.0,
+        checkpoint_every=1,
+    ),
+    Profile(
+        "gpu-40gb",
+        "40 GB class (A100 40GB, L40S, A6000): checkpointing every 2nd layer",
+        BASE_MODEL_ID,
+        "HuggingFaceH4/ultrachat_200k",
+        None,
+        "bfloat16",
+        "sdpa",
+        38.0,
+        checkpoint_every=2,
+    ),
+    Profile(
+        "gpu-80gb",
+        "80 GB and more (A100/H100 80GB, H200): no activation checkpointing",
+        BASE_MODEL_ID,
+        "HuggingFaceH4/ultrachat_200k",
+        None,
+        "bfloat16",
+        "sdpa",
+        75.0,
+        checkpoint_every=0,
+    ),
 )
 PROFILES = {p.name: p for p in (SMOKE, *GPU_PROFILES)}
 
@@ -167,8 +204,9 @@ def local_model(model: str | None) -> str | None:
     return None
 
 
-def choose_profile(requested: str = "auto", hardware: Hardware | None = None, verbose: bool = True,
-                   model: str | None = None) -> Profile:
+def choose_profile(
+    requested: str = "auto", hardware: Hardware | None = None, verbose: bool = True, model: str | None = None
+) -> Profile:
     """Resolve ``requested`` ("auto" or a profile name) to a Profile and print the choice with its reason.
 
     ``model`` is a local folder or Hub id to train instead of Mistral-7B from the Hub: a GPU with such a model on
@@ -192,8 +230,10 @@ def _pick(requested: str, hw: Hardware, model: str | None = None) -> tuple[Profi
     wanted = model or BASE_MODEL_ID
     local = local_model(wanted)
     if local is None and not hw.hub:
-        return SMOKE, (f"the Hugging Face Hub is unreachable and {wanted} is not on disk (set MODEL to a local "
-                       "folder), so the embedded default is used")
+        return SMOKE, (
+            f"the Hugging Face Hub is unreachable and {wanted} is not on disk (set MODEL to a local "
+            "folder), so the embedded default is used"
+        )
     fitting = [p for p in GPU_PROFILES if hw.gpu_memory_gib >= p.min_gpu_memory_gib]
     if requested != "auto":
         profile = PROFILES[requested]
@@ -246,7 +286,8 @@ def _for_gpu(profile: Profile, hw: Hardware) -> Profile:
     dtype = profile.compute_dtype if hw.bf16 else "float16"
     attn, why = choose_attention(hw, dtype)
     checkpointing = {0: "no activation checkpointing", 1: "activation checkpointing on every layer"}.get(
-        profile.checkpoint_every, f"activation checkpointing on every {profile.checkpoint_every}nd layer")
+        profile.checkpoint_every, f"activation checkpointing on every {profile.checkpoint_every}nd layer"
+    )
     return replace(profile, compute_dtype=dtype, attn_implementation=attn, reasons=(why, checkpointing))
 
 

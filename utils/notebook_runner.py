@@ -37,8 +37,9 @@ tqdm.auto.trange = tqdm.autonotebook.trange = tqdm.std.trange
 """
 
 
-def run_notebook(path: Path, profile: str = "auto", out_dir: Path = EXECUTED_DIR, progress_bar: bool = True,
-                 **parameters) -> Path:
+def run_notebook(
+    path: Path, profile: str = "auto", out_dir: Path = EXECUTED_DIR, progress_bar: bool = True, **parameters
+) -> Path:
     """Execute one notebook with ``PROFILE=profile`` (and any other parameters); return the executed copy's path."""
     import papermill
 
@@ -52,8 +53,13 @@ def run_notebook(path: Path, profile: str = "auto", out_dir: Path = EXECUTED_DIR
         os.environ["IPYTHONDIR"] = ipython_dir  # the kernel inherits it
         try:
             papermill.execute_notebook(
-                str(path), str(out), parameters={"PROFILE": profile, **parameters}, cwd=str(REPO_ROOT),
-                kernel_name="python3", progress_bar=progress_bar, log_output=False,
+                str(path),
+                str(out),
+                parameters={"PROFILE": profile, **parameters},
+                cwd=str(REPO_ROOT),
+                kernel_name="python3",
+                progress_bar=progress_bar,
+                log_output=False,
             )
         finally:
             tidy(out)
@@ -81,15 +87,21 @@ def tidy(executed: Path) -> None:
         merged: list = []
         for output in cell.outputs:
             last = merged[-1] if merged else None
-            if output.output_type == "stream" and last is not None and last.output_type == "stream" \
-                    and last.name == output.name:
+            if (
+                output.output_type == "stream"
+                and last is not None
+                and last.output_type == "stream"
+                and last.name == output.name
+            ):
                 last.text += output.text
             else:
                 merged.append(output)
         for output in merged:
             if output.output_type == "stream":
-                output.text = "\n".join(_BAR_LINE.split(line)[-1] if "\r" in line else line
-                                        for line in output.text.replace("\r\n", "\n").split("\n"))
+                output.text = "\n".join(
+                    _BAR_LINE.split(line)[-1] if "\r" in line else line
+                    for line in output.text.replace("\r\n", "\n").split("\n")
+                )
         cell.outputs = [o for o in merged if o.output_type != "stream" or o.text.strip()]
     nbformat.write(nb, executed)
 
@@ -113,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out = run_notebook(path, args.profile)
         except PapermillExecutionError as exc:
-            print(f"FAILED: {path.name}, cell {exc.cell_index} (execution count {exc.exec_count}): "
-                  f"{exc.ename}: {exc.evalue}\n  executed copy: {EXECUTED_DIR / path.name}", file=sys.stderr)
+            print(
+                f"FAILED: {path.name}, cell {exc.cell_index} (execution count {exc.exec_count}): "
+                f"{exc.ename}: {exc.evalue}\n  executed copy: {EXECUTED_DIR / path.name}",
+                file=sys.stderr,
+            )
             return 1
         print(f"      done in {time.perf_counter() - t0:.0f} s -> {out.relative_to(REPO_ROOT)}", flush=True)
     print(f"All {len(todo)} notebooks ran in {time.perf_counter() - start:.0f} s.")

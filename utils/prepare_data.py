@@ -22,10 +22,11 @@ import sys
 import tempfile
 from bisect import bisect_left, insort
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -105,7 +106,9 @@ def read_json(path: Path, max_chars: int = MAX_CHARS) -> Iterator[Row]:
     try:
         rows = json.loads(path.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{path} starts like a JSON array but is not valid JSON: {str(exc).splitlines()[0]}") from None
+        raise SourceError(
+            f"{path} starts like a JSON array but is not valid JSON: {str(exc).splitlines()[0]}"
+        ) from None
     for i, obj in enumerate(rows, start=1):
         yield (i, obj, None) if isinstance(obj, dict) else (i, None, "not_an_object")
 
@@ -161,7 +164,11 @@ def open_source(source: str, max_chars: int = MAX_CHARS, revision: str | None = 
         return splits
     if path is not None:
         return {"train": _reader(path, max_chars)}
-    if Path(source).suffix in {".jsonl", ".json", ".parquet"} or source.startswith((".", "/")) or source.count("/") != 1:
+    if (
+        Path(source).suffix in {".jsonl", ".json", ".parquet"}
+        or source.startswith((".", "/"))
+        or source.count("/") != 1
+    ):
         raise SourceError(f"no such file or folder: {source}")
     return _open_hub(source, revision)
 
@@ -195,8 +202,10 @@ def _open_hub(dataset_id: str, revision: str | None = None) -> dict[str, Iterabl
     from utils.hardware import hub_reachable
 
     if not hub_reachable():
-        raise SourceError(f"the Hugging Face Hub is unreachable, so {dataset_id} cannot be loaded; "
-                          "pass a local path such as data/sample/ultrachat_200k")
+        raise SourceError(
+            f"the Hugging Face Hub is unreachable, so {dataset_id} cannot be loaded; "
+            "pass a local path such as data/sample/ultrachat_200k"
+        )
     import datasets
 
     try:  # only the SFT splits: ultrachat_200k also has train_gen/test_gen, which we never read
@@ -206,8 +215,10 @@ def _open_hub(dataset_id: str, revision: str | None = None) -> dict[str, Iterabl
         raise SourceError(f"cannot load {dataset_id} from the Hub: {str(exc).splitlines()[0]}") from None
     if not loaded:
         raise SourceError(f"{dataset_id} has none of the splits {', '.join(SPLIT_NAMES)}")
-    return {name: _Lazy(lambda split: ((i, row, None) for i, row in enumerate(split, start=1)), split)
-            for name, split in loaded.items()}
+    return {
+        name: _Lazy(lambda split: ((i, row, None) for i, row in enumerate(split, start=1)), split)
+        for name, split in loaded.items()
+    }
 
 
 # --- one row -----------------------------------------------------------------------------------------------------
@@ -281,12 +292,19 @@ class SplitReport:
 
     def check(self, split: str) -> None:
         total = self.kept + sum(self.dropped.values())
-        assert total == self.input_rows, f"{split}: kept {self.kept} + dropped {total - self.kept} != input {self.input_rows}"
+        assert total == self.input_rows, (
+            f"{split}: kept {self.kept} + dropped {total - self.kept} != input {self.input_rows}"
+        )
 
     def to_json(self) -> dict:
-        return {"input_rows": self.input_rows, "kept": self.kept, "dropped": dict(sorted(self.dropped.items())),
-                "truecased": self.truecased, "truecased_messages": self.truecased_messages,
-                "audited": dict(sorted(self.audited.items()))}
+        return {
+            "input_rows": self.input_rows,
+            "kept": self.kept,
+            "dropped": dict(sorted(self.dropped.items())),
+            "truecased": self.truecased,
+            "truecased_messages": self.truecased_messages,
+            "audited": dict(sorted(self.audited.items())),
+        }
 
 
 @dataclass
@@ -313,7 +331,10 @@ class Prepared:
             "dropped": dict(sorted(dropped.items())),
             "truecased": sum(r.truecased for r in self.reports.values()),
             "truecased_messages": sum(r.truecased_messages for r in self.reports.values()),
-            "filters_applied": ["structure", *(f for f in FILTER_CHAIN if any(f in r.applied for r in self.reports.values()))],
+            "filters_applied": [
+                "structure",
+                *(f for f in FILTER_CHAIN if any(f in r.applied for r in self.reports.values())),
+            ],
             "filters_audited": [f for f in FILTER_CHAIN if any(f in r.audit_only for r in self.reports.values())],
             "audited": dict(sorted(audited.items())),
             "system_turn": self.system_turn,
@@ -348,7 +369,6 @@ def prepare(
     if filters not in FILTER_MODES:
         raise ValueError(f"filters must be one of {', '.join(FILTER_MODES)}, got {filters!r}")
     phrases = load_disclaimers() if disclaimers is None else [p.lower() for p in disclaimers]
-    eos = tokenizer.eos_token
     seen: set[str] = set()
     columns = ("prompt", "prompt_id", "messages", "input_ids", "num_tokens", "num_turns")
     out: dict[str, dict[str, list]] = {"train": {c: [] for c in columns}, "test": {c: [] for c in columns}}
@@ -362,8 +382,8 @@ def prepare(
         pending: list[tuple[str, str, str, list, str]] = []  # (out split, prompt, prompt_id, messages, where)
         in_flight: list = []  # at most one (rows, future) being tokenized while the next chunk is filtered
 
-        def collect(rows: list, ids_future) -> None:
-            for (dest, prompt, pid, messages, where), ids in zip(rows, ids_future.result()):
+        def collect(rows: list, ids_future, report: SplitReport = report) -> None:
+            for (dest, prompt, pid, messages, where), ids in zip(rows, ids_future.result(), strict=True):
                 n = len(ids)
                 if min_tokens is not None and n < min_tokens:
                     report.drop("too_short", where, {"messages": messages, "num_tokens": n})
@@ -380,7 +400,7 @@ def prepare(
                 cols["num_turns"].append(sum(m["role"] == "user" for m in messages))
                 report.kept += 1
 
-        def flush() -> None:
+        def flush(pending: list = pending, in_flight: list = in_flight) -> None:
             # The Rust tokenizer releases the GIL: tokenize this chunk in the worker while Python filters the next.
             dialogues = [segments_of(m, system_turn) for *_, m, _ in pending]
             job = (list(pending), pool.submit(tokenize_dialogues, tokenizer, dialogues))
@@ -479,7 +499,8 @@ def tokenize_dialogues(tokenizer, dialogues: list[list[dict]]) -> list[list[int]
     specials = [t for t in tokenizer.all_special_tokens if t]
     ids: list[list[int] | None] = [None] * len(dialogues)
     plain = [i for i, d in enumerate(dialogues) if not any(t in m["content"] for m in d for t in specials)]
-    for i, encoded in zip(plain, tokenize_batch(tokenizer, [render(dialogues[i], eos, False) for i in plain])):
+    texts = [render(dialogues[i], eos, False) for i in plain]
+    for i, encoded in zip(plain, tokenize_batch(tokenizer, texts), strict=True):
         ids[i] = encoded
     for i, dialogue in enumerate(dialogues):
         if ids[i] is None:
@@ -531,9 +552,17 @@ def token_stats(num_tokens: list[int], max_length: int = MAX_LENGTH) -> dict:
     """Dialogue count, token totals and percentiles, the share over ``max_length`` and packed-sequence counts."""
     lengths = np.asarray(num_tokens, dtype=np.int64)
     if lengths.size == 0:
-        return {"dialogues": 0, "total_tokens": 0, "share_over_max_length": 0.0, "dialogues_truncated_by_bfd": 0,
-                "tokens_truncated_by_bfd": 0, "packed_sequences_wrapped": 0, "packed_sequences_bfd": 0,
-                "packed_sequences_bfd_split": 0, "max_length": max_length}
+        return {
+            "dialogues": 0,
+            "total_tokens": 0,
+            "share_over_max_length": 0.0,
+            "dialogues_truncated_by_bfd": 0,
+            "tokens_truncated_by_bfd": 0,
+            "packed_sequences_wrapped": 0,
+            "packed_sequences_bfd": 0,
+            "packed_sequences_bfd_split": 0,
+            "max_length": max_length,
+        }
     over = np.maximum(lengths - max_length, 0)
     return {
         "dialogues": int(lengths.size),
@@ -592,7 +621,9 @@ def pack_wrapped(input_ids: list[list[int]], max_length: int = MAX_LENGTH) -> np
 
     The last, partial row is dropped, as TRL 0.7's ConstantLengthDataset did.
     """
-    stream = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in input_ids]) if input_ids else np.zeros(0, np.int32)
+    stream = (
+        np.concatenate([np.asarray(ids, dtype=np.int32) for ids in input_ids]) if input_ids else np.zeros(0, np.int32)
+    )
     rows = stream.size // max_length
     return stream[: rows * max_length].reshape(rows, max_length)
 
@@ -603,12 +634,13 @@ def plot_token_histogram(prepared: Prepared, path: Path | None = None):
     import matplotlib.pyplot as plt
 
     splits = [(name, cols["num_tokens"]) for name, cols in prepared.rows.items() if cols["num_tokens"]]
-    fig, axes = plt.subplots(len(splits) or 1, 1, figsize=(8, 1.6 + 1.4 * max(1, len(splits))), sharex=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(splits) or 1, 1, figsize=(8, 1.6 + 1.4 * max(1, len(splits))), sharex=True, squeeze=False
+    )
     longest = max((max(n) for _, n in splits), default=prepared.max_length)
     right = longest * 1.05 if longest < prepared.max_length else max(longest, prepared.max_length) * 1.05
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (i, (name, lengths)) in zip(axes[:, 0], enumerate(splits)):
+    for ax, (i, (name, lengths)) in zip(axes[:, 0], enumerate(splits), strict=False):  # no splits: one empty panel
         ax.hist(lengths, bins=40, range=(0, right), color=colors[i], label=f"{name}: {len(lengths)} dialogues")
         if prepared.max_length <= right:
             ax.axvline(prepared.max_length, color="black", linestyle="--", label=f"max_length {prepared.max_length}")
@@ -617,7 +649,9 @@ def plot_token_histogram(prepared: Prepared, path: Path | None = None):
     axes[-1, 0].set_xlim(0, right)
     axes[-1, 0].set_xlabel("tokens per dialogue (Zephyr template, Mistral tokenizer)")
     if prepared.max_length > right:
-        axes[0, 0].set_title(f"every dialogue fits in max_length {prepared.max_length} (off the right edge)", fontsize=9)
+        axes[0, 0].set_title(
+            f"every dialogue fits in max_length {prepared.max_length} (off the right edge)", fontsize=9
+        )
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
@@ -628,7 +662,9 @@ def plot_token_histogram(prepared: Prepared, path: Path | None = None):
 def is_own_output(folder: Path) -> bool:
     """True for a folder this tool wrote: it holds the marker file (or, from before the marker, the pair
     ``dataset_dict.json`` + ``report.json``)."""
-    return (folder / MARKER).is_file() or ((folder / "dataset_dict.json").is_file() and (folder / "report.json").is_file())
+    return (folder / MARKER).is_file() or (
+        (folder / "dataset_dict.json").is_file() and (folder / "report.json").is_file()
+    )
 
 
 def is_current(folder: Path) -> bool:
@@ -697,23 +733,28 @@ def save(prepared: Prepared, out_dir: str | Path, source: str = "") -> dict:
     if not prepared.rows["train"]["prompt"]:
         raise OutputError(f"no training rows were kept from {source or 'the source'}; nothing written to {out_dir}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    features = datasets.Features({
-        "prompt": datasets.Value("string"),
-        "prompt_id": datasets.Value("string"),
-        "messages": datasets.List({"content": datasets.Value("string"), "role": datasets.Value("string")}),
-        "input_ids": datasets.List(datasets.Value("int32")),
-        "num_tokens": datasets.Value("int32"),
-        "num_turns": datasets.Value("int32"),
-    })
+    features = datasets.Features(
+        {
+            "prompt": datasets.Value("string"),
+            "prompt_id": datasets.Value("string"),
+            "messages": datasets.List({"content": datasets.Value("string"), "role": datasets.Value("string")}),
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "num_tokens": datasets.Value("int32"),
+            "num_turns": datasets.Value("int32"),
+        }
+    )
     report = prepared.report(source)
     report["empty_splits_not_written"] = [name for name, cols in prepared.rows.items() if not cols["prompt"]]
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-{os.getpid()}-"))
     try:
-        dataset = datasets.DatasetDict({
-            name: datasets.Dataset.from_dict(cols, features=features)
-            for name, cols in prepared.rows.items() if cols["prompt"]
-        })
-        from datasets.utils.tqdm import disable_progress_bars, enable_progress_bars, are_progress_bars_disabled
+        dataset = datasets.DatasetDict(
+            {
+                name: datasets.Dataset.from_dict(cols, features=features)
+                for name, cols in prepared.rows.items()
+                if cols["prompt"]
+            }
+        )
+        from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
         shown = not are_progress_bars_disabled()
         disable_progress_bars()  # a bar per split for a sub-second save is noise
@@ -740,25 +781,40 @@ def save(prepared: Prepared, out_dir: str | Path, source: str = "") -> dict:
 # --- command line --------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m utils.prepare_data", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default="data/sample/ultrachat_200k",
-                        help="folder or file of JSON Lines/JSON/Parquet (either UltraChat schema), or a Hub dataset id")
+    parser.add_argument(
+        "--source",
+        default="data/sample/ultrachat_200k",
+        help="folder or file of JSON Lines/JSON/Parquet (either UltraChat schema), or a Hub dataset id",
+    )
     parser.add_argument("--revision", default=None, help="Hub dataset commit or tag to load (default: main)")
-    parser.add_argument("--out", default="data/processed/ultrachat",
-                        help="output folder: new, empty, or written by this tool before (then replaced when complete)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="Hub id of the tokenizer; default: the embedded Mistral-7B tokenizer")
-    parser.add_argument("--filters", default="auto", choices=FILTER_MODES,
-                        help="auto: the whole chain on raw UltraChat, an audit on ultrachat_200k rows; all: apply "
-                             "every filter to every row; structure: audit the chain everywhere")
-    parser.add_argument("--no-system-turn", action="store_true",
-                        help="do not insert the empty system turn the card's recipe put before every dialogue")
+    parser.add_argument(
+        "--out",
+        default="data/processed/ultrachat",
+        help="output folder: new, empty, or written by this tool before (then replaced when complete)",
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="Hub id of the tokenizer; default: the embedded Mistral-7B tokenizer"
+    )
+    parser.add_argument(
+        "--filters",
+        default="auto",
+        choices=FILTER_MODES,
+        help="auto: the whole chain on raw UltraChat, an audit on ultrachat_200k rows; all: apply "
+        "every filter to every row; structure: audit the chain everywhere",
+    )
+    parser.add_argument(
+        "--no-system-turn",
+        action="store_true",
+        help="do not insert the empty system turn the card's recipe put before every dialogue",
+    )
     parser.add_argument("--disclaimers", default=None, help="file of disclaimer phrases, one per line")
     parser.add_argument("--min-tokens", type=int, default=None, help="drop dialogues shorter than this")
     parser.add_argument("--max-tokens", type=int, default=None, help="drop dialogues longer than this")
     parser.add_argument("--max-chars", type=int, default=MAX_CHARS, help="drop rows with more characters (too_large)")
     parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="training length for the statistics")
-    parser.add_argument("--test-fraction", type=float, default=TEST_FRACTION,
-                        help="held-out share for single-split sources")
+    parser.add_argument(
+        "--test-fraction", type=float, default=TEST_FRACTION, help="held-out share for single-split sources"
+    )
     parser.add_argument("--max-rows", type=int, default=None, help="read at most this many rows per split")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser.parse_args(argv)
@@ -781,26 +837,43 @@ def main(argv: list[str] | None = None) -> int:
         from utils.assets import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
-        prepared = prepare(splits, tokenizer, disclaimers, args.min_tokens, args.max_tokens, args.max_length,
-                           args.test_fraction, args.max_rows, progress=not args.no_progress, filters=args.filters,
-                           system_turn=not args.no_system_turn, max_chars=args.max_chars)
+        prepared = prepare(
+            splits,
+            tokenizer,
+            disclaimers,
+            args.min_tokens,
+            args.max_tokens,
+            args.max_length,
+            args.test_fraction,
+            args.max_rows,
+            progress=not args.no_progress,
+            filters=args.filters,
+            system_turn=not args.no_system_turn,
+            max_chars=args.max_chars,
+        )
         report = save(prepared, args.out, args.source)
     except (SourceError, OutputError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{report['input_rows']} rows read, {report['kept']} kept, {sum(report['dropped'].values())} dropped, "
-          f"{report['truecased']} truecased -> {args.out}")
-    print(f"  filters applied: {', '.join(report['filters_applied'])}; audited only: "
-          f"{', '.join(report['filters_audited']) or 'none'}")
+    print(
+        f"{report['input_rows']} rows read, {report['kept']} kept, {sum(report['dropped'].values())} dropped, "
+        f"{report['truecased']} truecased -> {args.out}"
+    )
+    print(
+        f"  filters applied: {', '.join(report['filters_applied'])}; audited only: "
+        f"{', '.join(report['filters_audited']) or 'none'}"
+    )
     for reason, n in report["dropped"].items():
         print(f"  dropped {n:>6}  {reason}")
     for name, n in report["audited"].items():
         print(f"  audited {n:>6}  {name} (kept: ultrachat_200k's authors already filtered it; --filters all drops)")
     for name, stats in report["outputs"].items():
         if stats["dialogues"]:
-            print(f"  {name}: {stats['dialogues']} dialogues, {stats['total_tokens']:,} tokens, "
-                  f"{stats['packed_sequences_bfd']} packed sequences of {stats['max_length']}, "
-                  f"{stats['tokens_truncated_by_bfd']:,} tokens cut by bfd")
+            print(
+                f"  {name}: {stats['dialogues']} dialogues, {stats['total_tokens']:,} tokens, "
+                f"{stats['packed_sequences_bfd']} packed sequences of {stats['max_length']}, "
+                f"{stats['tokens_truncated_by_bfd']:,} tokens cut by bfd"
+            )
     for name in report["empty_splits_not_written"]:
         print(f"  {name}: no rows, so no {name} split was written")
     return 0

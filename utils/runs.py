@@ -23,8 +23,19 @@ from pathlib import Path
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 # What a run writes, and so what fresh=True may remove; nothing else in the folder is touched.
-OWN_OUTPUTS = ("checkpoint-*", "adapter", "model", "merged", "runs", "rank_logs", "trainer_state.json", "speed.json",
-               "torchrun.log", "README.md", RUN_FILE)
+OWN_OUTPUTS = (
+    "checkpoint-*",
+    "adapter",
+    "model",
+    "merged",
+    "runs",
+    "rank_logs",
+    "trainer_state.json",
+    "speed.json",
+    "torchrun.log",
+    "README.md",
+    RUN_FILE,
+)
 _HELD: dict[Path, int] = {}  # folders whose lock this process holds -> file descriptor
 
 
@@ -54,8 +65,16 @@ class Run:
 
     def finish(self, global_step: int, max_steps: int) -> None:
         """Mark the run finished (after its outputs are saved) and release the folder."""
-        _write_record(self.path, {**_read_record(self.path), "settings": self.settings, "status": "finished",
-                                  "global_step": global_step, "max_steps": max_steps})
+        _write_record(
+            self.path,
+            {
+                **_read_record(self.path),
+                "settings": self.settings,
+                "status": "finished",
+                "global_step": global_step,
+                "max_steps": max_steps,
+            },
+        )
         release(self.path)
 
 
@@ -106,26 +125,38 @@ def open_run(output_dir: str | Path, settings: dict, fresh: bool = False, main_p
             diff = [k for k in settings if k in record["settings"] and record["settings"][k] != settings[k]]
             if diff:
                 k = diff[0]
-                raise RunError(f"{path} holds a run with {k}={record['settings'][k]!r}; this run asks for "
-                               f"{k}={settings[k]!r}. Set FRESH = True (--fresh true) to start over there, or "
-                               "choose another output folder")
+                raise RunError(
+                    f"{path} holds a run with {k}={record['settings'][k]!r}; this run asks for "
+                    f"{k}={settings[k]!r}. Set FRESH = True (--fresh true) to start over there, or "
+                    "choose another output folder"
+                )
         if record.get("status") == "finished":
             release(path)
-            return Run(path, settings, finished=True, message=(
-                f"already trained: {record.get('global_step')}/{record.get('max_steps')} steps in {path}; set FRESH = "
-                "True (--fresh true) or another output folder to train again"))
+            return Run(
+                path,
+                settings,
+                finished=True,
+                message=(
+                    f"already trained: {record.get('global_step')}/{record.get('max_steps')} steps in {path}; "
+                    "set FRESH = True (--fresh true) or another output folder to train again"
+                ),
+            )
         resume, skipped = newest_loadable_checkpoint(path)
         final = False
         if resume:
             state = json.loads((Path(resume) / "trainer_state.json").read_text())
             step, planned = state["global_step"], state.get("max_steps", 0)
             final = 0 < planned <= step
-            message = (f"Finishing from {resume}: the previous run reached its last step ({step}/{planned}) but was "
-                       "stopped before its final save." if final else
-                       f"Resuming from {resume}: the previous run was interrupted after step {step}.")
+            message = (
+                f"Finishing from {resume}: the previous run reached its last step ({step}/{planned}) but was "
+                "stopped before its final save."
+                if final
+                else f"Resuming from {resume}: the previous run was interrupted after step {step}."
+            )
         else:
-            message = "Starting a new run." + (" No checkpoint could be loaded, so training starts over."
-                                               if skipped else "")
+            message = "Starting a new run." + (
+                " No checkpoint could be loaded, so training starts over." if skipped else ""
+            )
         if main_process:
             path.mkdir(parents=True, exist_ok=True)
             _write_record(path, {"tool": "utils.sft", "settings": settings, "status": "running"})
@@ -140,8 +171,9 @@ def newest_loadable_checkpoint(folder: str | Path) -> tuple[str | None, list[str
     """The newest ``checkpoint-N`` whose state parses and whose files' headers read, and a line for each newer
     one skipped because it is damaged."""
     folder = Path(folder)
-    candidates = sorted((p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()),
-                        key=lambda p: int(p.name[11:]), reverse=True)
+    candidates = sorted(
+        (p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]), reverse=True
+    )
     skipped = []
     for ckpt in candidates:
         problem = checkpoint_problem(ckpt)
@@ -196,8 +228,10 @@ def lock(path: Path) -> None:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise RunError(f"{path} is in use by another training run (pid {holder}); wait for it to end or choose "
-                       "another output folder") from None
+        raise RunError(
+            f"{path} is in use by another training run (pid {holder}); wait for it to end or choose "
+            "another output folder"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD[path] = fd

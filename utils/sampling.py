@@ -1,7 +1,7 @@
 """Notebook 05: the card's pirate prompt on the base and fine-tuned models, side by side.
 
-    python -m utils.sampling                                   # every model found under runs/, the card's prompt
-    python -m utils.sampling --model runs/qlora/merged --prompt "Name three rivers." --max_new_tokens 64 --seed 1
+python -m utils.sampling                                   # every model found under runs/, the card's prompt
+python -m utils.sampling --model runs/qlora/merged --prompt "Name three rivers." --max_new_tokens 64 --seed 1
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ MORE_PROMPTS = [
 SFT_BETA_ID = "HuggingFaceH4/mistral-7b-sft-beta"
 # The card's own answer to the pirate prompt (its model card, "Intended uses & limitations"). Its printed prompt ends
 # "pirate." while its messages say "pirate": we render the messages, as the card's code does.
-CARD_ANSWER = ("Ah, me hearty matey! But yer question be a puzzler! A human cannot eat a helicopter in one sitting, as "
-               "helicopters are not edible. They be made of metal, plastic, and other materials, not food!")
+CARD_ANSWER = (
+    "Ah, me hearty matey! But yer question be a puzzler! A human cannot eat a helicopter in one sitting, as "
+    "helicopters are not edible. They be made of metal, plastic, and other materials, not food!"
+)
 
 
 class SamplingError(ValueError):
@@ -73,15 +75,20 @@ def load_model(ref: str, profile: Profile, dtype):
         from utils import sft
         from utils.assets import ensure_tiny_model
 
-        base_args = ModelConfig(model_name_or_path=profile.model_id or str(ensure_tiny_model()),
-                                dtype=str(dtype).removeprefix("torch."), attn_implementation="sdpa",
-                                load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        base_args = ModelConfig(
+            model_name_or_path=profile.model_id or str(ensure_tiny_model()),
+            dtype=str(dtype).removeprefix("torch."),
+            attn_implementation="sdpa",
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+        )
         return sft.load_adapter(sft.load_model(base_args, sft.bnb_config(base_args)), ref).eval()
     return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, device_map="auto").eval()
 
 
-def generate(model, tokenizer, prompts: list[str], seed: int = 42, eos_token_id: int | None = None,
-             **sampling) -> list[Answer]:
+def generate(
+    model, tokenizer, prompts: list[str], seed: int = 42, eos_token_id: int | None = None, **sampling
+) -> list[Answer]:
     """Sample answers for rendered ``prompts`` in one left-padded batch; stop each at EOS.
 
     ``set_seed`` before the batch makes a re-run print the same text. Answers are cut at the first EOS, and
@@ -101,10 +108,12 @@ def generate(model, tokenizer, prompts: list[str], seed: int = 42, eos_token_id:
     with torch.no_grad():
         out = model.generate(**batch, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **settings)
     answers = []
-    for prompt, row in zip(prompts, out[:, batch["input_ids"].shape[1]:].tolist()):
+    for prompt, row in zip(prompts, out[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
         stopped = eos in row
         tokens = row[: row.index(eos)] if stopped else row
-        answers.append(Answer(prompt, tokenizer.decode(tokens, skip_special_tokens=True), len(tokens) + stopped, stopped))
+        answers.append(
+            Answer(prompt, tokenizer.decode(tokens, skip_special_tokens=True), len(tokens) + stopped, stopped)
+        )
     return answers
 
 
@@ -121,8 +130,12 @@ def check_model_ref(ref: str) -> str:
         if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
             raise SamplingError(f"{ref} is not a model folder (no config.json or adapter_config.json)")
         return ref
-    if ref.startswith((".", "/", "~")) or ref.count("/") != 1 or (REPO_ROOT / ref).exists() or \
-            ref.startswith(("runs/", "data/")):
+    if (
+        ref.startswith((".", "/", "~"))
+        or ref.count("/") != 1
+        or (REPO_ROOT / ref).exists()
+        or ref.startswith(("runs/", "data/"))
+    ):
         raise SamplingError(f"no such model folder: {ref}")
     return ref
 
@@ -131,8 +144,11 @@ def parse_args(argv: list[str] | None = None):
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m utils.sampling", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", help="model folder, adapter folder or Hub id (repeatable); "
-                                                          "default: every model found under runs/")
+    parser.add_argument(
+        "--model",
+        action="append",
+        help="model folder, adapter folder or Hub id (repeatable); default: every model found under runs/",
+    )
     parser.add_argument("--prompt", default=None, help="a user message; default: the card's pirate prompt")
     parser.add_argument("--system", default=None, help="a system message for --prompt")
     parser.add_argument("--max_new_tokens", type=int, default=CARD_SAMPLING["max_new_tokens"])
@@ -162,8 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     profile = choose_profile(args.profile)
     tokenizer = load_tokenizer(profile.model_id)
     dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    messages = PIRATE if args.prompt is None else (
-        ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}])
+    messages = (
+        PIRATE
+        if args.prompt is None
+        else (
+            ([{"role": "system", "content": args.system}] if args.system else [])
+            + [{"role": "user", "content": args.prompt}]
+        )
+    )
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     models = {ref: ref for ref in refs} or candidate_models(profile, hub=hub_reachable())
     for name, ref in models.items():
@@ -172,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:  # an unreachable Hub id, a folder without weights
             print(f"error: cannot load {ref}: {str(exc).splitlines()[0]}", file=sys.stderr)
             return 2
-        answer = generate(model, tokenizer, [prompt], seed=args.seed, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature)[0]
+        answer = generate(
+            model, tokenizer, [prompt], seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature
+        )[0]
         print(f"== {name} ({answer.new_tokens} tokens, {'EOS' if answer.stopped_at_eos else 'max_new_tokens'})")
         print(answer.text)
     return 0

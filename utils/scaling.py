@@ -31,8 +31,10 @@ def accumulation_for(global_batch: int, num_gpus: int, per_device: int) -> int:
         raise ValueError("global batch, GPU count and per-device batch must be positive")
     per_step = per_device * num_gpus
     if global_batch % per_step:
-        raise ValueError(f"a global batch of {global_batch} is not a multiple of {per_device} per device x "
-                         f"{num_gpus} GPUs = {per_step}; choose a per-device batch that divides {global_batch // num_gpus or 1}")
+        raise ValueError(
+            f"a global batch of {global_batch} is not a multiple of {per_device} per device x "
+            f"{num_gpus} GPUs = {per_step}; choose a per-device batch that divides {global_batch // num_gpus or 1}"
+        )
     return global_batch // per_step
 
 
@@ -82,8 +84,14 @@ def model_states_bytes(params: int, strategy: str, gpus: int) -> tuple[float, fl
     raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
 
 
-def activation_bytes(per_device_batch: int, seq_len: int = 2048, layers: int = 32, hidden: int = 4096,
-                     vocab: int = 32_000, checkpointing: bool = True) -> float:
+def activation_bytes(
+    per_device_batch: int,
+    seq_len: int = 2048,
+    layers: int = 32,
+    hidden: int = 4096,
+    vocab: int = 32_000,
+    checkpointing: bool = True,
+) -> float:
     """Activation memory of one micro-batch: checkpointed block inputs + one block's working set + fp32 logits."""
     tokens = per_device_batch * seq_len
     block = 34 * tokens * hidden  # one transformer block with flash/sdpa attention (no s^2 term), bf16
@@ -92,8 +100,9 @@ def activation_bytes(per_device_batch: int, seq_len: int = 2048, layers: int = 3
     return kept + (block if checkpointing else 0) + logits
 
 
-def estimate(strategy: str, gpus: int, gpu_gib: int, per_device_batch: int = 8, seq_len: int = 2048,
-             model: dict = MISTRAL_7B) -> Estimate:
+def estimate(
+    strategy: str, gpus: int, gpu_gib: int, per_device_batch: int = 8, seq_len: int = 2048, model: dict = MISTRAL_7B
+) -> Estimate:
     """Per-GPU memory of a full fine-tune of ``model`` (default Mistral-7B) with gradient checkpointing."""
     w, g, o = model_states_bytes(model["params"], strategy, gpus)
     act = activation_bytes(per_device_batch, seq_len, model["layers"], model["hidden"], model["vocab"])
@@ -109,9 +118,15 @@ def fit_table(per_device_batch: int = 8, gpu_counts=(1, 2, 4, 8, 16), gpu_sizes=
     for strategy in STRATEGIES:
         for n in gpu_counts:
             e = estimate(strategy, n, 80, per_device_batch)
-            row = {"strategy": strategy, "gpus": n, "weights": round(e.weights, 1), "gradients": round(e.gradients, 1),
-                   "optimizer": round(e.optimizer, 1), "activations": round(e.activations + e.reserve, 1),
-                   "GiB per GPU": round(e.total, 1)}
+            row = {
+                "strategy": strategy,
+                "gpus": n,
+                "weights": round(e.weights, 1),
+                "gradients": round(e.gradients, 1),
+                "optimizer": round(e.optimizer, 1),
+                "activations": round(e.activations + e.reserve, 1),
+                "GiB per GPU": round(e.total, 1),
+            }
             row.update({f"{size} GB": "fits" if e.total <= size else "-" for size in gpu_sizes})
             rows.append(row)
     return pd.DataFrame(rows)
@@ -132,8 +147,9 @@ def lora_parameters(r: int = 16, shape: dict = MISTRAL_7B_SHAPE) -> int:
     return per_layer * shape["layers"]
 
 
-def qlora_memory(checkpoint_every: int = 1, batch: int = 4, seq_len: int = 2048, r: int = 16,
-                 shape: dict = MISTRAL_7B_SHAPE) -> dict[str, float]:
+def qlora_memory(
+    checkpoint_every: int = 1, batch: int = 4, seq_len: int = 2048, r: int = 16, shape: dict = MISTRAL_7B_SHAPE
+) -> dict[str, float]:
     """Peak GPU memory of QLoRA training, in GiB, by part: weights, LoRA gradients, optimizer, activations.
 
     - weights: the linear layers in 4-bit NF4 (0.5 byte + a 4-byte absmax per 64 values), embeddings and lm_head in
@@ -164,11 +180,15 @@ def plot_qlora_memory(profiles: dict[str, int] | None = None):
     """A stacked bar per GPU class (its checkpointing policy): estimated parts, with the H200 measurement marked."""
     import matplotlib.pyplot as plt
 
-    profiles = profiles or {"16 GB (T4): every layer": 1, "24 GB (L4, A10): every layer": 1,
-                            "40 GB (A100 40GB): every 2nd layer": 2, "80 GB (H100): none": 0}
+    profiles = profiles or {
+        "16 GB (T4): every layer": 1,
+        "24 GB (L4, A10): every layer": 1,
+        "40 GB (A100 40GB): every 2nd layer": 2,
+        "80 GB (H100): none": 0,
+    }
     fig, ax = plt.subplots(figsize=(10, 3.6))
     colors = {"weights": "#4C72B0", "LoRA gradients": "#DD8452", "optimizer": "#55A868", "activations": "#C44E52"}
-    for i, (label, every) in enumerate(profiles.items()):
+    for i, every in enumerate(profiles.values()):
         left = 0.0
         for part, gib in qlora_memory(every).items():
             ax.barh(i, gib, left=left, color=colors[part], label=part if i == 0 else None)

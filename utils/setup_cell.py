@@ -14,39 +14,44 @@ import sys
 REPO_URL = "https://github.com/mistral-sft-tutorials/mistral-7b-sft-beta.git"
 REPO_REF = "v1.0.0"  # the tagged release the notebooks were tested with
 
-SETUP_CELL = f'''# Set-up: find this collection; on Colab/Kaggle clone it at a tagged release and install its pinned packages.
+SETUP_CELL = f'''# Set-up: find this collection; on Colab/Kaggle clone it at a tagged release and install its pins.
 # Published elsewhere? Set MISTRAL_SFT_REPO (git address) and MISTRAL_SFT_REF (tag or commit) first, e.g. with
 # %env MISTRAL_SFT_REPO=https://github.com/you/fork.git in a cell above this one.
-import os, subprocess, sys
+import os
+import subprocess
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 REPO = os.environ.get("MISTRAL_SFT_REPO", "{REPO_URL}")
 REF = os.environ.get("MISTRAL_SFT_REF", "{REPO_REF}")
-here = Path.cwd()
-root = next((p for p in [here, *here.parents, here / "mistral-sft"] if (p / "utils" / "prepare_data.py").is_file()), None)
-if root is None:  # not inside a checkout: clone one (a re-run finds it and skips this)
-    def installed(names):
-        def v(name):
-            try:
-                return version(name)
-            except PackageNotFoundError:
-                return None
-        return {{name: v(name) for name in names}}
 
-    git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True).returncode == 0
+
+def installed(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def git(*args):
+    return subprocess.run(["git", *args], capture_output=True, text=True).returncode == 0
+
+
+here = Path.cwd()
+places = [here, *here.parents, here / "mistral-sft"]
+root = next((p for p in places if (p / "utils" / "prepare_data.py").is_file()), None)
+if root is None:  # not inside a checkout: clone one (a re-run finds it and skips this)
     if not (git("clone", "--quiet", REPO, "mistral-sft") and git("-C", "mistral-sft", "checkout", "--quiet", REF)):
-        raise SystemExit(f"Could not clone {{REPO}} at {{REF}}: set MISTRAL_SFT_REPO and MISTRAL_SFT_REF to where "
-                         "this collection is published (see its README).")
+        raise SystemExit(f"Could not clone {{REPO}} at {{REF}}: set MISTRAL_SFT_REPO and MISTRAL_SFT_REF (see README).")
     root = Path("mistral-sft").resolve()
-    before = installed(["numpy", "pyarrow"])
+    before = {{name: installed(name) for name in ("numpy", "pyarrow")}}
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(root / "requirements.txt")], check=True)
-    if installed(before) != before:  # Colab/Kaggle imported the old ones already
-        raise SystemExit("numpy or pyarrow changed version: restart the runtime (Colab: Runtime > Restart "
-                         "session), then run this cell again.")
+    if {{name: installed(name) for name in before}} != before:  # Colab/Kaggle imported the old ones already
+        raise SystemExit("numpy or pyarrow changed: restart the runtime (Colab: Runtime > Restart session), run again.")
 os.chdir(root)
 sys.path.insert(0, str(root))
-os.environ["PATH"] = f"{{Path(sys.executable).parent}}{{os.pathsep}}{{os.environ['PATH']}}"  # torchrun for shell cells
+os.environ["PATH"] = f"{{Path(sys.executable).parent}}{{os.pathsep}}{{os.environ['PATH']}}"  # torchrun in shell cells
 print("collection at", root)'''
 
 

@@ -48,12 +48,20 @@ class RunArguments:
     profile: str = field(default="auto", metadata={"help": "auto, smoke, or a GPU profile (utils/hardware.py)"})
     merge: bool = field(default=True, metadata={"help": "merge the adapter into a 16-bit base after training"})
     global_batch_size: int | None = field(
-        default=None, metadata={"help": "sequences per optimizer step over all GPUs; sets gradient_accumulation_steps "
-                                        "from the world size and per-device batch (the card: 512)"})
+        default=None,
+        metadata={
+            "help": "sequences per optimizer step over all GPUs; sets gradient_accumulation_steps "
+            "from the world size and per-device batch (the card: 512)"
+        },
+    )
     fresh: bool = field(default=False, metadata={"help": "start over in output_dir, removing its earlier run"})
     card_schedule: bool = field(
-        default=False, metadata={"help": "the card's schedule: plan the cosine over dialogues / global batch steps, as "
-                                         "TRL 0.7 did, and stop when the packed data ends (272 of 406 for the card)"})
+        default=False,
+        metadata={
+            "help": "the card's schedule: plan the cosine over dialogues / global batch steps, as "
+            "TRL 0.7 did, and stop when the packed data ends (272 of 406 for the card)"
+        },
+    )
     dataset_revision: str = field(default="main", metadata={"help": "Hub dataset commit or tag to prepare"})
 
 
@@ -61,20 +69,45 @@ class RunArguments:
 # and GPU, as the recipe (4 x 2) does. Smoke runs short sequences so the sample makes a few dozen steps, and a
 # larger learning rate: LoRA on a random 64-wide model barely moves at 2e-4 in 30 steps.
 PROFILE_TRAINING: dict[str, dict[str, Any]] = {
-    "smoke": dict(per_device_train_batch_size=2, per_device_eval_batch_size=2, gradient_accumulation_steps=1,
-                  max_length=256, logging_steps=1, save_steps=10, activation_checkpointing=False, num_train_epochs=3,
-                  learning_rate=3e-3,
-                  packing_strategy="bfd", report_to=[]),
+    "smoke": dict(
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_length=256,
+        logging_steps=1,
+        save_steps=10,
+        activation_checkpointing=False,
+        num_train_epochs=3,
+        learning_rate=3e-3,
+        packing_strategy="bfd",
+        report_to=[],
+    ),
     # 4 x 2 with checkpointing on every layer peaked at 9.9 GiB reserved on an H200: inside a T4's 15 GiB. LoRA's
     # optimizer states are ~0.5 GB, so a paged 8-bit optimizer saves little; `--optim paged_adamw_8bit` if needed.
-    "gpu-16gb": dict(per_device_train_batch_size=4, per_device_eval_batch_size=4, gradient_accumulation_steps=2,
-                     packing_strategy="bfd"),
-    "gpu-24gb": dict(per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
-                     packing_strategy="bfd"),
-    "gpu-40gb": dict(per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
-                     packing_strategy="bfd"),
-    "gpu-80gb": dict(per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2,
-                     packing_strategy="bfd"),
+    "gpu-16gb": dict(
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        gradient_accumulation_steps=2,
+        packing_strategy="bfd",
+    ),
+    "gpu-24gb": dict(
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        gradient_accumulation_steps=2,
+        packing_strategy="bfd",
+    ),
+    "gpu-40gb": dict(
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        gradient_accumulation_steps=2,
+        packing_strategy="bfd",
+    ),
+    "gpu-80gb": dict(
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        gradient_accumulation_steps=2,
+        packing_strategy="bfd",
+    ),
 }
 
 
@@ -96,8 +129,13 @@ def parse_recipe(argv: list[str], in_child: bool | None = None):
         in_child = torch.cuda.is_available() and not torch.cuda.is_initialized()
     if in_child:
         code = f"import json, sys; from utils.sft import _recipe_dicts; print(json.dumps(_recipe_dicts({argv!r})))"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path.cwd(),
-                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=Path.cwd(),
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
         if out.returncode:
             raise ConfigError(_one_line(RuntimeError((out.stderr.strip().splitlines() or ["parse failed"])[-1])))
         parts = json.loads(out.stdout.strip().splitlines()[-1])
@@ -110,8 +148,12 @@ def _recipe_dicts(argv: list[str]) -> list[dict]:
     import dataclasses
 
     script_args, training_args, model_args, run_args = parse(argv)
-    return [dataclasses.asdict(script_args), training_args.to_dict(), dataclasses.asdict(model_args),
-            dataclasses.asdict(run_args)]
+    return [
+        dataclasses.asdict(script_args),
+        training_args.to_dict(),
+        dataclasses.asdict(model_args),
+        dataclasses.asdict(run_args),
+    ]
 
 
 def parse(argv: list[str] | None = None):
@@ -155,8 +197,15 @@ def explicit_fields(argv: list[str]) -> set[str]:
     return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
 
 
-def apply_profile(profile: Profile, script_args, training_args, model_args, explicit: set[str] = frozenset(),
-                  run_args: RunArguments | None = None, world_size: int | None = None):
+def apply_profile(
+    profile: Profile,
+    script_args,
+    training_args,
+    model_args,
+    explicit: set[str] = frozenset(),
+    run_args: RunArguments | None = None,
+    world_size: int | None = None,
+):
     """Fill in what depends on the hardware (model, dtype, attention, batch), keeping values set on the CLI.
 
     Returns the updated SFTConfig (rebuilt with ``dataclasses.replace``, so its own checks run on the final values).
@@ -181,13 +230,18 @@ def apply_profile(profile: Profile, script_args, training_args, model_args, expl
     # GPU profiles size QLoRA batches to the GPU; a full fine-tune keeps the recipe's batch (its memory is the
     # sharding engine's business, see utils/scaling.py). Smoke shrinks everything.
     sized = PROFILE_TRAINING.get(profile.name, {}) if profile.is_smoke or model_args.use_peft else {}
-    changes = {**sized,
-               "bf16": half and profile.compute_dtype == "bfloat16", "fp16": half and profile.compute_dtype == "float16"}
+    changes = {
+        **sized,
+        "bf16": half and profile.compute_dtype == "bfloat16",
+        "fp16": half and profile.compute_dtype == "float16",
+    }
     if not profile.is_smoke and model_args.use_peft:  # checkpointing as the GPU's memory allows (utils/hardware.py)
         changes["activation_checkpointing"] = profile.checkpoint_every > 0
         if profile.checkpoint_every > 1:
-            changes["activation_checkpointing_kwargs"] = {**(training_args.activation_checkpointing_kwargs or {}),
-                                                          "every_n_layers": profile.checkpoint_every}
+            changes["activation_checkpointing_kwargs"] = {
+                **(training_args.activation_checkpointing_kwargs or {}),
+                "every_n_layers": profile.checkpoint_every,
+            }
     changes = {k: v for k, v in changes.items() if k not in explicit}
     if run_args is not None and run_args.global_batch_size and not profile.is_smoke:
         from utils.scaling import accumulation_for
@@ -208,8 +262,15 @@ def validate(script_args, training_args, model_args) -> None:
     and in range, LoRA modules that exist, a dataset that can be read."""
     from utils.prepare_data import SourceError, local_path, open_source
 
-    positive = ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps", "logging_steps", "save_steps", "learning_rate")
+    positive = (
+        "max_length",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "save_steps",
+        "learning_rate",
+    )
     for name in positive:
         value = getattr(training_args, name)
         if value is None or not math.isfinite(value) or value <= 0:
@@ -237,19 +298,25 @@ def validate(script_args, training_args, model_args) -> None:
         modules = model_args.lora_target_modules or []
         unknown = [m for m in modules if m not in MISTRAL_LINEAR_MODULES and m != "all-linear"]
         if unknown or not modules:
-            raise ConfigError(f"unknown LoRA target module(s) {', '.join(unknown) or '(none given)'}; Mistral's "
-                              f"linear layers are {', '.join(MISTRAL_LINEAR_MODULES)}")
+            raise ConfigError(
+                f"unknown LoRA target module(s) {', '.join(unknown) or '(none given)'}; Mistral's "
+                f"linear layers are {', '.join(MISTRAL_LINEAR_MODULES)}"
+            )
     if not script_args.dataset_name:
         raise ConfigError("no dataset: set dataset_name to the folder notebook 01 wrote (data/processed/ultrachat)")
     path = local_path(script_args.dataset_name)
     if path is not None and (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
         if script_args.dataset_train_split not in splits:
-            raise ConfigError(f"dataset {path} has no {script_args.dataset_train_split!r} split (it has "
-                              f"{', '.join(splits) or 'none'})")
+            raise ConfigError(
+                f"dataset {path} has no {script_args.dataset_train_split!r} split (it has "
+                f"{', '.join(splits) or 'none'})"
+            )
         if training_args.eval_strategy != "no" and script_args.dataset_test_split not in splits:
-            print(f"Note: dataset {path} has no {script_args.dataset_test_split!r} split, so evaluation is off "
-                  "(eval_strategy no).")
+            print(
+                f"Note: dataset {path} has no {script_args.dataset_test_split!r} split, so evaluation is off "
+                "(eval_strategy no)."
+            )
             training_args.eval_strategy = "no"
         return
     if Path(script_args.dataset_name) == SMOKE_DATA_DIR:
@@ -257,8 +324,10 @@ def validate(script_args, training_args, model_args) -> None:
     try:  # a source notebook 01's pipeline can prepare: a .jsonl/.json/.parquet file or folder, or a Hub id
         open_source(script_args.dataset_name)
     except SourceError as exc:
-        raise ConfigError(f"dataset {script_args.dataset_name}: {exc}. Run notebook 01 or `python -m "
-                          f"utils.prepare_data --out data/processed/ultrachat` first") from None
+        raise ConfigError(
+            f"dataset {script_args.dataset_name}: {exc}. Run notebook 01 or `python -m "
+            f"utils.prepare_data --out data/processed/ultrachat` first"
+        ) from None
 
 
 # --- the objects a learner came to see -----------------------------------------------------------------------------
@@ -311,8 +380,11 @@ def load_training_data(script_args, tokenizer, profile: Profile, revision: str =
         path = out
     data = datasets.load_from_disk(str(path))
     keep = ["input_ids"]
-    return {split: data[name].select_columns(keep) for split, name in
-            (("train", script_args.dataset_train_split), ("test", script_args.dataset_test_split)) if name in data}
+    return {
+        split: data[name].select_columns(keep)
+        for split, name in (("train", script_args.dataset_train_split), ("test", script_args.dataset_test_split))
+        if name in data
+    }
 
 
 def load_model(model_args, quantization=None, device_map: str | dict | None = None):
@@ -327,8 +399,11 @@ def load_model(model_args, quantization=None, device_map: str | dict | None = No
 
     if Path(model_args.model_name_or_path) == TINY_MODEL_DIR:
         ensure_tiny_model()
-    kwargs: dict[str, Any] = dict(dtype=getattr(torch, model_args.dtype), attn_implementation=model_args.attn_implementation,
-                                  revision=model_args.model_revision)
+    kwargs: dict[str, Any] = dict(
+        dtype=getattr(torch, model_args.dtype),
+        attn_implementation=model_args.attn_implementation,
+        revision=model_args.model_revision,
+    )
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     if device_map is not None:
@@ -374,8 +449,9 @@ def card_schedule_steps(dialogues: int, global_batch: int) -> int:
     return math.ceil(dialogues / global_batch)
 
 
-def train(script_args, training_args, model_args, profile: Profile, tokenizer=None,
-          run_args: RunArguments | None = None):
+def train(
+    script_args, training_args, model_args, profile: Profile, tokenizer=None, run_args: RunArguments | None = None
+):
     """Open the run folder, build the trainer, resume when a checkpoint loads, train, save the adapter and the state.
 
     Returns the trainer, or None when the folder holds a finished run (which is left as it is).
@@ -399,8 +475,10 @@ def train(script_args, training_args, model_args, profile: Profile, tokenizer=No
         per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
         training_args.max_steps = card_schedule_steps(data["train"].num_rows, per_step * _world_size())
         callbacks.append(StopWhenDataEnds())
-        print(f"card schedule: cosine planned over {training_args.max_steps} steps ({data['train'].num_rows} "
-              f"dialogues / {per_step * _world_size()}), stopping when the packed data ends")
+        print(
+            f"card schedule: cosine planned over {training_args.max_steps} steps ({data['train'].num_rows} "
+            f"dialogues / {per_step * _world_size()}), stopping when the packed data ends"
+        )
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -452,8 +530,10 @@ class RankLog(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step == 1 and args.world_size > 1 and model is not None:  # wrapped (and sharded) by now
             held, total = parameters_held(model)
-            _say(f"[rank {args.process_index}/{args.world_size}] this rank holds {held:,} of {total:,} parameters "
-                 f"({100 * held / total:.0f}%: {'sharded' if held < total else 'a full replica'})")
+            _say(
+                f"[rank {args.process_index}/{args.world_size}] this rank holds {held:,} of {total:,} parameters "
+                f"({100 * held / total:.0f}%: {'sharded' if held < total else 'a full replica'})"
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and args.world_size > 1:
@@ -462,8 +542,12 @@ class RankLog(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / "rank_logs"
         folder.mkdir(parents=True, exist_ok=True)
-        record = {"rank": args.process_index, "world_size": args.world_size, "global_step": state.global_step,
-                  "losses": [h["loss"] for h in state.log_history if "loss" in h]}
+        record = {
+            "rank": args.process_index,
+            "world_size": args.world_size,
+            "global_step": state.global_step,
+            "losses": [h["loss"] for h in state.log_history if "loss" in h],
+        }
         (folder / f"rank{args.process_index}.json").write_text(json.dumps(record) + "\n")
 
 
@@ -515,8 +599,9 @@ def merge_adapter(model_args, adapter_dir: str | Path, out_dir: str | Path, dtyp
 
     dtype = dtype or merge_dtype(model_args)
     # 16-bit Mistral-7B is 14.5 GB: on the GPU where it fits, spilling to CPU RAM where it does not (device_map auto)
-    base = load_model(dataclasses.replace(model_args, dtype=dtype),
-                      device_map="auto" if torch.cuda.is_available() else None)
+    base = load_model(
+        dataclasses.replace(model_args, dtype=dtype), device_map="auto" if torch.cuda.is_available() else None
+    )
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.to(getattr(torch, dtype)).save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
@@ -539,10 +624,24 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-RECIPE_FIELDS = ("learning_rate", "num_train_epochs", "max_steps", "max_length", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "activation_checkpointing", "activation_checkpointing_kwargs",
-                 "packing_strategy", "optim", "bf16", "fp16", "logging_steps", "save_steps", "report_to",
-                 "eval_strategy")
+RECIPE_FIELDS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "max_length",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "activation_checkpointing",
+    "activation_checkpointing_kwargs",
+    "packing_strategy",
+    "optim",
+    "bf16",
+    "fp16",
+    "logging_steps",
+    "save_steps",
+    "report_to",
+    "eval_strategy",
+)
 MODEL_FIELDS = ("model_name_or_path", "dtype", "attn_implementation")
 
 
@@ -607,10 +706,16 @@ def packed_row_table(trainer, row: int = 0, start: int = 0, count: int = 48):
     for p in positions:
         dialogue += p == 0
         dialogues.append(dialogue)
-    table = pd.DataFrame({"token": tokenizer.convert_ids_to_tokens(ids), "id": ids,
-                          "label": [("masked" if lab == -100 else lab) for lab in labels],
-                          "position id": positions, "dialogue": dialogues})
-    return table.iloc[start:start + count]
+    table = pd.DataFrame(
+        {
+            "token": tokenizer.convert_ids_to_tokens(ids),
+            "id": ids,
+            "label": [("masked" if lab == -100 else lab) for lab in labels],
+            "position id": positions,
+            "dialogue": dialogues,
+        }
+    )
+    return table.iloc[start : start + count]
 
 
 def show_packed_row(table) -> None:
@@ -625,8 +730,10 @@ def show_packed_row(table) -> None:
         if r["token"] in ("</s>", "<s>"):
             token = f"<b>{token}</b>"
         label = '<span style="color:#999">masked</span>' if r["label"] == "masked" else r["label"]
-        rows.append(f'<tr style="background:{palette[r["dialogue"] % len(palette)]}"><td>{index}</td><td>{token}</td>'
-                    f'<td>{r["id"]}</td><td>{label}</td><td>{r["position id"]}</td><td>{r["dialogue"]}</td></tr>')
+        rows.append(
+            f'<tr style="background:{palette[r["dialogue"] % len(palette)]}"><td>{index}</td><td>{token}</td>'
+            f"<td>{r['id']}</td><td>{label}</td><td>{r['position id']}</td><td>{r['dialogue']}</td></tr>"
+        )
     head = "".join(f"<th>{h}</th>" for h in ("#", "token", "id", "label", "position id", "dialogue"))
     html = f'<table style="font-family:monospace;font-size:12px"><tr>{head}</tr>{"".join(rows)}</table>'
     display({"text/html": html, "text/plain": table.to_string()}, raw=True)
@@ -679,7 +786,9 @@ def speed_report(trainer, prepared_report: Path | None = None, estimate_epoch: b
         "seconds_per_step": round(runtime / steps, 3) if steps else None,
         "tokens_seen": int(tokens),
         "tokens_per_second": round(tok_s, 1),
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if torch.cuda.is_available()
+        else None,
         "ultrachat_200k_epoch_tokens": int(epoch_tokens),
         "ultrachat_200k_epoch_tokens_from": basis,
         "ultrachat_200k_epoch_hours": round(epoch_tokens / tok_s / 3600, 1) if tok_s > 0 and estimate_epoch else None,
@@ -695,8 +804,9 @@ def main(argv: list[str] | None = None) -> int:
         check_config_file(argv)
         script_args, training_args, model_args, run_args = parse(argv)
         explicit = explicit_fields(argv)
-        profile = choose_profile(run_args.profile,
-                                 model=model_args.model_name_or_path if "model_name_or_path" in explicit else None)
+        profile = choose_profile(
+            run_args.profile, model=model_args.model_name_or_path if "model_name_or_path" in explicit else None
+        )
         training_args = apply_profile(profile, script_args, training_args, model_args, explicit, run_args)
         validate(script_args, training_args, model_args)
     except (ConfigError, ValueError, RuntimeError, OSError) as exc:  # includes a missing or malformed config file
@@ -713,8 +823,10 @@ def main(argv: list[str] | None = None) -> int:
     if trainer is None:  # a finished run: report what it measured, change nothing
         saved = json.loads((out / "speed.json").read_text()) if (out / "speed.json").is_file() else None
         if saved:
-            print(f"its report: {saved['steps']} steps, {saved['tokens_per_second']} tokens/s, "
-                  f"{saved['train_runtime_s']} s ({out / 'speed.json'})")
+            print(
+                f"its report: {saved['steps']} steps, {saved['tokens_per_second']} tokens/s, "
+                f"{saved['train_runtime_s']} s ({out / 'speed.json'})"
+            )
         return 0
     report = speed_report(trainer, Path(script_args.dataset_name) / "report.json", not profile.is_smoke)
     if trainer.is_world_process_zero():
@@ -724,8 +836,10 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.is_world_process_zero():
         trainer.run.finish(trainer.state.global_step, trainer.state.max_steps)
         final = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        print(f"done: {report['steps']} steps in {time.perf_counter() - start:.0f} s, final loss "
-              f"{final[-1] if final else float('nan'):.4f}, {report['tokens_per_second']} tokens/s -> {out}")
+        print(
+            f"done: {report['steps']} steps in {time.perf_counter() - start:.0f} s, final loss "
+            f"{final[-1] if final else float('nan'):.4f}, {report['tokens_per_second']} tokens/s -> {out}"
+        )
     return 0
 
 
