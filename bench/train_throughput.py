@@ -7,12 +7,18 @@ The model is the Mistral-7B architecture (``MistralConfig`` defaults) with rando
 4-bit NF4 through ``utils.sft.load_model``, exactly as notebook 02 loads the real one: speed and memory do not
 depend on the weights' values. The data are synthetic token dialogues with an UltraChat-like length mix.
 
-Variants, one after another in this process:
+Variants:
   baseline   plain TRL defaults: the recipe's LoRA and batch (4 x 2), no packing, sdpa, padded batches
-  ours       the matching profile of utils/sft.py (gpu-40gb, gpu-24gb or gpu-16gb): bfd packing, padding-free
-  ours+...   one speed option at a time: flash-attention 2, Liger kernels (fused linear + cross-entropy loss),
-             paged 8-bit AdamW, no activation checkpointing, checkpointing every 2nd layer
+  ours       bfd packing, padding-free, sdpa, checkpointing every layer (the settings before flex_attention)
+  ours+...   one speed option at a time: flex_attention, flex_attention with checkpointing every 2nd layer or
+             none (the gpu-40gb and gpu-80gb profiles), flash-attention 2, Liger kernels, paged 8-bit AdamW,
+             sdpa without checkpointing or every 2nd layer
+  profile    the settings utils/hardware.py picks for this GPU
 Each reports loss-carrying tokens/s, seconds per step, peak allocated and reserved memory, and MFU.
+
+Method: the first variant in a process runs 10-30% slow (CUDA and Triton warm-up), so one warm-up run comes first
+and is discarded; then every variant runs ``--repeats`` times (default 2), in alternating order (forward, then
+backward, ...), and the table reports each one's median tokens/s and its largest peak memory.
 
 MFU counts, per loss-carrying token, 2N FLOPs forward + 2N backward through the activations (the frozen base gets
 no weight gradients; LoRA's are negligible) + 2N recomputation when activations are checkpointed, with N the
@@ -76,17 +82,18 @@ def variants(profile_name: str) -> list[Variant]:
         packing=True,
         optim=p.get("optim", "adamw_torch"),
     )
+    flex = replace(ours, name="ours + flex_attention", attn="flex_attention", needs="triton")
+    every2 = {"use_reentrant": False, "every_n_layers": 2}
     return [
         Variant("baseline (TRL defaults)"),
         ours,
+        flex,
+        replace(flex, name="ours + flex_attention + checkpoint every 2nd layer", checkpoint_kwargs=every2),
+        replace(flex, name="ours + flex_attention + no checkpointing", checkpointing=False),
         replace(ours, name="ours + flash-attn 2", attn="flash_attention_2", needs="flash_attn"),
         replace(ours, name="ours + paged 8-bit AdamW", optim="paged_adamw_8bit", needs="cuda"),
         replace(ours, name="ours + no checkpointing", checkpointing=False),
-        replace(
-            ours,
-            name="ours + checkpoint every 2nd layer",
-            checkpoint_kwargs={"use_reentrant": False, "every_n_layers": 2},
-        ),
+        replace(ours, name="ours + checkpoint every 2nd layer", checkpoint_kwargs=every2),
         replace(ours, name="ours + Liger kernels (fused loss)", liger=True, needs="liger_kernel"),  # patches: last
     ]
 
@@ -96,7 +103,7 @@ def missing(need: str | None, cuda: bool) -> str | None:
 
     if need == "cuda" and not cuda:
         return "needs CUDA"
-    if need in ("flash_attn", "liger_kernel") and (not cuda or importlib.util.find_spec(need) is None):
+    if need in ("flash_attn", "liger_kernel", "triton") and (not cuda or importlib.util.find_spec(need) is None):
         return f"needs CUDA and the {need} package"
     return None
 
@@ -244,6 +251,7 @@ def main() -> int:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU; asserts nothing about speed")
     parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before timing starts")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, in alternating order")
     parser.add_argument("--max-length", type=int, default=SEQ)
     parser.add_argument("--profile", default=None, help="gpu-40gb, gpu-24gb or gpu-16gb (default: by GPU memory)")
     parser.add_argument("--only", nargs="*", help="run only variants whose name starts with these")
@@ -256,14 +264,14 @@ def main() -> int:
         print("error: no CUDA GPU; run with --cpu-smoke to exercise the script on the CPU", file=sys.stderr)
         return 2
     if args.cpu_smoke:
-        shape, args.steps, args.warmup, args.max_length = dict(TINY_MISTRAL), 2, 1, 256
+        shape, args.steps, args.warmup, args.max_length, args.repeats = dict(TINY_MISTRAL), 2, 1, 256, 2
         name, peak = "CPU (smoke: tiny model)", None
     else:
         shape = {}  # MistralConfig defaults are Mistral-7B's dimensions
         name = torch.cuda.get_device_name(0)
         peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0
-    profile = args.profile or ("gpu-40gb" if gib >= 38 or not cuda else "gpu-24gb" if gib >= 22 else "gpu-16gb")
+    profile = args.profile or _profile_for(gib, cuda)
 
     tokenizer = load_tokenizer(None)
     data = synthetic_dialogues(64 if args.cpu_smoke else 600, 32000)
@@ -271,18 +279,31 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_random_model(shape, Path(tmp) / "mistral", "cuda" if cuda else "cpu")
         todo = variants(profile)
-        if not args.cpu_smoke and profile != "gpu-16gb":
-            todo.append(replace(variants("gpu-16gb")[1], name="16 GB check: gpu-16gb settings"))
+        if not args.cpu_smoke:
+            todo.append(profile_variant(profile))
+            if profile != "gpu-16gb":
+                todo.append(replace(profile_variant("gpu-16gb"), name="16 GB check: gpu-16gb settings"))
+        todo = [v for v in todo if not args.only or any(v.name.startswith(o) for o in args.only)]
+        runnable = []
         for v in todo:
-            if args.only and not any(v.name.startswith(o) for o in args.only):
-                continue
             why = missing(v.needs, cuda)
             if why:
-                rows.append({"variant": v.name, "skipped": why})
                 print(f"skipped {v.name}: {why}", flush=True)
+            else:
+                runnable.append(v)
+        results: dict[str, list[dict]] = {v.name: [] for v in runnable}
+        if runnable:
+            print(f"warm-up (discarded): {runnable[0].name} ...", flush=True)
+            run_variant(runnable[0], model_dir, data, tokenizer, args, cuda)
+        for repeat in range(args.repeats):
+            for v in runnable if repeat % 2 == 0 else runnable[::-1]:
+                print(f"run {repeat + 1}/{args.repeats}: {v.name} ...", flush=True)
+                results[v.name].append(run_variant(v, model_dir, data, tokenizer, args, cuda))
+        for v in todo:
+            if v.name not in results:
+                rows.append({"variant": v.name, "skipped": missing(v.needs, cuda)})
                 continue
-            print(f"running {v.name} ...", flush=True)
-            result = run_variant(v, model_dir, data, tokenizer, args, cuda)
+            result = median_result(results[v.name])
             result["MFU"] = result["tokens/s"] * result["flops/token"] / (peak * 1e12) if peak else None
             rows.append(result)
     print_table(rows, name, profile, args)
@@ -291,10 +312,56 @@ def main() -> int:
     return 0
 
 
+def median_result(runs: list[dict]) -> dict:
+    """One row from several runs of a variant: the median tokens/s (and its s/step), the largest peak memory."""
+    import statistics
+
+    ordered = sorted(runs, key=lambda r: r["tokens/s"])
+    middle = ordered[(len(ordered) - 1) // 2] if len(ordered) % 2 else None
+    row = dict(middle or ordered[len(ordered) // 2])
+    row["tokens/s"] = statistics.median(r["tokens/s"] for r in runs)
+    row["s/step"] = statistics.median(r["s/step"] for r in runs)
+    row["runs"] = [round(r["tokens/s"], 1) for r in runs]
+    for key in ("peak alloc GiB", "peak reserved GiB"):
+        values = [r[key] for r in runs if r[key] is not None]
+        row[key] = max(values) if values else None
+    return row
+
+
+def _profile_for(gib: float, cuda: bool) -> str:
+    from utils.hardware import GPU_PROFILES
+
+    fitting = [p.name for p in GPU_PROFILES if gib >= p.min_gpu_memory_gib]
+    return fitting[-1] if cuda and fitting else "gpu-40gb"
+
+
+def profile_variant(name: str) -> Variant:
+    """The settings ``utils/hardware.py`` and ``utils/sft.py`` give a GPU of this profile (Hopper/Ampere attention)."""
+    from utils.hardware import PROFILES
+    from utils.sft import PROFILE_TRAINING
+
+    profile, p = PROFILES[name], PROFILE_TRAINING[name]
+    kwargs = {"use_reentrant": False}
+    if profile.checkpoint_every > 1:
+        kwargs["every_n_layers"] = profile.checkpoint_every
+    return Variant(
+        f"profile {name}",
+        p["per_device_train_batch_size"],
+        p["gradient_accumulation_steps"],
+        packing=True,
+        attn="flex_attention" if name != "gpu-16gb" else "sdpa",
+        checkpointing=profile.checkpoint_every > 0,
+        checkpoint_kwargs=kwargs,
+        optim=p.get("optim", "adamw_torch"),
+        needs="triton" if name != "gpu-16gb" else None,
+    )
+
+
 def print_table(rows: list[dict], device: str, profile: str, args) -> None:
     print(
         f"\ndevice: {device} | profile: {profile} | length {args.max_length} | {args.steps} steps after "
-        f"{args.warmup} warm-up"
+        f"{args.warmup} warm-up | median of {args.repeats} runs per variant, alternating order, after a discarded "
+        "warm-up run"
     )
     print(f"{'variant':38s} {'batch':>6s} {'tok/s':>9s} {'s/step':>7s} {'alloc GiB':>10s} {'resv GiB':>9s} {'MFU':>6s}")
     base = next((r for r in rows if "tokens/s" in r), None)

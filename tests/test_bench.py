@@ -10,7 +10,19 @@ from utils import REPO_ROOT
 def test_train_throughput_cpu_smoke(tmp_path):
     out = tmp_path / "throughput.json"
     result = subprocess.run(
-        [sys.executable, "bench/train_throughput.py", "--cpu-smoke", "--json", str(out)],
+        [
+            sys.executable,
+            "bench/train_throughput.py",
+            "--cpu-smoke",
+            "--json",
+            str(out),
+            "--only",
+            "baseline",
+            "ours + no",
+            "ours + flex",
+            "ours + paged",
+            "ours + flash",
+        ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -19,9 +31,14 @@ def test_train_throughput_cpu_smoke(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     ran = [name for name, r in rows.items() if "tokens/s" in r]
-    assert ran == ["baseline (TRL defaults)", "ours", "ours + no checkpointing", "ours + checkpoint every 2nd layer"]
+    assert ran == ["baseline (TRL defaults)", "ours + no checkpointing"]  # --only; the others need CUDA
     assert all(rows[name]["tokens/s"] > 0 and rows[name]["s/step"] > 0 for name in ran)
-    assert rows["baseline (TRL defaults)"]["batch"] == "4x2" and rows["ours"]["batch"] == "4x2"
+    assert all(len(rows[name]["runs"]) == 2 for name in ran)  # each variant twice, after a discarded warm-up
+    assert result.stdout.index("warm-up (discarded): baseline") < result.stdout.index("run 1/2: baseline")
+    order = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("run ")]
+    assert order[: len(ran)] == [f"{name} ..." for name in ran] and order[len(ran) :] == [f"{n} ..." for n in ran[::-1]]
+    assert rows["ours + flex_attention"]["skipped"].startswith("needs CUDA")
+    assert rows["baseline (TRL defaults)"]["batch"] == "4x2" and rows["ours + no checkpointing"]["batch"] == "4x2"
     assert rows["ours + paged 8-bit AdamW"]["skipped"] == "needs CUDA"
     assert rows["ours + flash-attn 2"]["skipped"].startswith("needs CUDA")
     assert "fastest:" in result.stdout and "device: CPU (smoke: tiny model)" in result.stdout
@@ -35,3 +52,20 @@ def test_train_throughput_refuses_a_cpu_without_smoke():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().endswith("error: no CUDA GPU; run with --cpu-smoke to exercise the script on the CPU")
+
+
+def test_median_of_runs():
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from train_throughput import median_result
+
+    runs = [
+        {"tokens/s": t, "s/step": 1 / t, "peak alloc GiB": m, "peak reserved GiB": m + 1}
+        for t, m in ((100.0, 5.0), (300.0, 4.0), (200.0, 6.0))
+    ]
+    row = median_result(runs)
+    assert (row["tokens/s"], row["peak alloc GiB"], row["peak reserved GiB"], row["runs"]) == (
+        200.0,
+        6.0,
+        7.0,
+        [100.0, 300.0, 200.0],
+    )
