@@ -1,0 +1,57 @@
+"""bench/gpu_check.py: its CPU dry run executes notebooks 02, 03 and 05 on a local model and passes every check."""
+
+import json
+import subprocess
+import sys
+
+from utils import REPO_ROOT
+
+
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "checks.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "bench/gpu_check.py",
+            "--dry-run",
+            "--steps",
+            "4",
+            "--work",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    checks = {name: (ok, detail) for name, ok, detail in json.loads(out.read_text())["checks"]}
+    assert list(checks) == [
+        "profile",
+        "4-bit layers",
+        "loss falls",
+        "peak memory",
+        "CUDA uninitialised at notebook_launcher",
+        "adapter merged",
+        "notebook 05 sampled",
+        "generation stops at EOS",
+        "time",
+    ]
+    assert all(ok for ok, _ in checks.values())
+    assert checks["generation stops at EOS"][1] == "stopped after 1 token(s)"
+    assert "GPU path check on CPU (dry run: tiny model)" in result.stdout
+
+
+def test_gpu_check_refuses_a_users_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--dry-run", "--work", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and (tmp_path / "notes.txt").read_text() == "mine"
+    assert result.stderr.strip() == f"error: {tmp_path} holds files this check did not write; choose another --work"
