@@ -1,4 +1,4 @@
-"""`make lab` starts a real JupyterLab (as root too, the usual user on cloud GPU containers) that serves the notebooks."""
+"""`make lab` starts a real JupyterLab (as root too, as on cloud GPU containers) that serves the notebooks."""
 
 import json
 import os
