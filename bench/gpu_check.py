@@ -117,7 +117,7 @@ def run_checks(dry_run: bool, steps: int, work: Path) -> list[tuple[str, bool, s
             progress_bar=False,
             MODEL=str(model_dir),
             OUTPUT_DIR=str(work / "full"),
-            SMOKE_STEPS=2,
+            SMOKE_STEPS=0,
             FRESH=True,
         )
     )

@@ -264,7 +264,7 @@ def main() -> int:
         print("error: no CUDA GPU; run with --cpu-smoke to exercise the script on the CPU", file=sys.stderr)
         return 2
     if args.cpu_smoke:
-        shape, args.steps, args.warmup, args.max_length, args.repeats = dict(TINY_MISTRAL), 2, 1, 256, 2
+        shape, args.steps, args.warmup, args.max_length = dict(TINY_MISTRAL), 2, 1, 256
         name, peak = "CPU (smoke: tiny model)", None
     else:
         shape = {}  # MistralConfig defaults are Mistral-7B's dimensions
@@ -295,10 +295,9 @@ def main() -> int:
         if runnable:
             print(f"warm-up (discarded): {runnable[0].name} ...", flush=True)
             run_variant(runnable[0], model_dir, data, tokenizer, args, cuda)
-        for repeat in range(args.repeats):
-            for v in runnable if repeat % 2 == 0 else runnable[::-1]:
-                print(f"run {repeat + 1}/{args.repeats}: {v.name} ...", flush=True)
-                results[v.name].append(run_variant(v, model_dir, data, tokenizer, args, cuda))
+        for repeat, v in run_order(runnable, args.repeats):
+            print(f"run {repeat + 1}/{args.repeats}: {v.name} ...", flush=True)
+            results[v.name].append(run_variant(v, model_dir, data, tokenizer, args, cuda))
         for v in todo:
             if v.name not in results:
                 rows.append({"variant": v.name, "skipped": missing(v.needs, cuda)})
@@ -310,6 +309,12 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "profile": profile, "rows": rows}, indent=2))
     return 0
+
+
+def run_order(variants: list, repeats: int) -> list[tuple[int, object]]:
+    """(repeat, variant) in the order they run: forward, then backward, then forward... so that no variant always
+    runs right after the same one (warm caches and clocks favour later runs)."""
+    return [(r, v) for r in range(repeats) for v in (variants if r % 2 == 0 else variants[::-1])]
 
 
 def median_result(runs: list[dict]) -> dict:

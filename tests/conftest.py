@@ -1,4 +1,8 @@
-"""Shared fixtures. Tests run offline, on the CPU, on the embedded default."""
+"""Shared fixtures. Tests run offline, on the CPU, on the embedded default, in two worker processes (pytest-xdist).
+
+The cached assets every test reads (the converted tokenizer, the tiny model, the prepared smoke data) are built
+once, before the workers start, so that no two workers build them at the same moment.
+"""
 
 import os
 
@@ -6,6 +10,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # a worker: the controller has built the assets already
+        return
+    from utils.assets import ensure_tiny_model, load_tokenizer
+    from utils.hardware import SMOKE
+    from utils.prepare_data import is_current, open_source, prepare, save
+    from utils.sft import SMOKE_DATA_DIR
+
+    ensure_tiny_model()
+    if not is_current(SMOKE_DATA_DIR):
+        save(prepare(open_source(SMOKE.dataset), load_tokenizer(None), progress=False), SMOKE_DATA_DIR, SMOKE.dataset)
 
 
 @pytest.fixture(scope="session")

@@ -238,11 +238,13 @@ def _run(out, extra=()):
         "--output_dir",
         str(out),
         "--max_steps",
-        "12",
+        "8",
         "--save_steps",
         "4",
         "--merge",
         "false",
+        "--eval_strategy",
+        "no",
         *extra,
     ]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -423,3 +425,35 @@ def test_fresh_starts_over_in_its_own_folder(finished, tmp_path, capsys):
     assert "Starting a new run." in capsys.readouterr().out
     assert json.loads((run / "run.json").read_text())["settings"]["lora_r"] == 8
     assert (run / "my_notes.txt").read_text() == "kept"
+
+
+def test_the_card_schedule_plans_over_dialogues_and_stops_when_the_data_ends(tmp_path, capsys):
+    out = tmp_path / "card"
+    code = sft.main(
+        [
+            "--config",
+            RECIPE,
+            "--profile",
+            "smoke",
+            "--output_dir",
+            str(out),
+            "--card_schedule",
+            "true",
+            "--num_train_epochs",
+            "1",
+            "--merge",
+            "false",
+            "--eval_strategy",
+            "no",
+            "--save_steps",
+            "100",
+        ]
+    )
+    assert code == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    planned = -(-49 // 2)  # ceil(49 dialogues / global batch 2), as TRL 0.7.4 planned
+    assert state["max_steps"] == planned
+    assert 0 < state["global_step"] < planned  # the packed rows ran out first, as at the card's step 272 of 406
+    lrs = [h["learning_rate"] for h in state["log_history"] if "learning_rate" in h]
+    assert lrs[-1] > 0.1 * max(lrs)  # the cosine had not come down to 0
+    assert f"card schedule: cosine planned over {planned} steps (49 dialogues / 2)" in capsys.readouterr().out

@@ -3,7 +3,7 @@
 import json
 
 from utils import SAMPLE_DIR, sampling
-from utils.prepare_data import render
+from utils.prepare_data import render, with_system_turn
 from utils.sampling import PIRATE
 
 # the specification (issue 2): the card's messages rendered with add_generation_prompt=True
@@ -52,5 +52,7 @@ def test_render_equals_jinja_template_on_the_sample(tokenizer):
     rows = [json.loads(line) for line in lines]
     rows.append({"messages": [{"role": "system", "content": "Be brief."}, *rows[0]["messages"]]})
     for row in rows:
-        expected = tokenizer.apply_chat_template(row["messages"], tokenize=False) + tokenizer.eos_token
-        assert render(row["messages"]) == expected
+        expected = tokenizer.apply_chat_template(with_system_turn(row["messages"]), tokenize=False)
+        assert render(row["messages"]) == expected + tokenizer.eos_token
+        plain = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        assert render(row["messages"], system_turn=False) == plain + tokenizer.eos_token
