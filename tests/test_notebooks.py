@@ -213,3 +213,31 @@ def test_papermill_reads_every_parameter(path):
     source = next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     names = [line.split("=")[0].strip() for line in source.splitlines() if "=" in line and not line.startswith("#")]
     assert list(inspect_notebook(str(path))) == names
+
+
+# --- the first cell, outside a checkout (as on Colab) ------------------------------------------------------------
+def _run_setup_cell(cwd, **env):
+    return subprocess.run(
+        [sys.executable, "-c", SETUP_CELL],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "GIT_TERMINAL_PROMPT": "0", **env},
+    )
+
+
+def test_setup_cell_reuses_an_existing_checkout(tmp_path):
+    (tmp_path / "mistral-sft").symlink_to(REPO_ROOT)  # what a first run left behind
+    result = _run_setup_cell(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"collection at {tmp_path / 'mistral-sft'}"
+
+
+def test_setup_cell_says_what_to_set_when_the_clone_fails(tmp_path):
+    result = _run_setup_cell(tmp_path, MISTRAL_SFT_REPO=str(tmp_path / "no-such-repo"), MISTRAL_SFT_REF="v9")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Could not clone {tmp_path / 'no-such-repo'} at v9: set MISTRAL_SFT_REPO and MISTRAL_SFT_REF (see README)."
+    )
+    assert not (tmp_path / "mistral-sft").exists()
