@@ -52,7 +52,7 @@ def test_recipe_matches_the_handbook_qlora_config():
     assert script_args.dataset_test_split == "test" and run_args.profile == "auto"
 
 
-@pytest.mark.parametrize("name", ["gpu-16gb", "gpu-24gb", "gpu-40gb"])
+@pytest.mark.parametrize("name", ["gpu-16gb", "gpu-24gb", "gpu-40gb", "gpu-80gb"])
 def test_gpu_profiles_keep_eight_sequences_per_step(name):
     settings = sft.PROFILE_TRAINING[name]
     assert settings["per_device_train_batch_size"] * settings["gradient_accumulation_steps"] == 8
@@ -226,11 +226,9 @@ def test_merged_model_matches_base_plus_adapter(trained):
     assert (a - b).abs().max() / a.abs().max() < 2e-2
 
 
-def _run(out, extra=()):
-    cmd = [
-        sys.executable,
-        "-m",
-        "utils.sft",
+def _args(out, max_steps: int, save_steps: int, *extra) -> list[str]:
+    """A smoke run of the recipe without merge or evaluation, as the command line takes it."""
+    return [
         "--config",
         RECIPE,
         "--profile",
@@ -238,15 +236,19 @@ def _run(out, extra=()):
         "--output_dir",
         str(out),
         "--max_steps",
-        "8",
+        str(max_steps),
         "--save_steps",
-        "4",
+        str(save_steps),
         "--merge",
         "false",
         "--eval_strategy",
         "no",
         *extra,
     ]
+
+
+def _run(out, extra=()):
+    cmd = [sys.executable, "-m", "utils.sft", *_args(out, 8, 4, *extra)]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -278,25 +280,7 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
 
 # --- re-runs, changed settings, two runs at once, damaged checkpoints ------------------------------------------------
 def _cli(out, *extra):
-    return sft.main(
-        [
-            "--config",
-            RECIPE,
-            "--profile",
-            "smoke",
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "4",
-            "--save_steps",
-            "2",
-            "--merge",
-            "false",
-            "--eval_strategy",
-            "no",
-            *extra,
-        ]
-    )
+    return sft.main(_args(out, 4, 2, *extra))
 
 
 @pytest.fixture(scope="module")
