@@ -410,10 +410,10 @@ def start_run(script_args, training_args, model_args, run_args: RunArguments | N
 
     run_args = run_args or RunArguments()
     settings = run_settings(script_args, training_args, model_args, _world_size(), run_args.card_schedule)
-    run = open_run(training_args.output_dir, settings, run_args.fresh, PartialState().is_main_process)
-    for line in run.skipped:
-        print(line)
-    print(run.message)
+    main_process = PartialState().is_main_process
+    run = open_run(training_args.output_dir, settings, run_args.fresh, main_process)
+    if main_process:  # one report, not one per process
+        print("\n".join([*run.skipped, run.message]))
     return run
 
 
@@ -803,6 +803,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(training_args.output_dir)
     if trainer is None:  # a finished run: report what it measured, change nothing
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:
+            return 0
         saved = json.loads((out / "speed.json").read_text()) if (out / "speed.json").is_file() else None
         if saved:
             print(
