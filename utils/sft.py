@@ -397,13 +397,6 @@ def load_model(model_args, quantization=None, device_map: str | dict | None = No
     return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
 
 
-def latest_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that loads (see ``utils.runs.newest_loadable_checkpoint``)."""
-    from utils.runs import newest_loadable_checkpoint
-
-    return newest_loadable_checkpoint(output_dir)[0]
-
-
 def start_run(script_args, training_args, model_args, run_args: RunArguments | None = None) -> Run:
     """Open ``output_dir`` for this run (``utils.runs.open_run``) and print what happens there; before any weights."""
     from accelerate import PartialState
