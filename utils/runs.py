@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RUN_FILE = "run.json"
+REPORT_FILE = "speed.json"
 LOCK_FILE = ".lock"
 # What a run writes, and so what fresh=True may remove; nothing else in the folder is touched.
 OWN_OUTPUTS = (
@@ -57,11 +58,11 @@ class Run:
 
     def saved_report(self) -> dict | None:
         """The speed report the run saved when it finished (``speed.json``), or None."""
-        path = self.path / "speed.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
+        return saved_report(self.path)
+
+    def save_report(self, report: dict) -> None:
+        """Write the run's speed report (``speed.json``), which a re-run of the finished run shows again."""
+        (self.path / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
     def finish(self, global_step: int, max_steps: int) -> None:
         """Mark the run finished (after its outputs are saved) and release the folder."""
@@ -76,6 +77,14 @@ class Run:
             },
         )
         release(self.path)
+
+
+def saved_report(path: str | Path) -> dict | None:
+    """The speed report a run saved in ``path`` (``speed.json``), or None."""
+    try:
+        return json.loads((Path(path) / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def run_settings(script_args, training_args, model_args, world_size: int = 1, card_schedule: bool = False) -> dict:

@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 from utils import RUNS_DIR
 from utils.hardware import Profile
-from utils.runs import Run, RunError, open_run, run_settings
+from utils.runs import Run, RunError, open_run, run_settings, saved_report
 
 # peft 0.21 reads the model's old `is_gradient_checkpointing` attribute, which transformers 5 marks deprecated: the
 # warning is about peft's code, not ours, and says nothing a learner can act on.
@@ -800,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not PartialState().is_main_process:
             return 0
-        saved = json.loads((out / "speed.json").read_text()) if (out / "speed.json").is_file() else None
+        saved = saved_report(out)
         if saved:
             print(
                 f"its report: {saved['steps']} steps, {saved['tokens_per_second']} tokens/s, "
@@ -809,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = speed_report(trainer, Path(script_args.dataset_name) / "report.json", not profile.is_smoke)
     if trainer.is_world_process_zero():
-        (out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
+        trainer.run.save_report(report)
     if run_args.merge and model_args.use_peft and trainer.is_world_process_zero():
         merge_adapter(model_args, out / "adapter", out / "merged")
     if trainer.is_world_process_zero():
