@@ -2,7 +2,14 @@
 
 import pytest
 
-from utils.filters import disclaimer_in, load_disclaimers, structure_problem, truecase, truecase_messages
+from utils.data.filters import (
+    content_problem,
+    disclaimer_in,
+    load_disclaimers,
+    structure_problem,
+    truecase,
+    truecase_messages,
+)
 
 
 def U(text):
@@ -38,6 +45,8 @@ S = {"role": "system", "content": "Be brief."}
         ([U("Hi")], "structure:ends_with_user"),
         ([U("Hi"), A("Hello"), U("Bye")], "structure:ends_with_user"),
         ([S], "structure:empty_dialogue"),
+        ([U("Hi"), {"role": "assistant", "content": "Hello", "name": "Bob"}], "structure:unexpected_key"),
+        ([U("Hi"), {"role": "assistant", "content": "Hello", "name": None}], None),  # a null field says nothing
     ],
 )
 def test_structure(messages, reason):
@@ -55,6 +64,23 @@ def test_disclaimers_match_case_and_curly_apostrophes():
         disclaimer_in([U("I do not have emotions, do you?"), A("Sometimes.")], phrases) is None
     )  # user turns don't count
     assert disclaimer_in([U("Hi"), A("Hello there")], phrases) is None
+
+
+def test_content_problems():
+    assert content_problem([U("Hi"), A("Hello")], max_chars=7) is None
+    assert content_problem([U("Hi"), A("Hello!")], max_chars=7) == "too_large"
+    assert content_problem([U("lone \ud800"), A("x")], max_chars=100) == "invalid_unicode"
+
+
+def test_a_disclaimer_file_that_is_not_text_is_one_line(tmp_path):
+    binary = tmp_path / "phrases.bin"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=f"^{binary} is not a UTF-8 text file$"):
+        load_disclaimers(binary)
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"as an ai\x00\x00\n")
+    with pytest.raises(ValueError, match="holds NUL bytes"):
+        load_disclaimers(nul)
 
 
 def test_disclaimer_list_is_configurable(tmp_path):
@@ -126,9 +152,29 @@ def test_truecase_leaves_words_after_abbreviations_alone(text):
 
 
 def test_abbreviations_are_configurable():
-    from utils.filters import ABBREVIATIONS, load_abbreviations
+    from utils.data.filters import ABBREVIATIONS, load_abbreviations
 
     needed = """u.s. u.k. inc. ltd. co. jan. feb. mar. apr. jun. jul. aug. sep. oct. nov. dec. ft. in. lb. oz. e.g. i.e.
                 vs. etc. dr. mr. mrs. ms. no. approx.""".split()
     assert set(needed) <= ABBREVIATIONS == load_abbreviations()
     assert truecase("It ended. and then") == "It ended. And then"  # a real sentence end is still fixed
+
+
+def test_truecase_matches_the_plain_pattern():
+    """The truecasing regex takes each token whole instead of backtracking through it: the same result as the plain
+    pattern, on texts made of the characters that matter."""
+    import random
+    import re
+
+    from utils.data.filters import _capitalise
+
+    plain = re.compile(
+        r"(?P<keep>```.*?(?:```|\Z)|`[^`\n]*`|(?:https?://|www\.)\S*[^\s.,!?;:'\")\]])"
+        r"|(?P<end>\S*[.!?])(?P<space>\s+)(?P<word>[a-z][a-z']*\b)",
+        re.DOTALL,
+    )
+    rng = random.Random(0)
+    pieces = [*"ab .!?\n`:/'(", "http://", "www.", "```", "e.g.", "U.S.", "Dr.", "x.", "..", " the"]
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
+        assert truecase(text) == plain.sub(_capitalise, text), text

@@ -1,10 +1,13 @@
-"""The data pipeline of notebook 01: accounting, outputs, the command line and the packing counts."""
+"""The data pipeline of notebook 01: accounting, outputs and the command line."""
 
 import json
 import os
+import shutil
 import string
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import datasets
 import pytest
@@ -12,22 +15,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from utils import REPO_ROOT, SAMPLE_DIR
-from utils.prepare_data import (
-    MARKER,
-    SourceError,
-    count_bfd_bins,
-    main,
-    open_source,
-    pack_wrapped,
-    prepare,
-    prompt_id,
-    render,
-    save,
-    split_lengths,
-    token_stats,
-)
+from utils.data.output import MARKER, OutputError, is_current
+from utils.data.pipeline import OptionError, prepare, prepare_source
+from utils.data.sources import SourceError, Split, open_source, source_fingerprint
+from utils.data.template import prompt_id, render, tokenize_dialogues, with_system_turn
+from utils.prepare_data import main
 
-SAMPLE_200K = SAMPLE_DIR / "ultrachat_200k"
+# The hand-written sample with its planted bad rows (train_sft.jsonl, test_sft.jsonl), without the pirate dialogues
+# that joined the folder later (tests/test_tiny_base.py covers those): the counts below are of these two files.
+SAMPLE_200K = Path(tempfile.mkdtemp(prefix="sample-")) / "ultrachat_200k"
+SAMPLE_200K.mkdir()
+for _name in ("train_sft.jsonl", "test_sft.jsonl"):
+    shutil.copy(SAMPLE_DIR / "ultrachat_200k" / _name, SAMPLE_200K / _name)
 SAMPLE_RAW = SAMPLE_DIR / "ultrachat_raw" / "ultrachat_raw.jsonl"
 STRUCTURE_DROPS = {
     "invalid_json": 1,
@@ -43,22 +42,36 @@ STRUCTURE_DROPS = {
     "structure:starts_with_assistant": 1,
 }
 SAMPLE_DROPS = {**STRUCTURE_DROPS, "disclaimer": 3, "duplicate_prompt": 2}
-# <s> <|system|>\n </s> \n <|user|>\n Hi </s> \n <|assistant|>\n Yo </s> \n </s>: the card's empty system turn
-SYSTEM_TURN_IDS = [1, 523, 28766, 6574, 28766, 28767, 13, 2, 13, 28789, 28766, 1838, 28766, 28767, 13]
+# <s> <|system|>\n </s> ▁\n <|user|>\n: the card's empty system turn, in the card's ids ("▁" after every </s>)
+SYSTEM_TURN_IDS = [1, 523, 28766, 6574, 28766, 28767, 13, 2, 28705, 13, 28789, 28766, 1838, 28766, 28767, 13]
+GOOD = {"messages": [{"role": "user", "content": "Is tea hot?"}, {"role": "assistant", "content": "Usually, yes."}]}
+
+
+def rows_of(*objs):
+    """A split of the given rows, numbered from 1."""
+    return Split(lambda: ((i, obj, None) for i, obj in enumerate(objs, start=1)), len(objs))
+
+
+def prepared_to(folder, splits, tokenizer, **options):
+    """Prepare into ``folder``; the result and the reloaded output."""
+    result = prepare(splits, tokenizer, folder, **options)
+    return result, datasets.load_from_disk(str(folder))
 
 
 @pytest.fixture(scope="module")
-def sample(tokenizer):
-    return prepare(open_source(str(SAMPLE_200K)), tokenizer, progress=False)
+def sample(tokenizer, tmp_path_factory):
+    return prepared_to(tmp_path_factory.mktemp("sample") / "out", open_source(str(SAMPLE_200K)), tokenizer)
 
 
 @pytest.fixture(scope="module")
-def filtered(tokenizer):
-    return prepare(open_source(str(SAMPLE_200K)), tokenizer, progress=False, filters="all")
+def filtered(tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("filtered") / "out"
+    return prepared_to(folder, open_source(str(SAMPLE_200K)), tokenizer, filters="all")
 
 
 def test_ultrachat_200k_rows_are_kept_and_the_chain_audited(sample):
-    report = sample.report()
+    prepared, saved = sample
+    report = prepared.report
     assert report["input_rows"] == 66
     assert report["kept"] == 55
     assert report["dropped"] == STRUCTURE_DROPS
@@ -67,15 +80,16 @@ def test_ultrachat_200k_rows_are_kept_and_the_chain_audited(sample):
     assert report["filters_audited"] == ["truecase", "disclaimer", "duplicate_prompt"]
     assert report["truecased"] == 0 and report["system_turn"] is True
     assert report["splits"]["train_sft"]["input_rows"] == 60 and report["splits"]["train_sft"]["kept"] == 49
-    rows = sample.rows["train"]
+    rows = saved["train"]
     i = next(i for i, p in enumerate(rows["prompt"]) if p.lower() == "hello. how do i boil an egg?")
-    assert rows["messages"][i][1]["content"].startswith("Place the egg in boiling water for nine minutes. then")
-    audit = sample.reports["train_sft"].audit_examples
+    assert rows[i]["messages"][1]["content"].startswith("Place the egg in boiling water for nine minutes. then")
+    audit = prepared.splits["train_sft"].audit_examples
     assert audit["disclaimer"]["row"]["prompt"] == "What is your favourite colour?"
 
 
 def test_filters_all_applies_the_chain(filtered):
-    report = filtered.report()
+    prepared, saved = filtered
+    report = prepared.report
     assert report["input_rows"] == 66
     assert report["kept"] == 50
     assert report["dropped"] == SAMPLE_DROPS
@@ -91,80 +105,77 @@ def test_filters_all_applies_the_chain(filtered):
         "truecased_messages": 0,
         "audited": {},
     }
-    assert len(filtered.rows["train"]["prompt"]) == 44 and len(filtered.rows["test"]["prompt"]) == 6
+    assert saved["train"].num_rows == 44 and saved["test"].num_rows == 6
 
 
 def test_drop_examples_name_split_and_line(filtered):
-    examples = filtered.reports["train_sft"].examples
+    examples = filtered[0].splits["train_sft"].examples
     assert examples["invalid_json"]["where"] == "train_sft:2"
     assert examples["not_an_object"]["where"] == "train_sft:4"
     assert examples["disclaimer"]["row"]["prompt"] == "What is your favourite colour?"
 
 
-def test_every_dialogue_starts_with_the_empty_system_turn(sample, tokenizer):
-    rows = sample.rows["train"]
+def test_every_dialogue_starts_with_the_empty_system_turn(sample, tokenizer, tmp_path):
+    rows = sample[1]["train"]
     without = [i for i, m in enumerate(rows["messages"]) if m[0]["role"] != "system"]
     assert len(without) == 48  # all but the one dialogue with its own system prompt
     for i in without:
-        assert rows["input_ids"][i][:15] == SYSTEM_TURN_IDS
+        assert rows[i]["input_ids"][:16] == SYSTEM_TURN_IDS
     ids = tokenizer(render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]))["input_ids"]
-    assert ids == SYSTEM_TURN_IDS + [23809, 2, 13, 28789, 28766, 489, 11143, 28766, 28767, 13, 28802, 28709, 2, 13, 2]
-    short = prepare(
-        {
-            "train": [
-                (1, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, None)
-            ]
-        },
-        tokenizer,
-        progress=False,
-        test_fraction=0,
-        system_turn=False,
-    )
-    assert short.rows["train"]["input_ids"][0] == [1, 523] + ids[10:]  # 8 tokens fewer without it
+    # the embedded tokenizer is legacy (as Mistral's): called on text it gives the card's ids too
+    assert ids == SYSTEM_TURN_IDS + [23809, 2, 28705, 13, 28789, 28766, 489, 11143, 28766, 28767, 13, 28802, 28709, 2] + [
+        28705,
+        13,
+        2,
+    ]
+    hi = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    _, short = prepared_to(tmp_path / "o", {"train": rows_of(hi)}, tokenizer, test_fraction=0, system_turn=False)
+    assert short["train"][0]["input_ids"] == [1, 523] + ids[11:]  # 9 tokens fewer without it
 
 
-def test_special_token_text_in_messages_stays_text(tokenizer):
+def test_special_token_text_in_messages_stays_text(tokenizer, tmp_path):
     row = {
         "messages": [
             {"role": "user", "content": "What do <s> and </s> mean?"},
             {"role": "assistant", "content": "They mark a start </s> and an end."},
         ]
     }
-    ids = prepare({"train": [(1, row, None)]}, tokenizer, progress=False, test_fraction=0).rows["train"]["input_ids"][0]
+    _, saved = prepared_to(tmp_path / "o", {"train": rows_of(row)}, tokenizer, test_fraction=0)
+    ids = saved["train"][0]["input_ids"]
     assert ids.count(tokenizer.bos_token_id) == 1 and ids.count(tokenizer.eos_token_id) == 4  # system, 2 turns, end
     assert "▁</" in tokenizer.convert_ids_to_tokens(ids)
-    plain = {
-        "messages": [
-            {"role": "user", "content": "What do they mean?"},
-            {"role": "assistant", "content": "They mark a start and an end."},
-        ]
-    }
-    from utils.prepare_data import tokenize_safely, with_system_turn
-
-    assert (
-        tokenize_safely(tokenizer, with_system_turn(plain["messages"]))
-        == tokenizer(render(plain["messages"]))["input_ids"]
-    )  # the safe path gives the usual ids on ordinary text
+    plain = [
+        {"role": "user", "content": "What do they mean?"},
+        {"role": "assistant", "content": "They mark a start and an end."},
+    ]
+    for tokenization in ("card", "today"):  # the usual ids on plain text
+        (whole,) = tokenize_dialogues(tokenizer, [plain], tokenization=tokenization)
+        (split,) = tokenize_dialogues(tokenizer, [row["messages"]], tokenization=tokenization)
+        assert split[:3] == whole[:3] and split.count(tokenizer.eos_token_id) == whole.count(tokenizer.eos_token_id)
+    assert tokenize_dialogues(tokenizer, [with_system_turn(plain)], system_turn=False) == tokenize_dialogues(
+        tokenizer, [plain]
+    )
 
 
 def test_kept_rows_are_truecased_hashed_and_tokenized(filtered, tokenizer):
-    rows = filtered.rows["train"]
-    i = rows["prompt"].index("hello. How do I boil an egg?")
-    assert rows["messages"][i][1]["content"] == (
+    rows = filtered[1]["train"]
+    prompts = rows["prompt"][:]
+    row = rows[prompts.index("hello. How do I boil an egg?")]
+    assert row["messages"][1]["content"] == (
         "Place the egg in boiling water for nine minutes. Then cool it in cold water! After that it peels easily."
     )
-    assert rows["prompt_id"][i] == prompt_id("hello. How do I boil an egg?")
-    assert rows["input_ids"][i] == tokenizer(render(rows["messages"][i]))["input_ids"]
-    assert rows["num_tokens"][i] == len(rows["input_ids"][i])
-    code = rows["prompt"].index("How do I print a list in Python?")
-    assert "# ends with a dot. then a comment" in rows["messages"][code][1]["content"]  # code left alone
-    system = rows["prompt"].index("What is the boiling point of water at sea level?")
-    assert rows["messages"][system][0]["role"] == "system" and rows["num_turns"][system] == 1
+    assert row["prompt_id"] == prompt_id("hello. How do I boil an egg?")
+    assert row["input_ids"] == tokenizer(render(row["messages"]))["input_ids"]
+    assert row["num_tokens"] == len(row["input_ids"])
+    code = rows[prompts.index("How do I print a list in Python?")]
+    assert "# ends with a dot. then a comment" in code["messages"][1]["content"]  # code left alone
+    system = rows[prompts.index("What is the boiling point of water at sea level?")]
+    assert system["messages"][0]["role"] == "system" and system["num_turns"] == 1
 
 
-def test_raw_schema_gets_a_hash_split(tokenizer):
-    prepared = prepare(open_source(str(SAMPLE_RAW)), tokenizer, progress=False)
-    report = prepared.report()
+def test_raw_schema_gets_a_hash_split(tokenizer, tmp_path):
+    prepared, saved = prepared_to(tmp_path / "a", open_source(str(SAMPLE_RAW)), tokenizer)
+    report = prepared.report
     assert report["input_rows"] == 23 and report["kept"] == 16
     assert report["dropped"] == {
         "disclaimer": 1,
@@ -176,27 +187,46 @@ def test_raw_schema_gets_a_hash_split(tokenizer):
         "structure:not_a_list": 1,
     }
     assert report["truecased"] == 1
-    train, test = (len(prepared.rows[s]["prompt"]) for s in ("train", "test"))
-    assert train + test == 16 and test == 1
-    again = prepare(open_source(str(SAMPLE_RAW)), tokenizer, progress=False)
-    assert again.rows["test"]["prompt"] == prepared.rows["test"]["prompt"]  # deterministic
+    assert (saved["train"].num_rows, saved["test"].num_rows) == (15, 1)
+    _, again = prepared_to(tmp_path / "b", open_source(str(SAMPLE_RAW)), tokenizer)
+    assert again["test"]["prompt"][:] == saved["test"]["prompt"][:]  # deterministic
 
 
-def test_token_length_bounds(tokenizer):
-    prepared = prepare(
-        open_source(str(SAMPLE_200K)), tokenizer, min_tokens=63, max_tokens=208, progress=False, filters="all"
-    )
-    dropped = prepared.report()["dropped"]
+def test_token_length_bounds(tokenizer, tmp_path):
+    splits = open_source(str(SAMPLE_200K))
+    prepared, saved = prepared_to(tmp_path / "o", splits, tokenizer, min_tokens=66, max_tokens=213, filters="all")
+    dropped = prepared.report["dropped"]
     assert dropped["too_long"] == 1  # the history of paper
-    assert dropped["too_short"] == 3  # 58, 58 and 62 tokens (each with the 8-token system turn)
-    assert all(63 <= n <= 208 for split in prepared.rows.values() for n in split["num_tokens"])
+    assert dropped["too_short"] == 3  # 61, 61 and 65 tokens (each with the 9-token system turn, in the card's ids)
+    assert all(66 <= n <= 213 for split in saved.values() for n in split["num_tokens"])
+    assert sorted(prepared.lengths["train"].tolist()) == sorted(saved["train"]["num_tokens"][:])
 
 
-def test_bfd_truncation_is_measured():
-    stats = token_stats([100, 2048, 2100, 5000], 2048)
-    assert (stats["dialogues_truncated_by_bfd"], stats["tokens_truncated_by_bfd"]) == (2, 52 + 2952)
-    assert split_lengths([100, 2100, 5000], 2048) == [100, 2048, 52, 2048, 2048, 904]
-    assert stats["packed_sequences_bfd_split"] == count_bfd_bins(split_lengths([100, 2048, 2100, 5000], 2048), 2048)
+def test_without_an_output_folder_only_the_report(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prepared = prepare(open_source(str(SAMPLE_RAW)), tokenizer, source=str(SAMPLE_RAW))
+    assert prepared.report["kept"] == 16 and prepared.report["source"] == str(SAMPLE_RAW)
+    assert prepared.report["source_fingerprint"] == source_fingerprint(str(SAMPLE_RAW))
+    assert list(tmp_path.iterdir()) == []  # nothing written anywhere
+    assert prepare(open_source(str(SAMPLE_RAW)), tokenizer).report["source_fingerprint"] is None
+
+
+def test_prepare_source_does_the_whole_job(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    report = prepare_source(str(SAMPLE_RAW), out, tokenizer, filters="all", system_turn=False)
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["kept"] == 16 and report["system_turn"] is False and report["source"] == str(SAMPLE_RAW)
+    assert report["source_fingerprint"] == source_fingerprint(str(SAMPLE_RAW))
+    assert is_current(out) and datasets.load_from_disk(str(out))["train"].num_rows == 15
+    with pytest.raises(SourceError, match="no such file or folder"):
+        prepare_source(str(tmp_path / "missing.jsonl"), tmp_path / "o2", tokenizer)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="already holds files this tool did not write"):
+        prepare_source(str(SAMPLE_RAW), tmp_path / "mine", tokenizer)
+    with pytest.raises(OptionError, match=r"^max_length must be positive, got 0$"):
+        prepare_source(str(SAMPLE_RAW), tmp_path / "o3", tokenizer, max_length=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]
 
 
 # --- the accounting invariant over generated malformed input ---------------------------------------------------------
@@ -205,7 +235,8 @@ message = st.fixed_dictionaries(
     {
         "role": st.sampled_from(["user", "assistant", "system", "bot"]),
         "content": st.one_of(text, st.integers(), st.none()),
-    }
+    },
+    optional={"name": st.one_of(st.none(), text)},
 )
 row = st.one_of(
     st.fixed_dictionaries({"messages": st.lists(message, max_size=5)}),
@@ -227,31 +258,29 @@ def test_every_row_is_kept_or_dropped_once(tokenizer, train, test, tmp_path_fact
     folder = tmp_path_factory.mktemp("src")
     for name, lines in (("train_sft", train), ("test_sft", test)):
         (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    prepared = prepare(open_source(str(folder)), tokenizer, progress=False)
+    prepared = prepare(open_source(str(folder)), tokenizer)
     for name, lines in (("train_sft", train), ("test_sft", test)):
-        report = prepared.reports[name]
+        report = prepared.splits[name]
         assert report.input_rows == sum(1 for x in lines if x.strip())
         assert report.kept + sum(report.dropped.values()) == report.input_rows
-    total_kept = sum(len(cols["prompt"]) for cols in prepared.rows.values())
-    assert total_kept == sum(r.kept for r in prepared.reports.values())
+    assert sum(map(len, prepared.lengths.values())) == sum(r.kept for r in prepared.splits.values())
 
 
 # --- saving and the command line -------------------------------------------------------------------------------------
-def test_save_reloads_and_replaces_atomically(sample, tmp_path, monkeypatch):
+def test_output_reloads_and_an_interrupted_run_leaves_it_intact(tokenizer, tmp_path, monkeypatch):
     out = tmp_path / "processed"
-    report = save(sample, out, "sample")
-    loaded = datasets.load_from_disk(str(out))
+    prepared, loaded = prepared_to(out, open_source(str(SAMPLE_200K)), tokenizer, source="sample")
     assert set(loaded) == {"train", "test"} and loaded["train"].num_rows == 49
-    assert {"prompt", "prompt_id", "messages", "input_ids"} <= set(loaded["train"].column_names)
-    assert json.loads((out / "report.json").read_text())["kept"] == report["kept"] == 55
-    assert (out / MARKER).is_file()
+    assert loaded["train"].column_names == ["prompt", "prompt_id", "messages", "input_ids", "num_tokens", "num_turns"]
+    assert json.loads((out / "report.json").read_text()) == prepared.report
+    assert prepared.report["kept"] == 55 and (out / MARKER).is_file()
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", crash)
+    monkeypatch.setattr("utils.data.output.OutputWriter.write", crash)
     with pytest.raises(KeyboardInterrupt):
-        save(sample, out, "interrupted")
+        prepare(open_source(str(SAMPLE_200K)), tokenizer, out, source="interrupted")
     assert json.loads((out / "report.json").read_text())["source"] == "sample"  # the old output is intact
     assert [p.name for p in tmp_path.iterdir()] == ["processed"]  # no temporary folder left behind
 
@@ -261,7 +290,7 @@ def test_cli_writes_output(tmp_path, capsys):
     assert main(["--source", str(SAMPLE_200K), "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("66 rows read, 55 kept, 11 dropped, 0 truecased")
-    assert "  filters applied: structure; audited only: truecase, disclaimer, duplicate_prompt\n" in printed
+    assert "  filters applied: structure; audited only: truecase, disclaimer, duplicate_prompt; token ids: card\n" in printed
     assert "audited      3  disclaimer (kept: ultrachat_200k's authors already filtered it" in printed
     assert datasets.load_from_disk(str(out))["test"].num_rows == 6
     assert main(["--source", str(SAMPLE_200K), "--out", str(out), "--no-progress", "--filters", "all"]) == 0
@@ -271,7 +300,7 @@ def test_cli_writes_output(tmp_path, capsys):
 
 
 # --- what a careful user can do wrong: one line, exit 2, nothing of theirs touched ----------------------------------
-def _cli(tmp_path, *argv):
+def _cli(*argv):
     return subprocess.run(
         [sys.executable, "-m", "utils.prepare_data", "--no-progress", *argv],
         cwd=REPO_ROOT,
@@ -285,7 +314,7 @@ def test_out_folder_of_the_users_is_never_touched(tmp_path):
     mine = tmp_path / "my_notes"
     mine.mkdir()
     (mine / "thesis.txt").write_text("four years of work")
-    result = _cli(tmp_path, "--source", str(SAMPLE_200K), "--out", str(mine))
+    result = _cli("--source", str(SAMPLE_200K), "--out", str(mine))
     assert result.returncode == 2 and result.stdout == ""
     assert (
         result.stderr
@@ -298,13 +327,13 @@ def test_out_may_not_be_the_source_or_a_file(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "train_sft.jsonl").write_bytes((SAMPLE_200K / "train_sft.jsonl").read_bytes())
-    result = _cli(tmp_path, "--source", str(src), "--out", str(src))
+    result = _cli("--source", str(src), "--out", str(src))
     assert result.returncode == 2
     assert result.stderr == f"error: --out {src} would replace the source {src}; write the output somewhere else\n"
     assert (src / "train_sft.jsonl").read_bytes() == (SAMPLE_200K / "train_sft.jsonl").read_bytes()
     a_file = tmp_path / "out.txt"
     a_file.write_text("keep me")
-    result = _cli(tmp_path, "--source", str(src), "--out", str(a_file))
+    result = _cli("--source", str(src), "--out", str(a_file))
     assert result.returncode == 2 and result.stderr.startswith(f"error: --out {a_file} is a file; name a folder")
     assert a_file.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "src"]
 
@@ -314,26 +343,24 @@ def test_read_only_out_is_refused_before_work(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    result = _cli(tmp_path, "--source", str(SAMPLE_200K), "--out", str(ro / "out"))
+    result = _cli("--source", str(SAMPLE_200K), "--out", str(ro / "out"))
     assert result.returncode == 2 and result.stderr.startswith(f"error: cannot write to {ro / 'out'}")
 
 
 def test_read_only_out_is_refused_before_work_as_root(tmp_path, monkeypatch, capsys):
-    from utils import prepare_data
-
-    monkeypatch.setattr(prepare_data.os, "access", lambda path, mode: False)
-    monkeypatch.setattr(prepare_data, "prepare", lambda *a, **k: pytest.fail("no work before the check"))
+    monkeypatch.setattr("utils.data.output.os.access", lambda path, mode: False)
+    monkeypatch.setattr("utils.assets.load_tokenizer", lambda *a, **k: pytest.fail("no work before the check"))
     assert main(["--source", str(SAMPLE_200K), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert capsys.readouterr().err.startswith(f"error: cannot write to {tmp_path / 'out'}: ")
 
 
-def test_killed_swap_is_recovered_and_stale_temporaries_cleaned(sample, tmp_path, capsys):
+def test_killed_swap_is_recovered_and_stale_temporaries_cleaned(tokenizer, tmp_path, capsys):
     out = tmp_path / "processed"
-    save(sample, out, "first")
+    prepare(open_source(str(SAMPLE_RAW)), tokenizer, out, source="first")
     old = out.rename(tmp_path / ".processed.old-abcd1234")  # killed between the two renames
     dead = tmp_path / ".processed.tmp-999999999-xyz"  # a killed run's temporary folder (no such pid)
     dead.mkdir()
-    save(sample, out, "second")
+    prepare(open_source(str(SAMPLE_RAW)), tokenizer, out, source="second")
     assert "restored" in capsys.readouterr().out
     assert json.loads((out / "report.json").read_text())["source"] == "second"
     assert not old.exists() and not dead.exists()
@@ -345,6 +372,7 @@ def test_empty_splits_are_not_written_and_the_output_loads(tmp_path, capsys):
     assert main(["--source", str(SAMPLE_RAW), "--out", str(out), "--test-fraction", "0", "--no-progress"]) == 0
     assert "  test: no rows, so no test split was written" in capsys.readouterr().out
     assert set(datasets.load_from_disk(str(out))) == {"train"}
+    assert json.loads((out / "report.json").read_text())["empty_splits_not_written"] == ["test"]
     out2 = tmp_path / "o2"
     assert main(["--source", str(SAMPLE_RAW.parent), "--out", str(out2), "--no-progress"]) == 0  # a folder, any name
     assert set(datasets.load_from_disk(str(out2))) == {"train", "test"}
@@ -361,10 +389,7 @@ def test_nothing_kept_is_a_clear_error(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert main(["--source", str(empty), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
-    assert not (tmp_path / "o").exists()
-
-
-GOOD = {"messages": [{"role": "user", "content": "Is tea hot?"}, {"role": "assistant", "content": "Usually, yes."}]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.jsonl"]
 
 
 def test_bad_rows_are_dropped_with_reasons(tmp_path, tokenizer):
@@ -381,8 +406,8 @@ def test_bad_rows_are_dropped_with_reasons(tmp_path, tokenizer):
         bytes(range(11, 256)) + bytes(range(10)),  # a binary blob
     ]
     src.write_bytes(b"\n".join(lines) + b"\n")
-    prepared = prepare(open_source(str(src), max_chars=200), tokenizer, progress=False, test_fraction=0)
-    report = prepared.reports["train"]
+    prepared = prepare(open_source(str(src), max_chars=200), tokenizer, test_fraction=0, max_chars=200)
+    report = prepared.splits["train"]
     assert report.kept == 1 and report.input_rows == 5
     assert dict(report.dropped) == {"invalid_utf8": 2, "invalid_unicode": 1, "too_large": 1}
     assert report.examples["invalid_unicode"]["where"] == "train:3"
@@ -391,7 +416,7 @@ def test_bad_rows_are_dropped_with_reasons(tmp_path, tokenizer):
 def test_json_arrays_are_read_as_arrays(tmp_path, tokenizer):
     src = tmp_path / "rows.json"
     src.write_text(json.dumps([GOOD, {"messages": "no"}, 5], indent=2))
-    report = prepare(open_source(str(src)), tokenizer, progress=False, test_fraction=0).reports["train"]
+    report = prepare(open_source(str(src)), tokenizer, test_fraction=0).splits["train"]
     assert (report.input_rows, report.kept) == (3, 1)
     assert dict(report.dropped) == {"structure:not_a_list": 1, "not_an_object": 1}
 
@@ -422,8 +447,7 @@ def test_random_byte_corruption_never_crashes(tokenizer, flips, cut, tmp_path_fa
     data = data[: max(1, cut % (len(data) + 1))]
     folder = tmp_path_factory.mktemp("corrupt")
     (folder / "train_sft.jsonl").write_bytes(bytes(data))
-    prepared = prepare(open_source(str(folder)), tokenizer, progress=False)
-    report = prepared.reports["train_sft"]
+    report = prepare(open_source(str(folder)), tokenizer).splits["train_sft"]
     assert report.input_rows == sum(1 for line in bytes(data).split(b"\n") if line.strip())
     assert report.kept + sum(report.dropped.values()) == report.input_rows
 
@@ -447,21 +471,7 @@ def test_cli_unreadable_file_exits_nonzero(tmp_path):
     folder = tmp_path / "src"
     folder.mkdir()
     (folder / "train_sft.jsonl").mkdir()  # a folder where a file should be: unreadable
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "utils.prepare_data",
-            "--source",
-            str(folder),
-            "--out",
-            str(tmp_path / "o"),
-            "--no-progress",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-    )
+    result = _cli("--source", str(folder), "--out", str(tmp_path / "o"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot read {folder / 'train_sft.jsonl'}")
 
@@ -473,19 +483,3 @@ def test_hub_source_offline_is_a_clear_error(monkeypatch):
     hardware.hub_reachable.cache_clear()
     with pytest.raises(SourceError, match="Hub is unreachable"):
         open_source("HuggingFaceH4/ultrachat_200k")
-
-
-# --- packing -------------------------------------------------------------------------------------------------------
-def test_count_bfd_bins():
-    assert count_bfd_bins([], 10) == 0
-    assert count_bfd_bins([10, 10], 10) == 2
-    assert count_bfd_bins([6, 4, 5, 5], 10) == 2
-    assert count_bfd_bins([7, 6, 3, 2, 2], 10) == 2  # 7+3, 6+2+2
-    assert count_bfd_bins([25], 10) == 1  # truncated to one full sequence
-    assert count_bfd_bins([1] * 100, 10) == 10
-
-
-def test_pack_wrapped():
-    packed = pack_wrapped([[1, 2, 3], [4, 5], [6, 7, 8, 9]], max_length=4)
-    assert packed.shape == (2, 4)
-    assert packed.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]

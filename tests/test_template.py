@@ -3,7 +3,7 @@
 import json
 
 from utils import SAMPLE_DIR, sampling
-from utils.prepare_data import render, with_system_turn
+from utils.data.template import render, with_system_turn
 from utils.sampling import PIRATE
 
 # the specification (issue 2): the card's messages rendered with add_generation_prompt=True
@@ -44,7 +44,7 @@ def test_eos_is_one_token_in_rendered_text(tokenizer):
     ids = tokenizer(render(PIRATE + [{"role": "assistant", "content": "Arr!"}]))["input_ids"]
     assert ids[0] == 1
     assert ids.count(2) == 4  # three turns, plus the EOS that closes the dialogue
-    assert ids[-3:] == [2, 13, 2]  # "</s>", "\n", "</s>"
+    assert ids[-4:] == [2, 28705, 13, 2]  # "</s>", "▁" (the legacy tokenizer's word start), "\n", "</s>"
 
 
 def test_render_equals_jinja_template_on_the_sample(tokenizer):

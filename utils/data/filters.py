@@ -14,6 +14,7 @@ from typing import Any
 from utils import CONFIGS_DIR
 
 ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = ("role", "content")
 DISCLAIMERS_FILE = CONFIGS_DIR / "disclaimers.txt"
 ABBREVIATIONS_FILE = CONFIGS_DIR / "abbreviations.txt"
 
@@ -21,8 +22,9 @@ ABBREVIATIONS_FILE = CONFIGS_DIR / "abbreviations.txt"
 def structure_problem(messages: Any) -> str | None:
     """Why ``messages`` is not a well-formed dialogue, or ``None`` when it is.
 
-    Well-formed: a list of ``{"role", "content"}`` dicts; an optional system message first; then user and
-    assistant strictly alternating, starting with user and ending with assistant; every content a non-empty string.
+    Well-formed: a list of ``{"role", "content"}`` dicts (any other key null); an optional system message first; then
+    user and assistant strictly alternating, starting with user and ending with assistant; every content a non-empty
+    string.
     """
     if not isinstance(messages, list):
         return "structure:not_a_list"
@@ -32,6 +34,12 @@ def structure_problem(messages: Any) -> str | None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             return "structure:bad_message"
+        # A key beyond role and content ("name", "tool_calls", ...) is dropped with its row rather than kept or
+        # stripped: the Zephyr template renders only role and content, so the model would train on a dialogue
+        # without what that key says, and the output's schema (ultrachat_200k's) has no place for it. A key whose
+        # value is null says nothing (Parquet and Arrow sources give every message every field of the struct).
+        if len(message) > 2 and any(v is not None for k, v in message.items() if k not in MESSAGE_KEYS):
+            return "structure:unexpected_key"
         role, content = message["role"], message["content"]
         if role not in ROLES:
             return "structure:bad_role"
@@ -55,9 +63,31 @@ def structure_problem(messages: Any) -> str | None:
     return None
 
 
+def content_problem(messages: list[dict], max_chars: int) -> str | None:
+    """``too_large`` over ``max_chars`` characters; ``invalid_unicode`` for text UTF-8 cannot encode (a lone
+    surrogate such as a JSON-escaped ``\\ud800``); else None."""
+    if sum(len(m["content"]) for m in messages) > max_chars:
+        return "too_large"
+    try:
+        for m in messages:
+            m["content"].encode("utf-8")
+    except UnicodeEncodeError:
+        return "invalid_unicode"
+    return None
+
+
 def load_disclaimers(path: str | Path = DISCLAIMERS_FILE) -> list[str]:
-    """Read one disclaimer phrase per line (``#`` starts a comment), normalised for matching."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    """Read one disclaimer phrase per line (``#`` starts a comment), normalised for matching.
+
+    Raises ValueError, in one line, for a file that is not UTF-8 text.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 text file") from None
+    if "\0" in text:
+        raise ValueError(f"{path} is not a text file (it holds NUL bytes)")
+    lines = text.splitlines()
     return [normalise_apostrophes(line.strip()).lower() for line in lines if line.strip() and not line.startswith("#")]
 
 
@@ -83,14 +113,18 @@ def disclaimer_in(messages: list[dict], phrases: Iterable[str]) -> str | None:
 # --- truecasing ----------------------------------------------------------------------------------------------------
 # Protected spans are matched first and returned unchanged: fenced code, inline code, URLs (without the
 # punctuation that ends their sentence).
-# Otherwise: a token ending in . ! or ?, white space, then an all-lowercase word -> capitalise the word.
+# Otherwise: a token ending in . ! or ?, white space, then an all-lowercase word -> capitalise the word. (The token
+# is the rest of the run of non-space characters, taken whole, then checked to end in . ! or ?: the same matches as
+# \S*[.!?] without its backtracking.)
 _TRUECASE = re.compile(
     r"(?P<keep>```.*?(?:```|\Z)|`[^`\n]*`|(?:https?://|www\.)\S*[^\s.,!?;:'\")\]])"
-    r"|(?P<end>\S*[.!?])(?P<space>\s+)(?P<word>[a-z][a-z']*\b)",
+    r"|(?P<end>\S++(?<=[.!?]))(?P<space>\s+)(?P<word>[a-z][a-z']*\b)",
     re.DOTALL,
 )
-# A quick pre-check that lets the ~95% of texts with nothing to fix skip the full scan.
-_MAYBE = re.compile(r"[.!?]\s+[a-z]")
+# A quick pre-check that lets the texts with nothing to fix skip the full scan: ``[.!?]\s+[a-z]`` as three patterns,
+# each starting with a literal character, which the regex engine finds with a fast search instead of trying every
+# position.
+_MAYBE = tuple(re.compile(rf"{re.escape(end)}\s+[a-z]") for end in ".!?")
 
 
 def load_abbreviations(path: str | Path = ABBREVIATIONS_FILE) -> frozenset[str]:
@@ -119,7 +153,7 @@ def truecase(text: str) -> str:
     >>> truecase("Hello. how are you?")
     'Hello. How are you?'
     """
-    if not _MAYBE.search(text):
+    if not any(pattern.search(text) for pattern in _MAYBE):
         return text
     return _TRUECASE.sub(_capitalise, text)
 

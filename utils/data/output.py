@@ -1,0 +1,206 @@
+"""Writing a prepared dataset: checks on ``--out`` before any work, a streamed writer into a temporary sibling, the
+swap into place once complete, and recovery from a run killed at any point.
+
+A folder is this tool's only when it holds the marker file; nothing else is ever replaced or deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+MARKER = ".prepared-by-utils.prepare_data"  # identifies a folder this tool wrote, so it may replace it
+FORMAT = 3  # report.json's "format": 2 added the empty system turn, 3 the card's token ids; older outputs are prepared again
+COLUMNS = ("prompt", "prompt_id", "messages", "input_ids", "num_tokens", "num_turns")
+SHARD = "data-00000-of-00001.arrow"  # one shard per split, named as datasets names a single shard
+
+
+class OutputError(Exception):
+    """An output folder this tool must not write into: one line for the user, before any work."""
+
+
+def features():
+    """The output's columns and types: ultrachat_200k's, plus the token ids and counts."""
+    import datasets
+
+    return datasets.Features(
+        {
+            "prompt": datasets.Value("string"),
+            "prompt_id": datasets.Value("string"),
+            "messages": datasets.List({"content": datasets.Value("string"), "role": datasets.Value("string")}),
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "num_tokens": datasets.Value("int32"),
+            "num_turns": datasets.Value("int32"),
+        }
+    )
+
+
+# --- whose folder is it --------------------------------------------------------------------------------------------
+def is_own_output(folder: Path) -> bool:
+    """True for a folder this tool wrote: it holds the marker file (a real folder, not a link to one)."""
+    folder = Path(folder)
+    return not folder.is_symlink() and (folder / MARKER).is_file()
+
+
+def is_whole(folder: Path) -> bool:
+    """True for this tool's output with every file it wrote: the marker, the report, and every split's data."""
+    folder = Path(folder)
+    if not is_own_output(folder) or not (folder / "report.json").is_file():
+        return False
+    try:
+        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    names = ("state.json", "dataset_info.json", SHARD)
+    return all((folder / split / name).is_file() for split in splits for name in names)
+
+
+def is_current(folder: Path) -> bool:
+    """True for this tool's whole output in the current format (reusable as a cache)."""
+    try:
+        return is_whole(Path(folder)) and json.loads((Path(folder) / "report.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def check_output(out_dir: str | Path, source: str | None = None) -> Path:
+    """Refuse, with one line, an output this tool must not write: a file, a link, a folder under a file, a
+    non-empty folder it did not write, the source itself (or a folder holding it), or a place it cannot write to.
+    Called before any work; first finishes or cleans up what a killed run left (``recover``)."""
+    from utils.data.sources import local_path
+
+    out = Path(out_dir)
+    if out.is_symlink():
+        raise OutputError(f"--out {out} is a symbolic link (to {os.readlink(out)}); name the folder itself")
+    ancestor = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists() or p.is_symlink())
+    if ancestor != out.absolute() and not ancestor.is_dir():
+        raise OutputError(f"--out {out} cannot be created: {ancestor} is a file, not a folder")
+    recover(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; name a folder (it is created, or replaced if this tool wrote it)")
+    src = local_path(source) if source else None
+    if src is not None:
+        src_dir = src.resolve() if src.is_dir() else src.resolve().parent
+        if out.resolve() == src_dir or src_dir.is_relative_to(out.resolve()):
+            raise OutputError(f"--out {out} would replace the source {source}; write the output somewhere else")
+    if out.is_dir() and any(out.iterdir()) and not is_own_output(out):
+        raise OutputError(f"--out {out} already holds files this tool did not write; choose a new or empty folder")
+    if not os.access(ancestor, os.W_OK) or (out.is_dir() and not os.access(out.parent, os.W_OK)):
+        raise OutputError(f"cannot write to {out}: {ancestor} is not writable")
+    return out
+
+
+# --- what a killed run leaves --------------------------------------------------------------------------------------
+def recover(out: Path) -> None:
+    """Finish what killed runs left beside ``out``: restore ``out`` from its ``.old`` copy when a run was killed
+    between its two renames; once ``out`` is whole, delete the ``.old`` copies (this tool's: they hold the marker,
+    which is deleted last); delete the temporary folders of runs no longer alive."""
+    parent = out.parent
+    if not parent.is_dir() or out.is_symlink():
+        return
+    old = [p for p in parent.glob(f".{out.name}.old-*") if p.is_dir() and not p.is_symlink()]
+    whole_old = [p for p in old if is_whole(p)]
+    if not out.exists() and whole_old:
+        newest = max(whole_old, key=lambda p: (p / "report.json").stat().st_mtime)
+        newest.rename(out)
+        old.remove(newest)
+        print(f"restored {out} from {newest.name} (an earlier run was stopped while swapping it in)")
+    if is_whole(out):
+        for folder in old:
+            if is_own_output(folder) or not any(folder.iterdir()):
+                remove_output(folder)
+    for tmp in parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if tmp.is_dir() and not tmp.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_output(folder: Path) -> None:
+    """Delete a folder this tool wrote, its marker last: a deletion cut short leaves a folder still marked as ours."""
+    for child in folder.iterdir():
+        if child.name == MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    (folder / MARKER).unlink(missing_ok=True)
+    folder.rmdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- writing -------------------------------------------------------------------------------------------------------
+class OutputWriter:
+    """Rows streamed into one Arrow file per split inside a temporary sibling of ``out``; ``commit`` adds the
+    metadata, ``report.json`` and the marker and swaps the folder into place, ``discard`` removes it."""
+
+    def __init__(self, out: Path):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
+        self.writers: dict = {}
+        self.features = features()
+
+    def write(self, split: str, columns: dict[str, list]) -> None:
+        """Append rows (one list per column of ``COLUMNS``) to ``split``."""
+        from datasets.arrow_writer import ArrowWriter
+
+        if split not in self.writers:
+            self.writers[split] = ArrowWriter(features=self.features, path=str(self.tmp / f".{split}.arrow"))
+        self.writers[split].write_batch(columns)
+
+    def commit(self, report: dict) -> None:
+        """Complete the folder and swap it in for ``out`` (whose previous content is deleted only then)."""
+        import datasets
+
+        from utils.data.sources import datasets_progress
+
+        rows = {}
+        for split, writer in self.writers.items():
+            rows[split], _ = writer.finalize()
+            writer.close()
+        written = [split for split, n in rows.items() if n]
+        # datasets writes the folder's metadata (dataset_dict.json, state.json, dataset_info.json) for a one-row
+        # stand-in of each split; the streamed shard then replaces the stand-in's.
+        stand_in = {c: [v] for c, v in zip(COLUMNS, ("", "", [], [], 0, 0), strict=True)}
+        with datasets_progress(False):
+            datasets.DatasetDict(
+                {split: datasets.Dataset.from_dict(stand_in, features=self.features) for split in written}
+            ).save_to_disk(str(self.tmp))
+        for split in written:
+            os.replace(self.tmp / f".{split}.arrow", self.tmp / split / SHARD)
+        for split in set(rows) - set(written):
+            (self.tmp / f".{split}.arrow").unlink()
+        loaded = datasets.load_from_disk(str(self.tmp))  # reads the metadata; the data stays on disk
+        if {s: loaded[s].num_rows for s in loaded} != {s: rows[s] for s in written}:
+            raise RuntimeError(f"{self.tmp} does not reload with the rows written: {rows}")
+        del loaded
+        (self.tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (self.tmp / MARKER).write_text("Written by python -m utils.prepare_data; it may replace this folder.\n")
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{self.tmp.name[-8:]}")
+            self.out.rename(old)
+        self.tmp.rename(self.out)
+        if old is not None:
+            remove_output(old)
+
+    def discard(self) -> None:
+        """Close the files and remove the temporary folder: ``out`` is left as it was."""
+        for writer in self.writers.values():
+            with contextlib.suppress(Exception):  # closing what an error left half-written
+                writer.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,329 @@
+"""Reading a source as numbered rows, streamed: JSON Lines, JSON, Parquet, a Hub dataset or a folder in its layout.
+
+A row is ``(number, object, None)``, or ``(number, None, reason)`` for a line that cannot be a row (the reason is
+its drop reason). Nothing here holds more than a batch of rows in memory, except a ``.json`` array, which is parsed
+whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from utils import REPO_ROOT
+
+MAX_CHARS = 200_000  # a row with more characters is dropped as too_large (ultrachat_200k's longest is ~60k)
+SPLIT_NAMES = {"train_sft": "train", "test_sft": "test", "train": "train", "test": "test"}
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+BATCH_ROWS = 1000  # Arrow rows turned into Python objects at a time
+
+Row = tuple[int, Any, str | None]  # (row number, parsed object, drop reason)
+
+
+class SourceError(Exception):
+    """A source that cannot be read at all (missing file, unreachable Hub): one line for the user."""
+
+
+class Split:
+    """The rows of one split, read again at each iteration; ``num_rows`` when the files say it (Parquet, Arrow)."""
+
+    def __init__(self, read: Callable[[], Iterator[Row]], num_rows: int | None = None):
+        self.read, self.num_rows = read, num_rows
+
+    def __iter__(self) -> Iterator[Row]:
+        return self.read()
+
+    def then(self, other: Split) -> Split:
+        """This split's rows, then ``other``'s (the shards of one split; each numbers its own rows)."""
+        known = self.num_rows is not None and other.num_rows is not None
+        return Split(lambda: itertools.chain(self, other), self.num_rows + other.num_rows if known else None)
+
+
+# --- files ---------------------------------------------------------------------------------------------------------
+def read_jsonl(path: Path, max_chars: int = MAX_CHARS) -> Iterator[Row]:
+    """Yield ``(line_no, obj, None)`` per JSON object line; a bad line yields ``(line_no, None, reason)``.
+
+    Reasons: ``invalid_utf8``, ``too_large`` (over ``max_chars``), ``invalid_json`` (including nesting too deep to
+    parse), ``not_an_object``. A UTF-8 byte-order mark before the first line is accepted.
+    """
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with handle:
+        limit = 4 * max_chars  # bytes: a line longer is too large whatever it decodes to, and is never held whole
+        line_no = 0
+        while raw := handle.readline(limit + 1):
+            line_no += 1
+            if len(raw) > limit:
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line
+                    raw = handle.readline(limit + 1)
+                yield line_no, None, "too_large"
+                continue
+            if line_no == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield line_no, None, "invalid_utf8"
+                continue
+            if len(line) > max_chars:
+                yield line_no, None, "too_large"
+                continue
+            yield _parse(line_no, line)
+
+
+def _parse(line_no: int, line: str) -> Row:
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack allows
+        return line_no, None, "invalid_json"
+    return (line_no, obj, None) if isinstance(obj, dict) else (line_no, None, "not_an_object")
+
+
+def read_json(path: Path, max_chars: int = MAX_CHARS) -> Iterator[Row]:
+    """A ``.json`` file: a JSON array of rows (numbered from 1, parsed whole), or JSON Lines under a ``.json`` name."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not head.startswith(b"["):
+        yield from read_jsonl(path, max_chars)
+        return
+    try:
+        rows = json.loads(path.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SourceError(f"{path} starts like a JSON array but is not valid JSON: {reason}") from None
+    for i, obj in enumerate(rows, start=1):
+        yield (i, obj, None) if isinstance(obj, dict) else (i, None, "not_an_object")
+
+
+def _parquet_file(path: Path):
+    """Open a Parquet file and read its footer now, so a damaged file is one error line before any work."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for damaged files
+        raise SourceError(f"cannot read {path}: not a valid Parquet file ({str(exc).splitlines()[0]})") from None
+
+
+def read_parquet(path: Path) -> Iterator[Row]:
+    """Yield the rows of a Parquet file, numbered from 1, a batch at a time."""
+    number = 0
+    try:
+        for batch in _parquet_file(path).iter_batches(batch_size=BATCH_ROWS):
+            for obj in batch.to_pylist():
+                number += 1
+                yield number, obj, None
+    except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+        raise SourceError(f"cannot read {path} after row {number}: {str(exc).splitlines()[0]}") from None
+
+
+def _file_split(path: Path, max_chars: int) -> Split:
+    if path.suffix == ".parquet":
+        return Split(lambda: read_parquet(path), _parquet_file(path).metadata.num_rows)
+    if not os.access(path, os.R_OK) or not path.is_file():
+        raise SourceError(f"cannot read {path}: {'not a file' if path.exists() else 'no such file'}")
+    reader = read_json if path.suffix == ".json" else read_jsonl
+    return Split(lambda: reader(path, max_chars))
+
+
+# --- opening a source ----------------------------------------------------------------------------------------------
+def local_path(source: str) -> Path | None:
+    """The local file or folder ``source`` names (relative to here or to the collection), or None for a Hub id."""
+    path = Path(source)
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / source).exists():
+        path = REPO_ROOT / source
+    return path if path.exists() else None
+
+
+def hub_layout(folder: Path) -> bool:
+    """True for a folder laid out like a Hub dataset repository: no data files of its own, Parquet shards under
+    ``data/`` (``data/train_sft-00000-of-00003.parquet``, ...)."""
+    data = folder / "data"
+    return not _data_files(folder) and data.is_dir() and any(p.suffix == ".parquet" for p in data.iterdir())
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in DATA_SUFFIXES)
+
+
+def open_source(source: str, max_chars: int = MAX_CHARS, revision: str | None = None) -> dict[str, Split]:
+    """Map each split of ``source`` (a folder, a file or a Hub dataset id) to its rows.
+
+    A folder contributes one split per ``.jsonl``/``.json``/``.parquet`` file (named by the file: ``train_sft``,
+    ``test_sft``, ...; shards ``train_sft-00000-of-00003`` join one split); a single file is one split called
+    ``train``. A Hub id, or a folder in the Hub's layout, is loaded with ``datasets.load_dataset`` (only the splits
+    named in ``SPLIT_NAMES``). Damaged Parquet files are found here, before any work; ``revision`` pins a Hub
+    dataset's commit.
+    """
+    path = local_path(source)
+    if path is not None and path.is_dir():
+        if (path / "dataset_dict.json").is_file():
+            raise SourceError(f"{source} is already a prepared dataset (notebook 01's output), not a source")
+        if hub_layout(path):
+            return _open_datasets(str(path), None)
+        files = _data_files(path)
+        if not files:
+            raise SourceError(f"no .jsonl, .json or .parquet files in {path}")
+        splits: dict[str, Split] = {}
+        for file in files:
+            name = file.stem.split("-")[0]  # Hub parquet shards look like train_sft-00000-of-00003
+            split = _file_split(file, max_chars)
+            splits[name] = splits[name].then(split) if name in splits else split
+        return splits
+    if path is not None:
+        return {"train": _file_split(path, max_chars)}
+    if Path(source).suffix in DATA_SUFFIXES or source.startswith((".", "/")) or source.count("/") != 1:
+        raise SourceError(f"no such file or folder: {source}")
+    from utils.hardware import hub_reachable
+
+    if not hub_reachable():
+        raise SourceError(
+            f"the Hugging Face Hub is unreachable, so {source} cannot be loaded; "
+            "pass a local path such as data/sample/ultrachat_200k"
+        )
+    return _open_datasets(source, revision)
+
+
+def _open_datasets(name: str, revision: str | None) -> dict[str, Split]:
+    """The SFT splits ``datasets.load_dataset`` maps from disk for a Hub id or a local folder in the Hub's layout.
+
+    Where the files follow the Hub's layout, only the SFT splits' files are loaded (ultrachat_200k also has
+    ``train_gen``/``test_gen``, larger than the SFT splits, which we never read); otherwise the whole dataset.
+    """
+    import datasets
+
+    path = local_path(name)
+    try:
+        files = [str(p.relative_to(path)) for p in (path / "data").iterdir()] if path else _hub_files(name, revision)
+        loaded = datasets.load_dataset(name, data_files=sft_data_files(files), revision=revision)
+    except Exception as exc:  # noqa: BLE001 - one line for any Hub/loader failure
+        where = "the Hub" if path is None else "its folder"
+        raise SourceError(f"cannot load {name} from {where}: {str(exc).splitlines()[0]}") from None
+    _release_freed_memory()
+    splits = {split: dataset for split, dataset in loaded.items() if split in SPLIT_NAMES}
+    if not splits:
+        raise SourceError(f"{name} has none of the splits {', '.join(SPLIT_NAMES)}")
+    return {split: Split(lambda d=dataset: read_dataset(d), dataset.num_rows) for split, dataset in splits.items()}
+
+
+def sft_data_files(files: list[str]) -> dict[str, list[str]] | None:
+    """The Parquet shards of the SFT splits among a dataset's files (``data/train_sft-00000-of-00003.parquet``, ...),
+    by split, for ``load_dataset(data_files=...)``; None when there are none (then the dataset loads whole)."""
+    found: dict[str, list[str]] = {}
+    for file in sorted(files):
+        folder, _, name = file.rpartition("/")
+        split = name.split("-")[0]
+        if folder == "data" and name.endswith(".parquet") and split in SPLIT_NAMES:
+            found.setdefault(split, []).append(file)
+    return found or None
+
+
+def _hub_files(dataset_id: str, revision: str | None) -> list[str]:
+    from huggingface_hub import HfApi
+
+    return HfApi().list_repo_files(dataset_id, repo_type="dataset", revision=revision)
+
+
+def _release_freed_memory() -> None:
+    """Hand back to the system what converting a dataset to Arrow freed but the allocators kept: the conversion's
+    buffers grow with the shards' size, and kept they would stay in this process's memory for the whole run."""
+    import ctypes
+    import sys
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def read_dataset(dataset) -> Iterator[Row]:
+    """The rows of a ``datasets.Dataset`` that ``load_dataset`` mapped from its Arrow cache files, numbered from 1.
+
+    The files are read as a stream, a batch at a time, rather than through the dataset's memory map, whose pages
+    would stay resident until the end: the whole dataset would count in this process's memory.
+    """
+    import pyarrow as pa
+
+    number = 0
+    for cache_file in dataset.cache_files:
+        with pa.OSFile(cache_file["filename"]) as handle:
+            for batch in pa.ipc.open_stream(handle):
+                for start in range(0, batch.num_rows, BATCH_ROWS):
+                    for obj in batch.slice(start, BATCH_ROWS).to_pylist():
+                        number += 1
+                        yield number, obj, None
+    if number != dataset.num_rows:  # a dataset that is not its cache files as written (never from load_dataset)
+        raise SourceError(f"read {number} rows from the cache files of a dataset of {dataset.num_rows} rows")
+
+
+@contextlib.contextmanager
+def datasets_progress(shown: bool):
+    """``datasets``' own progress bars (loading, generating splits) on or off for the duration."""
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_shown = not are_progress_bars_disabled()
+    (enable_progress_bars if shown else disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (enable_progress_bars if was_shown else disable_progress_bars)()
+
+
+# --- fingerprint ---------------------------------------------------------------------------------------------------
+def source_fingerprint(source: str, revision: str | None = None) -> str:
+    """A hex digest that changes when the source changes.
+
+    A local file or folder: its resolved path and the names and bytes of its data files (streamed). A Hub id: the id
+    and the revision, resolved to a commit hash when the Hub answers (never waited on: offline, the revision as
+    given, ``main`` by default).
+    """
+    digest = hashlib.sha256()
+    path = local_path(source)
+    if path is None:
+        digest.update(f"hub:{source}@{_hub_commit(source, revision)}".encode())
+        return digest.hexdigest()
+    root = path.resolve()
+    digest.update(f"local:{root}\0".encode())
+    for file in _source_files(root):
+        digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}\0".encode())
+        with file.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _source_files(path: Path) -> Iterable[Path]:
+    if path.is_file():
+        return [path]
+    if hub_layout(path):
+        return _data_files(path / "data")
+    return _data_files(path)
+
+
+def _hub_commit(dataset_id: str, revision: str | None) -> str:
+    from utils.hardware import hub_reachable
+
+    if hub_reachable():
+        try:
+            from huggingface_hub import HfApi
+
+            return HfApi().dataset_info(dataset_id, revision=revision, timeout=10).sha or revision or "main"
+        except Exception:  # noqa: BLE001 - gated, missing or slow: the revision as given
+            pass
+    return revision or "main"

@@ -1,0 +1,134 @@
+"""Token statistics of a prepared split and what each packing strategy would make of it, and their histogram.
+
+The packed-sequence counts are those TRL 1.x's ``pack_dataset`` makes of the split as written: ``bfd`` and
+``bfd_split`` pack each ``datasets.map`` batch of ``PACK_BATCH_ROWS`` rows on its own, in the split's order (the
+trainer does not shuffle before packing unless ``shuffle_dataset`` is set). ``tests/test_data_stats.py`` checks the
+bins, row for row, against ``trl.pack_dataset``.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, insort
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+MAX_LENGTH = 2048
+PACK_BATCH_ROWS = 1000  # datasets.Dataset.map's default batch_size, the unit TRL's pack_dataset packs
+
+
+def token_stats(lengths: Sequence[int] | np.ndarray, max_length: int = MAX_LENGTH) -> dict:
+    """Dialogue count, token totals and percentiles, the share over ``max_length`` and packed-sequence counts."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size == 0:
+        return {
+            "dialogues": 0,
+            "total_tokens": 0,
+            "share_over_max_length": 0.0,
+            "dialogues_truncated_by_bfd": 0,
+            "tokens_truncated_by_bfd": 0,
+            "packed_sequences_wrapped": 0,
+            "packed_sequences_bfd": 0,
+            "packed_sequences_bfd_split": 0,
+            "max_length": max_length,
+        }
+    over = np.maximum(lengths - max_length, 0)
+    return {
+        "dialogues": int(lengths.size),
+        "total_tokens": int(lengths.sum()),
+        "mean_tokens": round(float(lengths.mean()), 1),
+        "median_tokens": int(np.median(lengths)),
+        "p95_tokens": int(np.percentile(lengths, 95)),
+        "max_tokens": int(lengths.max()),
+        "max_length": max_length,
+        "share_over_max_length": round(float((lengths > max_length).mean()), 4),
+        # bfd truncates a dialogue to max_length; bfd_split and wrapped keep every token
+        "dialogues_truncated_by_bfd": int((over > 0).sum()),
+        "tokens_truncated_by_bfd": int(over.sum()),
+        "share_of_tokens_truncated_by_bfd": round(float(over.sum() / lengths.sum()), 5),
+        # wrapped: one stream cut every max_length tokens, as the card's TRL 0.7 did
+        "packed_sequences_wrapped": math.ceil(int(lengths.sum()) / max_length),
+        "packed_sequences_bfd": packed_sequences(lengths, max_length, split=False),
+        "packed_sequences_bfd_split": packed_sequences(lengths, max_length, split=True),
+    }
+
+
+def packed_sequences(lengths: np.ndarray, max_length: int, split: bool) -> int:
+    """How many rows TRL's ``pack_dataset`` makes with ``bfd`` (``split=False``: longer dialogues truncated) or
+    ``bfd_split`` (cut into ``max_length`` pieces), batch by batch.
+
+    A piece of exactly ``max_length`` tokens fills a row of its own, so those are counted, not packed: memory and
+    time depend on the number of dialogues only, never on ``max_length``.
+    """
+    total = 0
+    for start in range(0, len(lengths), PACK_BATCH_ROWS):
+        batch = np.asarray(lengths[start : start + PACK_BATCH_ROWS], dtype=np.int64)
+        if split:
+            full, rest = int((batch // max_length).sum()), batch % max_length
+        else:
+            full, rest = int((batch >= max_length).sum()), batch[batch < max_length]
+        total += full + len(bfd_bins(rest[rest > 0].tolist(), max_length))
+    return total
+
+
+def bfd_bins(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing packing of one batch, as TRL's ``_pack_bfd`` does it: the indices of ``lengths`` in each
+    row, rows in the order they are opened (a length over ``capacity`` counts as ``capacity``: truncated).
+
+    Longest first (ties in input order), each goes to the open row with the least room that still fits it (the row
+    opened first among equals), else opens a row. The free sizes present are kept sorted, so memory is linear in
+    ``len(lengths)`` whatever ``capacity`` is (TRL's segment tree has ``capacity`` leaves).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -min(lengths[i], capacity))
+    sizes: list[int] = []  # sorted distinct free sizes of open rows
+    rows_with: dict[int, deque] = defaultdict(deque)  # free size -> rows with it, first opened first
+    rows: list[list[int]] = []
+    for i in order:
+        length = min(lengths[i], capacity)
+        k = bisect_left(sizes, length)
+        if k < len(sizes):
+            free = sizes[k]
+            row = rows_with[free].popleft()
+            if not rows_with[free]:
+                sizes.pop(k)
+        else:
+            free, row = capacity, []
+            rows.append(row)
+        row.append(i)
+        left = free - length
+        if left > 0:
+            if not rows_with[left]:
+                insort(sizes, left)
+            rows_with[left].append(row)
+    return rows
+
+
+def plot_token_histogram(lengths: dict[str, np.ndarray], max_length: int = MAX_LENGTH, path: Path | None = None):
+    """Tokens per dialogue, one panel per output split (so the small test split stays visible), on an axis fitted
+    to the data; ``max_length`` is drawn where it falls inside, else named in the title. Saved when ``path``."""
+    import matplotlib.pyplot as plt
+
+    splits = [(name, np.asarray(n)) for name, n in lengths.items() if len(n)]
+    fig, axes = plt.subplots(
+        len(splits) or 1, 1, figsize=(8, 1.6 + 1.4 * max(1, len(splits))), sharex=True, squeeze=False
+    )
+    longest = max((int(n.max()) for _, n in splits), default=max_length)
+    right = longest * 1.05 if longest < max_length else max(longest, max_length) * 1.05
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (i, (name, n)) in zip(axes[:, 0], enumerate(splits), strict=False):  # no splits: one empty panel
+        ax.hist(n, bins=40, range=(0, right), color=colors[i], label=f"{name}: {len(n)} dialogues")
+        if max_length <= right:
+            ax.axvline(max_length, color="black", linestyle="--", label=f"max_length {max_length}")
+        ax.set_ylabel("dialogues")
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1, 0].set_xlim(0, right)
+    axes[-1, 0].set_xlabel("tokens per dialogue (Zephyr template, Mistral tokenizer)")
+    if max_length > right:
+        axes[0, 0].set_title(f"every dialogue fits in max_length {max_length} (off the right edge)", fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
