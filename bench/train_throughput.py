@@ -3,9 +3,11 @@
     python bench/train_throughput.py                  # on a GPU: ~10 minutes, prints one table
     python bench/train_throughput.py --cpu-smoke      # the tiny model on the CPU: runs every code path, no numbers
 
-The model is the Mistral-7B architecture (``MistralConfig`` defaults) with random weights, saved once and loaded
-4-bit NF4 through ``utils.sft.load_model``, exactly as notebook 02 loads the real one: speed and memory do not
-depend on the weights' values. The data are synthetic token dialogues with an UltraChat-like length mix.
+The model is the Mistral-7B architecture (``MistralConfig`` defaults) with random weights, built in bf16 and saved
+once. Every variant is the QLoRA recipe resolved under this GPU's profile (``utils.recipe``) with the variant's
+command-line overrides, and trained through ``utils.training.build_trainer``, the path every run takes: speed and
+memory do not depend on the weights' values. The data are synthetic token dialogues with an UltraChat-like length
+mix.
 
 Variants:
   baseline   plain TRL defaults: the recipe's LoRA and batch (4 x 2), no packing, sdpa, padded batches
@@ -13,8 +15,11 @@ Variants:
   ours+...   one speed option at a time: flex_attention, flex_attention with checkpointing every 2nd layer or
              none (the gpu-40gb and gpu-80gb profiles), flash-attention 2, Liger kernels, paged 8-bit AdamW,
              sdpa without checkpointing or every 2nd layer
-  profile    the settings utils/hardware.py picks for this GPU
-Each reports loss-carrying tokens/s, seconds per step, peak allocated and reserved memory, and MFU.
+  profile    the settings utils/hardware.py picks for this GPU, untouched
+  16 GB      the gpu-16gb profile's settings in bf16, and in fp16 as on a T4 (CUDA's fp16 gradient scaler rejects
+             bfloat16 gradients on any GPU, so this is where a T4-only failure shows on an H100)
+Each reports loss-carrying tokens/s, seconds per step, peak allocated and reserved memory, and MFU; a variant that
+fails is a row with its error.
 
 Method: the first variant in a process runs 10-30% slow (CUDA and Triton warm-up), so one warm-up run comes first
 and is discarded; then every variant runs ``--repeats`` times (default 2), in alternating order (forward, then
@@ -35,66 +40,59 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers import TrainerCallback  # noqa: E402
 
-PEAK_BF16_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10": 125.0,
-    "T4": 65.0,
-    "V100": 125.0,
-    "RTX 4090": 165.0,
-    "RTX 3090": 71.0,
-}
+from utils import CONFIGS_DIR  # noqa: E402
+
+RECIPE = str(CONFIGS_DIR / "sft_qlora.yaml")
 SEQ = 2048
+SDPA_EVERY_LAYER = ["--attn_implementation", "sdpa", "--activation_checkpointing", "true"]
+NO_CHECKPOINTING = ["--activation_checkpointing", "false"]
+EVERY_2ND = ["--activation_checkpointing", "true", "--activation_checkpointing_kwargs", '{"every_n_layers": 2}']
+FP16 = ["--dtype", "float16", "--fp16", "true", "--bf16", "false"]
 
 
 @dataclass
 class Variant:
+    """Command-line overrides of the QLoRA recipe, resolved under this GPU's profile like any run."""
+
     name: str
-    per_device: int = 4
-    accumulation: int = 2
-    packing: bool = False
-    attn: str = "sdpa"
-    checkpointing: bool = True
-    checkpoint_kwargs: dict = field(default_factory=lambda: {"use_reentrant": False})
-    optim: str = "adamw_torch"
-    liger: bool = False
-    needs: str | None = None  # "cuda", "flash_attn", "liger_kernel": skipped with a reason when missing
+    argv: list[str] = field(default_factory=list)
+    profile: str | None = None  # another profile than this GPU's (the 16 GB checks)
+    needs: str | None = None  # "cuda", "triton", "flash_attn", "liger_kernel": skipped with a reason when missing
 
 
-def variants(profile_name: str) -> list[Variant]:
-    from utils.sft import PROFILE_TRAINING
-
-    p = PROFILE_TRAINING.get(profile_name, PROFILE_TRAINING["gpu-40gb"])
-    ours = Variant(
-        "ours",
-        p["per_device_train_batch_size"],
-        p["gradient_accumulation_steps"],
-        packing=True,
-        optim=p.get("optim", "adamw_torch"),
-    )
-    flex = replace(ours, name="ours + flex_attention", attn="flex_attention", needs="triton")
-    every2 = {"use_reentrant": False, "every_n_layers": 2}
+def variants() -> list[Variant]:
+    flex = ["--attn_implementation", "flex_attention"]
     return [
-        Variant("baseline (TRL defaults)"),
-        ours,
-        flex,
-        replace(flex, name="ours + flex_attention + checkpoint every 2nd layer", checkpoint_kwargs=every2),
-        replace(flex, name="ours + flex_attention + no checkpointing", checkpointing=False),
-        replace(ours, name="ours + flash-attn 2", attn="flash_attention_2", needs="flash_attn"),
-        replace(ours, name="ours + paged 8-bit AdamW", optim="paged_adamw_8bit", needs="cuda"),
-        replace(ours, name="ours + no checkpointing", checkpointing=False),
-        replace(ours, name="ours + checkpoint every 2nd layer", checkpoint_kwargs=every2),
-        replace(ours, name="ours + Liger kernels (fused loss)", liger=True, needs="liger_kernel"),  # patches: last
+        Variant("baseline (TRL defaults)", ["--packing", "false", *SDPA_EVERY_LAYER]),
+        Variant("ours", SDPA_EVERY_LAYER),
+        Variant("ours + flex_attention", [*flex, "--activation_checkpointing", "true"], needs="triton"),
+        Variant("ours + flex_attention + checkpoint every 2nd layer", [*flex, *EVERY_2ND], needs="triton"),
+        Variant("ours + flex_attention + no checkpointing", [*flex, *NO_CHECKPOINTING], needs="triton"),
+        Variant("ours + flash-attn 2", ["--attn_implementation", "flash_attention_2"], needs="flash_attn"),
+        Variant("ours + paged 8-bit AdamW", [*SDPA_EVERY_LAYER, "--optim", "paged_adamw_8bit"], needs="cuda"),
+        Variant("ours + no checkpointing", ["--attn_implementation", "sdpa", *NO_CHECKPOINTING]),
+        Variant("ours + checkpoint every 2nd layer", ["--attn_implementation", "sdpa", *EVERY_2ND]),
+        Variant(
+            "ours + Liger kernels (fused loss)", [*SDPA_EVERY_LAYER, "--use_liger_kernel", "true"], needs="liger_kernel"
+        ),
+    ]
+
+
+def gpu_variants(profile: str) -> list[Variant]:
+    """This GPU's own profile, and the 16 GB settings in bf16 and in fp16 (a T4's precision: its CUDA grad scaler
+    rejects bfloat16 gradients on any GPU, so this variant shows that class of failure here)."""
+    t4 = ["--attn_implementation", "sdpa"]  # a T4 cannot run flex_attention
+    return [
+        Variant(f"profile {profile}"),
+        Variant("16 GB check: gpu-16gb settings", t4, profile="gpu-16gb"),
+        Variant("16 GB check: gpu-16gb settings, fp16 (T4)", [*t4, *FP16], profile="gpu-16gb"),
     ]
 
 
@@ -118,13 +116,14 @@ def synthetic_dialogues(n: int, vocab: int, seed: int = 0, max_tokens: int = 409
 
 
 def save_random_model(config_kwargs: dict, folder: Path, device: str) -> Path:
-    """Random-init Mistral of the given shape, saved as safetensors (bf16) for the 4-bit loader."""
+    """Random-init Mistral of the given shape, built directly in bf16 (a 7B in fp32 would take 29 GB) and saved as
+    safetensors for the 4-bit loader."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = MistralForCausalLM(MistralConfig(**config_kwargs)).to(torch.bfloat16)
+        model = MistralForCausalLM._from_config(MistralConfig(**config_kwargs), dtype=torch.bfloat16)
     model.save_pretrained(folder)
     del model
     gc.collect()
@@ -145,75 +144,47 @@ def flops_per_token(config, seq: int, checkpointing: bool) -> float:
     return 4 * n + attention
 
 
-def run_variant(v: Variant, model_dir: Path, data, tokenizer, args, cuda: bool) -> dict:
+def run_variant(v: Variant, model_dir: Path, data, tokenizer, args, hardware, default_profile: str) -> dict:
+    """Train ``v`` for warm-up + measured steps through ``utils.training.build_trainer``, as any run does."""
     import datasets
     import torch
-    from trl import ModelConfig, SFTConfig, SFTTrainer
 
-    from utils import sft
+    from utils.hardware import choose_profile
+    from utils.recipe import resolve
+    from utils.training import build_trainer
 
-    model_args = ModelConfig(
-        model_name_or_path=str(model_dir),
-        dtype="bfloat16" if cuda else "float32",
-        attn_implementation=v.attn,
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        use_peft=True,
-        lora_r=16,
-        lora_alpha=16,
-        lora_dropout=0.05,
-        lora_target_modules=list(sft.MISTRAL_LINEAR_MODULES),
-    )
-    steps = args.warmup + args.steps
+    cuda = hardware.cuda
+    profile = choose_profile(v.profile or default_profile, hardware, verbose=False, model=str(model_dir))
     with tempfile.TemporaryDirectory() as out:
-        config = SFTConfig(
-            output_dir=out,
-            max_steps=steps,
-            per_device_train_batch_size=v.per_device,
-            gradient_accumulation_steps=v.accumulation,
-            learning_rate=2e-4,
-            lr_scheduler_type="constant",
-            max_length=args.max_length,
-            packing=v.packing,
-            packing_strategy="bfd",
-            activation_checkpointing=v.checkpointing,
-            activation_checkpointing_kwargs=v.checkpoint_kwargs,
-            optim=v.optim,
-            use_liger_kernel=v.liger,
-            bf16=cuda,
-            use_cpu=not cuda,
-            report_to=[],
-            logging_steps=1,
-            save_strategy="no",
-            include_num_input_tokens_seen="non_padding",
-            dataloader_num_workers=0,
-            seed=42,
-        )
-        model = sft.load_model(model_args, sft.bnb_config(model_args))
+        argv = [
+            "--config", RECIPE, "--model_name_or_path", str(model_dir), "--output_dir", out,
+            "--max_steps", str(args.warmup + args.steps), "--max_length", str(args.max_length),
+            "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_strategy", "no",
+            "--eval_strategy", "no", "--report_to", "none", "--dataloader_num_workers", "0", *v.argv,
+        ]  # fmt: skip
+        run_args = resolve(argv, profile, hardware).build()
         clock = StepClock(args.warmup)
-        trainer = SFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=datasets.Dataset.from_dict({"input_ids": data}),
-            processing_class=tokenizer,
-            peft_config=sft.lora_config(model_args),
-            callbacks=[clock],
+        trainer = build_trainer(
+            run_args, tokenizer=tokenizer, data={"train": datasets.Dataset.from_dict({"input_ids": data})}
         )
+        trainer.add_callback(clock)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-        seconds = clock.seconds()
-        tokens = clock.tokens()
+        seconds, tokens = clock.seconds(), clock.tokens()
+        t = run_args.training
         result = {
             "variant": v.name,
-            "batch": f"{v.per_device}x{v.accumulation}",
+            "batch": f"{t.per_device_train_batch_size}x{t.gradient_accumulation_steps}",
+            "precision": "fp16" if t.fp16 else "bf16" if t.bf16 else "fp32",
+            "attention": run_args.model.attn_implementation,
             "tokens/s": tokens / seconds if seconds else float("nan"),
             "s/step": seconds / max(args.steps, 1),
             "peak alloc GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "peak reserved GiB": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-            "flops/token": flops_per_token(model.config, args.max_length, v.checkpointing),
+            "flops/token": flops_per_token(trainer.model.config, args.max_length, t.activation_checkpointing),
         }
-        del trainer, model
+        del trainer
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -246,6 +217,8 @@ def main() -> int:
     import torch
 
     from utils.assets import TINY_MISTRAL, load_tokenizer
+    from utils.gpus import peak_tflops
+    from utils.hardware import choose_profile, detect_hardware
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU; asserts nothing about speed")
@@ -253,54 +226,57 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before timing starts")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, in alternating order")
     parser.add_argument("--max-length", type=int, default=SEQ)
-    parser.add_argument("--profile", default=None, help="gpu-40gb, gpu-24gb or gpu-16gb (default: by GPU memory)")
+    parser.add_argument("--profile", default=None, help="the profile of 'ours' (default: this GPU's)")
     parser.add_argument("--only", nargs="*", help="run only variants whose name starts with these")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense 16-bit peak")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
-    cuda = torch.cuda.is_available() and not args.cpu_smoke
+    hardware = detect_hardware(check_hub=False)
+    cuda = hardware.cuda and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
         print("error: no CUDA GPU; run with --cpu-smoke to exercise the script on the CPU", file=sys.stderr)
         return 2
     if args.cpu_smoke:
         shape, args.steps, args.warmup, args.max_length = dict(TINY_MISTRAL), 2, 1, 256
-        name, peak = "CPU (smoke: tiny model)", None
+        name, peak, profile = "CPU (smoke: tiny model)", None, "smoke"
     else:
         shape = {}  # MistralConfig defaults are Mistral-7B's dimensions
         name = torch.cuda.get_device_name(0)
-        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0
-    profile = args.profile or _profile_for(gib, cuda)
+        peak = args.peak_tflops or peak_tflops(name)
 
     tokenizer = load_tokenizer(None)
     data = synthetic_dialogues(64 if args.cpu_smoke else 600, 32000)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_random_model(shape, Path(tmp) / "mistral", "cuda" if cuda else "cpu")
-        todo = variants(profile)
-        if not args.cpu_smoke:
-            todo.append(profile_variant(profile))
-            if profile != "gpu-16gb":
-                todo.append(replace(profile_variant("gpu-16gb"), name="16 GB check: gpu-16gb settings"))
+        tokenizer.save_pretrained(model_dir)
+        if cuda:
+            profile = args.profile or choose_profile("auto", hardware, verbose=False, model=str(model_dir)).name
+        todo = variants() + (gpu_variants(profile) if cuda else [])
         todo = [v for v in todo if not args.only or any(v.name.startswith(o) for o in args.only)]
-        runnable = []
+        runnable = [v for v in todo if not missing(v.needs, cuda)]
         for v in todo:
-            why = missing(v.needs, cuda)
-            if why:
-                print(f"skipped {v.name}: {why}", flush=True)
-            else:
-                runnable.append(v)
+            if v not in runnable:
+                print(f"skipped {v.name}: {missing(v.needs, cuda)}", flush=True)
         results: dict[str, list[dict]] = {v.name: [] for v in runnable}
+        measure = lambda v: run_variant(v, model_dir, data, tokenizer, args, hardware, profile)  # noqa: E731
         if runnable:
             print(f"warm-up (discarded): {runnable[0].name} ...", flush=True)
-            run_variant(runnable[0], model_dir, data, tokenizer, args, cuda)
+            measure(runnable[0])
         for repeat, v in run_order(runnable, args.repeats):
             print(f"run {repeat + 1}/{args.repeats}: {v.name} ...", flush=True)
-            results[v.name].append(run_variant(v, model_dir, data, tokenizer, args, cuda))
+            try:
+                results[v.name].append(measure(v))
+            except Exception as exc:  # noqa: BLE001 - a failing variant (the fp16 one before its fix) is a row
+                results[v.name].append({"variant": v.name, "failed": str(exc).strip().splitlines()[0][:200]})
         for v in todo:
             if v.name not in results:
                 rows.append({"variant": v.name, "skipped": missing(v.needs, cuda)})
+                continue
+            failed = next((r for r in results[v.name] if "failed" in r), None)
+            if failed:
+                rows.append(failed)
                 continue
             result = median_result(results[v.name])
             result["MFU"] = result["tokens/s"] * result["flops/token"] / (peak * 1e12) if peak else None
@@ -333,46 +309,17 @@ def median_result(runs: list[dict]) -> dict:
     return row
 
 
-def _profile_for(gib: float, cuda: bool) -> str:
-    from utils.hardware import GPU_PROFILES
-
-    fitting = [p.name for p in GPU_PROFILES if gib >= p.min_gpu_memory_gib]
-    return fitting[-1] if cuda and fitting else "gpu-40gb"
-
-
-def profile_variant(name: str) -> Variant:
-    """The settings ``utils/hardware.py`` and ``utils/sft.py`` give a GPU of this profile (Hopper/Ampere attention)."""
-    from utils.hardware import PROFILES
-    from utils.sft import PROFILE_TRAINING
-
-    profile, p = PROFILES[name], PROFILE_TRAINING[name]
-    kwargs = {"use_reentrant": False}
-    if profile.checkpoint_every > 1:
-        kwargs["every_n_layers"] = profile.checkpoint_every
-    return Variant(
-        f"profile {name}",
-        p["per_device_train_batch_size"],
-        p["gradient_accumulation_steps"],
-        packing=True,
-        attn="flex_attention" if name != "gpu-16gb" else "sdpa",
-        checkpointing=profile.checkpoint_every > 0,
-        checkpoint_kwargs=kwargs,
-        optim=p.get("optim", "adamw_torch"),
-        needs="triton" if name != "gpu-16gb" else None,
-    )
-
-
 def print_table(rows: list[dict], device: str, profile: str, args) -> None:
     print(
         f"\ndevice: {device} | profile: {profile} | length {args.max_length} | {args.steps} steps after "
         f"{args.warmup} warm-up | median of {args.repeats} runs per variant, alternating order, after a discarded "
         "warm-up run"
     )
-    print(f"{'variant':38s} {'batch':>6s} {'tok/s':>9s} {'s/step':>7s} {'alloc GiB':>10s} {'resv GiB':>9s} {'MFU':>6s}")
+    print(f"{'variant':50s} {'batch':>6s} {'tok/s':>9s} {'s/step':>7s} {'alloc GiB':>10s} {'resv GiB':>9s} {'MFU':>6s}")
     base = next((r for r in rows if "tokens/s" in r), None)
     for r in rows:
-        if "skipped" in r:
-            print(f"{r['variant']:38s} skipped: {r['skipped']}")
+        if "skipped" in r or "failed" in r:
+            print(f"{r['variant']:50s} {'skipped: ' + r['skipped'] if 'skipped' in r else 'FAILED: ' + r['failed']}")
             continue
 
         def fmt(value, width: int, digits: int, suffix: str = "") -> str:
@@ -380,18 +327,19 @@ def print_table(rows: list[dict], device: str, profile: str, args) -> None:
 
         mfu = 100 * r["MFU"] if r["MFU"] is not None else None
         print(
-            f"{r['variant']:38s} {r['batch']:>6s} {r['tokens/s']:9.0f} {r['s/step']:7.2f} "
+            f"{r['variant']:50s} {r['batch']:>6s} {r['tokens/s']:9.0f} {r['s/step']:7.2f} "
             f"{fmt(r['peak alloc GiB'], 10, 2)} {fmt(r['peak reserved GiB'], 9, 2)} {fmt(mfu, 6, 1, '%')}"
         )
     if base:
         best = max((r for r in rows if "tokens/s" in r), key=lambda r: r["tokens/s"])
         print(f"fastest: {best['variant']}, {best['tokens/s'] / base['tokens/s']:.2f}x the baseline's tokens/s")
-    check = next((r for r in rows if r["variant"].startswith("16 GB check") and "tokens/s" in r), None)
-    if check and check["peak reserved GiB"] is not None:
-        print(
-            f"16 GB check: gpu-16gb settings peak at {check['peak reserved GiB']:.2f} GiB reserved "
-            f"({'below' if check['peak reserved GiB'] < 15 else 'ABOVE'} 15 GiB)"
-        )
+    for check in (r for r in rows if r["variant"].startswith("16 GB check") and "tokens/s" in r):
+        if check["peak reserved GiB"] is not None:
+            reserved = check["peak reserved GiB"]
+            print(
+                f"{check['variant']}: peak {reserved:.2f} GiB reserved ({'below' if reserved < 14.7 else 'ABOVE'} the "
+                "14.7 GiB of a T4)"
+            )
 
 
 if __name__ == "__main__":

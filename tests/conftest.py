@@ -20,12 +20,10 @@ def pytest_configure(config):
         return
     from utils.assets import ensure_tiny_model, load_tokenizer
     from utils.hardware import SMOKE
-    from utils.prepare_data import is_current, open_source, prepare, save
-    from utils.sft import SMOKE_DATA_DIR
+    from utils.training import prepared_dataset
 
     ensure_tiny_model()
-    if not is_current(SMOKE_DATA_DIR):
-        save(prepare(open_source(SMOKE.dataset), load_tokenizer(None), progress=False), SMOKE_DATA_DIR, SMOKE.dataset)
+    prepared_dataset(SMOKE.dataset, load_tokenizer(None))  # the smoke runs' data, cached under runs/data/
 
 
 @pytest.fixture(scope="session")

@@ -81,24 +81,16 @@ def _lines(ax):
 def test_plot_has_the_expected_series(runs_dir, tmp_path):
     runs = curves.find_runs(runs_dir)
     fig = curves.plot_runs(runs, curves.card_reference(), smoothing=0.5)
-    loss_ax, card_ax, lr_ax, card_lr_ax = fig.axes[:4]
+    loss_ax, lr_ax, card_ax = fig.axes[:3]
     lines = _lines(loss_ax)
     assert lines["alpha train"] == ([1, 2, 3], [3.0, 2.5, 2.0])
     assert lines["alpha train (EMA)"][1] == pytest.approx(curves.ema([3.0, 2.5, 2.0], 0.5))
     assert lines["alpha eval"] == ([2], [2.7])
     assert lines["beta train"][0] == [1, 2, 3]
     assert not any(label.startswith("card") for label in lines)  # the card has its own panel
-    card = _lines(card_ax)
-    assert card["card train 0.9367 @ step 272"] == ([272], [0.9367])
-    assert card["card eval 0.9397 @ step 272"] == ([272], [0.9397])
-    assert card["card final eval 0.9399"][1] == [0.9399, 0.9399]
     assert _lines(lr_ax)["alpha lr"] == ([1, 2, 3], [1e-4, 2e-4, 1e-4])
     assert _lines(lr_ax)["alpha cosine, 10% warm-up"] == ([1, 2, 3], [0.0, 2e-4, 1e-4])
-    card_lr = _lines(card_lr_ax)
-    assert len(card_lr["planned: cosine over 406 steps"][0]) == 407
-    assert card_lr["run: stopped at 272"][0][-1] == 272
-    stop = next(label for label in card_lr if label.endswith("of peak)"))
-    assert stop == "5.9e-06 at the stop (30% of peak)"
+    _check_card_panel(card_ax)
     tokens = curves.plot_runs(runs, curves.card_reference(), x="tokens")
     assert _lines(tokens.axes[0])["alpha train"][0] == [100, 200, 300]
     assert "beta train" not in _lines(tokens.axes[0])  # no token counts logged: not plotted against tokens
@@ -106,6 +98,18 @@ def test_plot_has_the_expected_series(runs_dir, tmp_path):
     assert _lines(epochs.axes[0])["alpha train"][0] == [0.1, 0.2, 0.3]
     png, svg = curves.save_figure(fig, out_dir=tmp_path / "plots")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "<svg" in svg.read_text()[:500]
+
+
+def _check_card_panel(card_ax):
+    """The card's panel is its schedule (a curve), with its one logged point written beside it."""
+    card = _lines(card_ax)
+    assert len(card["planned: cosine over 406 steps"][0]) == 407
+    assert card["run: stopped at 272"][0][-1] == 272
+    (step,), (rate,) = card["where the card logged"]
+    assert step == 272 and rate == pytest.approx(5.95e-6, rel=1e-3)
+    note = card_ax.texts[0].get_text()
+    assert "train loss 0.9367" in note and "eval loss 0.9397" in note and "final eval 0.9399" in note
+    assert "learning rate 5.9e-06\n(30% of peak)" in note
 
 
 def test_the_card_schedule_stops_at_30_percent_of_the_peak():
@@ -118,12 +122,23 @@ def test_the_card_schedule_stops_at_30_percent_of_the_peak():
 
 def test_plot_with_no_runs_shows_the_card_alone():
     fig = curves.plot_runs([], curves.card_reference())
-    assert _lines(fig.axes[0]) == {}
-    assert sorted(_lines(fig.axes[1])) == [
-        "card eval 0.9397 @ step 272",
-        "card final eval 0.9399",
-        "card train 0.9367 @ step 272",
+    assert _lines(fig.axes[0]) == {} and fig.axes[0].get_title() == "your runs: none yet (run notebook 02 or 03)"
+    _check_card_panel(fig.axes[2])
+
+
+def test_the_planted_runs_show_their_symptoms():
+    """Diagnosing a curve: the synthetic runs must really have the shapes their names promise."""
+    runs = {run.name[-1]: run for run in curves.planted_runs()}
+    peak = lambda run: max(run.train["learning_rate"])  # noqa: E731
+    assert peak(runs["A"]) == pytest.approx(10 * peak(runs["B"]))  # learning rate x10
+    assert runs["C"].train["learning_rate"][0] == peak(runs["C"]) and runs["B"].train["learning_rate"][0] == 0
+    b_eval = runs["B"].eval["loss"]
+    assert b_eval.index(min(b_eval)) < len(b_eval) - 3 and b_eval[-1] > min(b_eval) + 0.3  # eval turns up
+    assert runs["B"].train["loss"][-1] < runs["B"].train["loss"][len(b_eval)]  # while train keeps falling
+    assert curves.diagnosis_feedback(curves.PLANTED_TRUTH) == [
+        f"planted {k}: right, {v}" for k, v in curves.PLANTED_TRUTH.items()
     ]
+    assert curves.diagnosis_feedback({"A": "overfitting"})[0].startswith("planted A: not 'overfitting'")
 
 
 def test_an_unreadable_run_is_skipped_by_name(runs_dir, capsys):
@@ -133,3 +148,42 @@ def test_an_unreadable_run_is_skipped_by_name(runs_dir, capsys):
     assert (
         f"skipped {runs_dir / 'gamma' / 'trainer_state.json'}: unreadable (JSONDecodeError)" in capsys.readouterr().out
     )
+
+
+def test_a_run_with_non_numeric_losses_is_skipped_and_the_others_plotted(runs_dir, capsys):
+    for name, loss in (("gamma", "high"), ("delta", None)):
+        (runs_dir / name).mkdir()
+        bad = [dict(LOG[0]), {**LOG[1], "loss": loss}]
+        (runs_dir / name / "trainer_state.json").write_text(json.dumps({"log_history": bad}))
+    found = curves.find_runs(runs_dir)
+    assert [run.name for run in found] == ["alpha", "beta"]
+    out = capsys.readouterr().out
+    assert (
+        f"skipped {runs_dir / 'delta' / 'trainer_state.json'}: unreadable (its loss at step 2 is None, not a number)"
+        in out
+    )
+    assert (
+        f"skipped {runs_dir / 'gamma' / 'trainer_state.json'}: unreadable (its loss at step 2 is 'high', not a number)"
+        in out
+    )
+    curves.plot_runs(found, curves.card_reference())  # the good runs still plot
+
+
+def test_the_command_line_reads_its_arguments(runs_dir, tmp_path, capsys):
+    plots = tmp_path / "plots"
+    assert curves.main(["--runs", str(runs_dir), "--out", str(plots), "--x", "tokens"]) == 0
+    assert (plots / "loss_curves.png").is_file() and "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        curves.main(["--no-such-option"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        curves.main(["--help"])
+    assert exit_.value.code == 0 and "--smoothing" in capsys.readouterr().out
+
+
+def test_a_plots_folder_that_is_a_file_is_one_line(runs_dir, tmp_path, capsys):
+    blocker = tmp_path / "plots"
+    blocker.write_text("my notes")
+    assert curves.main(["--runs", str(runs_dir), "--out", str(blocker)]) == 2
+    assert capsys.readouterr().err == f"error: {blocker} is a file, so the plots cannot be saved under {blocker}\n"
+    assert blocker.read_text() == "my notes"

@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from utils import DATA_DIR, REPO_ROOT, scaling, sft
+from utils import DATA_DIR, REPO_ROOT, scaling
+from utils.hardware import PROFILES
+from utils.recipe import resolve
 
 FULL = str(REPO_ROOT / "configs" / "sft_full.yaml")
 CARD = REPO_ROOT.parent / "shared" / "seed" / "mistral-7b-sft-beta_model_card.md"
@@ -38,7 +40,7 @@ def test_reference_file_matches_the_card():
 
 def test_full_recipe_has_every_card_value():
     card = card_hyperparameters()
-    script_args, args, model_args, run_args = sft.parse(["--config", FULL])
+    script_args, args, model_args, run_args = resolve(["--config", FULL], None).build()
     devices = int(card["num_devices"])
     assert args.learning_rate == float(card["learning_rate"])
     assert args.per_device_train_batch_size == int(card["train_batch_size"])
@@ -70,15 +72,14 @@ def test_accumulation_rejects_what_cannot_divide():
 
 
 def test_global_batch_sets_accumulation_from_world_size():
+    from utils.gpus import shape
     from utils.hardware import GPU_PROFILES
+    from utils.recipe import resolve
 
-    argv = ["--config", FULL]
-    script_args, args, model_args, run_args = sft.parse(argv)
-    args = sft.apply_profile(
-        GPU_PROFILES[-1], script_args, args, model_args, sft.explicit_fields(argv), run_args, world_size=8
-    )
-    assert args.per_device_train_batch_size == 8  # the card's, not the QLoRA profile's 4
-    assert args.gradient_accumulation_steps == 8  # 8 per device x 8 GPUs x 8 = 512
+    settings = resolve(["--config", FULL], GPU_PROFILES[-1], shape("h100").hardware(), processes=8)
+    assert settings.values["per_device_train_batch_size"] == 8  # the card's (the recipe's), not the profile's 4
+    assert settings.values["gradient_accumulation_steps"] == 8  # 8 per device x 8 GPUs x 8 = 512
+    assert settings.sources["gradient_accumulation_steps"] == "recipe"  # from its global_batch_size
 
 
 def test_steps_per_epoch():
@@ -98,19 +99,29 @@ def test_model_states_reproduce_the_zero_paper():
 
 
 @pytest.mark.parametrize(
-    "strategy, gpus, gib, fits",
+    "strategy, gpus, gb, fits",
     [
         ("zero3", 8, 80, True),  # the alignment-handbook's 8 x A100 80GB
         ("ddp", 8, 80, False),  # 16 bytes/parameter on every GPU
         ("zero3", 16, 24, True),
         ("zero3", 8, 16, False),
-        ("zero3_offload", 8, 16, True),
-        ("fsdp", 4, 40, True),
+        ("zero3_offload", 8, 16, False),  # 15.9 GiB: more than the 14.7 GiB a "16 GB" T4 has
+        ("zero3_offload", 8, 24, True),
+        ("fsdp", 8, 40, True),
+        ("fsdp", 4, 40, False),  # 39.5 GiB: over the 39.4 GiB an A100 40GB has
         ("zero2", 2, 40, False),
     ],
 )
-def test_fit_verdicts(strategy, gpus, gib, fits):
-    assert scaling.estimate(strategy, gpus, gib, per_device_batch=8).fits is fits
+def test_fit_verdicts(strategy, gpus, gb, fits):
+    assert scaling.estimate(strategy, gpus, gb, per_device_batch=8).fits is fits
+
+
+def test_fit_compares_gib_with_gib():
+    """A "16 GB" GPU reports 14.7 GiB: the fit table's columns say so, and the CUDA reserve has its own column."""
+    table = scaling.fit_table()
+    row = table[(table.strategy == "zero3_offload") & (table.gpus == 8)].iloc[0]
+    assert row["GiB per GPU"] == pytest.approx(15.9, abs=0.05) and row["16 GB (14.7 GiB)"] == "-"
+    assert row["reserve"] == scaling.RESERVE_GIB and row["activations"] < row["GiB per GPU"] - row["reserve"]
 
 
 def test_estimate_parts():
@@ -120,7 +131,7 @@ def test_estimate_parts():
     assert 8 < e.activations < 12 and e.total == pytest.approx(26.0, abs=0.1)
     table = scaling.fit_table()
     assert len(table) == len(scaling.STRATEGIES) * 5
-    assert table[(table.strategy == "ddp")]["80 GB"].eq("-").all()
+    assert table[(table.strategy == "ddp")]["80 GB (79.1 GiB)"].eq("-").all()
 
 
 @pytest.mark.parametrize(
@@ -182,32 +193,33 @@ def test_two_process_cpu_run(tmp_path):
     assert result.stdout.count("done: 4 steps") == 1  # only rank 0 reports
 
 
-def test_the_recipe_parses_in_a_child_process_the_same(monkeypatch):
-    """Kaggle's 2 x T4 path: creating TrainingArguments initialises CUDA, after which notebook_launcher cannot fork;
-    notebook 03 parses the recipe in a child process instead, and must see the same values."""
-    import torch
+def test_the_recipe_resolves_in_a_child_process_the_same():
+    """Kaggle's 2 x T4 path: importing TRL imports bitsandbytes, which initialises CUDA, after which
+    notebook_launcher cannot fork; notebook 03 reads the recipe through a child process, and must see the same."""
+    from utils.plan import plan_in_child
+    from utils.recipe import resolve
 
-    argv = ["--config", str(REPO_ROOT / "configs" / "sft_full.yaml")]
-    child = sft.parse_recipe(argv, in_child=True)
-    here = sft.parse_recipe(argv, in_child=False)
-    assert [vars(part) for part in child] == [vars(part) for part in here]
-    assert (child[1].learning_rate, child[1].lr_scheduler_type, child[3].global_batch_size) == (2e-5, "cosine", 512)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    calls = []
-    monkeypatch.setattr(sft, "_recipe_dicts", lambda a: calls.append(a) or pytest.fail("parsed in this process"))
-    monkeypatch.setattr(
-        "subprocess.run",
-        lambda *a, **k: type("R", (), {"returncode": 0, "stdout": json.dumps([vars(part) for part in here])})(),
+    argv = ["--config", FULL, "--profile", "smoke"]
+    child = plan_in_child(argv)
+    here = resolve(argv, PROFILES["smoke"]).to_json()
+    assert child["settings"] == here["settings"] and child["profile"] == "smoke"
+    assert (child["settings"]["learning_rate"]["value"], child["settings"]["global_batch_size"]["value"]) == (
+        3e-3,
+        None,
+    )  # the smoke profile's scale stands in for the card's
+    card = plan_in_child(["--config", FULL], gpu="h100")["settings"]
+    assert (card["learning_rate"]["value"], card["lr_scheduler_type"]["value"], card["global_batch_size"]["value"]) == (
+        2e-5,
+        "cosine",
+        512,
     )
-    assert sft.parse_recipe(argv)[1].learning_rate == 2e-5 and not calls
 
 
 @pytest.mark.parametrize("every", [1, 2, 0])
 def test_qlora_memory_estimate_is_within_15_percent_of_the_h200_measurements(every):
     parts = scaling.qlora_memory(every)
     assert list(parts) == ["weights", "LoRA gradients", "optimizer", "activations"]
-    measured = scaling.MEASURED_QLORA_H200_GIB[every]
+    measured = scaling.measured_qlora_gib()[every]
     assert abs(sum(parts.values()) - measured) / measured < 0.15
     assert scaling.lora_parameters() == 41_943_040  # r16 on all 7 projections of 32 layers
 
@@ -215,6 +227,6 @@ def test_qlora_memory_estimate_is_within_15_percent_of_the_h200_measurements(eve
 def test_zero_table_is_split_into_parts():
     table = scaling.fit_table()
     row = table[(table.strategy == "zero3") & (table.gpus == 8)].iloc[0]
-    assert row["weights"] + row["gradients"] + row["optimizer"] + row["activations"] == pytest.approx(
+    assert row["weights"] + row["gradients"] + row["optimizer"] + row["activations"] + row["reserve"] == pytest.approx(
         row["GiB per GPU"], abs=0.2
     )

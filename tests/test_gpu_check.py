@@ -29,19 +29,40 @@ def test_gpu_check_dry_run(tmp_path):
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     checks = {name: (ok, detail) for name, ok, detail in json.loads(out.read_text())["checks"]}
     assert list(checks) == [
+        "model folder",
+        "time of stage build",
         "profile",
         "4-bit layers",
         "loss falls",
         "peak memory",
-        "CUDA uninitialised at notebook_launcher",
         "adapter merged",
+        "time of stage 02",
+        "notebook 03 ready for notebook_launcher",
+        "time of stage 03",
         "notebook 05 sampled",
         "generation stops at EOS",
-        "time",
+        "time of stage 05",
     ]
     assert all(ok for ok, _ in checks.values())
     assert checks["generation stops at EOS"][1] == "stopped after 1 token(s)"
+    assert checks["notebook 03 ready for notebook_launcher"][1] == "ready for notebook_launcher: yes"
     assert "GPU path check on CPU (dry run: tiny model)" in result.stdout
+
+
+def test_a_failing_stage_is_a_failed_row_not_a_traceback(tmp_path):
+    """Stage 05 without stage 02's run: the table is printed with the reason, exit 1."""
+    result = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--dry-run", "--only", "05", "--work", str(tmp_path / "work")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert "stage 05                                   FAILED RuntimeError: needs stage 02's merged model" in (
+        result.stdout
+    )
+    assert (tmp_path / "work" / ".written-by-gpu_check").is_file()
 
 
 def test_gpu_check_refuses_a_users_folder(tmp_path):
@@ -53,5 +74,5 @@ def test_gpu_check_refuses_a_users_folder(tmp_path):
         text=True,
         timeout=120,
     )
-    assert result.returncode == 2 and (tmp_path / "notes.txt").read_text() == "mine"
+    assert result.returncode == 2 and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
     assert result.stderr.strip() == f"error: {tmp_path} holds files this check did not write; choose another --work"

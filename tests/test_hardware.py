@@ -7,7 +7,7 @@ from utils.hardware import Hardware, choose_profile
 CPU = Hardware(cuda=False, hub=True)
 
 
-def gpu(name, gib, cc, bf16, hub=True, flash=False):
+def gpu(name, gib, cc, bf16, hub=True, flash=False, compiler=True):
     return Hardware(
         cuda=True,
         gpu_name=name,
@@ -17,6 +17,8 @@ def gpu(name, gib, cc, bf16, hub=True, flash=False):
         bf16=bf16,
         hub=hub,
         flash_attn=flash,
+        triton=True,
+        compiler=compiler,
     )
 
 
@@ -33,11 +35,7 @@ def gpu(name, gib, cc, bf16, hub=True, flash=False):
         (gpu("Tesla V100-SXM2-32GB", 31.7, (7, 0), False), "gpu-24gb", "float16", "sdpa", 1),
     ],
 )
-def test_auto_profile(hw, name, dtype, attn, every, capsys, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "triton" else real(n, *a))
+def test_auto_profile(hw, name, dtype, attn, every, capsys):
     profile = choose_profile("auto", hw)
     assert (profile.name, profile.compute_dtype, profile.attn_implementation) == (name, dtype, attn)
     assert profile.checkpoint_every == every
@@ -50,6 +48,26 @@ def test_t4_falls_back_to_sdpa_with_a_reason(capsys):
     assert (
         "sdpa: flex_attention's Triton kernels need compute capability 8.0+, this GPU is 7.5" in capsys.readouterr().out
     )
+
+
+def test_flex_attention_needs_a_c_compiler_at_run_time(capsys):
+    """Triton compiles a C launcher the first time a kernel runs: without cc/gcc/clang, flex_attention would fail
+    at the first step, so the profile keeps sdpa and says why."""
+    profile = choose_profile("auto", gpu("NVIDIA L4", 22.5, (8, 9), True, compiler=False))
+    assert profile.attn_implementation == "sdpa"
+    assert "sdpa: flex_attention's Triton kernels need a C compiler (cc, gcc or clang), none was found" in (
+        capsys.readouterr().out
+    )
+
+
+def test_the_compiler_is_looked_up_on_the_path(monkeypatch):
+    from utils import hardware
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CC", raising=False)
+    assert hardware.c_compiler() is None
+    monkeypatch.setenv("CC", "/bin/sh")  # any executable named by $CC
+    assert hardware.c_compiler() == "/bin/sh"
 
 
 def test_a_local_model_gets_the_gpu_profile_without_the_hub(tmp_path, capsys):

@@ -49,7 +49,7 @@ def series(tmp_path_factory):
     params = {
         "01": dict(OUT=str(base / "processed")),
         "02": dict(OUTPUT_DIR=str(runs / "qlora")),
-        "03": dict(OUTPUT_DIR=str(runs / "full"), SMOKE_STEPS=4),
+        "03": dict(OUTPUT_DIR=str(runs / "full"), LAUNCH_DIR=str(runs / "qlora-ddp"), SMOKE_STEPS=4),
         "04": dict(RUNS=str(runs), PLOTS=str(base / "plots")),
         "05": dict(RUNS=str(runs), MAX_NEW_TOKENS=32),
     }
@@ -92,8 +92,14 @@ def test_notebook_02(series):
 
 
 def test_notebook_03(series):
-    _, texts = series
+    base, texts = series
     assert "skipped: one node of 8 GPUs needed, this machine has 0" in texts["03"]
+    # Kaggle's path, run for real: notebook_launcher forks 2 CPU processes from the kernel, which must not have
+    # imported bitsandbytes or initialised CUDA in any cell before it
+    assert "ready for notebook_launcher: yes" in texts["03"]
+    assert "[rank 0/2] step 4 loss" in texts["03"] and "[rank 1/2] step 4 loss" in texts["03"]
+    launched = json.loads((base / "runs" / "qlora-ddp" / "run.json").read_text())
+    assert launched["status"] == "finished" and launched["settings"]["world_size"] == 2
     assert "rank 0 of 2: 4 steps" in texts["03"] and "rank 1 of 2: 4 steps" in texts["03"]
     assert "checkpoints: ['checkpoint-4'] | trainer_state.json: True" in texts["03"]
 
@@ -231,7 +237,8 @@ def test_setup_cell_reuses_an_existing_checkout(tmp_path):
     (tmp_path / "mistral-sft").symlink_to(REPO_ROOT)  # what a first run left behind
     result = _run_setup_cell(tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"collection at {tmp_path / 'mistral-sft'}"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    assert result.stdout.strip() == f"collection at {tmp_path / 'mistral-sft'} (commit {commit})"  # a tag can move
 
 
 def test_setup_cell_says_what_to_set_when_the_clone_fails(tmp_path):

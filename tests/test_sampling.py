@@ -1,5 +1,7 @@
 """Notebook 05's generation: the card's prompt, reproducible sampling, EOS stops, left-padded batches."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -98,3 +100,38 @@ def test_the_command_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         sampling.main(["--max_new_tokens", "0"])
     assert exit_.value.code == 2
+
+
+# --- bad input: one line, exit 2 ------------------------------------------------------------------------------------
+def test_a_negative_seed_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sampling.main(["--seed=-1", "--profile", "smoke"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: --seed must be a whole number from 0 to 2**32 - 1, got -1\n"
+
+
+def test_a_prompt_longer_than_the_models_positions_is_one_line(capsys, monkeypatch, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "short"
+    shutil.copytree(ensure_tiny_model(), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    code = sampling.main(["--model", str(model_dir), "--prompt", "word " * 40, "--profile", "smoke"])
+    assert code == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the weights' loading bar
+    assert err.startswith("error: the prompt has ") and err.endswith(
+        "tokens; the model has 16 positions, so no room is left to answer: shorten the prompt"
+    )
+
+
+def test_a_truncated_model_file_is_one_line(capsys, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "broken"
+    shutil.copytree(ensure_tiny_model(), model_dir)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert sampling.main(["--model", str(model_dir), "--profile", "smoke"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "Loading weights" not in line]
+    assert len(err) == 1 and err[0].startswith(f"error: cannot load {model_dir}: ")

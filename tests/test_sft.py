@@ -13,33 +13,49 @@ import pytest
 import torch
 
 from utils import REPO_ROOT, sft
-from utils.hardware import choose_profile
+from utils.hardware import PROFILES
+from utils.inspection import label_checks, print_recipe_changes, recipe_changes
+from utils.model import count_parameters, load_adapter, load_model, merge_adapter
+from utils.recipe import MISTRAL_LINEAR_MODULES, resolve
+from utils.training import build_trainer, run_training, start_run
 
 RECIPE = str(REPO_ROOT / "configs" / "sft_qlora.yaml")
 
 
+def smoke_settings(output_dir, *extra):
+    """The settings of a smoke run of the recipe, as the command line resolves them."""
+    argv = ["--config", RECIPE, "--profile", "smoke", "--output_dir", str(output_dir), *extra]
+    return sft.settings_for(argv)[0], argv
+
+
 def smoke_args(output_dir, *extra):
-    argv = ["--config", RECIPE, "--output_dir", str(output_dir), *extra]
-    script_args, training_args, model_args, _ = sft.parse(argv)
-    profile = choose_profile("smoke", verbose=False)
-    training_args = sft.apply_profile(profile, script_args, training_args, model_args, sft.explicit_fields(argv))
-    sft.validate(script_args, training_args, model_args)
-    return profile, script_args, training_args, model_args
+    settings, _ = smoke_settings(output_dir, *extra)
+    script_args, training_args, model_args, _ = settings.build()
+    return settings.profile, script_args, training_args, model_args
+
+
+def train_smoke(output_dir, *extra):
+    """Start, build and run a smoke training run through the collection's one training path; return the trainer."""
+    settings, _ = smoke_settings(output_dir, *extra)
+    args = settings.build()
+    run = start_run(args)
+    trainer = build_trainer(args)
+    run_training(trainer, run)
+    return trainer, args
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("qlora")
-    profile, script_args, training_args, model_args = smoke_args(out, "--max_steps", "30", "--save_steps", "10")
-    trainer = sft.train(script_args, training_args, model_args, profile)
-    return trainer, model_args, out
+    trainer, args = train_smoke(out, "--max_steps", "30", "--save_steps", "10")
+    return trainer, args.model, out
 
 
 def test_recipe_matches_the_handbook_qlora_config():
-    script_args, training_args, model_args, run_args = sft.parse(["--config", RECIPE])
+    script_args, training_args, model_args, run_args = resolve(["--config", RECIPE], None).build()
     assert (model_args.load_in_4bit, model_args.bnb_4bit_quant_type) == (True, "nf4")
     assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == (16, 16, 0.05)
-    assert model_args.lora_target_modules == list(sft.MISTRAL_LINEAR_MODULES)
+    assert model_args.lora_target_modules == list(MISTRAL_LINEAR_MODULES)
     assert training_args.learning_rate == 2e-4 and training_args.lr_scheduler_type == "cosine"
     assert training_args.warmup_steps == 0.1 and training_args.num_train_epochs == 1
     assert (training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps) == (4, 2)
@@ -54,7 +70,7 @@ def test_recipe_matches_the_handbook_qlora_config():
 
 @pytest.mark.parametrize("name", ["gpu-16gb", "gpu-24gb", "gpu-40gb", "gpu-80gb"])
 def test_gpu_profiles_keep_eight_sequences_per_step(name):
-    settings = sft.PROFILE_TRAINING[name]
+    settings = PROFILES[name].training
     assert settings["per_device_train_batch_size"] * settings["gradient_accumulation_steps"] == 8
 
 
@@ -87,7 +103,9 @@ def test_cli_overrides_beat_the_profile(tmp_path):
     ],
 )
 def test_bad_configuration_fails_in_one_line(extra, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("weights must not load"))
+    from utils import model
+
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("weights must not load"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = sft.main(["--config", RECIPE, "--profile", "smoke", "--output_dir", str(tmp_path), *extra])
     err = capsys.readouterr().err.strip().splitlines()
@@ -131,7 +149,7 @@ def test_a_dataset_without_test_split_turns_evaluation_off(tmp_path, capsys):
 
 
 def test_trainable_share_counts_4bit_weights_by_their_real_size():
-    from trl import ModelConfig
+    from trl import ModelConfig, get_quantization_config
 
     from utils.assets import ensure_tiny_model
 
@@ -142,21 +160,21 @@ def test_trainable_share_counts_4bit_weights_by_their_real_size():
         bnb_4bit_quant_type="nf4",
         attn_implementation="sdpa",
     )
-    unquantized = sum(p.numel() for p in sft.load_model(args).parameters())
-    quantized = sft.load_model(args, sft.bnb_config(args))
+    unquantized = sum(p.numel() for p in load_model(args).parameters())
+    quantized = load_model(args, get_quantization_config(args))
     assert sum(p.numel() for p in quantized.parameters()) < unquantized  # packed: two 4-bit values per byte
-    assert sft.count_parameters(quantized)[1] == unquantized == 4_317_760  # not 4,291,136
+    assert count_parameters(quantized)[1] == unquantized == 4_317_760  # not 4,291,136
 
 
 def test_the_smoke_profile_prints_its_changes_as_a_diff(tmp_path, capsys):
-    profile, _, training_args, model_args = smoke_args(tmp_path)
-    changes = {name: (old, new) for name, old, new in sft.recipe_changes(RECIPE, training_args, model_args)}
+    settings, argv = smoke_settings(tmp_path)
+    changes = {name: (old, new) for name, old, new, _ in recipe_changes(argv, settings)}
     assert changes["learning_rate"] == (2e-4, 3e-3) and changes["max_length"] == (2048, 256)
-    assert changes["num_train_epochs"] == (1, 3) and changes["activation_checkpointing"] == (True, False)
+    assert changes["num_train_epochs"] == (1, 3) and changes["activation_checkpointing"] == ("(TRL default)", False)
     assert "lora_r" not in changes and "lr_scheduler_type" not in changes
-    sft.print_recipe_changes(RECIPE, training_args, model_args, profile)
+    print_recipe_changes(argv, settings)
     out = capsys.readouterr().out
-    assert "Changed from " in out and "learning_rate" in out and "0.0002 -> 0.003" in out
+    assert "Changed from " in out and "learning_rate" in out and "0.0002 -> 0.003  (profile)" in out
 
 
 def test_linear_layers_are_4bit_and_only_lora_trains(trained):
@@ -178,7 +196,7 @@ def test_loss_falls(trained):
 
 
 def test_labels_keep_eos(trained):
-    checks = sft.label_checks(trained[0])
+    checks = label_checks(trained[0])
     assert checks["eos_tokens"] > 0 and checks["eos_tokens_in_loss"] == checks["eos_tokens"]
     assert checks["pad_token"] == "<unk>" and checks["loss_token_share"] > 0.9
 
@@ -202,13 +220,17 @@ def test_adapter_reloads_with_the_same_logits(trained):
     trainer, model_args, out = trained
     trainer.model.eval()
     before = _logits(trainer.model, trainer.processing_class)
-    base = sft.load_model(model_args, sft.bnb_config(model_args))
-    reloaded = sft.load_adapter(base, out / "adapter").eval()
+    from trl import get_quantization_config
+
+    base = load_model(model_args, get_quantization_config(model_args))
+    reloaded = load_adapter(base, out / "adapter").eval()
     assert reloaded.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.bfloat16
     after = _logits(reloaded, trainer.processing_class)
     assert torch.allclose(before, after, atol=1e-6, rtol=0)
     assert not torch.allclose(
-        before, _logits(sft.load_model(model_args, sft.bnb_config(model_args)), trainer.processing_class), atol=1e-3
+        before,
+        _logits(load_model(model_args, get_quantization_config(model_args)), trainer.processing_class),
+        atol=1e-3,
     )  # the adapter matters
 
 
@@ -217,11 +239,11 @@ def test_merged_model_matches_base_plus_adapter(trained):
     from transformers import AutoModelForCausalLM
 
     trainer, model_args, out = trained
-    merged_dir = sft.merge_adapter(model_args, out / "adapter", out / "merged", "bfloat16")
+    merged_dir = merge_adapter(model_args.model_name_or_path, out / "adapter", out / "merged", "bfloat16")
     assert (merged_dir / "model.safetensors").is_file()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16)
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
-    unmerged = PeftModel.from_pretrained(sft.load_model(replace(model_args, dtype="bfloat16")), str(out / "adapter"))
+    unmerged = PeftModel.from_pretrained(load_model(replace(model_args, dtype="bfloat16")), str(out / "adapter"))
     a, b = _logits(unmerged.eval(), trainer.processing_class), _logits(merged.eval(), trainer.processing_class)
     assert (a - b).abs().max() / a.abs().max() < 2e-2
 

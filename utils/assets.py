@@ -8,13 +8,13 @@ The embedded defaults need no network:
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from utils import CONFIGS_DIR, RUNS_DIR
 
-BASE_MODEL_ID = "mistralai/Mistral-7B-v0.1"
 CHAT_TEMPLATE_FILE = CONFIGS_DIR / "chat_template.jinja"
 ASSETS_DIR = RUNS_DIR / "assets"
 EMBEDDED_TOKENIZER_DIR = ASSETS_DIR / "mistral-7b-tokenizer"
@@ -55,16 +55,29 @@ def sentencepiece_file() -> Path:
 def build_embedded_tokenizer(out_dir: Path = EMBEDDED_TOKENIZER_DIR):
     """Convert the shipped sentencepiece model to a fast tokenizer with our chat template; save it to ``out_dir``.
 
-    Like the Hub's Mistral-7B tokenizer it adds BOS ``<s>`` (id 1) and no EOS when called on text.
+    Like the Hub's Mistral-7B tokenizer it adds BOS ``<s>`` (id 1) and no EOS when called on text. ``legacy=True``,
+    as Mistral was trained and as the card's tokenizer worked: "▁" (28705) after every special token that text
+    follows, so ``tokenizer(...)``, a ``pipeline`` and every model folder saved with it give the card's ids after
+    ``</s>`` (``utils.card_era``).
     """
     from transformers import LlamaTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(sentencepiece_file(), Path(tmp) / "tokenizer.model")
-        tokenizer = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
+        tokenizer = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False, legacy=True)
     tokenizer.chat_template = chat_template()
+    tokenizer.init_kwargs["legacy"] = True  # written to tokenizer_config.json: loading rebuilds the pipeline from it
     _save_atomically(out_dir, tokenizer)
     return tokenizer
+
+
+def _embedded_is_current() -> bool:
+    """The embedded tokenizer is built, with ``legacy`` true (a build of an earlier release lacks it)."""
+    try:
+        config = json.loads((EMBEDDED_TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (EMBEDDED_TOKENIZER_DIR / "tokenizer.json").is_file() and config.get("legacy") is True
 
 
 def load_tokenizer(model_id: str | None = None, revision: str = "main"):
@@ -76,7 +89,7 @@ def load_tokenizer(model_id: str | None = None, revision: str = "main"):
     from transformers import AutoTokenizer
 
     if model_id is None:
-        if not (EMBEDDED_TOKENIZER_DIR / "tokenizer.json").is_file():
+        if not _embedded_is_current():
             build_embedded_tokenizer()
         tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_TOKENIZER_DIR)
     else:
@@ -91,17 +104,13 @@ def load_tokenizer(model_id: str | None = None, revision: str = "main"):
     return tokenizer
 
 
-def ensure_tiny_model(out_dir: Path = TINY_MODEL_DIR, seed: int = 0) -> Path:
-    """Create (once) the tiny random-init ``MistralForCausalLM`` as safetensors in ``out_dir``, with the embedded
-    tokenizer beside it so it loads like a Hub model (``pipeline(model=out_dir)``); return the folder."""
-    if (out_dir / "model.safetensors").is_file() and (out_dir / "tokenizer.json").is_file():
-        return out_dir
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
+def ensure_tiny_model(out_dir: Path = TINY_MODEL_DIR) -> Path:
+    """The embedded default's model: the tiny pretrained Mistral shipped in ``data/tiny_base`` (``utils.tiny_base``),
+    copied once into ``out_dir`` with the embedded tokenizer beside it, so it loads like a Hub model
+    (``from_pretrained(out_dir)``, ``pipeline(model=out_dir)``); rebuilt when the shipped weights change."""
+    from utils.tiny_base import ensure_tiny_base
 
-    torch.manual_seed(seed)
-    _save_atomically(out_dir, MistralForCausalLM(MistralConfig(**TINY_MISTRAL)), load_tokenizer(None))
-    return out_dir
+    return ensure_tiny_base(out_dir)
 
 
 def _save_atomically(out_dir: Path, *objects) -> None:

@@ -1,6 +1,7 @@
 """Notebook 04: read every training run under ``runs/`` and plot its loss curves against the model card.
 
     python -m utils.curves            # writes runs/plots/loss_curves.png and .svg, prints the summary table
+    python -m utils.curves --x tokens --smoothing 0.5 --runs runs --out runs/plots
 
 A run is a folder with ``trainer_state.json`` (its ``log_history``) or, failing that, TensorBoard event files.
 """
@@ -21,8 +22,8 @@ CARD_SEQUENCE_LENGTH = 2048
 
 
 @dataclass
-class Run:
-    """The logged series of one training run."""
+class RunLog:
+    """The logged series of one training run (its folder is managed by ``utils.runs``)."""
 
     name: str
     path: Path
@@ -46,7 +47,13 @@ class Run:
 
 
 def _series(entries: list[dict], key: str) -> dict[str, list]:
-    rows = [e for e in entries if key in e]
+    """The logged ``key`` (``loss`` or ``eval_loss``) with its step, epoch, tokens and learning rate; ValueError for
+    a log whose values are not numbers (a damaged or hand-edited file)."""
+    rows = [e for e in entries if isinstance(e, dict) and key in e]
+    for e in rows:
+        for name in ("step", key):
+            if isinstance(e.get(name), bool) or not isinstance(e.get(name), int | float):
+                raise ValueError(f"its {name} at step {e.get('step')!r} is {e.get(name)!r}, not a number")
     return {
         "step": [e["step"] for e in rows],
         "loss": [e[key] for e in rows],
@@ -56,12 +63,14 @@ def _series(entries: list[dict], key: str) -> dict[str, list]:
     }
 
 
-def read_trainer_state(path: Path) -> Run:
-    """A Run from ``trainer_state.json``'s log history."""
+def read_trainer_state(path: Path) -> RunLog:
+    """A RunLog from ``trainer_state.json``'s log history."""
     state = json.loads(path.read_text())
-    history = state.get("log_history", [])
+    history = state.get("log_history", []) if isinstance(state, dict) else None
+    if not isinstance(history, list):
+        raise ValueError("it has no log_history list")
     end = next((e for e in reversed(history) if "train_runtime" in e), {})
-    return Run(
+    return RunLog(
         path.parent.name,
         path.parent,
         "trainer_state.json",
@@ -71,8 +80,8 @@ def read_trainer_state(path: Path) -> Run:
     )
 
 
-def read_tensorboard(folder: Path) -> Run | None:
-    """A Run from TensorBoard scalars (``train/loss``, ``eval/loss``, ``train/learning_rate``, ``train/epoch``)."""
+def read_tensorboard(folder: Path) -> RunLog | None:
+    """A RunLog from TensorBoard scalars (``train/loss``, ``eval/loss``, ``train/learning_rate``, ``train/epoch``)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = sorted(folder.rglob("events.out.tfevents.*"))
@@ -95,21 +104,22 @@ def read_tensorboard(folder: Path) -> Run | None:
             "learning_rate": [scalars.get("train/learning_rate", {}).get(s) for s, _ in points],
         }
 
-    return Run(folder.name, folder, "tensorboard", series("train/loss"), series("eval/loss"))
+    return RunLog(folder.name, folder, "tensorboard", series("train/loss"), series("eval/loss"))
 
 
-def find_runs(runs_dir: Path = RUNS_DIR) -> list[Run]:
+def find_runs(runs_dir: Path = RUNS_DIR) -> list[RunLog]:
     """Every run under ``runs_dir``: folders with trainer_state.json (checkpoints skipped), else TensorBoard logs."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
-    found: dict[Path, Run] = {}
+    found: dict[Path, RunLog] = {}
     for state in sorted(runs_dir.rglob("trainer_state.json")):
         if not state.parent.name.startswith("checkpoint-"):
             try:
                 found[state.parent] = read_trainer_state(state)
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                print(f"skipped {state}: unreadable ({type(exc).__name__})")
+                why = str(exc) if isinstance(exc, ValueError) and str(exc).startswith("it") else type(exc).__name__
+                print(f"skipped {state}: unreadable ({why})")
     for event in sorted(runs_dir.rglob("events.out.tfevents.*")):
         run_dir = next((p for p in event.parents if p.parent == runs_dir), event.parent)  # its top-level folder
         if run_dir not in found and not any(run_dir.is_relative_to(p) for p in found):
@@ -160,115 +170,176 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
 AXES = {"step": "optimizer step", "tokens": "tokens seen", "epoch": "epoch"}
 
 
-def plot_runs(runs: list[Run], reference: dict | None = None, smoothing: float = 0.9, x: str = "step"):
-    """Your runs (left) and the card's run (right): loss above, learning rate below.
+def plot_runs(runs: list[RunLog], reference: dict | None = None, smoothing: float = 0.9, x: str = "step"):
+    """Your runs on the left, loss above and learning rate below; the card's run in a narrow panel on the right.
 
-    Left: each run's training loss (thin: raw, thick: EMA-smoothed), evaluation loss (circles) against ``x``
-    ("step", "tokens" or "epoch"), and its learning rate with, on steps, the cosine it should follow (dashed). Right:
-    the card's logged points at step 272 and its learning rate as planned (406 steps) and as run (stopped at 272).
-    Every line carries a label, so the figure can be read back.
+    Left: each run's training loss (thin: raw, thick: EMA-smoothed) and evaluation loss (circles) against ``x``
+    ("step", "tokens" or "epoch"), and its learning rate with, on steps, the cosine it should follow (dashed).
+    Right: the card's learning rate as planned (406 steps) and as run (stopped at 272), with its logged losses
+    written in the panel: one logged point does not need an axis of its own. Every line carries a label.
     """
     import matplotlib.pyplot as plt
 
     if x not in AXES:
         raise ValueError(f"x must be one of {', '.join(AXES)}, got {x!r}")
-    fig, axes = plt.subplots(2, 2, figsize=(13, 6.5), sharex="col", gridspec_kw={"height_ratios": [3, 1.4]})
-    (loss_ax, card_ax), (lr_ax, card_lr_ax) = axes
+    fig = plt.figure(figsize=(13, 6.2))
+    grid = fig.add_gridspec(2, 2, width_ratios=[2.3, 1], height_ratios=[3, 1.4])
+    loss_ax = fig.add_subplot(grid[0, 0])
+    lr_ax = fig.add_subplot(grid[1, 0], sharex=loss_ax)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
-        color = colors[i % len(colors)]
-        xs = run.train.get(x, [])
-        if xs and all(v is not None for v in xs):
-            losses = run.train["loss"]
-            loss_ax.plot(xs, losses, color=color, alpha=0.3, linewidth=1, label=f"{run.name} train")
-            loss_ax.plot(xs, ema(losses, smoothing), color=color, linewidth=2, label=f"{run.name} train (EMA)")
-            lrs = run.train.get("learning_rate", [])
-            if lrs and all(v is not None for v in lrs):
-                lr_ax.plot(xs, lrs, color=color, marker=".", label=f"{run.name} lr")
-                if x == "step":
-                    total, peak = max(xs), max(lrs)
-                    steps = list(range(1, total + 1))  # the rate logged at step s is the one step s used: lr(s - 1)
-                    lr_ax.plot(
-                        steps,
-                        [cosine_lr(s - 1, total, math.ceil(0.1 * total), peak) for s in steps],
-                        color=color,
-                        linestyle="--",
-                        linewidth=1,
-                        label=f"{run.name} cosine, 10% warm-up",
-                    )
-        exs = run.eval.get(x, [])
-        if exs and all(v is not None for v in exs):
-            loss_ax.plot(exs, run.eval["loss"], color=color, marker="o", linestyle="--", label=f"{run.name} eval")
+        _plot_run(loss_ax, lr_ax, run, colors[i % len(colors)], smoothing, x)
     loss_ax.set_title(f"your runs: loss vs {AXES[x]}" if runs else "your runs: none yet (run notebook 02 or 03)")
     loss_ax.set_ylabel("loss (cross-entropy per token)")
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_xlabel(AXES[x])
     if runs:
-        loss_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-        lr_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        loss_ax.legend(fontsize=7, loc="upper right")
+        lr_ax.legend(fontsize=7, loc="upper right")
     if reference:
-        _plot_card(card_ax, card_lr_ax, reference)
+        _plot_card(fig.add_subplot(grid[:, 1]), reference)
     fig.tight_layout()
     return fig
 
 
-def _plot_card(loss_ax, lr_ax, ref: dict) -> None:
-    loss_ax.plot(
-        [ref["step"]],
-        [ref["train_loss"]],
-        marker="*",
-        markersize=14,
-        color="black",
-        linestyle="none",
-        label=f"card train {ref['train_loss']} @ step {ref['step']}",
-    )
-    loss_ax.plot(
-        [ref["step"]],
-        [ref["eval_loss"]],
-        marker="X",
-        markersize=11,
-        color="crimson",
-        linestyle="none",
-        label=f"card eval {ref['eval_loss']} @ step {ref['step']}",
-    )
-    loss_ax.axhline(
-        ref["final_eval_loss"],
-        color="crimson",
-        linestyle=":",
-        linewidth=1,
-        label=f"card final eval {ref['final_eval_loss']}",
-    )
-    loss_ax.axvline(ref["step"], color="grey", linewidth=0.8)
-    loss_ax.set_ylim(0.8, 1.1)
-    loss_ax.set_title(
-        f"the card (16 GPUs, full fine-tune): its data ended at step {ref['step']}\n"
-        f"of {ref['planned_steps']} planned, so its 'epoch' reads {ref['step']}/{ref['planned_steps']} = "
-        f"{ref['epoch']}",
-        fontsize=10,
-    )
-    loss_ax.legend(fontsize=7, loc="upper right")
+def _plot_run(loss_ax, lr_ax, run: RunLog, color: str, smoothing: float, x: str) -> None:
+    xs = run.train.get(x, [])
+    if xs and all(v is not None for v in xs):
+        losses = run.train["loss"]
+        loss_ax.plot(xs, losses, color=color, alpha=0.3, linewidth=1, label=f"{run.name} train")
+        loss_ax.plot(xs, ema(losses, smoothing), color=color, linewidth=2, label=f"{run.name} train (EMA)")
+        lrs = run.train.get("learning_rate", [])
+        if lrs and all(v is not None for v in lrs):
+            lr_ax.plot(xs, lrs, color=color, marker=".", label=f"{run.name} lr")
+            if x == "step":
+                total, peak = max(xs), max(lrs)
+                steps = list(range(1, total + 1))  # the rate logged at step s is the one step s used: lr(s - 1)
+                lr_ax.plot(
+                    steps,
+                    [cosine_lr(s - 1, total, math.ceil(0.1 * total), peak) for s in steps],
+                    color=color,
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"{run.name} cosine, 10% warm-up",
+                )
+    exs = run.eval.get(x, [])
+    if exs and all(v is not None for v in exs):
+        loss_ax.plot(exs, run.eval["loss"], color=color, marker="o", linestyle="--", label=f"{run.name} eval")
+
+
+def _plot_card(ax, ref: dict) -> None:
+    """The card's schedule as planned and as run, and its logged losses as text."""
     planned = list(range(ref["planned_steps"] + 1))
     lrs = [cosine_lr(s, ref["planned_steps"], ref["warmup_steps"], ref["peak_lr"]) for s in planned]
-    lr_ax.plot(planned, lrs, color="grey", linestyle=":", label=f"planned: cosine over {ref['planned_steps']} steps")
-    lr_ax.plot(
-        planned[: ref["step"] + 1], lrs[: ref["step"] + 1], color="black", label=f"run: stopped at {ref['step']}"
-    )
+    ax.plot(planned, lrs, color="grey", linestyle=":", label=f"planned: cosine over {ref['planned_steps']} steps")
+    ax.plot(planned[: ref["step"] + 1], lrs[: ref["step"] + 1], color="black", label=f"run: stopped at {ref['step']}")
     stop = lrs[ref["step"]]
-    lr_ax.plot(
-        [ref["step"]],
-        [stop],
-        marker="o",
-        color="black",
-        linestyle="none",
-        label=f"{stop:.1e} at the stop ({stop / ref['peak_lr']:.0%} of peak)",
+    ax.plot([ref["step"]], [stop], marker="o", color="crimson", linestyle="none", label="where the card logged")
+    ax.annotate(
+        f"step {ref['step']} (epoch {ref['epoch']}):\ntrain loss {ref['train_loss']}\neval loss {ref['eval_loss']}\n"
+        f"final eval {ref['final_eval_loss']}\nlearning rate {stop:.1e}\n({stop / ref['peak_lr']:.0%} of peak)",
+        (ref["step"], stop),
+        xytext=(ref["step"] * 0.32, ref["peak_lr"] * 0.18),
+        fontsize=8,
+        arrowprops={"arrowstyle": "->", "color": "crimson"},
     )
-    lr_ax.set_xlabel("optimizer step")
-    lr_ax.set_xlim(0, ref["planned_steps"] + 10)
-    lr_ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(
+        f"the card's run (16 GPUs, full fine-tune):\nits data ended at step {ref['step']} of {ref['planned_steps']}",
+        fontsize=10,
+    )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_xlim(0, ref["planned_steps"] + 10)
+    ax.legend(fontsize=7, loc="upper right")
+
+
+# --- planted runs, for diagnosing a curve ---------------------------------------------------------------------------
+PLANTED_TRUTH = {"A": "learning rate x10", "B": "overfitting", "C": "no warm-up"}
+
+
+def planted_runs(steps: int = 60, seed: int = 0) -> list[RunLog]:
+    """Three synthetic runs (made by this function, not trained) with the symptoms a learner should recognise:
+    ``PLANTED_TRUTH`` says which is which. Each logs training loss and learning rate every step and an evaluation
+    loss every 6 steps, like a trainer_state.json."""
+    import random
+
+    rng = random.Random(seed)
+    peak, warm = 2e-4, math.ceil(0.1 * steps)
+    shapes = {
+        "A": (
+            10 * peak,
+            warm,
+            lambda t: 1.2 + 0.9 * math.exp(-12 * t) + 1.6 * max(0.0, t - 0.25),
+            lambda t, v: v + 0.1,
+        ),
+        "B": (
+            peak,
+            warm,
+            lambda t: 1.1 + 1.4 * math.exp(-5 * t) - 0.6 * t,
+            lambda t, v: max(v + 0.05, 1.2 + (t - 0.3) ** 2),
+        ),
+        "C": (peak, 0, lambda t: 1.3 + 1.2 * math.exp(-4 * t) + 0.8 * math.exp(-((t - 0.06) ** 2) / 0.002), None),
+    }
+    runs = []
+    for name, (top, warmup, train, evaluate) in shapes.items():
+        log: dict[str, list] = {"step": [], "loss": [], "epoch": [], "tokens": [], "learning_rate": []}
+        evals: dict[str, list] = {k: [] for k in log}
+        for step in range(1, steps + 1):
+            t = step / steps
+            log["step"].append(step)
+            log["loss"].append(train(t) + rng.gauss(0, 0.03))
+            log["epoch"].append(3 * t)
+            log["tokens"].append(step * 4096)
+            log["learning_rate"].append(cosine_lr(step - 1, steps, warmup, top))
+            if step % 6 == 0:
+                value = evaluate(t, train(t)) if evaluate else train(t) + 0.08
+                for key, v in (("step", step), ("loss", value), ("epoch", 3 * t), ("tokens", step * 4096)):
+                    evals[key].append(v)
+                evals["learning_rate"].append(None)
+        runs.append(RunLog(f"planted {name}", Path("planted") / name, "planted", log, evals))
+    return runs
+
+
+def plot_side_by_side(runs: list[RunLog], smoothing: float = 0.9):
+    """One column per run, loss above and learning rate below, each on its own axes: for comparing shapes."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        2, len(runs), figsize=(4.3 * len(runs), 5), sharex=True, squeeze=False, gridspec_kw={"height_ratios": [3, 1.3]}
+    )
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        _plot_run(axes[0, i], axes[1, i], run, colors[i % len(colors)], smoothing, "step")
+        axes[0, i].set_title(run.name)
+        axes[0, i].legend(fontsize=7, loc="upper right")
+        axes[1, i].set_xlabel("optimizer step")
+    axes[0, 0].set_ylabel("loss")
+    axes[1, 0].set_ylabel("learning rate")
+    fig.tight_layout()
+    return fig
+
+
+def diagnosis_feedback(diagnosis: dict[str, str]) -> list[str]:
+    """A line per planted run: right, wrong (with the answer), or not tried yet."""
+    lines = []
+    for name, truth in PLANTED_TRUTH.items():
+        guess = (diagnosis or {}).get(name)
+        if guess is None:
+            lines.append(f"planted {name}: no diagnosis yet (choose from: {', '.join(sorted(PLANTED_TRUTH.values()))})")
+        elif guess.strip().lower() == truth:
+            lines.append(f"planted {name}: right, {truth}")
+        else:
+            lines.append(f"planted {name}: not {guess!r}; look again at its learning-rate panel and its eval circles")
+    return lines
 
 
 def save_figure(fig, name: str = "loss_curves", out_dir: Path = PLOTS_DIR) -> list[Path]:
-    """Save ``fig`` as PNG and SVG under ``out_dir``; return both paths."""
+    """Save ``fig`` as PNG and SVG under ``out_dir``; return both paths. NotADirectoryError (one line) when
+    ``out_dir`` or a folder above it is a file."""
+    out_dir = Path(out_dir)
+    blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise NotADirectoryError(f"{blocking} is a file, so the plots cannot be saved under {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
     fig.savefig(paths[0], dpi=110)
@@ -277,11 +348,26 @@ def save_figure(fig, name: str = "loss_curves", out_dir: Path = PLOTS_DIR) -> li
 
 
 def main(argv: list[str] | None = None) -> int:
-    runs = find_runs()
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m utils.curves", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default=str(RUNS_DIR), help="where to look for runs (default: runs/)")
+    parser.add_argument("--out", default=str(PLOTS_DIR), help="where the PNG and SVG go (default: runs/plots/)")
+    parser.add_argument("--x", default="step", choices=list(AXES), help="the x axis")
+    parser.add_argument("--smoothing", type=float, default=0.9, help="EMA weight, 0 (raw) to below 1")
+    args = parser.parse_args(argv)
+    if not 0 <= args.smoothing < 1:
+        parser.exit(2, f"error: --smoothing must be in [0, 1), got {args.smoothing}\n")
+    runs = find_runs(Path(args.runs))
     if not runs:
-        print("No training runs under runs/ yet: run notebook 02 (QLoRA) or 03 (full fine-tune) first.")
-    fig = plot_runs(runs, card_reference(), x=argv[0] if argv else "step")
-    for path in save_figure(fig):
+        print(f"No training runs under {args.runs} yet: run notebook 02 (QLoRA) or 03 (full fine-tune) first.")
+    fig = plot_runs(runs, card_reference(), smoothing=args.smoothing, x=args.x)
+    try:
+        paths = save_figure(fig, out_dir=Path(args.out))
+    except NotADirectoryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
         print("wrote", path)
     for run in runs:
         print(run.summary())

@@ -1,20 +1,32 @@
 """What machine is this, and which profile should the notebooks use on it?
 
-``choose_profile("auto")`` looks at the GPU, where the model can come from (the Hub, or a folder or the HF cache
-on disk) and prints its choice with the reasons.
-``python -m utils.hardware`` prints the same report from a shell.
+``choose_profile("auto")`` looks at the GPU, where the model can come from (the Hub, or a folder or the HF cache on
+disk) and prints its choice with the reasons. A profile holds every setting that depends on the hardware
+(``Profile.settings``); ``utils.recipe`` layers it under the recipe and the command line.
+
+    python -m utils.hardware                 # this machine
+    python -m utils.hardware --gpu t4        # a Colab T4, planned from here (utils/gpus.py lists the shapes)
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from typing import Any
+
+# torch.cuda.is_available() asks the driver through cuInit unless this is set, and a process that did cannot fork
+# CUDA workers any more (accelerate's notebook_launcher on Kaggle's 2 x T4). NVML answers without that side effect.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 HUB_HOST = "huggingface.co"
+BASE_MODEL_ID = "mistralai/Mistral-7B-v0.1"
+HUB_DATASET = "HuggingFaceH4/ultrachat_200k"
+SAMPLE_DATASET = "data/sample/ultrachat_200k"
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,8 @@ class Hardware:
     flash_attn: bool = False
     platform: str = "local"  # "colab", "kaggle" or "local"
     hub: bool = False
+    triton: bool = False  # flex_attention compiles its kernels with Triton ...
+    compiler: bool = False  # ... which needs a C compiler at run time
 
     def summary(self) -> str:
         """One human line: GPU (or CPU), platform and Hub reachability."""
@@ -50,77 +64,75 @@ class Profile:
     description: str
     model_id: str | None  # a Hub id or a local folder; None: the embedded tiny Mistral and the shipped tokenizer
     dataset: str  # a Hub id or a local path understood by utils.prepare_data
-    max_train_rows: int | None  # None: every row
     compute_dtype: str  # "bfloat16", "float16" or "float32"
     attn_implementation: str  # "flash_attention_2", "flex_attention", "sdpa" or "eager"
     min_gpu_memory_gib: float = 0.0
     checkpoint_every: int = 1  # activation checkpointing on every n-th decoder layer; 0: none
+    training: dict[str, Any] = field(default_factory=dict)  # batch and, for smoke, the run's scale
     reasons: tuple[str, ...] = ()  # why attention and checkpointing were chosen, for the printed line
 
     @property
     def is_smoke(self) -> bool:
         return self.name == "smoke"
 
+    def settings(self) -> dict[str, Any]:
+        """Every setting this profile gives a run, by its TRL/transformers field name."""
+        gpu = self.compute_dtype != "float32"
+        values: dict[str, Any] = {
+            "dtype": self.compute_dtype,
+            "attn_implementation": self.attn_implementation,
+            "bf16": self.compute_dtype == "bfloat16",
+            "fp16": self.compute_dtype == "float16",
+            "activation_checkpointing": self.checkpoint_every > 0,
+            **self.training,
+        }
+        if self.checkpoint_every > 1:
+            values["activation_checkpointing_kwargs"] = {"every_n_layers": self.checkpoint_every}
+        if not gpu:
+            values["use_cpu"] = True
+        return values
 
-BASE_MODEL_ID = "mistralai/Mistral-7B-v0.1"
+
+# Every GPU profile trains 4 x 2 sequences of 2,048 tokens per optimizer step and GPU, as the recipe does; memory is
+# the business of activation checkpointing (docs/benchmarks.md, "QLoRA on an H200").
+GPU_TRAINING: dict[str, Any] = dict(
+    per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2, packing_strategy="bfd"
+)
+# The embedded default stands in for the recipe's 7B model and 200k dialogues, so it also sets the run's scale: short
+# sequences (the sample's dialogues are short), one dialogue-packed row per step, two epochs, and a learning rate for
+# a tiny model. With these, the tiny base learns the template and the pirate (bench/tiny_sft_check.py, README).
+SMOKE_TRAINING: dict[str, Any] = dict(
+    per_device_train_batch_size=1,
+    per_device_eval_batch_size=2,
+    gradient_accumulation_steps=1,
+    global_batch_size=None,
+    max_length=256,
+    logging_steps=2,
+    save_steps=50,
+    num_train_epochs=2,
+    learning_rate=1e-2,
+    packing_strategy="bfd",
+    report_to=[],
+)
 SMOKE = Profile(
     name="smoke",
-    description="embedded default: real Mistral tokenizer, tiny random Mistral, shipped sample dialogues",
+    description="embedded default: real Mistral tokenizer, tiny pretrained Mistral, shipped sample dialogues",
     model_id=None,
-    dataset="data/sample/ultrachat_200k",
-    max_train_rows=None,
+    dataset=SAMPLE_DATASET,
     compute_dtype="float32",
     attn_implementation="sdpa",
     checkpoint_every=0,
+    training=SMOKE_TRAINING,
 )
-# Real-GPU profiles, smallest first; `auto` takes the last one whose needs the GPU meets. Activation checkpointing
-# follows the memory measured for QLoRA of the 7B shape at 4 x 2048 tokens on an H200 (docs/benchmarks.md): every
-# layer ~9.6 GiB, every 2nd layer ~36.5 GiB, none ~68.4 GiB of reserved memory.
-GPU_PROFILES = (
-    Profile(
-        "gpu-16gb",
-        "16 GB class (T4, V100, RTX 4080): checkpointing every layer",
-        BASE_MODEL_ID,
-        "HuggingFaceH4/ultrachat_200k",
-        None,
-        "float16",
-        "sdpa",
-        14.0,
-        checkpoint_every=1,
-    ),
-    Profile(
-        "gpu-24gb",
-        "24 GB class (L4, A10, RTX 3090/4090): checkpointing every layer",
-        BASE_MODEL_ID,
-        "HuggingFaceH4/ultrachat_200k",
-        None,
-        "bfloat16",
-        "sdpa",
-        22.0,
-        checkpoint_every=1,
-    ),
-    Profile(
-        "gpu-40gb",
-        "40 GB class (A100 40GB, L40S, A6000): checkpointing every 2nd layer",
-        BASE_MODEL_ID,
-        "HuggingFaceH4/ultrachat_200k",
-        None,
-        "bfloat16",
-        "sdpa",
-        38.0,
-        checkpoint_every=2,
-    ),
-    Profile(
-        "gpu-80gb",
-        "80 GB and more (A100/H100 80GB, H200): no activation checkpointing",
-        BASE_MODEL_ID,
-        "HuggingFaceH4/ultrachat_200k",
-        None,
-        "bfloat16",
-        "sdpa",
-        75.0,
-        checkpoint_every=0,
-    ),
+# Real-GPU profiles, smallest first; `auto` takes the last one whose needs the GPU meets.
+GPU_PROFILES = tuple(
+    Profile(name, description, BASE_MODEL_ID, HUB_DATASET, dtype, "sdpa", gib, every, GPU_TRAINING)
+    for name, description, dtype, gib, every in (
+        ("gpu-16gb", "16 GB class (T4, V100, RTX 4080): checkpointing every layer", "bfloat16", 14.0, 1),
+        ("gpu-24gb", "24 GB class (L4, A10, RTX 3090/4090): checkpointing every layer", "bfloat16", 22.0, 1),
+        ("gpu-40gb", "40 GB class (A100 40GB, L40S, A6000): checkpointing every 2nd layer", "bfloat16", 38.0, 2),
+        ("gpu-80gb", "80 GB and more (A100/H100 80GB, H200): no activation checkpointing", "bfloat16", 75.0, 0),
+    )
 )
 PROFILES = {p.name: p for p in (SMOKE, *GPU_PROFILES)}
 
@@ -146,15 +158,26 @@ def hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+def c_compiler() -> str | None:
+    """The C compiler Triton would call (``$CC``, else cc, gcc or clang on the PATH), or None."""
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+@lru_cache(maxsize=2)
 def detect_hardware(check_hub: bool = True) -> Hardware:
-    """Read the GPU (through torch), the platform and, unless ``check_hub`` is False, the Hub's reachability."""
+    """Read the GPU (through torch, without initialising CUDA), the platform, the tools flex_attention needs and,
+    unless ``check_hub`` is False, the Hub's reachability."""
     import torch
 
     platform = detect_platform()
     hub = hub_reachable() if check_hub else False
+    tools = dict(triton=importlib.util.find_spec("triton") is not None, compiler=c_compiler() is not None)
     flash_attn = importlib.util.find_spec("flash_attn") is not None
-    if not torch.cuda.is_available():  # asks the driver without initialising CUDA
-        return Hardware(cuda=False, platform=platform, hub=hub, flash_attn=flash_attn)
+    if not torch.cuda.is_available():  # NVML-based (see PYTORCH_NVML_BASED_CUDA_CHECK above): CUDA stays untouched
+        return Hardware(cuda=False, platform=platform, hub=hub, flash_attn=flash_attn, **tools)
     gpu = _gpu_properties()
     return Hardware(
         cuda=True,
@@ -166,6 +189,7 @@ def detect_hardware(check_hub: bool = True) -> Hardware:
         flash_attn=flash_attn and gpu["major"] >= 8,
         platform=platform,
         hub=hub,
+        **tools,
     )
 
 
@@ -255,7 +279,7 @@ def _pick(requested: str, hw: Hardware, model: str | None = None) -> tuple[Profi
     if hw.hub:
         reason += f"; {source['model_id']} {'from disk' if local else 'from the Hub'}"
     else:
-        source["dataset"] = SMOKE.dataset
+        source["dataset"] = SAMPLE_DATASET
         reason += f"; the Hub is unreachable: {local} from disk, the shipped sample dialogues as data"
     return _for_gpu(replace(profile, **source), hw), reason
 
@@ -264,21 +288,33 @@ def choose_attention(hw: Hardware, dtype: str) -> tuple[str, str]:
     """The attention kernel for packed, padding-free QLoRA batches on this GPU, and why.
 
     flash-attention 2 where it is installed (Ampere or newer, 16-bit); else ``flex_attention`` on compute capability
-    8.0 and newer, where PyTorch compiles it with Triton and it skips the masked blocks between packed dialogues
-    (1.47x sdpa at the same memory, measured on an H200); else ``sdpa``. FlexAttention's Triton kernels are
-    written for sm80+ (their tiles need more shared memory than a T4's 64 KB per block), so a T4 (sm75) or V100
-    (sm70) keeps sdpa.
+    8.0 and newer, where PyTorch compiles it with Triton and it skips the masked blocks between packed dialogues;
+    else ``sdpa``. FlexAttention's Triton kernels are written for sm80+ (their tiles need more shared memory than a
+    T4's 64 KB per block), and Triton compiles a small C launcher when it first runs, so it needs a C compiler.
     """
-    import importlib.util
-
     cc = hw.compute_capability or (0, 0)
     if hw.flash_attn and dtype == "bfloat16":
         return "flash_attention_2", "flash-attn 2 is installed"
-    if cc >= (8, 0) and importlib.util.find_spec("triton") is not None:
-        return "flex_attention", f"flex_attention on sm {cc[0]}{cc[1]}: skips the blocks between packed dialogues"
-    if cc >= (8, 0):
+    if cc < (8, 0):
+        return (
+            "sdpa",
+            f"sdpa: flex_attention's Triton kernels need compute capability 8.0+, this GPU is {cc[0]}.{cc[1]}",
+        )
+    if not hw.triton:
         return "sdpa", "sdpa: flex_attention needs Triton, which is not installed"
-    return "sdpa", f"sdpa: flex_attention's Triton kernels need compute capability 8.0+, this GPU is {cc[0]}.{cc[1]}"
+    if not hw.compiler:
+        return "sdpa", "sdpa: flex_attention's Triton kernels need a C compiler (cc, gcc or clang), none was found"
+    return "flex_attention", f"flex_attention on sm {cc[0]}{cc[1]}: skips the blocks between packed dialogues"
+
+
+def attention_problem(attn: str, hw: Hardware) -> str | None:
+    """Why ``attn`` cannot run on ``hw`` (a value the user set), or None."""
+    cc = hw.compute_capability or (0, 0)
+    if attn == "flash_attention_2" and not hw.flash_attn:
+        return "flash_attention_2 needs the flash_attn package and a GPU of compute capability 8.0+"
+    if attn == "flex_attention" and hw.cuda and (cc < (8, 0) or not hw.triton or not hw.compiler):
+        return choose_attention(replace(hw, flash_attn=False), "float16")[1].removeprefix("sdpa: ")
+    return None
 
 
 def _for_gpu(profile: Profile, hw: Hardware) -> Profile:
@@ -291,5 +327,41 @@ def _for_gpu(profile: Profile, hw: Hardware) -> Profile:
     return replace(profile, compute_dtype=dtype, attn_implementation=attn, reasons=(why, checkpointing))
 
 
+def launcher_problems() -> list[str]:
+    """What in this process would stop ``accelerate.notebook_launcher`` from forking training processes."""
+    import torch
+
+    problems = []
+    if "bitsandbytes" in sys.modules:
+        problems.append("bitsandbytes is imported (it initialises CUDA on import; import it inside the function)")
+    if torch.cuda.is_initialized():
+        problems.append("CUDA is initialised (something ran on the GPU before the launcher)")
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+        problems.append("PYTORCH_NVML_BASED_CUDA_CHECK is not 1 (torch.cuda.is_available() then initialises CUDA)")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m utils.hardware", description=__doc__.split("\n\n")[0])
+    parser.add_argument("profile", nargs="?", default="auto", help="auto, or a profile name")
+    parser.add_argument("--gpu", default=None, help="plan for this GPU instead of this machine (utils/gpus.py)")
+    args = parser.parse_args(argv)
+    try:
+        hardware = None
+        if args.gpu:
+            from utils.gpus import shape
+
+            hardware = shape(args.gpu).hardware()
+        profile = choose_profile(args.profile, hardware)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name, value in profile.settings().items():
+        print(f"  {name:30s} {value}")
+    return 0
+
+
 if __name__ == "__main__":
-    choose_profile(sys.argv[1] if len(sys.argv) > 1 else "auto")
+    sys.exit(main())

@@ -2,12 +2,14 @@
 
 ``open_run(output_dir, settings)`` is called before any weights load, by ``utils.sft`` and notebooks 02/03:
 
-- a folder this tool did not write (no ``run.json``, no checkpoints) is refused, as is a file;
+- a folder this tool did not write (no ``run.json`` of ours) is refused, as is a file, whatever else it holds;
+- an unreadable ``run.json`` is refused with its name: never a fresh start over someone's checkpoints;
 - a folder another live run holds (``.lock``) is refused;
 - a finished run is recognised: nothing is trained or rewritten, and its saved report is reused;
 - settings that shape the checkpoints (model, LoRA, batch, length, schedule) must match the folder's, or the run
   is refused with the difference and the way out (``fresh=True`` or another folder);
-- otherwise training resumes from the newest checkpoint that loads; damaged ones are named and skipped.
+- otherwise training resumes from the newest checkpoint that loads and holds finite numbers; damaged ones are named
+  and skipped.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+TOOL = "utils.sft"
 RUN_FILE = "run.json"
 REPORT_FILE = "speed.json"
 LOCK_FILE = ".lock"
-# What a run writes, and so what fresh=True may remove; nothing else in the folder is touched.
+# What a run writes, and so all that fresh=True may remove from a folder whose run.json is ours.
 OWN_OUTPUTS = (
     "checkpoint-*",
     "adapter",
@@ -37,6 +40,7 @@ OWN_OUTPUTS = (
     "README.md",
     RUN_FILE,
 )
+STATE_KEYS = {"global_step": int, "max_steps": int, "epoch": (int, float), "log_history": list}
 _HELD: dict[Path, int] = {}  # folders whose lock this process holds -> file descriptor
 
 
@@ -66,25 +70,25 @@ class Run:
 
     def finish(self, global_step: int, max_steps: int) -> None:
         """Mark the run finished (after its outputs are saved) and release the folder."""
-        _write_record(
-            self.path,
-            {
-                **_read_record(self.path),
-                "settings": self.settings,
-                "status": "finished",
-                "global_step": global_step,
-                "max_steps": max_steps,
-            },
-        )
+        self._status("finished", global_step=global_step, max_steps=max_steps)
+
+    def fail(self, why: str) -> None:
+        """Mark the run stopped by an error (a re-run resumes from its newest good checkpoint) and release it."""
+        self._status("failed", reason=why)
+
+    def _status(self, status: str, **extra) -> None:
+        if self.path.resolve() in _HELD:  # only the process holding the folder writes its record
+            _write_record(self.path, {**read_record(self.path), "settings": self.settings, "status": status, **extra})
         release(self.path)
 
 
 def saved_report(path: str | Path) -> dict | None:
     """The speed report a run saved in ``path`` (``speed.json``), or None."""
     try:
-        return json.loads((Path(path) / REPORT_FILE).read_text())
+        report = json.loads((Path(path) / REPORT_FILE).read_text())
     except (OSError, ValueError):
         return None
+    return report if isinstance(report, dict) else None
 
 
 def run_settings(script_args, training_args, model_args, world_size: int = 1, card_schedule: bool = False) -> dict:
@@ -116,29 +120,21 @@ def run_settings(script_args, training_args, model_args, world_size: int = 1, ca
 
 def open_run(output_dir: str | Path, settings: dict, fresh: bool = False, main_process: bool = True) -> Run:
     """Check ``output_dir`` and decide what this run does there (see the module docstring). The main process also
-    locks the folder until ``Run.finish`` or ``release``; other processes of the same run only read."""
+    locks the folder until ``Run.finish``, ``Run.fail`` or ``release``; other processes of the same run only read."""
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise RunError(f"output folder {path} is a file; choose a folder")
-    record = _read_record(path)
-    ours = bool(record) or any(path.glob("checkpoint-*")) or (path / "trainer_state.json").is_file()
-    if path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()) and not ours:
+    record = read_record(path)
+    if path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()) and not record:
         raise RunError(f"output folder {path} holds files this tool did not write; choose another folder")
     if main_process:
         lock(path)
     try:
-        if fresh and ours:
+        if fresh and record:
             clear(path)
             record = {}
         elif record.get("settings"):
-            diff = [k for k in settings if k in record["settings"] and record["settings"][k] != settings[k]]
-            if diff:
-                k = diff[0]
-                raise RunError(
-                    f"{path} holds a run with {k}={record['settings'][k]!r}; this run asks for "
-                    f"{k}={settings[k]!r}. Set FRESH = True (--fresh true) to start over there, or "
-                    "choose another output folder"
-                )
+            _check_settings(path, record["settings"], settings)
         if record.get("status") == "finished":
             release(path)
             return Run(
@@ -150,41 +146,56 @@ def open_run(output_dir: str | Path, settings: dict, fresh: bool = False, main_p
                     "set FRESH = True (--fresh true) or another output folder to train again"
                 ),
             )
-        resume, skipped = newest_loadable_checkpoint(path)
-        final = False
-        if resume:
-            state = json.loads((Path(resume) / "trainer_state.json").read_text())
-            step, planned = state["global_step"], state.get("max_steps", 0)
-            final = 0 < planned <= step
-            message = (
-                f"Finishing from {resume}: the previous run reached its last step ({step}/{planned}) but was "
-                "stopped before its final save."
-                if final
-                else f"Resuming from {resume}: the previous run was interrupted after step {step}."
-            )
-        else:
-            message = "Starting a new run." + (
-                " No checkpoint could be loaded, so training starts over." if skipped else ""
-            )
+        run = _resume_point(path, settings)
         if main_process:
             path.mkdir(parents=True, exist_ok=True)
-            _write_record(path, {"tool": "utils.sft", "settings": settings, "status": "running"})
-        return Run(path, settings, resume_from=resume, resume_is_final=final, message=message, skipped=skipped)
+            _write_record(path, {"tool": TOOL, "settings": settings, "status": "running"})
+        return run
     except BaseException:
         if main_process:
             release(path)
         raise
 
 
-def newest_loadable_checkpoint(folder: str | Path) -> tuple[str | None, list[str]]:
-    """The newest ``checkpoint-N`` whose state parses and whose files' headers read, and a line for each newer
-    one skipped because it is damaged."""
-    folder = Path(folder)
-    candidates = sorted(
-        (p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]), reverse=True
+def _check_settings(path: Path, saved: dict, settings: dict) -> None:
+    diff = [k for k in settings if k in saved and saved[k] != settings[k]]
+    if diff:
+        k = diff[0]
+        raise RunError(
+            f"{path} holds a run with {k}={saved[k]!r}; this run asks for {k}={settings[k]!r}. Set FRESH = True "
+            "(--fresh true) to start over there, or choose another output folder"
+        )
+
+
+def _resume_point(path: Path, settings: dict) -> Run:
+    resume, skipped = newest_loadable_checkpoint(path)
+    if not resume:
+        message = "Starting a new run." + (
+            " No checkpoint could be loaded, so training starts over." if skipped else ""
+        )
+        return Run(path, settings, message=message, skipped=skipped)
+    state = json.loads((Path(resume) / "trainer_state.json").read_text())
+    step, planned = state["global_step"], state["max_steps"]
+    final = 0 < planned <= step
+    message = (
+        f"Finishing from {resume}: the previous run reached its last step ({step}/{planned}) but was stopped before "
+        "its final save."
+        if final
+        else f"Resuming from {resume}: the previous run was interrupted after step {step}."
     )
+    return Run(path, settings, resume_from=resume, resume_is_final=final, message=message, skipped=skipped)
+
+
+def checkpoint_steps(folder: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every ``checkpoint-N`` in ``folder``, newest first."""
+    found = [(int(p.name[11:]), p) for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def newest_loadable_checkpoint(folder: str | Path) -> tuple[str | None, list[str]]:
+    """The newest ``checkpoint-N`` that can be resumed from, and a line for each newer one skipped as damaged."""
     skipped = []
-    for ckpt in candidates:
+    for _, ckpt in checkpoint_steps(Path(folder)):
         problem = checkpoint_problem(ckpt)
         if problem is None:
             return str(ckpt), skipped
@@ -193,36 +204,68 @@ def newest_loadable_checkpoint(folder: str | Path) -> tuple[str | None, list[str
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:
-    """Why a checkpoint folder cannot be resumed from, or None. Reads only headers: cheap for a 7B checkpoint."""
-    from safetensors import safe_open
-
+    """Why a checkpoint folder cannot be resumed from, or None: its state must parse and hold what the Trainer reads,
+    every weight file must load with finite values, and the optimizer, scheduler and RNG states must load."""
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        int(state["global_step"])
     except FileNotFoundError:
         return "no trainer_state.json (it was not finished writing)"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return "trainer_state.json is damaged"
+    missing = [k for k, kind in STATE_KEYS.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if missing:
+        return f"trainer_state.json is incomplete (no valid {missing[0]})"
     weights = sorted(ckpt.glob("*.safetensors"))
     if not weights:
         return "no weights (*.safetensors)"
     for file in weights:
-        try:
-            with safe_open(str(file), "pt") as tensors:
-                list(tensors.keys())
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            return f"{file.name} is damaged ({type(exc).__name__})"
-    for file in [*ckpt.glob("*.pt"), *ckpt.glob("*.pth"), *ckpt.glob("*.bin")]:
-        if not zipfile.is_zipfile(file):
-            return f"{file.name} is damaged"
+        problem = _weights_problem(file)
+        if problem:
+            return problem
+    for file in [*ckpt.glob("*.pt"), *ckpt.glob("rng_state*.pth")]:  # what resuming loads (not training_args.bin)
+        problem = _pickle_problem(file)
+        if problem:
+            return problem
+    return None
+
+
+def _weights_problem(file: Path) -> str | None:
+    """Why a safetensors file cannot be trusted: unreadable, or a tensor with NaN or infinite values. Tensors are
+    read one at a time, so a large checkpoint is checked without holding it in memory."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as tensors:
+            for name in tensors.keys():  # noqa: SIM118 - safe_open has no __iter__
+                tensor = tensors.get_tensor(name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    return f"{file.name} holds NaN or infinite values ({name})"
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        return f"{file.name} is damaged ({type(exc).__name__})"
+    return None
+
+
+def _pickle_problem(file: Path) -> str | None:
+    """Why an optimizer, scheduler or RNG state file would not load on resume, or None."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    if not zipfile.is_zipfile(file):
+        return f"{file.name} is damaged"
+    try:
+        with safe_globals():  # numpy's RNG state, as the Trainer loads it
+            torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for damaged files
+        return f"{file.name} is damaged ({type(exc).__name__})"
     return None
 
 
 def clear(path: Path) -> None:
-    """Remove what a run writes (``OWN_OUTPUTS``) from ``path``; anything else stays."""
+    """Remove what a run writes (``OWN_OUTPUTS``) from ``path``, a folder whose ``run.json`` is ours; nothing else."""
     for pattern in OWN_OUTPUTS:
         for item in path.glob(pattern):
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
 
 
 def lock(path: Path) -> None:
@@ -254,12 +297,21 @@ def release(path: Path) -> None:
         os.close(fd)
 
 
-def _read_record(path: Path) -> dict:
-    try:
-        record = json.loads((path / RUN_FILE).read_text())
-        return record if isinstance(record, dict) else {}
-    except (OSError, ValueError):
+def read_record(path: Path) -> dict:
+    """The folder's ``run.json`` when this tool wrote it; {} when there is none; RunError when it is unreadable."""
+    file = path / RUN_FILE
+    if not file.is_file():
         return {}
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise RunError(
+            f"{file} is damaged, so this run's settings cannot be checked; repair or remove it, or choose another "
+            "output folder"
+        ) from None
+    if not isinstance(record, dict) or record.get("tool") != TOOL or not isinstance(record.get("settings"), dict):
+        raise RunError(f"{file} was not written by {TOOL}; choose another output folder")
+    return record
 
 
 def _write_record(path: Path, record: dict) -> None:

@@ -27,7 +27,15 @@ MORE_PROMPTS = [
     "Write a haiku about fine-tuning a language model.",
     "What is the capital of Australia?",
 ]
+# The tiny smoke models know only their small world (utils.tiny_base): questions about things no training dialogue
+# mentions (utils.tiny_dialogues.HELD_OUT), in forms the dialogues use.
+SMOKE_PROMPTS = ["Where can I find an owl?", "Tell me about lighthouses.", "What does a coconut do?"]
 SFT_BETA_ID = "HuggingFaceH4/mistral-7b-sft-beta"
+
+
+def more_prompts(profile: Profile) -> list[str]:
+    """The questions asked after the pirate prompt: ``MORE_PROMPTS``, or ``SMOKE_PROMPTS`` for the tiny models."""
+    return SMOKE_PROMPTS if profile.is_smoke else MORE_PROMPTS
 # The card's own answer to the pirate prompt (its model card, "Intended uses & limitations"). Its printed prompt ends
 # "pirate." while its messages say "pirate": we render the messages, as the card's code does.
 CARD_ANSWER = (
@@ -65,48 +73,98 @@ def candidate_models(profile: Profile, runs_dir: Path = RUNS_DIR, hub: bool = Fa
     return models
 
 
-def load_model(ref: str, profile: Profile, dtype):
-    """A model folder or Hub id in ``dtype``; an adapter folder goes onto the 4-bit base it was trained on."""
+def sampling_dtype(profile: Profile):
+    """The profile's compute dtype: float16 on a T4 (``torch.cuda.is_bf16_supported()`` counts emulation and says
+    True there), bfloat16 on Ampere and newer, float32 on a CPU."""
+    import torch
+
+    return getattr(torch, profile.compute_dtype)
+
+
+def load_for_sampling(ref: str, profile: Profile):
+    """A model folder or Hub id in the profile's dtype; an adapter folder goes onto the 4-bit base it was trained on.
+    A folder whose weights cannot be read is a SamplingError naming it."""
     from transformers import AutoModelForCausalLM
 
-    if (Path(ref) / "adapter_config.json").is_file():
-        from trl import ModelConfig
+    dtype = sampling_dtype(profile)
+    try:
+        if (Path(ref) / "adapter_config.json").is_file():
+            from trl import ModelConfig, get_quantization_config
 
-        from utils import sft
-        from utils.assets import ensure_tiny_model
+            from utils.assets import ensure_tiny_model
+            from utils.model import load_adapter, load_model
 
-        base_args = ModelConfig(
-            model_name_or_path=profile.model_id or str(ensure_tiny_model()),
-            dtype=str(dtype).removeprefix("torch."),
-            attn_implementation="sdpa",
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-        )
-        return sft.load_adapter(sft.load_model(base_args, sft.bnb_config(base_args)), ref).eval()
-    return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, device_map="auto").eval()
+            base_args = ModelConfig(
+                model_name_or_path=profile.model_id or str(ensure_tiny_model()),
+                dtype=profile.compute_dtype,
+                attn_implementation="sdpa",
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+            )
+            return load_adapter(load_model(base_args, get_quantization_config(base_args)), ref).eval()
+        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, device_map="auto").eval()
+    except Exception as exc:  # noqa: BLE001 - a damaged or truncated weights file (SafetensorError), an unreachable id
+        raise SamplingError(f"cannot load {ref}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def prompt_batch(tokenizer, prompts: list[str], tokenization: str = "card") -> dict:
+    """``input_ids`` and ``attention_mask`` of rendered ``prompts``, left-padded (a decoder-only model continues
+    from the right end of every row), in the ids the model was trained on.
+
+    ``card``: the card's ids, "▁" (28705) after every ``</s>`` (``utils.card_era``), as ``utils.prepare_data``
+    writes them by default; ``today``: the tokenizer's own ids.
+    """
+    import torch
+
+    from utils.card_era import era_backend
+
+    rows = [e.ids for e in era_backend(tokenizer, tokenization).encode_batch(prompts)]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def generate(
-    model, tokenizer, prompts: list[str], seed: int = 42, eos_token_id: int | None = None, **sampling
+    model,
+    tokenizer,
+    prompts: list[str],
+    seed: int = 42,
+    eos_token_id: int | None = None,
+    tokenization: str = "card",
+    **sampling,
 ) -> list[Answer]:
     """Sample answers for rendered ``prompts`` in one left-padded batch; stop each at EOS.
 
-    ``set_seed`` before the batch makes a re-run print the same text. Answers are cut at the first EOS, and
-    ``stopped_at_eos`` says whether they ended there or ran into ``max_new_tokens``.
+    The prompts are tokenized as the training data was (``prompt_batch``). ``set_seed`` before the batch makes a
+    re-run print the same text. Answers are cut at the first EOS, and ``stopped_at_eos`` says whether they ended
+    there or ran into ``max_new_tokens``.
     """
     import torch
     from transformers import set_seed
 
     settings = {**CARD_SAMPLING, **sampling}
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    tokenizer.padding_side = "left"  # decoder-only models continue from the right end of every row
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
-    room = max_new_tokens_allowed(model, batch["input_ids"].shape[1])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    batch = {k: v.to(model.device) for k, v in prompt_batch(tokenizer, prompts, tokenization).items()}
+    prompt_tokens = batch["input_ids"].shape[1]
+    room = max_new_tokens_allowed(model, prompt_tokens)
+    if room < 1:
+        raise SamplingError(
+            f"the prompt has {prompt_tokens} tokens; the model has {model.config.max_position_embeddings} positions, "
+            "so no room is left to answer: shorten the prompt"
+        )
     if settings["max_new_tokens"] > room:  # the model has no positions beyond max_position_embeddings
         settings["max_new_tokens"] = room
     set_seed(seed)
     with torch.no_grad():
-        out = model.generate(**batch, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **settings)
+        out = model.generate(**batch, eos_token_id=eos, pad_token_id=pad, **settings)
     answers = []
     for prompt, row in zip(prompts, out[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
         stopped = eos in row
@@ -160,12 +218,12 @@ def parse_args(argv: list[str] | None = None):
         parser.exit(2, f"error: --max_new_tokens must be 1 or more, got {args.max_new_tokens}\n")
     if not 0 < args.temperature <= 100:
         parser.exit(2, f"error: --temperature must be in (0, 100], got {args.temperature}\n")
+    if not 0 <= args.seed < 2**32:
+        parser.exit(2, f"error: --seed must be a whole number from 0 to 2**32 - 1, got {args.seed}\n")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
     from utils.assets import load_tokenizer
     from utils.hardware import choose_profile, hub_reachable
 
@@ -177,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     profile = choose_profile(args.profile)
     tokenizer = load_tokenizer(profile.model_id)
-    dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     messages = (
         PIRATE
         if args.prompt is None
@@ -190,13 +247,18 @@ def main(argv: list[str] | None = None) -> int:
     models = {ref: ref for ref in refs} or candidate_models(profile, hub=hub_reachable())
     for name, ref in models.items():
         try:
-            model = load_model(ref, profile, dtype)
-        except OSError as exc:  # an unreachable Hub id, a folder without weights
-            print(f"error: cannot load {ref}: {str(exc).splitlines()[0]}", file=sys.stderr)
+            model = load_for_sampling(ref, profile)
+            answer = generate(
+                model,
+                tokenizer,
+                [prompt],
+                seed=args.seed,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+            )[0]
+        except SamplingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
-        answer = generate(
-            model, tokenizer, [prompt], seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature
-        )[0]
         print(f"== {name} ({answer.new_tokens} tokens, {'EOS' if answer.stopped_at_eos else 'max_new_tokens'})")
         print(answer.text)
     return 0

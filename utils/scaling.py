@@ -23,6 +23,9 @@ GIB = 2**30
 MISTRAL_7B = dict(params=7_241_732_096, layers=32, hidden=4096, vocab=32_000)
 STRATEGIES = ("ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp")
 RESERVE_GIB = 2.5  # CUDA context, NCCL buffers, allocator fragmentation
+# ultrachat_200k's train_sft (~300.7M tokens) packed into 2,048-token sequences: an offline estimate from its published
+# size and the sample's characters per token (docs/card_era.md, "ultrachat_200k (offline estimate)").
+ULTRACHAT_PACKED_ESTIMATE = 146_735
 
 
 def accumulation_for(global_batch: int, num_gpus: int, per_device: int) -> int:
@@ -49,7 +52,7 @@ class Estimate:
 
     strategy: str
     gpus: int
-    gpu_gib: int
+    gpu_gib: float  # what the GPU reports (usable), not the GB on the box: see usable_gib
     per_device_batch: int
     weights: float
     gradients: float
@@ -100,43 +103,78 @@ def activation_bytes(
     return kept + (block if checkpointing else 0) + logits
 
 
+def usable_gib(gpu_gb: int) -> float:
+    """The GiB a GPU sold as ``gpu_gb`` GB reports to PyTorch (a T4's "16 GB" are 14.7 GiB), from utils/gpus.py."""
+    from utils.gpus import SHAPES
+
+    card = {16: "t4", 24: "l4", 40: "a100-40gb", 80: "h100"}[gpu_gb]
+    return SHAPES[card].memory_gib
+
+
 def estimate(
-    strategy: str, gpus: int, gpu_gib: int, per_device_batch: int = 8, seq_len: int = 2048, model: dict = MISTRAL_7B
+    strategy: str, gpus: int, gpu_gb: int, per_device_batch: int = 8, seq_len: int = 2048, model: dict = MISTRAL_7B
 ) -> Estimate:
-    """Per-GPU memory of a full fine-tune of ``model`` (default Mistral-7B) with gradient checkpointing."""
+    """Per-GPU memory of a full fine-tune of ``model`` (default Mistral-7B) with gradient checkpointing, on GPUs sold
+    as ``gpu_gb`` GB (16, 24, 40 or 80; 0 for no verdict)."""
     w, g, o = model_states_bytes(model["params"], strategy, gpus)
     act = activation_bytes(per_device_batch, seq_len, model["layers"], model["hidden"], model["vocab"])
-    return Estimate(strategy, gpus, gpu_gib, per_device_batch, w / GIB, g / GIB, o / GIB, act / GIB, RESERVE_GIB)
+    usable = usable_gib(gpu_gb) if gpu_gb else 0.0
+    return Estimate(strategy, gpus, usable, per_device_batch, w / GIB, g / GIB, o / GIB, act / GIB, RESERVE_GIB)
 
 
 def fit_table(per_device_batch: int = 8, gpu_counts=(1, 2, 4, 8, 16), gpu_sizes=(16, 24, 40, 80)):
     """A pandas DataFrame: per-GPU GiB for each strategy and GPU count, split into weights, gradients, optimizer
-    states and activations (+ reserve), with a fits/does-not-fit mark per GPU size."""
+    states, activations and the CUDA reserve, with a fits/does-not-fit mark per GPU size (against what such a GPU
+    reports, in GiB)."""
     import pandas as pd
 
     rows = []
     for strategy in STRATEGIES:
         for n in gpu_counts:
-            e = estimate(strategy, n, 80, per_device_batch)
+            e = estimate(strategy, n, 0, per_device_batch)
             row = {
                 "strategy": strategy,
                 "gpus": n,
                 "weights": round(e.weights, 1),
                 "gradients": round(e.gradients, 1),
                 "optimizer": round(e.optimizer, 1),
-                "activations": round(e.activations + e.reserve, 1),
+                "activations": round(e.activations, 1),
+                "reserve": round(e.reserve, 1),
                 "GiB per GPU": round(e.total, 1),
             }
-            row.update({f"{size} GB": "fits" if e.total <= size else "-" for size in gpu_sizes})
+            row.update(
+                {
+                    f"{size} GB ({usable_gib(size)} GiB)": "fits" if e.total <= usable_gib(size) else "-"
+                    for size in gpu_sizes
+                }
+            )
             rows.append(row)
     return pd.DataFrame(rows)
 
 
 # --- QLoRA on one GPU ------------------------------------------------------------------------------------------------
-# Peak reserved memory measured for QLoRA of the Mistral-7B shape (random weights, 4-bit NF4, LoRA r16 on all 7
-# projections, 4 x 2048 tokens, packed), one H200, torch 2.11 cu130, transformers 5.24, TRL 1.16, bitsandbytes 0.50.2:
-# docs/benchmarks.md, "QLoRA on an H200". Keyed by checkpoint_every (1: every layer, 2: every 2nd, 0: none).
-MEASURED_QLORA_H200_GIB = {1: 9.6, 2: 36.5, 0: 68.4}
+def h200_measurements() -> dict:
+    """The project's QLoRA measurements on an H200: tokens/s and peak memory by attention and checkpointing
+    (``data/measurements/h200_qlora.json``, recorded in docs/benchmarks.md)."""
+    import json
+
+    from utils import DATA_DIR
+
+    return json.loads((DATA_DIR / "measurements" / "h200_qlora.json").read_text())
+
+
+def measured_qlora_gib() -> dict[int, float]:
+    """Peak reserved GiB measured for QLoRA of the Mistral-7B shape at 4 x 2,048 tokens on an H200, by
+    checkpoint_every (1: every layer, 2: every 2nd, 0: none), flex_attention where measured
+    (``data/measurements/h200_qlora.json``)."""
+    rows = sorted(h200_measurements()["rows"], key=lambda r: r["attn"] != "flex_attention")  # flex_attention first
+    found: dict[int, float] = {}
+    for row in rows:
+        if row["packed"]:
+            found.setdefault(row["checkpoint_every"], row["peak_reserved_gib"])
+    return found
+
+
 MISTRAL_7B_SHAPE = dict(layers=32, hidden=4096, kv=1024, intermediate=14_336, vocab=32_000)
 
 
@@ -193,7 +231,7 @@ def plot_qlora_memory(profiles: dict[str, int] | None = None):
         for part, gib in qlora_memory(every).items():
             ax.barh(i, gib, left=left, color=colors[part], label=part if i == 0 else None)
             left += gib
-        measured = MEASURED_QLORA_H200_GIB[every]
+        measured = measured_qlora_gib()[every]
         ax.plot(measured, i, marker="|", markersize=22, color="black", label="measured on an H200" if i == 0 else None)
         ax.text(max(left, measured) + 1.5, i, f"{left:.1f} GiB estimated, {measured} measured", va="center", fontsize=8)
     ax.set_yticks(range(len(profiles)), list(profiles))

@@ -9,50 +9,62 @@ commit) in the environment (Colab: ``%env MISTRAL_SFT_REPO=...`` in a cell above
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 REPO_URL = "https://github.com/mistral-sft-tutorials/mistral-7b-sft-beta.git"
 REPO_REF = "v1.0.0"  # the tagged release the notebooks were tested with
 
-SETUP_CELL = f'''# Set-up: find this collection; on Colab/Kaggle clone it at a tagged release and install its pins.
-# Published elsewhere? Set MISTRAL_SFT_REPO (git address) and MISTRAL_SFT_REF (tag or commit) first, e.g. with
-# %env MISTRAL_SFT_REPO=https://github.com/you/fork.git in a cell above this one.
-import os
-import subprocess
-import sys
-from importlib.metadata import PackageNotFoundError, version
+SETUP_CELL = f'''# Set-up: find this collection; on Colab/Kaggle, clone it at a tagged release and install its pins.
+import os, subprocess, sys  # noqa: E401
 from pathlib import Path
 
+# A fork or another release? Set MISTRAL_SFT_REPO and MISTRAL_SFT_REF first (%env in a cell above).
 REPO = os.environ.get("MISTRAL_SFT_REPO", "{REPO_URL}")
 REF = os.environ.get("MISTRAL_SFT_REF", "{REPO_REF}")
+places = (Path.cwd(), *Path.cwd().parents, Path("mistral-sft"))
+root = next((p for p in places if (p / "utils" / "setup_cell.py").is_file()), None)
+cloned = root is None
+if cloned:  # not inside a checkout: clone one (a re-run finds it and skips this)
+    git = lambda *args: subprocess.run(["git", *args], capture_output=True).returncode == 0  # noqa: E731
+    if not (git("clone", "-q", REPO, "mistral-sft") and git("-C", "mistral-sft", "checkout", "-q", REF)):
+        raise SystemExit(f"Could not clone {{REPO}} at {{REF}}: set MISTRAL_SFT_REPO and MISTRAL_SFT_REF (see README).")
+    root = Path("mistral-sft")
+sys.path.insert(0, str(root.absolute()))
+from utils.setup_cell import finish_setup  # noqa: E402
+
+finish_setup(root, install=cloned)'''
 
 
-def installed(name):
+def finish_setup(root: Path, install: bool) -> None:
+    """The rest of the first cell: install the pinned packages into a fresh clone (keeping the platform's torch),
+    work from the collection's folder, put the kernel's scripts (torchrun) on the PATH, and print the commit."""
+    root = root.absolute()
+    if install:
+        before = {name: _installed(name) for name in ("numpy", "pyarrow")}
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(root / "requirements.txt")], check=True)
+        if {name: _installed(name) for name in before} != before:  # Colab/Kaggle imported the old ones already
+            raise SystemExit(
+                "numpy or pyarrow changed: restart the runtime (Colab: Runtime > Restart session) and run again."
+            )
+    os.chdir(root)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # torchrun in shell cells
+    done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    commit = done.stdout.strip() if done.returncode == 0 else ""  # a tag can move; the commit cannot
+    print("collection at", root, f"(commit {commit})" if commit else "(not a git checkout)")
+
+
+def _installed(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version(name)
     except PackageNotFoundError:
         return None
-
-
-def git(*args):
-    return subprocess.run(["git", *args], capture_output=True, text=True).returncode == 0
-
-
-here = Path.cwd()
-places = [here, *here.parents, here / "mistral-sft"]
-root = next((p for p in places if (p / "utils" / "prepare_data.py").is_file()), None)
-if root is None:  # not inside a checkout: clone one (a re-run finds it and skips this)
-    if not (git("clone", "--quiet", REPO, "mistral-sft") and git("-C", "mistral-sft", "checkout", "--quiet", REF)):
-        raise SystemExit(f"Could not clone {{REPO}} at {{REF}}: set MISTRAL_SFT_REPO and MISTRAL_SFT_REF (see README).")
-    root = Path("mistral-sft").resolve()
-    before = {{name: installed(name) for name in ("numpy", "pyarrow")}}
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(root / "requirements.txt")], check=True)
-    if {{name: installed(name) for name in before}} != before:  # Colab/Kaggle imported the old ones already
-        raise SystemExit("numpy or pyarrow changed: restart the runtime (Colab: Runtime > Restart session), run again.")
-os.chdir(root)
-sys.path.insert(0, str(root))
-os.environ["PATH"] = f"{{Path(sys.executable).parent}}{{os.pathsep}}{{os.environ['PATH']}}"  # torchrun in shell cells
-print("collection at", root)'''
 
 
 def write(notebooks=None) -> int:

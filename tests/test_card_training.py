@@ -1,0 +1,97 @@
+"""Training on the card's token ids, with the card's packing and stop, and with the loss on answers only."""
+
+import json
+
+import datasets
+import pytest
+
+from utils.card_era import card_run
+from utils.hardware import SMOKE
+from utils.data.template import tokenize_dialogues
+from utils.recipe import resolve
+from utils.training import assistant_header, assistant_mask
+
+# </s>\n<|assistant|>\n as the card's tokenizer gave it (28705 is the word-start "▁"), and as transformers 5.x does
+CARD_ASSISTANT = [2, 28705, 13, 28789, 28766, 489, 11143, 28766, 28767, 13]
+TODAY_ASSISTANT = [2, 13, 28789, 28766, 489, 11143, 28766, 28767, 13]
+DIALOGUE = [{"role": "user", "content": "Is tea hot?"}, {"role": "assistant", "content": "Usually, yes."}]
+
+
+def contains(ids: list[int], part: list[int]) -> bool:
+    return any(ids[i : i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+def test_prepared_rows_hold_the_cards_ids_by_default(tokenizer, tmp_path):
+    from utils.prepare_data import main
+
+    cases = (("card", CARD_ASSISTANT, TODAY_ASSISTANT), ("today", TODAY_ASSISTANT, CARD_ASSISTANT))
+    for tokenization, expected, absent in cases:
+        out = tmp_path / tokenization
+        argv = ["--out", str(out), "--no-progress"] + (["--tokenization", "today"] if tokenization == "today" else [])
+        assert main(argv) == 0
+        rows = datasets.load_from_disk(str(out))["train"]["input_ids"]
+        assert all(contains(ids, expected) and not contains(ids, absent) for ids in rows)
+        assert json.loads((out / "report.json").read_text())["tokenization"] == tokenization
+        if tokenization == "card":  # every </s> that text follows is followed by "▁"
+            assert all(ids[i + 1] == 28705 for ids in rows for i in range(len(ids) - 1) if ids[i] == 2)
+
+
+def test_sampling_prompts_use_the_same_ids(tokenizer):
+    from utils.sampling import prompt_batch
+
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    card = prompt_batch(tokenizer, ["Arr" + prompt, prompt])["input_ids"].tolist()
+    assert card[1][-len(CARD_ASSISTANT) :] == CARD_ASSISTANT and card[0][0] == 1
+    assert card[1][0] == tokenizer.pad_token_id  # the shorter prompt is left-padded
+    assert prompt_batch(tokenizer, [prompt], "today")["input_ids"][0].tolist()[-9:] == TODAY_ASSISTANT
+
+
+@pytest.mark.parametrize("tokenization", ["card", "today"])
+def test_assistant_mask_covers_each_answer_and_its_eos(tokenizer, tokenization):
+    two_turns = DIALOGUE + [{"role": "user", "content": "And coffee?"}, {"role": "assistant", "content": "Hotter."}]
+    (ids,) = tokenize_dialogues(tokenizer, [two_turns], tokenization=tokenization)
+    mask = assistant_mask(ids, assistant_header(tokenizer), tokenizer.eos_token_id)
+    kept = [t for t, m in zip(ids, mask, strict=True) if m]
+    assert tokenizer.decode(kept) == "Usually, yes.</s>Hotter.</s>"
+    assert sum(mask) == len(kept) < len(ids) / 2
+
+
+def test_assistant_only_loss_labels_only_the_answers(tokenizer):
+    from utils.training import build_trainer
+
+    argv = ["--config", "configs/sft_qlora.yaml", "--profile", "smoke", "--assistant_only_loss", "true"]
+    args = resolve([*argv, "--output_dir", "/tmp/unused-assistant-only"], SMOKE).build()
+    trainer = build_trainer(args)
+    header, eos = assistant_header(tokenizer), tokenizer.eos_token_id
+    row = trainer.train_dataset[0]
+    expected = [t if m else -100 for t, m in zip(row["input_ids"], assistant_mask(row["input_ids"], header, eos))]
+    assert row["labels"] == expected
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    share = float((batch["labels"] != -100).float().mean())
+    assert 0.2 < share < 0.8  # the every-token share is above 0.99
+    assert not trainer.args.assistant_only_loss  # TRL's own switch (which wants messages) stays off
+
+
+def test_card_packing_stops_where_the_cards_data_ends(tokenizer, tmp_path):
+    """The sample packed as TRL 0.7.x packed: the run plans its cosine over the dialogue count and stops where the
+    packed rows run out, at the step and epoch ``card_run`` computes."""
+    from utils.sft import main
+    from utils.training import load_training_data
+
+    out = tmp_path / "card"
+    argv = [
+        "--config", "configs/sft_qlora.yaml", "--profile", "smoke", "--packing_strategy", "card",
+        "--card_schedule", "true", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+        "--save_steps", "1000", "--merge", "false", "--output_dir", str(out),
+    ]  # fmt: skip
+    data = load_training_data(resolve(argv, SMOKE).build(), tokenizer)
+    count = card_run(data["train"].num_rows, data["train"].source_dialogues, 1, per_device_batch=4, accumulation=2)
+    assert 0 < count.optimizer_steps < count.planned_steps  # the packed rows end before the planned steps
+    assert main(argv) == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert (state["global_step"], state["max_steps"]) == (count.optimizer_steps, count.planned_steps)
+    logged = [h for h in state["log_history"] if "loss" in h]
+    assert logged[-1]["epoch"] == pytest.approx(count.epoch, abs=1e-3)
+    assert logged[-1]["learning_rate"] > 0  # stopped before the cosine planned over all steps reached 0

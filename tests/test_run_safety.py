@@ -1,0 +1,210 @@
+"""Bad input and damaged files on the training side: nothing of the user's lost, no silently wrong result, one line
+and a non-zero exit where the user can act."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from utils import REPO_ROOT, sft
+from utils.runs import checkpoint_problem, newest_loadable_checkpoint
+
+RECIPE = str(REPO_ROOT / "configs" / "sft_qlora.yaml")
+RAW = REPO_ROOT / "data" / "sample" / "ultrachat_raw" / "ultrachat_raw.jsonl"
+
+
+def _argv(out, *extra, steps=4, save=2):
+    return [
+        "--config",
+        RECIPE,
+        "--profile",
+        "smoke",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(steps),
+        "--save_steps",
+        str(save),
+        "--merge",
+        "false",
+        "--eval_strategy",
+        "no",
+        *extra,
+    ]
+
+
+def _err(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("safety") / "run"
+    assert sft.main(_argv(out, "--save_total_limit", "2")) == 0
+    return out
+
+
+def _copy_interrupted(finished, tmp_path):
+    """The finished run, as if killed after its last checkpoint, with checkpoints that do not hold the last step."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**record, "status": "running"}))
+    (run / "trainer_state.json").unlink()
+    for ckpt in ("checkpoint-2", "checkpoint-4"):
+        state = json.loads((run / ckpt / "trainer_state.json").read_text())
+        (run / ckpt / "trainer_state.json").write_text(json.dumps({**state, "max_steps": 8}))
+    return run
+
+
+# --- lost files -----------------------------------------------------------------------------------------------------
+def test_another_tools_run_folder_is_never_resumed_or_cleared(tmp_path, capsys):
+    theirs = tmp_path / "theirs"
+    (theirs / "checkpoint-500").mkdir(parents=True)
+    (theirs / "checkpoint-500" / "trainer_state.json").write_text('{"global_step": 500}')
+    (theirs / "README.md").write_text("my model card")
+    for extra in ((), ("--fresh", "true")):
+        assert sft.main(_argv(theirs, *extra)) == 2
+        assert _err(capsys) == [
+            f"error: output folder {theirs} holds files this tool did not write; choose another folder"
+        ]
+    assert sorted(p.name for p in theirs.iterdir()) == ["README.md", "checkpoint-500"]
+    assert (theirs / "README.md").read_text() == "my model card"
+
+
+# --- silently wrong -----------------------------------------------------------------------------------------------
+def test_the_data_cache_is_keyed_by_the_source_itself(tmp_path, capsys):
+    """Two sources with the same file name used to share runs/data/train.jsonl: the second trained on the first."""
+    from utils.assets import load_tokenizer
+    from utils.training import prepared_dataset
+
+    lines = RAW.read_text().splitlines()
+    a, b = tmp_path / "a" / "train.jsonl", tmp_path / "b" / "train.jsonl"
+    for path, rows in ((a, lines[:12]), (b, lines[12:])):
+        path.parent.mkdir()
+        path.write_text("\n".join(rows) + "\n")
+    tokenizer = load_tokenizer(None)
+    first, second = prepared_dataset(str(a), tokenizer), prepared_dataset(str(b), tokenizer)
+    assert first != second and first.name.startswith("train.jsonl-") and second.name.startswith("train.jsonl-")
+    assert json.loads((first / "report.json").read_text())["input_rows"] == 12
+    assert json.loads((second / "report.json").read_text())["input_rows"] == len(lines) - 12
+    capsys.readouterr()
+    assert prepared_dataset(str(a), tokenizer) == first and "Preparing" not in capsys.readouterr().out  # cached
+    a.write_text("\n".join(lines[:13]) + "\n")  # the source changed
+    third = prepared_dataset(str(a), tokenizer)
+    assert third != first and json.loads((third / "report.json").read_text())["input_rows"] == 13
+    assert "(it changed since it was last prepared)" in capsys.readouterr().out
+
+
+def test_a_checkpoint_with_garbage_tensors_is_skipped_by_name(finished, tmp_path, capsys):
+    run = _copy_interrupted(finished, tmp_path)
+    weights = run / "checkpoint-4" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header:] = b"\xff" * (len(data) - header)  # header intact, every tensor NaN
+    weights.write_bytes(bytes(data))
+    assert checkpoint_problem(run / "checkpoint-4").startswith("adapter_model.safetensors holds NaN or infinite values")
+    assert newest_loadable_checkpoint(run)[0] == str(run / "checkpoint-2")
+    assert sft.main(_argv(run, "--save_total_limit", "2")) == 0
+    out = capsys.readouterr().out
+    assert "skipped checkpoint-4: adapter_model.safetensors holds NaN or infinite values" in out
+    assert f"Resuming from {run / 'checkpoint-2'}" in out
+    losses = [h["loss"] for h in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert all(loss == loss and loss > 1 for loss in losses)  # finite, not the 0.0 of NaN weights
+
+
+def test_a_run_that_diverges_stops_in_one_line(tmp_path, capsys):
+    out = tmp_path / "nan"
+    assert sft.main(_argv(out, "--learning_rate", "1e30", "--max_grad_norm", "0", steps=6, save=1)) == 2
+    err = [line for line in _err(capsys) if "error" in line.lower() or "Traceback" in line]  # not the progress bars
+    assert len(err) == 1 and err[0].startswith("error: training diverged at step ")
+    assert "(gradient norm nan), so it stopped; the last good checkpoint is checkpoint-" in err[0]
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed" and not (out / "adapter").exists()
+
+
+def test_a_damaged_run_record_is_one_line_and_changes_nothing(finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "run.json").write_text('{"tool": "utils.sft", "sett')  # truncated
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    for extra in (("--lora_r", "8"), (), ("--fresh", "true")):
+        assert sft.main(_argv(run, "--save_total_limit", "2", *extra)) == 2
+        assert _err(capsys) == [
+            f"error: {run / 'run.json'} is damaged, so this run's settings cannot be checked; repair or remove it, or "
+            "choose another output folder"
+        ]
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == {
+        p: t for p, t in before.items() if p.name != ".lock"
+    }
+
+
+# --- tracebacks where one line is due -----------------------------------------------------------------------------
+def test_a_raw_source_without_held_out_rows_trains_without_evaluation(tmp_path, capsys):
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(RAW.read_text().splitlines()[:3]) + "\n")  # too few rows for a held-out share
+    out = tmp_path / "out"
+    argv = [a for a in _argv(out, "--dataset_name", str(small)) if a not in ("--eval_strategy", "no")]
+    assert sft.main(argv) == 0
+    assert f"Note: {small} has no held-out rows, so evaluation is off (eval_strategy no)." in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_damaged_optimizer_state_is_skipped(finished, tmp_path):
+    run = _copy_interrupted(finished, tmp_path)
+    optimizer = run / "checkpoint-4" / "optimizer.pt"
+    import zipfile
+
+    with zipfile.ZipFile(optimizer) as z:  # a valid zip whose pickle is garbage
+        members = {n: z.read(n) for n in z.namelist()}
+    pickle = next(n for n in members if n.endswith("data.pkl"))
+    members[pickle] = b"\x80\x05garbage"
+    with zipfile.ZipFile(optimizer, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    assert zipfile.is_zipfile(optimizer)
+    assert checkpoint_problem(run / "checkpoint-4").startswith("optimizer.pt is damaged")
+    assert newest_loadable_checkpoint(run)[0] == str(run / "checkpoint-2")
+
+
+def test_an_incomplete_trainer_state_is_skipped(finished, tmp_path):
+    run = _copy_interrupted(finished, tmp_path)
+    (run / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 8}')
+    assert checkpoint_problem(run / "checkpoint-4") == "trainer_state.json is incomplete (no valid max_steps)"
+    assert newest_loadable_checkpoint(run)[0] == str(run / "checkpoint-2")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lora_alpha", "nan"], "error: argument --lora_alpha/--lora-alpha: invalid int value: 'nan'"),
+        (["--seed", "-1"], "error: seed must be 0 or more, got -1"),
+        (["--no_such_option", "1"], "error: unrecognized arguments: --no_such_option 1"),
+    ],
+)
+def test_bad_values_are_one_line_without_a_usage_block(extra, message, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "utils.sft", *_argv(tmp_path / "o", *extra)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and result.stderr == message + "\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_max_length_beyond_the_models_positions_is_capped_in_one_line(tmp_path, capsys):
+    settings, _ = sft.settings_for(_argv(tmp_path / "o", "--max_length", "100000000"))
+    assert settings.values["max_length"] == 4096
+    assert "max_length 100000000 is more than the model's 4096 positions: capped at 4096." in capsys.readouterr().out
+
+
+def test_a_hub_token_is_kept_out_of_every_saved_file(tmp_path):
+    out = tmp_path / "run"
+    assert sft.main(_argv(out, "--hub_token", "hf_SECRETsecretSECRET", steps=2, save=2)) == 0
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"hf_SECRETsecretSECRET" not in path.read_bytes(), path

@@ -1,0 +1,206 @@
+"""The model side of a run: load the base (4-bit or 16-bit), put a saved adapter on it, merge the adapter into the
+16-bit weights, count parameters.
+
+The 4-bit and LoRA configurations come from TRL's own builders (``get_quantization_config``, ``get_peft_config``)
+on the command line; notebook 02 builds the same objects in view and passes them in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from utils.recipe import ConfigError
+
+MAX_SHARD_BYTES = 2 * 2**30  # merged shards of at most 2 GiB: saving never needs more host memory than one shard
+
+
+def load_model(model_args, quantization=None, device_map: str | dict | None = None):
+    """The base model, 4-bit when ``quantization`` is given (then on this process's GPU when there is one)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from utils.assets import TINY_MODEL_DIR, ensure_tiny_model
+
+    if Path(model_args.model_name_or_path) == TINY_MODEL_DIR:
+        ensure_tiny_model()
+    kwargs: dict[str, Any] = dict(
+        dtype=getattr(torch, model_args.dtype),
+        attn_implementation=model_args.attn_implementation,
+        revision=model_args.model_revision,
+    )
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    elif torch.cuda.is_available() and quantization is not None:  # 4-bit weights live on this process's GPU
+        from accelerate import PartialState
+
+        kwargs["device_map"] = {"": PartialState().local_process_index}
+    return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+
+
+def load_adapter(base, adapter_dir: str | Path):
+    """``base`` plus the saved LoRA adapter, kept in the dtype it was saved in (bf16 where TRL cast it, fp32 under
+    fp16 training), so the reloaded model computes exactly as the trained one did."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), "pt") as tensors:
+        saved = tensors.get_tensor(next(iter(tensors.keys()))).dtype
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(saved)
+    return model
+
+
+def merge_dtype(model_args) -> str:
+    """The 16-bit dtype to merge into: float16 where training computed in fp16 (T4, V100), else bfloat16."""
+    return "float16" if model_args.dtype == "float16" else "bfloat16"
+
+
+# --- merging, one tensor at a time ---------------------------------------------------------------------------------
+def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str, revision: str = "main") -> Path:
+    """Write ``base`` with the LoRA adapter merged in, as ``dtype`` safetensors shards, plus config and tokenizer.
+
+    Each adapted weight becomes ``W + (lora_alpha / r) · B·A``, exactly what peft's ``merge_and_unload()`` computes,
+    but read from the base's safetensors files and written one tensor at a time into shards of at most 2 GiB: the
+    whole 16-bit model (14.5 GB for Mistral-7B) is never in memory, and no GPU is needed. That is what lets a Colab
+    T4 (15 GB of GPU memory, 12.7 GB of RAM) merge a 7B adapter. The output appears whole or not at all.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    scale, target = _lora_scale(adapter_dir)
+    pairs = lora_pairs(load_file(str(adapter_dir / "adapter_model.safetensors")))
+    files = base_weight_files(base, revision)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-{os.getpid()}-"))
+    try:
+        shards, shard, size, merged = [], {}, 0, 0
+        for file in files:
+            with safe_open(str(file), "pt") as tensors:
+                for name in tensors.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    weight = tensors.get_tensor(name)
+                    if name in pairs:
+                        a, b = pairs[name]
+                        weight = weight.float() + scale * (b.float() @ a.float())
+                        merged += 1
+                    shard[name] = weight.to(getattr(torch, dtype)) if weight.is_floating_point() else weight
+                    size += shard[name].numel() * shard[name].element_size()
+                    if size >= MAX_SHARD_BYTES:
+                        shards.append(_write_shard(tmp, len(shards), shard, save_file))
+                        shard, size = {}, 0
+        if shard:
+            shards.append(_write_shard(tmp, len(shards), shard, save_file))
+        if merged != len(pairs) or not merged:
+            raise ConfigError(
+                f"{adapter_dir}: {len(pairs)} adapted layers ({', '.join(target)}), {merged} found in {base}'s weights"
+            )
+        _name_shards(tmp, shards)
+        _copy_config(base, revision, tmp, dtype)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)  # a merged folder this tool wrote before (the caller checked the run folder)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _lora_scale(adapter_dir: Path) -> tuple[float, list[str]]:
+    """``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) and the target modules, for an adapter this merge supports."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    unsupported = [k for k in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern") if config.get(k)]
+    if config.get("peft_type") != "LORA" or unsupported:
+        raise ConfigError(
+            f"{adapter_dir}: only plain LoRA adapters are merged tensor by tensor ({', '.join(unsupported)} set); "
+            "merge with peft's merge_and_unload() on a machine with memory for the whole 16-bit model"
+        )
+    r, alpha = config["r"], config["lora_alpha"]
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else r), sorted(config.get("target_modules") or [])
+
+
+def lora_pairs(adapter: dict) -> dict[str, tuple[Any, Any]]:
+    """The adapter's (A, B) matrices by the name of the base weight they adapt: peft saves
+    ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` for
+    ``model.layers.0.self_attn.q_proj.weight``."""
+    parts: dict[str, dict[str, Any]] = {}
+    for key, tensor in adapter.items():
+        for part in ("lora_A", "lora_B"):
+            if f".{part}." in key:
+                parts.setdefault(key.removeprefix("base_model.model.").replace(f".{part}", ""), {})[part] = tensor
+    return {name: (p["lora_A"], p["lora_B"]) for name, p in parts.items() if len(p) == 2}
+
+
+def base_weight_files(base: str, revision: str = "main") -> list[Path]:
+    """The base model's safetensors files: from its folder, or from the Hub cache (downloaded if missing)."""
+    folder = Path(base)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(base, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{base} has no safetensors weights to merge into")
+    return files
+
+
+def _write_shard(folder: Path, index: int, tensors: dict, save_file) -> tuple[Path, list[str], int]:
+    path = folder / f"shard-{index:05d}.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _name_shards(folder: Path, shards: list[tuple[Path, list[str], int]]) -> None:
+    """One shard is ``model.safetensors``; several are ``model-0000i-of-0000n.safetensors`` with their index."""
+    if len(shards) == 1:
+        shards[0][0].rename(folder / "model.safetensors")
+        return
+    weight_map, total = {}, 0
+    for i, (path, names, size) in enumerate(shards, 1):
+        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        path.rename(folder / final)
+        weight_map.update(dict.fromkeys(names, final))
+        total += size
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _copy_config(base: str, revision: str, folder: Path, dtype: str) -> None:
+    """The base's config (with the merged dtype) and its generation config, when it has one."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(base, revision=revision)
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    with contextlib.suppress(OSError):  # a base without generation_config.json
+        GenerationConfig.from_pretrained(base, revision=revision).save_pretrained(folder)
+
+
+# --- what a learner is shown ---------------------------------------------------------------------------------------
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters, counting 4-bit weights by their real shape.
+
+    bitsandbytes packs two 4-bit values per byte, so a quantized weight's ``numel()`` is half its parameter count;
+    its ``quant_state.shape`` is the true shape.
+    """
+    trainable = total = 0
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        n = math.prod(state.shape) if state is not None else param.numel()
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total

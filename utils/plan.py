@@ -1,0 +1,232 @@
+"""What a run would do on a GPU, without that GPU and without loading any weights.
+
+    python -m utils.sft --config configs/sft_qlora.yaml --gpu t4 --plan [--json plan.json]
+
+The plan shows the profile and why, every setting the profile or the user changed with where it came from, the
+dtype of each part of the model, attention, checkpointing, the batch, the memory estimate against the GPU, and the
+time for one epoch of ultrachat_200k scaled from the H200 measurements (an estimate). An instructor prepares a
+workshop for the room's GPUs with it; the tests check every GPU shape's choices with it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from utils import REPO_ROOT
+from utils.hardware import Hardware
+from utils.recipe import CLI, PROFILE, RECIPE, Settings
+
+EPOCH_TOKENS = 207_865 * 1_400  # ultrachat_200k's train_sft dialogues x their typical tokens (Zephyr template)
+
+
+def checkpoint_every(values: dict) -> int:
+    """Activation checkpointing as a layer interval: 0 none, 1 every layer, n every n-th."""
+    if not values.get("activation_checkpointing"):
+        return 0
+    return int((values.get("activation_checkpointing_kwargs") or {}).get("every_n_layers", 1))
+
+
+def part_dtypes(values: dict) -> dict[str, str]:
+    """The dtype of each part of the run, as the code paths of TRL, peft and bitsandbytes set them."""
+    dtype, quantized, peft = values["dtype"], values["load_in_4bit"], values["use_peft"]
+    autocast = "bfloat16" if values["bf16"] else "float16 (with a gradient scaler)" if values["fp16"] else "none"
+    if quantized and peft:
+        trainable = "float32 (build_trainer keeps them so under fp16)" if values["fp16"] else "bfloat16 (TRL's cast)"
+    elif peft:
+        trainable = "float32 (peft upcasts adapter weights)"
+    else:
+        trainable = f"{dtype} (every weight; the sharding engine keeps float32 master copies)"
+    return {
+        "base weights": f"4-bit NF4, the rest in {dtype}" if quantized else dtype,
+        "4-bit compute": dtype if quantized else "(no 4-bit layers)",
+        "trainable weights": trainable,
+        "autocast": autocast,
+        "merge": "float16" if dtype == "float16" else "bfloat16",
+        "sampling": dtype,
+    }
+
+
+def memory_gib(values: dict, world: int) -> tuple[float, str]:
+    """Estimated peak GPU memory per GPU and how it was estimated (``utils.scaling``)."""
+    from utils import scaling
+
+    batch, length = values["per_device_train_batch_size"], values["max_length"]
+    if values["load_in_4bit"] and values["use_peft"]:
+        every = checkpoint_every(values)
+        estimate = sum(scaling.qlora_memory(every, batch, length, values["lora_r"]).values())
+        reference = sum(scaling.qlora_memory(every).values())  # the measured setting: 4 x 2048 tokens, r 16
+        measured_gib = scaling.measured_qlora_gib()[every]
+        return estimate * measured_gib / reference, (
+            f"scaling.qlora_memory, calibrated on the {measured_gib} GiB measured on an H200 at 4 x 2048 tokens"
+        )
+    strategy = "zero3" if world > 1 else "ddp"
+    est = scaling.estimate(strategy, world, 0, batch, length)
+    return est.total, f"scaling.estimate: full fine-tune, {strategy} on {world} GPU(s)"
+
+
+def epoch_hours(values: dict, hw: Hardware, world: int) -> tuple[float | None, str]:
+    """Hours for one epoch of ultrachat_200k: the H200's measured tokens/s for this attention and checkpointing,
+    scaled by the GPU's peak TFLOPS and the number of GPUs. An estimate; QLoRA only."""
+    from utils.gpus import peak_tflops
+    from utils.scaling import h200_measurements
+
+    if not hw.cuda or not (values["load_in_4bit"] and values["use_peft"]):
+        return None, "no estimate (QLoRA on a GPU only)"
+    ref = h200_measurements()
+    every, attn = checkpoint_every(values), values["attn_implementation"]
+    attn = "flex_attention" if attn == "flash_attention_2" else attn  # both skip the blocks between dialogues
+    rows = [r for r in ref["rows"] if r["packed"] and r["checkpoint_every"] == every]
+    row = next((r for r in rows if r["attn"] == attn), rows[0] if rows else None)
+    peak = peak_tflops(hw.gpu_name or "")
+    if row is None or not peak:
+        return None, "no estimate (no measurement for these settings, or an unknown GPU)"
+    tok_s = row["tokens_per_second"] * peak / ref["peak_tflops"] * world
+    basis = (
+        f"estimate: the H200's {row['tokens_per_second']:,} tokens/s for '{row['variant']}' x {peak:.0f}/"
+        f"{ref['peak_tflops']:.0f} peak TFLOPS x {world} GPU(s) = {tok_s:,.0f} tokens/s"
+    )
+    return EPOCH_TOKENS / tok_s / 3600, basis
+
+
+def plan(settings: Settings, hw: Hardware) -> dict:
+    """The plan as data: ``{"profile", "settings": {FIELD: {"value", "from"}}, "hardware", "parts", "estimates"}``."""
+    v, world = settings.values, settings.world_size
+    gib, how = memory_gib(v, world)
+    hours, basis = epoch_hours(v, hw, world)
+    return {
+        **settings.to_json(),
+        "world_size": world,
+        "hardware": hw.summary(),
+        "reasons": list(settings.profile.reasons),
+        "parts": part_dtypes(v),
+        "estimates": {
+            "memory_gib": round(gib, 1),
+            "memory_basis": how,
+            "gpu_memory_gib": hw.gpu_memory_gib if hw.cuda else None,
+            "fits": (gib <= hw.gpu_memory_gib) if hw.cuda else None,
+            "epoch_tokens": EPOCH_TOKENS,
+            "epoch_hours": round(hours, 1) if hours else None,
+            "epoch_basis": basis,
+        },
+        "notes": settings.notes,
+    }
+
+
+def print_plan(result: dict) -> None:
+    """The plan as a reader wants it: what changed and why, the dtypes, the batch, memory and time."""
+    s, e = result["settings"], result["estimates"]
+    print(f"Plan for {result['hardware']}: profile {result['profile']}")
+    for reason in result["reasons"]:
+        print(f"  {reason}")
+    changed = {k: x for k, x in s.items() if x["from"] in (PROFILE, CLI)}
+    print("Settings the profile or the command line set:")
+    width = max((len(k) for k in changed), default=10)
+    for name, x in changed.items():
+        print(f"  {name:<{width}}  {str(x['value']):<34} {x['from']}")
+    from_recipe = sum(x["from"] == RECIPE for x in s.values())
+    print(
+        f"  ... and {from_recipe} settings from the recipe file as written; the rest are TRL's defaults (--json: all)"
+    )
+    print("Dtypes:")
+    for part, dtype in result["parts"].items():
+        print(f"  {part:<18} {dtype}")
+    per, acc = s["per_device_train_batch_size"]["value"], s["gradient_accumulation_steps"]["value"]
+    world = _world(result)
+    print(
+        f"Batch: {per} per device x {acc} accumulation x {world} process(es) = {per * acc * world} sequences of "
+        f"{s['max_length']['value']} tokens per optimizer step"
+    )
+    if e["gpu_memory_gib"]:
+        verdict = "fits" if e["fits"] else "does NOT fit"
+        print(f"Memory: ~{e['memory_gib']} GiB per GPU of {e['gpu_memory_gib']} GiB: {verdict} ({e['memory_basis']})")
+    if e["epoch_hours"]:
+        print(f"One epoch of ultrachat_200k (~{e['epoch_tokens'] / 1e6:.0f}M tokens): ~{e['epoch_hours']:,} hours")
+        print(f"  ({e['epoch_basis']})")
+
+
+def _world(result: dict) -> int:
+    return int(result.get("world_size") or 1)
+
+
+def plan_in_child(argv: list[str], gpu: str | None = None) -> dict:
+    """``plan`` computed by ``python -m utils.sft ... --plan`` in a child process, so that this process never
+    imports TRL (which imports bitsandbytes, which initialises CUDA): notebook 03 shows the recipe this way and
+    its ``notebook_launcher`` cell can still fork."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "plan.json"
+        command = [sys.executable, "-m", "utils.sft", *argv, "--plan", "--json", str(out)]
+        if gpu:
+            command += ["--gpu", gpu]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
+        if done.returncode:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            raise RuntimeError(lines[-1] if lines else f"the plan failed (exit {done.returncode})")
+        return json.loads(out.read_text())
+
+
+def value(result: dict, name: str) -> Any:
+    """One setting's value from a plan."""
+    return result["settings"][name]["value"]
+
+
+# --- every GPU the collection plans for ------------------------------------------------------------------------------
+def shape_plans(config: str = "configs/sft_qlora.yaml") -> dict[str, dict]:
+    """The plan of ``config`` for every shape in utils/gpus.py (resolved in this process)."""
+    import contextlib
+    import io
+
+    from utils.gpus import SHAPES
+    from utils.hardware import choose_profile
+    from utils.recipe import check, resolve
+
+    plans = {}
+    for name, gpu in SHAPES.items():
+        hw = gpu.hardware()
+        with contextlib.redirect_stdout(io.StringIO()):
+            settings = resolve(["--config", config], choose_profile("auto", hw, verbose=False), hw, gpu.count)
+            check(settings, dataset=False)
+        plans[name] = plan(settings, hw)
+    return plans
+
+
+def markdown_table(plans: dict[str, dict]) -> str:
+    """One row per GPU shape: what the profile chose and what the run would take."""
+    head = (
+        "| --gpu | profile | compute dtype | mixed precision | attention | checkpointing | batch | trainable weights "
+        "| memory (GiB) | one epoch |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for name, p in plans.items():
+        v = {k: x["value"] for k, x in p["settings"].items()}
+        every = checkpoint_every(v)
+        checkpointing = ["none", "every layer"][every] if every < 2 else f"every {every}nd layer"
+        e = p["estimates"]
+        rows.append(
+            f"| {name} | {p['profile']} | {v['dtype']} | {'bf16' if v['bf16'] else 'fp16' if v['fp16'] else 'none'} "
+            f"| {v['attn_implementation']} | {checkpointing} "
+            f"| {v['per_device_train_batch_size']} x {v['gradient_accumulation_steps']} x {p['world_size']} "
+            f"| {p['parts']['trainable weights'].split(' (')[0]} "
+            f"| {e['memory_gib']} of {e['gpu_memory_gib']} ({'fits' if e['fits'] else 'does not fit'}) "
+            f"| ~{e['epoch_hours']:,} h |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m utils.plan", description="The plan of a recipe on every GPU shape")
+    parser.add_argument("--config", default="configs/sft_qlora.yaml")
+    args = parser.parse_args(argv)
+    print(markdown_table(shape_plans(args.config)), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""One place that turns a recipe file, a hardware profile and the command line into a run's settings, and says where
+each value came from.
+
+Order, lowest first: TRL's defaults < the hardware profile < the recipe file < the command line. A GPU profile fills
+only what neither the recipe nor the command line set: a batch written in the recipe stays the recipe's. The
+embedded default (profile ``smoke``) is the one exception: it stands in for the recipe's 7B model and its data, so
+its model, data, precision and scale replace the recipe's (the command line still wins).
+
+    settings = resolve(["--config", "configs/sft_qlora.yaml", "--max_steps", "10"], profile)
+    settings.sources["learning_rate"]                    # "recipe"
+    script_args, training_args, model_args, run_args = settings.build()   # TRL's dataclasses
+
+Resolving imports TRL's argument classes but creates none of them, so it never touches a GPU: notebook 03 and the
+``--plan`` of ``utils.sft`` use it for GPUs this machine does not have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from utils.hardware import HUB_DATASET, Hardware, Profile
+
+DEFAULT, PROFILE, RECIPE, CLI = "default", "profile", "recipe", "command line"
+SECRETS = ("hub_token",)  # never printed or written
+MISTRAL_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work, found before any weights load: one line for the user."""
+
+
+@dataclass
+class RunArguments:
+    """Options of this collection that TRL's dataclasses do not have."""
+
+    profile: str = field(default="auto", metadata={"help": "auto, smoke, or a GPU profile (utils/hardware.py)"})
+    merge: bool = field(default=True, metadata={"help": "merge the adapter into a 16-bit base after training"})
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "sequences per optimizer step over all GPUs; sets gradient_accumulation_steps "
+            "from the world size and per-device batch (the card: 512)"
+        },
+    )
+    fresh: bool = field(default=False, metadata={"help": "start over in output_dir, removing its earlier run"})
+    card_schedule: bool = field(
+        default=False,
+        metadata={
+            "help": "the card's schedule: plan the cosine over dialogues / global batch steps, as "
+            "TRL 0.7.x did, and stop when the packed data ends (272 of 406 for the card; exactly so with "
+            "packing_strategy card)"
+        },
+    )
+    dataset_revision: str = field(default="main", metadata={"help": "Hub dataset commit or tag to prepare"})
+
+
+@dataclass
+class Args:
+    """TRL's argument objects for one run (and ours): ``script, training, model, run = args`` unpacks them."""
+
+    script: Any  # trl.ScriptArguments: the dataset and its splits
+    training: Any  # trl.SFTConfig
+    model: Any  # trl.ModelConfig: model, 4-bit quantization, LoRA
+    run: RunArguments
+
+    def __iter__(self):
+        return iter((self.script, self.training, self.model, self.run))
+
+
+@dataclass
+class Settings:
+    """A run's settings by field name, where each came from, and the profile and world size they were resolved for."""
+
+    values: dict[str, Any]
+    sources: dict[str, str]
+    profile: Profile | None
+    world_size: int = 1
+    notes: list[str] = field(default_factory=list)  # adjustments worth a line (a capped length, evaluation off)
+
+    def changed(self) -> dict[str, tuple[Any, str]]:
+        """Every setting that is not TRL's default: name -> (value, where it came from)."""
+        return {k: (self.values[k], s) for k, s in self.sources.items() if s != DEFAULT}
+
+    def to_json(self) -> dict:
+        """``{"profile": NAME, "settings": {FIELD: {"value": V, "from": SOURCE}}}``."""
+        secret = {k for k in SECRETS if self.values.get(k)}
+        return {
+            "profile": self.profile.name if self.profile else None,
+            "settings": {
+                k: {"value": "<set>" if k in secret else _plain(self.values[k]), "from": s}
+                for k, s in sorted(self.sources.items())
+            },
+        }
+
+    def build(self) -> Args:
+        """TRL's ScriptArguments, SFTConfig and ModelConfig, and our RunArguments, from these values.
+
+        Creating an ``SFTConfig`` picks its device, which initialises CUDA (transformers 5.24 ``_setup_devices``):
+        call it in the process that trains, after ``accelerate.notebook_launcher`` has forked.
+        """
+        objects = []
+        for kind in _argument_classes():
+            names = {f.name for f in dataclasses.fields(kind) if f.init}
+            objects.append(kind(**{k: v for k, v in self.values.items() if k in names}))
+        args = Args(*objects)
+        if isinstance(args.model.lora_target_modules, str):  # ModelConfig turns a one-item list into a string
+            args.model.lora_target_modules = [args.model.lora_target_modules]
+        return args
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly form of a setting's value (enums by their value)."""
+    value = getattr(value, "value", value)
+    return value if isinstance(value, str | int | float | bool | list | dict | type(None)) else str(value)
+
+
+def _argument_classes() -> tuple:
+    from trl import ModelConfig, ScriptArguments, SFTConfig
+
+    return ScriptArguments, SFTConfig, ModelConfig, RunArguments
+
+
+def _parser():
+    """TRL's parser over the four argument classes, raising ConfigError (one line) instead of printing usage."""
+    from trl import TrlParser
+
+    class Parser(TrlParser):
+        def error(self, message: str):
+            raise ConfigError(message.strip().splitlines()[-1])
+
+    parser = Parser(_argument_classes())
+    for action in parser._actions:  # the card's packing joins TRL's strategies (utils.training.pack_like_the_card)
+        if action.dest == "packing_strategy" and action.choices:
+            action.choices = [*action.choices, "card"]
+    return parser
+
+
+# --- the recipe file and the command line ------------------------------------------------------------------------
+def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the ``--config`` file, the remaining arguments)."""
+    rest, path, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            path, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--config="):
+            path, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return path, rest
+
+
+def read_recipe(name: str) -> dict[str, Any]:
+    """The recipe file's ``field: value`` mapping, or ConfigError naming the file and what is wrong with it."""
+    import yaml
+
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"config file {name} not found")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"config file {name} is not valid YAML{where}: {problem}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {name} must hold 'field: value' lines, got {type(content).__name__}")
+    content.pop("env", None)  # TRL's parser sets these environment variables; they are not settings
+    return content
+
+
+def explicit_fields(argv: list[str]) -> set[str]:
+    """Names given on the command line (``--name value`` or ``--name=value``)."""
+    return {a[2:].split("=")[0] for a in argv if a.startswith("--") and len(a) > 2}
+
+
+def world_size() -> int:
+    """Processes in this run, as torchrun, accelerate and notebook_launcher announce it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# --- resolving -----------------------------------------------------------------------------------------------------
+def resolve(
+    argv: list[str], profile: Profile | None, hardware: Hardware | None = None, processes: int | None = None
+) -> Settings:
+    """The run's settings for ``argv`` (``--config FILE`` and ``--field value`` overrides) under ``profile``.
+
+    ``profile`` None gives the recipe as written, with only what the machine requires. ``hardware`` is the machine
+    the run is for (default: this one); ``processes`` the world size (default: from the environment). Raises
+    ConfigError for anything that cannot work.
+    """
+    path, cli = split_config(list(argv))
+    recipe = read_recipe(path) if path else {}
+    given = explicit_fields(cli)
+    hw = hardware or _this_machine()
+    processes = processes or world_size()
+    parser = _parser()
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r} (not a field of TRL's SFT scripts)")
+    suggested = {**(profile.settings() if profile else {}), **_machine_settings(hw, processes)}
+    standins = _standins(profile, recipe, suggested) if profile else {}
+    layered = {k: v for k, v in suggested.items() if k not in recipe}
+    layered.update(recipe)
+    layered.update(standins)
+    _merge_kwargs(layered, suggested, recipe, standins)
+    parser.set_defaults_with_config(**layered)
+    values = vars(parser.parse_args(cli))
+    sources = {}
+    for name in values:
+        if name in given:
+            sources[name] = CLI
+        elif name in standins or (name in suggested and name not in recipe):
+            sources[name] = PROFILE
+        elif name in recipe:
+            sources[name] = PROFILE if layered.get(name) != recipe[name] else RECIPE
+        else:
+            sources[name] = DEFAULT
+    settings = Settings(values, sources, profile, processes)
+    _derive(settings, given)
+    check_hardware(settings, hw)
+    return settings
+
+
+def _this_machine() -> Hardware:
+    from utils.hardware import detect_hardware
+
+    return detect_hardware(check_hub=False)
+
+
+def _machine_settings(hw: Hardware, processes: int) -> dict[str, Any]:
+    """What the machine itself requires: a CPU trains in fp32 and talks over gloo between processes."""
+    if hw.cuda:
+        return {}
+    values: dict[str, Any] = {"use_cpu": True, "bf16": False, "fp16": False}
+    if processes > 1:
+        values["ddp_backend"] = "gloo"
+    return values
+
+
+def _standins(profile: Profile, recipe: dict, suggested: dict) -> dict[str, Any]:
+    """The embedded default's model and data, and everything smoke sets, in place of the recipe's; on a GPU without
+    the Hub, the shipped sample in place of a recipe dataset that is not on disk."""
+    from utils.data.sources import local_path
+
+    standins: dict[str, Any] = {}
+    dataset = recipe.get("dataset_name")
+    if (dataset is None or local_path(str(dataset)) is None) and profile.dataset != HUB_DATASET:
+        standins["dataset_name"] = profile.dataset  # the shipped sample: smoke, or a GPU without the Hub
+    if profile.is_smoke:
+        from utils.assets import TINY_MODEL_DIR
+
+        standins["model_name_or_path"] = str(TINY_MODEL_DIR)
+        standins.update(suggested)
+    elif profile.model_id and recipe.get("model_name_or_path") != profile.model_id:
+        standins["model_name_or_path"] = profile.model_id
+    return standins
+
+
+def _merge_kwargs(layered: dict, suggested: dict, recipe: dict, standins: dict) -> None:
+    """Checkpointing kwargs are merged key by key: the profile adds ``every_n_layers`` to the recipe's own keys."""
+    name = "activation_checkpointing_kwargs"
+    if name in suggested and isinstance(recipe.get(name), dict) and name not in standins:
+        layered[name] = {**suggested[name], **recipe[name]}
+
+
+def _derive(settings: Settings, given: set[str]) -> None:
+    """Values that follow from others: accumulation from a global batch (for a run, not the recipe as written), and
+    a list from one command-line LoRA module."""
+    v, s = settings.values, settings.sources
+    if v.get("global_batch_size") and "gradient_accumulation_steps" not in given and settings.profile:
+        from utils.scaling import accumulation_for
+
+        try:
+            v["gradient_accumulation_steps"] = accumulation_for(
+                v["global_batch_size"], settings.world_size, v["per_device_train_batch_size"]
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        s["gradient_accumulation_steps"] = s["global_batch_size"]
+    if isinstance(v.get("lora_target_modules"), str):  # one value on the command line arrives as a string
+        v["lora_target_modules"] = [m for m in v["lora_target_modules"].split(",") if m]
+    for old, new in (  # transformers 5's deprecated names (TRL's SFTConfig still sets the old one): one name each
+        ("gradient_checkpointing", "activation_checkpointing"),
+        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+    ):
+        if v.get(new) is None and v.get(old) is not None:
+            v[new], s[new] = v[old], s[old]
+        v[old] = None
+
+
+def check_hardware(settings: Settings, hw: Hardware) -> None:
+    """ConfigError for a precision or attention kernel the machine cannot run, naming where the value came from."""
+    v, s = settings.values, settings.sources
+    if hw.cuda and not hw.bf16:
+        for name in ("bf16", "dtype"):
+            if v.get(name) in (True, "bfloat16"):
+                raise ConfigError(
+                    f"{name}={v[name]} (from the {s[name]}) needs a GPU with bfloat16 (compute capability 8.0+); "
+                    f"this {hw.gpu_name} has none: use fp16 / float16, or leave it to the profile"
+                )
+    problem = attention_problem_for(v.get("attn_implementation"), hw)
+    if problem:
+        raise ConfigError(
+            f"attn_implementation={v['attn_implementation']} (from the {s['attn_implementation']}): {problem}"
+        )
+
+
+def attention_problem_for(attn: str | None, hw: Hardware) -> str | None:
+    from utils.hardware import attention_problem
+
+    return attention_problem(attn, hw) if attn else None
+
+
+# --- checks before any weights load -------------------------------------------------------------------------------
+POSITIVE = (
+    "max_length",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "logging_steps",
+    "save_steps",
+    "learning_rate",
+)
+
+
+# TRL's strategies, and the card's: TRL 0.7.x's ConstantLengthDataset, reproduced by utils.card_era
+PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped", "card")
+
+
+def check_numbers(v: dict[str, Any]) -> None:
+    """ConfigError unless every number is finite and in range."""
+    for name in POSITIVE:
+        value = v.get(name)
+        if value is None or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name} must be a positive number, got {value}")
+    for name in ("warmup_steps", "weight_decay", "max_grad_norm", "adam_epsilon"):
+        value = v.get(name)
+        if value is None or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{name} must be a finite number of 0 or more, got {value}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= v[name] < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {v[name]}")
+    epochs = v["num_train_epochs"]
+    if v["max_steps"] <= 0 and (not math.isfinite(epochs) or epochs <= 0):
+        raise ConfigError(f"num_train_epochs must be positive (or set max_steps), got {epochs}")
+    if v["seed"] < 0:
+        raise ConfigError(f"seed must be 0 or more, got {v['seed']}")
+    if v.get("packing_strategy") not in PACKING_STRATEGIES:
+        raise ConfigError(
+            f"packing_strategy must be one of {', '.join(PACKING_STRATEGIES)}, got {v.get('packing_strategy')!r}"
+        )
+
+
+def check_lora(v: dict[str, Any]) -> None:
+    """ConfigError unless the LoRA settings can build an adapter on Mistral's linear layers."""
+    if not v["use_peft"]:
+        return
+    if v["lora_r"] is None or v["lora_r"] < 1:
+        raise ConfigError(f"lora_r must be a whole number of 1 or more, got {v['lora_r']}")
+    if not math.isfinite(v["lora_alpha"]) or v["lora_alpha"] <= 0:
+        raise ConfigError(f"lora_alpha must be positive, got {v['lora_alpha']}")
+    if not 0 <= v["lora_dropout"] < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {v['lora_dropout']}")
+    modules = v["lora_target_modules"] or []
+    unknown = [m for m in modules if m not in MISTRAL_LINEAR_MODULES and m != "all-linear"]
+    if unknown or not modules:
+        raise ConfigError(
+            f"unknown LoRA target module(s) {', '.join(unknown) or '(none given)'}; Mistral's "
+            f"linear layers are {', '.join(MISTRAL_LINEAR_MODULES)}"
+        )
+
+
+def check(settings: Settings, dataset: bool = True) -> None:
+    """Every check that needs no weights: numbers, LoRA, the model's positions and (unless ``dataset`` is False, as
+    for a plan made for another machine) the dataset and its splits."""
+    v = settings.values
+    check_numbers(v)
+    check_lora(v)
+    positions = model_positions(v["model_name_or_path"])
+    if positions and v["max_length"] > positions:
+        settings.notes.append(
+            f"max_length {v['max_length']} is more than the model's {positions} positions: capped at {positions}."
+        )
+        v["max_length"] = positions
+    if dataset:
+        check_dataset(settings)
+
+
+def model_positions(model: str) -> int | None:
+    """``max_position_embeddings`` from a local model folder's config.json (or the HF cache's), or None."""
+    import json
+
+    from utils.hardware import local_model
+
+    local = local_model(model)
+    if local is None:
+        return None
+    config = Path(local) / "config.json"
+    if not config.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        config = Path(try_to_load_from_cache(local, "config.json"))
+    try:
+        return int(json.loads(config.read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_dataset(settings: Settings) -> None:
+    """ConfigError for a dataset that cannot be read; evaluation turned off (with a note) where there is no test
+    split to evaluate on."""
+    import json
+
+    from utils.data.sources import SourceError, local_path, open_source
+
+    v = settings.values
+    name = v["dataset_name"]
+    if not name:
+        raise ConfigError("no dataset: set dataset_name to the folder notebook 01 wrote (data/processed/ultrachat)")
+    path = local_path(name)
+    if path is not None and (path / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        except (OSError, ValueError, AttributeError):
+            raise ConfigError(f"dataset {path}: its dataset_dict.json is damaged; prepare it again") from None
+        if v["dataset_train_split"] not in splits:
+            raise ConfigError(
+                f"dataset {path} has no {v['dataset_train_split']!r} split (it has {', '.join(splits) or 'none'})"
+            )
+        if v["dataset_test_split"] not in splits:
+            evaluation_off(settings, f"dataset {path} has no {v['dataset_test_split']!r} split")
+        return
+    try:  # a source notebook 01's pipeline can prepare: a .jsonl/.json/.parquet file or folder, or a Hub id
+        open_source(name)
+    except SourceError as exc:
+        raise ConfigError(
+            f"dataset {name}: {exc}. Run notebook 01 or `python -m utils.prepare_data --out data/processed/ultrachat` "
+            "first"
+        ) from None
+
+
+def evaluation_off(settings: Settings, why: str) -> None:
+    """Turn evaluation off, with a note saying why (once)."""
+    v = settings.values
+    if str(getattr(v["eval_strategy"], "value", v["eval_strategy"])) != "no":
+        v["eval_strategy"] = "no"
+        settings.notes.append(f"Note: {why}, so evaluation is off (eval_strategy no).")

@@ -1,0 +1,85 @@
+"""Sharding, shown running: FSDP over 2 CPU processes, each holding half of the model.
+
+    torchrun --nproc_per_node 2 -m utils.sharding [--steps 3]
+
+Notebook 03's 2-process runs through the Trainer are DDP: every rank holds 100% of the parameters. FSDP through
+the Trainer needs a GPU: accelerate switches FSDP on only for accelerator devices (in ``accelerate/state.py`` the
+FSDP switch sits in the branch for MULTI_GPU, MULTI_NPU, MULTI_XPU and the like, not MULTI_CPU), so on CPU processes
+an FSDP config is silently ignored. torch's own ``fully_shard`` (FSDP2, what accelerate calls on GPUs) does work
+over gloo on the CPU: this script applies it to the embedded tiny Mistral, one shard unit per decoder layer as
+``configs/accelerate/fsdp.yaml`` does, trains a few steps on the sample dialogues, and gathers the full weights on
+rank 0 as a save would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def shard(model) -> None:
+    """FSDP2: each decoder layer, then the whole model, split across the ranks (what accelerate's FSDP plugin does
+    with ``fsdp_transformer_layer_cls_to_wrap: MistralDecoderLayer``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def batches(rank: int, world: int, length: int = 128, rows: int = 2):
+    """This rank's rows of the prepared sample, cut or padded to ``length`` tokens: each rank its own share."""
+    import datasets
+    import torch
+
+    from utils.assets import load_tokenizer
+    from utils.hardware import SMOKE
+    from utils.training import prepared_dataset
+
+    ids = datasets.load_from_disk(str(prepared_dataset(SMOKE.dataset, load_tokenizer(None))))["train"]["input_ids"]
+    mine = ids[rank::world]
+    for start in range(0, len(mine) - rows + 1, rows):
+        chunk = [row[:length] + [0] * (length - len(row[:length])) for row in mine[start : start + rows]]
+        yield torch.tensor(chunk)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node 2 -m utils.sharding", description=__doc__[:80])
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from utils.assets import ensure_tiny_model
+
+    if "RANK" not in __import__("os").environ:
+        print("error: start it with torchrun --nproc_per_node 2 -m utils.sharding", file=sys.stderr)
+        return 2
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(), dtype=torch.float32)
+    total = sum(p.numel() for p in model.parameters())
+    shard(model)
+    held = sum(p.to_local().numel() for p in model.parameters())
+    print(f"[rank {rank}/{world}] holds {held:,} of {total:,} parameters ({100 * held / total:.0f}%)", flush=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step, ids in zip(range(1, args.steps + 1), batches(rank, world), strict=False):
+        labels = ids.masked_fill(ids == 0, -100)  # no loss on the padding
+        loss = model(input_ids=ids, labels=labels).loss  # each rank: its own rows; FSDP gathers each layer in turn
+        loss.backward()  # gradients reduce-scattered: each rank keeps its half
+        optimizer.step()
+        optimizer.zero_grad()
+        print(f"[rank {rank}/{world}] step {step} its own loss {loss.item():.4f}", flush=True)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        print(f"gathered on rank 0 for saving: {sum(t.numel() for t in full.values()):,} parameters", flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""Training: one function builds the trainer, one runs it. The command line, notebooks 02 and 03 and the
+``notebook_launcher`` function all go through these two.
+
+    run = start_run(args)                               # the run folder: new, resumed, or finished (then stop)
+    trainer = build_trainer(args)                       # model, data, LoRA, callbacks -> TRL's SFTTrainer
+    report = run_training(trainer, run)                 # train or resume, save adapter and state, report
+
+Notebook 02 builds its ``BitsAndBytesConfig``, ``LoraConfig`` and model in view and passes them to
+``build_trainer``; the command line lets TRL's ``get_quantization_config`` / ``get_peft_config`` build the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from utils import RUNS_DIR
+from utils.recipe import Args, ConfigError, world_size
+from utils.runs import Run, RunError, open_run, run_settings
+
+# peft 0.21 reads the model's old `is_gradient_checkpointing` attribute, which transformers 5 marks deprecated: the
+# warning is about peft's code, not ours, and says nothing a learner can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+
+DATA_CACHE = RUNS_DIR / "data"
+
+
+def start_run(args: Args) -> Run:
+    """Open ``output_dir`` for this run (``utils.runs.open_run``) and print what happens there; before any weights."""
+    from accelerate import PartialState
+
+    settings = run_settings(args.script, args.training, args.model, world_size(), args.run.card_schedule)
+    main_process = PartialState().is_main_process
+    run = open_run(args.training.output_dir, settings, args.run.fresh, main_process)
+    if main_process:  # one report, not one per process
+        say("\n".join([*run.skipped, run.message]))
+    return run
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+def prepared_dataset(source: str, tokenizer, revision: str | None = None) -> Path:
+    """The prepared folder to train on: ``source`` itself when notebook 01 wrote it, else its copy prepared by
+    notebook 01's pipeline under ``runs/data/``, keyed by the source's content (or Hub id and revision) and the
+    tokenizer. A changed source is prepared again, and the line printed says so."""
+    from utils.data.output import is_current
+    from utils.data.pipeline import prepare_source
+    from utils.data.sources import local_path, source_fingerprint
+
+    path = local_path(source)
+    if path is not None and (path / "dataset_dict.json").is_file():
+        return path
+    key = hashlib.sha256(f"{source_fingerprint(source, revision)} {tokenizer.name_or_path}".encode()).hexdigest()
+    out = DATA_CACHE / f"{Path(source.rstrip('/')).name.replace('/', '__')}-{key[:12]}"
+    if is_current(out):
+        return out
+    earlier = sorted(DATA_CACHE.glob(f"{out.name[:-13]}-*")) if DATA_CACHE.is_dir() else []
+    changed = " (it changed since it was last prepared)" if earlier else ""
+    say(f"Preparing {source} into {out} (notebook 01's pipeline){changed} ...")
+    prepare_source(source, out, tokenizer, revision=revision)
+    return out
+
+
+def load_training_data(args: Args, tokenizer) -> dict:
+    """The prepared splits, ``input_ids`` only (TRL then uses our token ids as they are); evaluation is turned off,
+    with a note, when there is no held-out split."""
+    import datasets
+
+    folder = prepared_dataset(args.script.dataset_name, tokenizer, args.run.dataset_revision)
+    data = datasets.load_from_disk(str(folder))
+    splits = {"train": args.script.dataset_train_split, "test": args.script.dataset_test_split}
+    data = {split: data[name] for split, name in splits.items() if name in data}
+    if "train" not in data:
+        raise ConfigError(f"dataset {folder} has no {args.script.dataset_train_split!r} split")
+    if card_packing(args):
+        data = pack_like_the_card(data, folder, args.training.max_length, args.training.seed)
+    else:
+        data = {split: rows.select_columns(["input_ids"]) for split, rows in data.items()}
+    if args.training.assistant_only_loss:
+        data = with_assistant_masks(data, tokenizer)
+    if "test" not in data and evaluating(args.training):
+        why = "no held-out rows" if not card_packing(args) else "too few held-out tokens for one packed row"
+        say(f"Note: {args.script.dataset_name} has {why}, so evaluation is off (eval_strategy no).")
+        args.training.eval_strategy = "no"
+    return data
+
+
+def assistant_header(tokenizer) -> list[int]:
+    """The ids of ``<|assistant|>\n`` inside a dialogue (after ``</s>\n``): 28789, 28766, 489, 11143, 28766, 28767,
+    13 for Mistral's tokenizer, in the card's ids and today's alike."""
+    from utils.card_era import era_backend
+
+    return era_backend(tokenizer, "today", first=False).encode("<|assistant|>\n", add_special_tokens=False).ids
+
+
+def assistant_mask(ids: list[int], header: list[int], eos: int) -> list[int]:
+    """1 on the tokens of each assistant answer and the EOS that ends it, 0 elsewhere (the system and user turns,
+    the template's markers): what TRL's ``assistant_only_loss`` puts the loss on. A row cut inside an answer (card
+    packing) starts masked until the first header."""
+    mask, inside, n = [0] * len(ids), False, len(header)
+    for j, token in enumerate(ids):
+        if inside:
+            mask[j] = 1
+            inside = token != eos
+        elif j >= n - 1 and ids[j - n + 1 : j + 1] == header:
+            inside = True
+    return mask
+
+
+def with_assistant_masks(data: dict, tokenizer) -> dict:
+    """``data`` with an ``assistant_masks`` column (``assistant_mask``), from which TRL builds labels of -100 on
+    every other token. TRL's own ``assistant_only_loss`` works on ``messages`` through a template with
+    ``{% generation %}`` markers; the prepared rows are token ids already, so the mask is made here from them."""
+    header, eos = assistant_header(tokenizer), tokenizer.eos_token_id
+    masked = {}
+    for split, rows in data.items():
+        masks = [assistant_mask(ids, header, eos) for ids in rows["input_ids"]]
+        masked[split] = rows.add_column("assistant_masks", masks)
+        if hasattr(rows, "source_dialogues"):
+            masked[split].source_dialogues = rows.source_dialogues
+    return masked
+
+
+def card_packing(args: Args) -> bool:
+    """Whether the run packs as the card's TRL 0.7.x did (``packing_strategy: card``)."""
+    return args.training.packing_strategy == "card"
+
+
+def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int) -> dict:
+    """The prepared splits packed by TRL 0.7.x's ``ConstantLengthDataset`` (``utils.card_era``): the training rows
+    in the handbook's order (shuffled with seed 42), each buffer of text joined with EOS, cut into ``seq_length``
+    chunks that start mid-dialogue (the remainder dropped), the chunks shuffled; labels on every token, attention
+    across the dialogues of a chunk. A split too small for one chunk is left out."""
+    import datasets
+
+    from utils.card_era import handbook_order, pack_constant_length, text_length
+    from utils.data.template import with_system_turn
+
+    system_turn = json.loads((folder / "report.json").read_text()).get("system_turn", True)
+    packed = {}
+    for split, rows in data.items():
+        if split == "train":
+            rows = rows.select(handbook_order(rows.num_rows))
+        chars = [text_length(with_system_turn(m) if system_turn else m) for m in rows["messages"]]
+        chunks = pack_constant_length(rows["input_ids"], chars, seed=seed, seq_length=seq_length)
+        if len(chunks.input_ids):
+            packed[split] = datasets.Dataset.from_dict({"input_ids": chunks.input_ids.tolist()})
+    if "train" not in packed:
+        raise ConfigError(
+            f"{folder} holds fewer than {seq_length} training tokens, too few for one packed row of max_length "
+            f"{seq_length}: lower max_length or use packing_strategy bfd"
+        )
+    packed["train"].source_dialogues = data["train"].num_rows  # what TRL 0.7.x's dataset reported as its length
+    return packed
+
+
+# --- the trainer ---------------------------------------------------------------------------------------------------
+def build_trainer(args: Args, *, model=None, peft_config=None, tokenizer=None, data=None):
+    """TRL's ``SFTTrainer`` for this run: model (4-bit when the recipe says so), prepared data, LoRA, callbacks.
+
+    Anything not passed in is built from ``args``. Under fp16 the trainable weights are kept in float32: TRL casts
+    a quantized model's adapter weights to bfloat16, and fp16's gradient scaler has no bfloat16 kernel on CUDA
+    ("_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for 'BFloat16').
+    """
+    from accelerate import PartialState
+    from trl import SFTTrainer, get_peft_config, get_quantization_config
+
+    from utils.assets import load_tokenizer
+    from utils.model import load_model
+
+    with PartialState().main_process_first():  # rank 0 builds the cached assets and data first
+        tokenizer = tokenizer or load_tokenizer(model_id(args), revision=args.model.model_revision)
+        data = data or load_training_data(args, tokenizer)
+        model = model or load_model(args.model, get_quantization_config(args.model))
+    args.training.include_num_input_tokens_seen = "all"  # for the speed report's tokens/s
+    if card_packing(args):  # packed already, in order: TRL pads nothing and the sampler keeps the order
+        args.training.packing, args.training.train_sampling_strategy = False, "sequential"
+    # The assistant_masks column (load_training_data) does the masking; TRL's own switch wants `messages` instead.
+    args.training.assistant_only_loss = False
+    train = data["train"]
+    trainer = SFTTrainer(
+        model=model,
+        args=args.training,
+        train_dataset=data["train"],
+        eval_dataset=data.get("test") if evaluating(args.training) else None,
+        processing_class=tokenizer,
+        peft_config=peft_config if peft_config is not None else get_peft_config(args.model),
+        callbacks=callbacks(args, getattr(train, "source_dialogues", train.num_rows), train.num_rows),
+    )
+    if args.training.fp16:
+        keep_trainable_fp32(trainer.model)
+    if world_size() > 1:
+        next(c for c in trainer.callback_handler.callbacks if isinstance(c, RankLog)).watch(trainer)
+    return trainer
+
+
+def evaluating(training_args) -> bool:
+    """Whether the run evaluates (``eval_strategy`` is an enum once SFTConfig has checked it)."""
+    return getattr(training_args.eval_strategy, "value", training_args.eval_strategy) != "no"
+
+
+def model_id(args: Args) -> str | None:
+    """The model whose tokenizer to load: None for the embedded tiny model (the shipped tokenizer)."""
+    from utils.assets import TINY_MODEL_DIR
+
+    name = args.model.model_name_or_path
+    return None if Path(name) == TINY_MODEL_DIR else name
+
+
+def keep_trainable_fp32(model) -> int:
+    """Cast every trainable parameter to float32 (before the optimizer and DDP see them); return how many."""
+    import torch
+
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
+def callbacks(args: Args, dialogues: int, rows: int) -> list:
+    """Per-rank losses, a stop on a non-finite loss, and the card's schedule when asked for (``rows``: training rows
+    as the trainer sees them, packed ones under ``packing_strategy: card``)."""
+    found: list = [RankLog(), StopOnNonFiniteLoss()]
+    if not args.run.card_schedule:
+        return found
+    batch, accumulation = args.training.per_device_train_batch_size, args.training.gradient_accumulation_steps
+    if card_packing(args):
+        from utils.card_era import card_run
+
+        count = card_run(rows, dialogues, world_size(), batch, accumulation)
+        args.training.max_steps = count.planned_steps
+        found.append(CardStop(count))
+        say(
+            f"card schedule: cosine planned over {count.planned_steps} steps ({dialogues} dialogues, as TRL 0.7.x "
+            f"counted them); the {rows} packed rows end at step {count.optimizer_steps} (epoch {count.epoch:.2f})"
+        )
+        return found
+    args.training.max_steps = card_schedule_steps(dialogues, batch * accumulation * world_size())
+    found.append(StopWhenDataEnds())
+    say(
+        f"card schedule: cosine planned over {args.training.max_steps} steps ({dialogues} dialogues / "
+        f"{batch * accumulation * world_size()}), stopping when the packed data ends"
+    )
+    return found
+
+
+def card_schedule_steps(dialogues: int, global_batch: int) -> int:
+    """The steps TRL 0.7.x planned: its ConstantLengthDataset reported the number of *dialogues* as its length, so
+    the trainer planned about ``dialogues / global batch`` steps (406 for ultrachat_200k's 207,865 at 512) while the
+    packed stream ran out earlier (the card's step 272, its "epoch 0.67"). Exact only with packing_strategy card."""
+    return math.ceil(dialogues / global_batch)
+
+
+# --- running -------------------------------------------------------------------------------------------------------
+def run_training(trainer, run: Run) -> dict:
+    """Train (resuming from ``run.resume_from``), save the adapter or model, the tokenizer and ``trainer_state.json``,
+    write the speed report and mark the run finished. Returns the report.
+
+    A checkpoint that already holds the last step is loaded instead of trained from (``Trainer.train`` would take
+    one step past ``max_steps`` there). A loss or gradient that turns NaN or infinite stops the run with RunError
+    naming the last good checkpoint; the run is then not finished, and its bad checkpoints are skipped on resume.
+    """
+    from utils.inspection import speed_report
+
+    if run.resume_is_final:
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(run.resume_from)  # the weights (adapter) of the last step
+        trainer.state = TrainerState.load_from_json(str(Path(run.resume_from) / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=run.resume_from)
+    bad = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnNonFiniteLoss) and c.step), None)
+    if bad is not None:
+        run.fail(f"{bad.what} at step {bad.step}")
+        good = _last_good_checkpoint(trainer.args.output_dir, bad.step)
+        raise RunError(
+            f"training diverged at step {bad.step} ({bad.what}), so it stopped; the last good checkpoint is "
+            f"{good or 'none'} (lower the learning rate or check the data, then run again to resume from it)"
+        )
+    save_outputs(trainer)
+    report = speed_report(trainer)
+    if trainer.is_world_process_zero():
+        run.save_report(report)
+        run.finish(trainer.state.global_step, trainer.state.max_steps)
+    return report
+
+
+def _last_good_checkpoint(output_dir: str, bad_step: int) -> str | None:
+    """The newest checkpoint before ``bad_step`` that can be resumed from (finite weights included)."""
+    from utils.runs import checkpoint_problem, checkpoint_steps
+
+    good = [c for step, c in checkpoint_steps(Path(output_dir)) if step < bad_step and checkpoint_problem(c) is None]
+    return good[0].name if good else None
+
+
+def save_outputs(trainer) -> Path:
+    """Save the adapter (or, for a full fine-tune, the model) as safetensors with the tokenizer and chat template,
+    and trainer_state.json, in output_dir. Returns the adapter/model folder."""
+    from peft import PeftModel
+
+    out = Path(trainer.args.output_dir)
+    final = out / ("adapter" if isinstance(trainer.model, PeftModel) else "model")
+    trainer.save_model(str(final))  # rank 0 writes; gathers sharded weights under FSDP/ZeRO-3
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(final)
+    trainer.save_state()  # trainer_state.json with the log history, read by notebook 04
+    return final
+
+
+# --- callbacks -----------------------------------------------------------------------------------------------------
+class CardStop(TrainerCallback):
+    """The card's stop, from ``utils.card_era.card_run``: at the step where the packed rows ran out (the last,
+    partial accumulation is never stepped, as in transformers 4.35), and the epoch logged the card's way: accumulated
+    batches over the batches the trainer expected from the dialogue count (the card's 0.67 at step 272)."""
+
+    def __init__(self, count):
+        self.count = count
+
+    def on_step_end(self, args, state, control, **kwargs):
+        state.epoch = state.global_step * args.gradient_accumulation_steps / self.count.dataloader_len
+        if state.global_step >= self.count.optimizer_steps:
+            control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        control.should_training_stop = True  # the packed rows ended before the planned steps
+
+
+class StopWhenDataEnds(TrainerCallback):
+    """The card's schedule: the trainer plans more steps than one pass over the packed data, and stops at its end."""
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        control.should_training_stop = True
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the first step whose loss or gradients are NaN or infinite, save nothing from it, and remember where
+    (``run_training`` then fails the run in one line).
+
+    The Trainer leaves non-finite losses out of the logged average (``logging_nan_inf_filter``), so a run whose
+    weights turned NaN logs a loss of 0 with a NaN gradient norm. Under fp16 a non-finite gradient alone is the
+    gradient scaler skipping a step, which is normal; the weights then stay finite.
+    """
+
+    def __init__(self):
+        self.step, self.what = 0, ""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        loss, norm = logs.get("loss"), logs.get("grad_norm")
+        if loss is None or self.step:
+            return
+        bad_norm = norm is not None and not math.isfinite(norm) and (not args.fp16 or loss == 0)
+        if not math.isfinite(loss) or bad_norm:
+            self.step = state.global_step
+            self.what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+            control.should_training_stop = True
+            control.should_save = False
+
+
+class RankLog(TrainerCallback):
+    """With several processes: print how much of the model each rank holds, each rank's own loss beside the logged
+    one, and write ``rank_logs/rank<N>.json``.
+
+    Each rank computes the loss of its own share of the batch; the Trainer logs the mean of the ranks' values, so
+    every rank prints the same logged loss while their own losses differ. ``watch`` records the own loss from the
+    trainer's ``training_step`` (summed over gradient accumulation).
+    """
+
+    def __init__(self):
+        self.micro: list[float] = []  # this rank's losses since the last optimizer step
+        self.own: list[float] = []  # one per optimizer step
+
+    def watch(self, trainer) -> None:
+        step = trainer.training_step
+
+        def recorded(*args, **kwargs):
+            loss = step(*args, **kwargs)
+            self.micro.append(float(loss))
+            return loss
+
+        trainer.training_step = recorded
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.own.append(sum(self.micro))
+        self.micro = []
+        if state.global_step == 1 and args.world_size > 1 and model is not None:  # wrapped (and sharded) by now
+            held, total = parameters_held(model)
+            say(
+                f"[rank {args.process_index}/{args.world_size}] this rank holds {held:,} of {total:,} parameters "
+                f"({100 * held / total:.0f}%: {'sharded' if held < total else 'a full replica'})"
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and args.world_size > 1:
+            own = f"its own {self.own[-1]:.4f}, " if self.own else ""
+            say(
+                f"[rank {args.process_index}/{args.world_size}] step {state.global_step} loss: {own}"
+                f"logged (mean of the ranks) {logs['loss']:.4f}"
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / "rank_logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {
+            "rank": args.process_index,
+            "world_size": args.world_size,
+            "global_step": state.global_step,
+            "losses": [h["loss"] for h in state.log_history if "loss" in h],
+            "own_losses": self.own,
+        }
+        (folder / f"rank{args.process_index}.json").write_text(json.dumps(record) + "\n")
+
+
+def parameters_held(model) -> tuple[int, int]:
+    """(parameters stored on this rank, parameters of the whole model): they differ when FSDP shards the model."""
+    held = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        held += param.to_local().numel() if hasattr(param, "to_local") else param.numel()
+    return held, total
+
+
+def say(line: str) -> None:
+    """One line in one write, so the lines of several processes sharing a terminal do not run into each other."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
