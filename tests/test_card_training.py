@@ -6,8 +6,8 @@ import datasets
 import pytest
 
 from utils.card_era import card_run
-from utils.hardware import SMOKE
 from utils.data.template import tokenize_dialogues
+from utils.hardware import SMOKE
 from utils.recipe import resolve
 from utils.training import assistant_header, assistant_mask
 
@@ -40,7 +40,9 @@ def test_sampling_prompts_use_the_same_ids(tokenizer):
     from utils.sampling import prompt_batch
 
     prompt = tokenizer.apply_chat_template(
-        [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+        [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     card = prompt_batch(tokenizer, ["Arr" + prompt, prompt])["input_ids"].tolist()
     assert card[1][-len(CARD_ASSISTANT) :] == CARD_ASSISTANT and card[0][0] == 1
@@ -66,7 +68,8 @@ def test_assistant_only_loss_labels_only_the_answers(tokenizer):
     trainer = build_trainer(args)
     header, eos = assistant_header(tokenizer), tokenizer.eos_token_id
     row = trainer.train_dataset[0]
-    expected = [t if m else -100 for t, m in zip(row["input_ids"], assistant_mask(row["input_ids"], header, eos))]
+    mask = assistant_mask(row["input_ids"], header, eos)
+    expected = [t if m else -100 for t, m in zip(row["input_ids"], mask, strict=True)]
     assert row["labels"] == expected
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     share = float((batch["labels"] != -100).float().mean())

@@ -14,6 +14,7 @@ import pytest
 from utils import REPO_ROOT
 from utils.notebook_runner import notebooks, run_notebook
 from utils.setup_cell import SETUP_CELL
+from utils.tiny_dialogues import loss_halved
 
 ALL = notebooks()
 
@@ -69,19 +70,22 @@ def test_notebook_01(series):
         "23 rows in, 16 kept, 7 dropped, 1 truecased; filters applied: structure, truecase, disclaimer, "
         "duplicate_prompt" in texts["01"]
     )
-    assert "66 rows in, 55 kept, 11 dropped, 0 truecased (0 messages)" in texts["01"]
+    assert "236 rows in, 225 kept, 11 dropped, 0 truecased (0 messages)" in texts["01"]  # with the pirate dialogues
     assert "filters applied: structure | audited only: truecase, disclaimer, duplicate_prompt" in texts["01"]
     assert (
         "[('<s>', 1), ('▁<', 523), ('|', 28766), ('system', 6574), ('|', 28766), ('>', 28767), ('<0x0A>', 13), "
-        "('</s>', 2), ('<0x0A>', 13)" in texts["01"]
-    )  # the empty system turn, in ids
+        "('</s>', 2), ('▁', 28705), ('<0x0A>', 13)" in texts["01"]
+    )  # the empty system turn, in the card's ids
+    assert "card  : [('.', 28723), ('</s>', 2), ('▁', 28705), ('<0x0A>', 13), ('<', 28789)" in texts["01"]
+    assert "today : [('.', 28723), ('</s>', 2), ('<0x0A>', 13), ('<', 28789)" in texts["01"]
     assert (base / "processed" / "report.json").is_file()
 
 
 def test_notebook_02(series):
     base, texts = series
     assert "28 linear layers are 4-bit" in texts["02"]
-    assert "  learning_rate                                0.0002 -> 0.003" in texts["02"]  # the smoke diff
+    assert "  learning_rate                                0.0002 -> 0.01" in texts["02"]  # the smoke diff
+    assert "every token: 99.1% of the tokens carry loss, assistant only: 59.7% of the tokens carry loss" in texts["02"]
     assert "Starting a new run." in texts["02"]
     assert "trainable parameters: 83,968 of 4,401,728 (1.91%)" in texts["02"]
     assert re.search(r"row \d+ holds \d+ tokens in [2-9] dialogues", texts["02"])
@@ -89,6 +93,8 @@ def test_notebook_02(series):
     assert "merged vs 4-bit base + adapter (trained) : largest logit difference" in texts["02"]
     assert (base / "runs" / "qlora" / "merged" / "model.safetensors").is_file()
     assert json.loads((base / "runs" / "qlora" / "run.json").read_text())["status"] == "finished"
+    history = json.loads((base / "runs" / "qlora" / "trainer_state.json").read_text())["log_history"]
+    assert loss_halved([h["loss"] for h in history if "loss" in h])  # the tiny base visibly learns
 
 
 def test_notebook_03(series):
@@ -100,13 +106,16 @@ def test_notebook_03(series):
     assert "[rank 0/2] step 4 loss" in texts["03"] and "[rank 1/2] step 4 loss" in texts["03"]
     launched = json.loads((base / "runs" / "qlora-ddp" / "run.json").read_text())
     assert launched["status"] == "finished" and launched["settings"]["world_size"] == 2
-    assert "rank 0 of 2: 4 steps" in texts["03"] and "rank 1 of 2: 4 steps" in texts["03"]
+    assert "rank 0 of 2, 4 steps; its own loss per step: " in texts["03"] and "rank 1 of 2, 4 steps;" in texts["03"]
+    assert "Changed from configs/sft_full.yaml for this run" in texts["03"]  # the 2-process run's diff
+    assert re.search(r"\[rank 0/2\] holds [\d,]+ of 4,317,760 parameters \(50%\)", texts["03"])  # FSDP
     assert "checkpoints: ['checkpoint-4'] | trainer_state.json: True" in texts["03"]
 
 
 def test_notebook_04(series):
     base, texts = series
-    assert "full         4 train logs" in texts["04"] and "qlora        33 train logs" in texts["04"]
+    assert "full         4 train logs" in texts["04"] and "qlora        77 train logs" in texts["04"]
+    assert "planted A: no diagnosis yet (choose from: learning rate x10, no warm-up, overfitting)" in texts["04"]
     assert (base / "plots" / "loss_curves.png").is_file() and (base / "plots" / "loss_curves.svg").is_file()
 
 
@@ -116,6 +125,7 @@ def test_notebook_05(series):
     assert "re-ran full with seed 42: identical answers" in texts["05"]
     assert re.search(r"full: \d of 4 answers ended at EOS", texts["05"])
     assert "GPU memory: no GPU" in texts["05"]
+    assert "question: 'What is a kettle?', 8 seeds each" in texts["05"]
 
 
 def test_executed_outputs_are_clean(series):
@@ -151,7 +161,7 @@ def test_a_finished_notebook_run_is_recognised(series):
             ALL[1], "smoke", out_dir=base / "again", progress_bar=False, OUTPUT_DIR=str(base / "runs" / "qlora")
         )
     )
-    assert f"already trained: 33/33 steps in {base / 'runs' / 'qlora'}; set FRESH = True" in text
+    assert f"already trained: 154/154 steps in {base / 'runs' / 'qlora'}; set FRESH = True" in text
     assert "Resuming" not in text and "interrupted" not in text
     assert "This run finished earlier; its own report:" in text and "tokens_per_second" in text
     assert "already merged:" in text

@@ -123,11 +123,8 @@ def test_every_dialogue_starts_with_the_empty_system_turn(sample, tokenizer, tmp
         assert rows[i]["input_ids"][:16] == SYSTEM_TURN_IDS
     ids = tokenizer(render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]))["input_ids"]
     # the embedded tokenizer is legacy (as Mistral's): called on text it gives the card's ids too
-    assert ids == SYSTEM_TURN_IDS + [23809, 2, 28705, 13, 28789, 28766, 489, 11143, 28766, 28767, 13, 28802, 28709, 2] + [
-        28705,
-        13,
-        2,
-    ]
+    hi_yo = [23809, 2, 28705, 13, 28789, 28766, 489, 11143, 28766, 28767, 13, 28802, 28709, 2, 28705, 13, 2]
+    assert ids == SYSTEM_TURN_IDS + hi_yo
     hi = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
     _, short = prepared_to(tmp_path / "o", {"train": rows_of(hi)}, tokenizer, test_fraction=0, system_turn=False)
     assert short["train"][0]["input_ids"] == [1, 523] + ids[11:]  # 9 tokens fewer without it
@@ -290,7 +287,10 @@ def test_cli_writes_output(tmp_path, capsys):
     assert main(["--source", str(SAMPLE_200K), "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("66 rows read, 55 kept, 11 dropped, 0 truecased")
-    assert "  filters applied: structure; audited only: truecase, disclaimer, duplicate_prompt; token ids: card\n" in printed
+    assert (
+        "  filters applied: structure; audited only: truecase, disclaimer, duplicate_prompt; token ids: card\n"
+        in printed
+    )
     assert "audited      3  disclaimer (kept: ultrachat_200k's authors already filtered it" in printed
     assert datasets.load_from_disk(str(out))["test"].num_rows == 6
     assert main(["--source", str(SAMPLE_200K), "--out", str(out), "--no-progress", "--filters", "all"]) == 0

@@ -1,10 +1,17 @@
 """Shared helpers of the mistral-7b-sft-beta tutorial notebooks and their scripts.
 
 Each module is named for its stage: ``hardware`` (profiles), ``assets`` (tokenizer, chat template, tiny model),
-``filters`` and ``prepare_data`` (notebook 01), ``notebook_runner`` (``make tutorial``).
+``data`` and ``prepare_data`` (notebook 01), ``recipe``, ``training``, ``model`` and ``sft`` (notebooks 02 and 03),
+``card_era`` (the card's token ids, packing and stop), ``tiny_base`` and ``tiny_dialogues`` (the embedded default's
+model and data), ``sampling`` (notebook 05), ``curves`` (notebook 04), ``notebook_runner`` (``make tutorial``).
 """
 
+import warnings
 from pathlib import Path
+
+# peft 0.21 reads the model's old `is_gradient_checkpointing` attribute, which transformers 5 marks deprecated: the
+# warning is about peft's code, not ours, and says nothing a learner can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"

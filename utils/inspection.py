@@ -75,7 +75,10 @@ def print_recipe_changes(argv: list[str], settings: Settings) -> None:
 
 # --- one packed row ------------------------------------------------------------------------------------------------
 def fullest_row(trainer) -> int:
-    """Index of the packed training row that holds the most dialogues (TRL's ``seq_lengths`` column)."""
+    """Index of the packed training row that holds the most dialogues (TRL's ``seq_lengths`` column; 0 when the rows
+    were packed before TRL saw them, as ``packing_strategy: card`` does)."""
+    if "seq_lengths" not in trainer.train_dataset.column_names:
+        return 0
     lengths = trainer.train_dataset["seq_lengths"]
     return max(range(len(lengths)), key=lambda i: len(lengths[i]))
 

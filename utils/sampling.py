@@ -36,6 +36,8 @@ SFT_BETA_ID = "HuggingFaceH4/mistral-7b-sft-beta"
 def more_prompts(profile: Profile) -> list[str]:
     """The questions asked after the pirate prompt: ``MORE_PROMPTS``, or ``SMOKE_PROMPTS`` for the tiny models."""
     return SMOKE_PROMPTS if profile.is_smoke else MORE_PROMPTS
+
+
 # The card's own answer to the pirate prompt (its model card, "Intended uses & limitations"). Its printed prompt ends
 # "pirate." while its messages say "pirate": we render the messages, as the card's code does.
 CARD_ANSWER = (
@@ -238,10 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     messages = (
         PIRATE
         if args.prompt is None
-        else (
-            ([{"role": "system", "content": args.system}] if args.system else [])
-            + [{"role": "user", "content": args.prompt}]
-        )
+        else [  # no --system: the card's empty system turn, as in every training dialogue without one
+            {"role": "system", "content": args.system or ""},
+            {"role": "user", "content": args.prompt},
+        ]
     )
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     models = {ref: ref for ref in refs} or candidate_models(profile, hub=hub_reachable())

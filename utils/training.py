@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import sys
-import warnings
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -23,10 +22,6 @@ from transformers import TrainerCallback
 from utils import RUNS_DIR
 from utils.recipe import Args, ConfigError, world_size
 from utils.runs import Run, RunError, open_run, run_settings
-
-# peft 0.21 reads the model's old `is_gradient_checkpointing` attribute, which transformers 5 marks deprecated: the
-# warning is about peft's code, not ours, and says nothing a learner can act on.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 DATA_CACHE = RUNS_DIR / "data"
 
@@ -54,7 +49,7 @@ def prepared_dataset(source: str, tokenizer, revision: str | None = None) -> Pat
 
     path = local_path(source)
     if path is not None and (path / "dataset_dict.json").is_file():
-        return path
+        return path if is_current(path) else _prepared_again(path, tokenizer)
     key = hashlib.sha256(f"{source_fingerprint(source, revision)} {tokenizer.name_or_path}".encode()).hexdigest()
     out = DATA_CACHE / f"{Path(source.rstrip('/')).name.replace('/', '__')}-{key[:12]}"
     if is_current(out):
@@ -64,6 +59,30 @@ def prepared_dataset(source: str, tokenizer, revision: str | None = None) -> Pat
     say(f"Preparing {source} into {out} (notebook 01's pipeline){changed} ...")
     prepare_source(source, out, tokenizer, revision=revision)
     return out
+
+
+def _prepared_again(folder: Path, tokenizer) -> Path:
+    """A folder notebook 01 wrote with an earlier release (another format: no card ids, say): prepared again, in
+    place, from the source its report names, with the options it was prepared with; ConfigError when that cannot be
+    done (not this tool's folder, or its source is gone)."""
+    from utils.data.output import is_own_output
+    from utils.data.pipeline import prepare_source
+    from utils.data.sources import local_path
+
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError):
+        report = {}
+    source = report.get("source")
+    source_path = local_path(source) if isinstance(source, str) and source else None
+    if not is_own_output(folder) or source_path is None or not source_path.exists():
+        raise ConfigError(
+            f"{folder} was prepared by an earlier release of this collection; prepare it again with notebook 01 "
+            f"(or python -m utils.prepare_data --out {folder})"
+        )
+    say(f"{folder} was prepared by an earlier release; preparing it again from {source} ...")
+    prepare_source(source, folder, tokenizer, system_turn=report.get("system_turn", True))
+    return folder
 
 
 def load_training_data(args: Args, tokenizer) -> dict:

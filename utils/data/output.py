@@ -14,7 +14,9 @@ import tempfile
 from pathlib import Path
 
 MARKER = ".prepared-by-utils.prepare_data"  # identifies a folder this tool wrote, so it may replace it
-FORMAT = 3  # report.json's "format": 2 added the empty system turn, 3 the card's token ids; older outputs are prepared again
+FORMAT = (
+    3  # report.json's "format": 2 added the empty system turn, 3 the card's token ids; older outputs are prepared again
+)
 COLUMNS = ("prompt", "prompt_id", "messages", "input_ids", "num_tokens", "num_turns")
 SHARD = "data-00000-of-00001.arrow"  # one shard per split, named as datasets names a single shard
 

@@ -49,7 +49,7 @@ def token_stats(lengths: Sequence[int] | np.ndarray, max_length: int = MAX_LENGT
         "dialogues_truncated_by_bfd": int((over > 0).sum()),
         "tokens_truncated_by_bfd": int(over.sum()),
         "share_of_tokens_truncated_by_bfd": round(float(over.sum() / lengths.sum()), 5),
-        # wrapped: one stream cut every max_length tokens, as the card's TRL 0.7 did
+        # wrapped: one stream cut every max_length tokens, as the card's TRL 0.7.x did (close to packing_strategy card)
         "packed_sequences_wrapped": math.ceil(int(lengths.sum()) / max_length),
         "packed_sequences_bfd": packed_sequences(lengths, max_length, split=False),
         "packed_sequences_bfd_split": packed_sequences(lengths, max_length, split=True),
