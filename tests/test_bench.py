@@ -33,7 +33,7 @@ def test_train_throughput_cpu_smoke(tmp_path):
     assert ran == ["baseline (TRL defaults)", "ours + no checkpointing"]  # --only; the others need CUDA
     assert all(rows[name]["tokens/s"] > 0 and rows[name]["s/step"] > 0 for name in ran)
     # every variant is resolved like any run on this machine: the smoke profile's batch, the variant's own settings
-    assert rows["baseline (TRL defaults)"]["batch"] == "2x1" and rows["ours + no checkpointing"]["batch"] == "2x1"
+    assert rows["baseline (TRL defaults)"]["batch"] == "1x1" and rows["ours + no checkpointing"]["batch"] == "1x1"
     assert result.stdout.index("warm-up (discarded): baseline") < result.stdout.index("run 1/1: baseline")
     assert rows["ours + paged 8-bit AdamW"]["skipped"] == "needs CUDA"
     assert rows["ours + flash-attn 2"]["skipped"].startswith("needs CUDA")

@@ -76,8 +76,9 @@ def test_notebook_01(series):
         "[('<s>', 1), ('▁<', 523), ('|', 28766), ('system', 6574), ('|', 28766), ('>', 28767), ('<0x0A>', 13), "
         "('</s>', 2), ('▁', 28705), ('<0x0A>', 13)" in texts["01"]
     )  # the empty system turn, in the card's ids
-    assert "card  : [('.', 28723), ('</s>', 2), ('▁', 28705), ('<0x0A>', 13), ('<', 28789)" in texts["01"]
-    assert "today : [('.', 28723), ('</s>', 2), ('<0x0A>', 13), ('<', 28789)" in texts["01"]
+    assert "card  : [('<0x0A>', 13), ('</s>', 2), ('▁', 28705), ('<0x0A>', 13), ('<', 28789)" in texts["01"]
+    assert "today : [('<0x0A>', 13), ('</s>', 2), ('<0x0A>', 13), ('<', 28789)" in texts["01"]
+    assert "50 tokens the card's way, 47 today's" in texts["01"]
     assert (base / "processed" / "report.json").is_file()
 
 
@@ -85,7 +86,7 @@ def test_notebook_02(series):
     base, texts = series
     assert "28 linear layers are 4-bit" in texts["02"]
     assert "  learning_rate                                0.0002 -> 0.01" in texts["02"]  # the smoke diff
-    assert "every token: 99.1% of the tokens carry loss, assistant only: 59.7% of the tokens carry loss" in texts["02"]
+    assert "every token: 98.9% of the tokens carry loss, assistant only: 41.0% of the tokens carry loss" in texts["02"]
     assert "Starting a new run." in texts["02"]
     assert "trainable parameters: 83,968 of 4,401,728 (1.91%)" in texts["02"]
     assert re.search(r"row \d+ holds \d+ tokens in [2-9] dialogues", texts["02"])
@@ -114,7 +115,7 @@ def test_notebook_03(series):
 
 def test_notebook_04(series):
     base, texts = series
-    assert "full         4 train logs" in texts["04"] and "qlora        77 train logs" in texts["04"]
+    assert "full         4 train logs" in texts["04"] and "qlora        154 train logs" in texts["04"]
     assert "planted A: no diagnosis yet (choose from: learning rate x10, no warm-up, overfitting)" in texts["04"]
     assert (base / "plots" / "loss_curves.png").is_file() and (base / "plots" / "loss_curves.svg").is_file()
 

@@ -22,5 +22,6 @@ def test_nothing_leaks_across_packed_dialogues(attn):
         for dialogue in dialogues:
             alone = model(input_ids=dialogue, use_cache=False).logits
             n = dialogue.shape[1]
-            assert torch.allclose(logits[:, start : start + n], alone, atol=1e-5), (attn, start)
+            # the pretrained tiny model's logits reach ~20: 1e-4 is float32 summation order, a leak is O(1)
+            assert torch.allclose(logits[:, start : start + n], alone, atol=1e-4), (attn, start)
             start += n

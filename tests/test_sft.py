@@ -77,7 +77,7 @@ def test_gpu_profiles_keep_eight_sequences_per_step(name):
 def test_cli_overrides_beat_the_profile(tmp_path):
     _, _, training_args, _ = smoke_args(tmp_path, "--max_length", "128", "--learning_rate", "1e-3")
     assert training_args.max_length == 128 and training_args.learning_rate == 1e-3
-    assert training_args.per_device_train_batch_size == 2  # from the smoke profile
+    assert training_args.per_device_train_batch_size == 1  # from the smoke profile
 
 
 @pytest.mark.parametrize(
@@ -169,12 +169,12 @@ def test_trainable_share_counts_4bit_weights_by_their_real_size():
 def test_the_smoke_profile_prints_its_changes_as_a_diff(tmp_path, capsys):
     settings, argv = smoke_settings(tmp_path)
     changes = {name: (old, new) for name, old, new, _ in recipe_changes(argv, settings)}
-    assert changes["learning_rate"] == (2e-4, 3e-3) and changes["max_length"] == (2048, 256)
-    assert changes["num_train_epochs"] == (1, 3) and changes["activation_checkpointing"] == ("(TRL default)", False)
+    assert changes["learning_rate"] == (2e-4, 1e-2) and changes["max_length"] == (2048, 256)
+    assert changes["num_train_epochs"] == (1, 2) and changes["activation_checkpointing"] == ("(TRL default)", False)
     assert "lora_r" not in changes and "lr_scheduler_type" not in changes
     print_recipe_changes(argv, settings)
     out = capsys.readouterr().out
-    assert "Changed from " in out and "learning_rate" in out and "0.0002 -> 0.003  (profile)" in out
+    assert "Changed from " in out and "learning_rate" in out and "0.0002 -> 0.01  (profile)" in out
 
 
 def test_linear_layers_are_4bit_and_only_lora_trains(trained):
@@ -297,7 +297,11 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
     assert resumed.returncode == 0, output
     assert "Resuming from " in output
     step, loss = _final(killed)
-    assert (step, pytest.approx(loss, abs=1e-4)) == _final(straight)
+    # Not bit for bit: a resumed run's losses differ from the straight run's from the first step after the
+    # checkpoint by ~1e-5 relative (dropout off too), and the difference grows to ~3e-4 by step 8 on the pretrained
+    # tiny model (with the random one it stayed under 1e-4 absolute). A wrong resume (data, step or schedule) is off
+    # by whole units.
+    assert (step, pytest.approx(loss, rel=1e-3)) == _final(straight)
 
 
 # --- re-runs, changed settings, two runs at once, damaged checkpoints ------------------------------------------------
@@ -457,9 +461,9 @@ def test_the_card_schedule_plans_over_dialogues_and_stops_when_the_data_ends(tmp
     )
     assert code == 0
     state = json.loads((out / "trainer_state.json").read_text())
-    planned = -(-49 // 2)  # ceil(49 dialogues / global batch 2), as TRL 0.7.x planned
+    planned = 213  # ceil(213 dialogues / global batch 1), as TRL 0.7.x planned
     assert state["max_steps"] == planned
     assert 0 < state["global_step"] < planned  # the packed rows ran out first, as at the card's step 272 of 406
     lrs = [h["learning_rate"] for h in state["log_history"] if "learning_rate" in h]
     assert lrs[-1] > 0.1 * max(lrs)  # the cosine had not come down to 0
-    assert f"card schedule: cosine planned over {planned} steps (49 dialogues / 2)" in capsys.readouterr().out
+    assert f"card schedule: cosine planned over {planned} steps (213 dialogues / 1)" in capsys.readouterr().out

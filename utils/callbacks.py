@@ -1,0 +1,130 @@
+"""The trainer callbacks of a run (``utils.training.callbacks`` chooses them): the card's stop, a stop on a loss that
+turns NaN or infinite, and each rank's own loss and share of the model when several processes train.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class CardStop(TrainerCallback):
+    """The card's stop, from ``utils.card_era.card_run``: at the step where the packed rows ran out (the last,
+    partial accumulation is never stepped, as in transformers 4.35), and the epoch logged the card's way: accumulated
+    batches over the batches the trainer expected from the dialogue count (the card's 0.67 at step 272)."""
+
+    def __init__(self, count):
+        self.count = count
+
+    def on_step_end(self, args, state, control, **kwargs):
+        state.epoch = state.global_step * args.gradient_accumulation_steps / self.count.dataloader_len
+        if state.global_step >= self.count.optimizer_steps:
+            control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        control.should_training_stop = True  # the packed rows ended before the planned steps
+
+
+class StopWhenDataEnds(TrainerCallback):
+    """The card's schedule: the trainer plans more steps than one pass over the packed data, and stops at its end."""
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        control.should_training_stop = True
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the first step whose loss or gradients are NaN or infinite, save nothing from it, and remember where
+    (``run_training`` then fails the run in one line).
+
+    The Trainer leaves non-finite losses out of the logged average (``logging_nan_inf_filter``), so a run whose
+    weights turned NaN logs a loss of 0 with a NaN gradient norm. Under fp16 a non-finite gradient alone is the
+    gradient scaler skipping a step, which is normal; the weights then stay finite.
+    """
+
+    def __init__(self):
+        self.step, self.what = 0, ""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        loss, norm = logs.get("loss"), logs.get("grad_norm")
+        if loss is None or self.step:
+            return
+        bad_norm = norm is not None and not math.isfinite(norm) and (not args.fp16 or loss == 0)
+        if not math.isfinite(loss) or bad_norm:
+            self.step = state.global_step
+            self.what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+            control.should_training_stop = True
+            control.should_save = False
+
+
+class RankLog(TrainerCallback):
+    """With several processes: print how much of the model each rank holds, each rank's own loss beside the logged
+    one, and write ``rank_logs/rank<N>.json``.
+
+    Each rank computes the loss of its own share of the batch; the Trainer logs the mean of the ranks' values, so
+    every rank prints the same logged loss while their own losses differ. ``watch`` records the own loss from the
+    trainer's ``training_step`` (summed over gradient accumulation).
+    """
+
+    def __init__(self):
+        self.micro: list[float] = []  # this rank's losses since the last optimizer step
+        self.own: list[float] = []  # one per optimizer step
+
+    def watch(self, trainer) -> None:
+        step = trainer.training_step
+
+        def recorded(*args, **kwargs):
+            loss = step(*args, **kwargs)
+            self.micro.append(float(loss))
+            return loss
+
+        trainer.training_step = recorded
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.own.append(sum(self.micro))
+        self.micro = []
+        if state.global_step == 1 and args.world_size > 1 and model is not None:  # wrapped (and sharded) by now
+            held, total = parameters_held(model)
+            say(
+                f"[rank {args.process_index}/{args.world_size}] this rank holds {held:,} of {total:,} parameters "
+                f"({100 * held / total:.0f}%: {'sharded' if held < total else 'a full replica'})"
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and args.world_size > 1:
+            own = f"its own {self.own[-1]:.4f}, " if self.own else ""
+            say(
+                f"[rank {args.process_index}/{args.world_size}] step {state.global_step} loss: {own}"
+                f"logged (mean of the ranks) {logs['loss']:.4f}"
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / "rank_logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {
+            "rank": args.process_index,
+            "world_size": args.world_size,
+            "global_step": state.global_step,
+            "losses": [h["loss"] for h in state.log_history if "loss" in h],
+            "own_losses": self.own,
+        }
+        (folder / f"rank{args.process_index}.json").write_text(json.dumps(record) + "\n")
+
+
+def parameters_held(model) -> tuple[int, int]:
+    """(parameters stored on this rank, parameters of the whole model): they differ when FSDP shards the model."""
+    held = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        held += param.to_local().numel() if hasattr(param, "to_local") else param.numel()
+    return held, total
+
+
+def say(line: str) -> None:
+    """One line in one write, so the lines of several processes sharing a terminal do not run into each other."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
