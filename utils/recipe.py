@@ -10,8 +10,7 @@ its model, data, precision and scale replace the recipe's (the command line stil
     settings.sources["learning_rate"]                    # "recipe"
     script_args, training_args, model_args, run_args = settings.build()   # TRL's dataclasses
 
-Resolving imports TRL's argument classes but creates none of them, so it never touches a GPU: notebook 03 and the
-``--plan`` of ``utils.sft`` use it for GPUs this machine does not have.
+Resolving creates no TRL object and touches no GPU: ``--plan`` uses it for GPUs this machine does not have.
 """
 
 from __future__ import annotations
@@ -41,11 +40,7 @@ class RunArguments:
     profile: str = field(default="auto", metadata={"help": "auto, smoke, or a GPU profile (utils/hardware.py)"})
     merge: bool = field(default=True, metadata={"help": "merge the adapter into a 16-bit base after training"})
     global_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "sequences per optimizer step over all GPUs; sets gradient_accumulation_steps "
-            "from the world size and per-device batch (the card: 512)"
-        },
+        default=None, metadata={"help": "sequences per optimizer step over all GPUs; sets the accumulation (card: 512)"}
     )
     fresh: bool = field(default=False, metadata={"help": "start over in output_dir, removing its earlier run"})
     card_schedule: bool = field(
@@ -134,9 +129,8 @@ def _parser():
             raise ConfigError(message.strip().splitlines()[-1])
 
     parser = Parser(_argument_classes())
-    for action in parser._actions:  # the card's packing joins TRL's strategies (utils.training.pack_like_the_card)
-        if action.dest == "packing_strategy" and action.choices:
-            action.choices = [*action.choices, "card"]
+    for action in (a for a in parser._actions if a.dest == "packing_strategy" and a.choices):
+        action.choices = [*action.choices, "card"]  # the card's packing (utils.training.pack_like_the_card)
     return parser
 
 
@@ -246,8 +240,7 @@ def _machine_settings(hw: Hardware, processes: int) -> dict[str, Any]:
 
 
 def _standins(profile: Profile, recipe: dict, suggested: dict) -> dict[str, Any]:
-    """The embedded default's model and data, and everything smoke sets, in place of the recipe's; on a GPU without
-    the Hub, the shipped sample in place of a recipe dataset that is not on disk."""
+    """Smoke's model, data and settings in place of the recipe's; without the Hub, the sample for a remote dataset."""
     from utils.data.sources import local_path
 
     standins: dict[str, Any] = {}
@@ -331,8 +324,7 @@ POSITIVE = (
 )
 
 
-# TRL's strategies, and the card's: TRL 0.7.x's ConstantLengthDataset, reproduced by utils.card_era
-PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped", "card")
+PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped", "card")  # TRL's, and the card's (TRL 0.7.x's, utils.card_era)
 
 
 def check_numbers(v: dict[str, Any]) -> None:
