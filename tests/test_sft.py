@@ -457,13 +457,15 @@ def test_the_card_schedule_plans_over_dialogues_and_stops_when_the_data_ends(tmp
             "no",
             "--save_steps",
             "100",
+            "--per_device_train_batch_size",
+            "4",
         ]
     )
     assert code == 0
     state = json.loads((out / "trainer_state.json").read_text())
-    planned = 213  # ceil(213 dialogues / global batch 1), as TRL 0.7.x planned
+    planned = 54  # ceil(213 dialogues / global batch 4), as TRL 0.7.x planned
     assert state["max_steps"] == planned
     assert 0 < state["global_step"] < planned  # the packed rows ran out first, as at the card's step 272 of 406
     lrs = [h["learning_rate"] for h in state["log_history"] if "learning_rate" in h]
     assert lrs[-1] > 0.1 * max(lrs)  # the cosine had not come down to 0
-    assert f"card schedule: cosine planned over {planned} steps (213 dialogues / 1)" in capsys.readouterr().out
+    assert f"card schedule: cosine planned over {planned} steps (213 dialogues / 4)" in capsys.readouterr().out
