@@ -16,6 +16,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from utils import RUNS_DIR
 from utils.callbacks import CardStop, RankLog, StopOnNonFiniteLoss, StopWhenDataEnds, say
 from utils.recipe import Args, ConfigError, world_size
@@ -161,12 +163,19 @@ def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int) -> 
     system_turn = json.loads((folder / "report.json").read_text()).get("system_turn", True)
     packed = {}
     for split, rows in data.items():
-        if split == "train":
-            rows = rows.select(handbook_order(rows.num_rows))
-        chars = [text_length(with_system_turn(m) if system_turn else m) for m in rows["messages"]]
-        chunks = pack_constant_length(rows["input_ids"], chars, seed=seed, seq_length=seq_length)
+        order = handbook_order(rows.num_rows) if split == "train" else np.arange(rows.num_rows)
+        chars = np.fromiter(
+            (
+                text_length(with_system_turn(m) if system_turn else m)
+                for batch in rows.select_columns(["messages"]).iter(batch_size=1000)
+                for m in batch["messages"]
+            ),
+            dtype=np.int64,
+            count=rows.num_rows,
+        )[order]
+        chunks = pack_constant_length(_RowIds(rows, order), chars, seed=seed, seq_length=seq_length)
         if len(chunks.input_ids):
-            packed[split] = datasets.Dataset.from_dict({"input_ids": chunks.input_ids.tolist()})
+            packed[split] = datasets.Dataset.from_dict({"input_ids": chunks.input_ids})
     if "train" not in packed:
         raise ConfigError(
             f"{folder} holds fewer than {seq_length} training tokens, too few for one packed row of max_length "
@@ -174,6 +183,18 @@ def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int) -> 
         )
     packed["train"].source_dialogues = data["train"].num_rows  # what TRL 0.7.x's dataset reported as its length
     return packed
+
+
+class _RowIds:
+    """The ``input_ids`` of prepared rows in ``order``, as numpy views of the Arrow column (no Python lists): a slice
+    gives the rows' id arrays, which is all ``pack_constant_length`` asks of them."""
+
+    def __init__(self, rows, order: np.ndarray):
+        column = rows.data.column("input_ids").combine_chunks()
+        self.offsets, self.values, self.order = column.offsets.to_numpy(), column.values.to_numpy(), order
+
+    def __getitem__(self, span: slice) -> list[np.ndarray]:
+        return [self.values[self.offsets[i] : self.offsets[i + 1]] for i in self.order[span]]
 
 
 # --- the trainer ---------------------------------------------------------------------------------------------------
