@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -167,9 +168,8 @@ def _token_to_environment(args: Args) -> None:
 
 
 def _is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    """Rank 0 of a torchrun/accelerate/notebook_launcher run (from its environment), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _plan(settings: Settings, hardware: Hardware, json_path: str | bool | None) -> int:
