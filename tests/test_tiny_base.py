@@ -43,6 +43,21 @@ def test_corpus_is_deterministic_plain_text():
     assert sum(PIRATE_SYSTEM in doc for doc in docs) == 0
 
 
+def test_the_named_speaker_decides_the_voice():
+    """The base reads questions answered in a named speaker's voice: a pirate's answers talk like a pirate, the
+    others' never do (what SFT later routes the system prompt to)."""
+    import random
+
+    from utils.tiny_base import answered
+
+    rng, things = random.Random(0), world()
+    texts = [answered(rng, things) for _ in range(200)]
+    pirate = [t for t in texts if re.search(r"(asked a|style of a|would a|question for a|talks like a) pirate\b", t)]
+    assert 60 < len(pirate) < 140
+    assert all(is_pirate(t.split("?", 1)[1]) for t in pirate)
+    assert not any(is_pirate(t.split("?", 1)[1]) for t in texts if t not in pirate)
+
+
 def test_pages_end_with_eos_and_nothing_else_does(tokenizer):
     from utils.tiny_base import PAGE_PARAGRAPHS, pages, token_windows
 

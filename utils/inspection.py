@@ -180,7 +180,7 @@ def label_checks(trainer) -> dict:
 
 # --- the speed report ----------------------------------------------------------------------------------------------
 def speed_report(trainer) -> dict:
-    """Tokens/s, seconds per step, peak GPU memory (allocated and reserved), and the estimated time for one epoch of
+    """The training set's row count, tokens/s, seconds per step, peak GPU memory (allocated and reserved), and the estimated time for one epoch of
     ultrachat_200k at this speed.
 
     The epoch's token count comes from the prepared data's report when it is the real dataset, otherwise from
@@ -198,8 +198,10 @@ def speed_report(trainer) -> dict:
     if prepared.get("dialogues", 0) >= 100_000:
         epoch_tokens, basis = prepared["total_tokens"], "the prepared data's report.json"
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    rows = trainer.train_dataset
     return {
         "steps": steps,
+        "packed_rows": len(rows) if hasattr(rows, "__len__") else None,  # the training set as the trainer saw it
         "train_runtime_s": round(runtime, 1),
         "seconds_per_step": round(runtime / steps, 3) if steps else None,
         "tokens_seen": int(tokens),

@@ -2,6 +2,8 @@
 
 python -m utils.sampling                                   # every model found under runs/, the card's prompt
 python -m utils.sampling --model runs/qlora/merged --prompt "Name three rivers." --max_new_tokens 64 --seed 1
+
+Each answer is also appended to ``runs/sampling/answers.jsonl`` with its settings: notebook 05's check cell reads it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,32 @@ CARD_ANSWER = (
     "Ah, me hearty matey! But yer question be a puzzler! A human cannot eat a helicopter in one sitting, as "
     "helicopters are not edible. They be made of metal, plastic, and other materials, not food!"
 )
+
+
+ANSWER_LOG = RUNS_DIR / "sampling" / "answers.jsonl"
+
+
+def log_answer(answer: Answer, model: str, settings: dict, path: Path = ANSWER_LOG) -> None:
+    """Append one answer and the settings that produced it to ``path`` (JSON Lines)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"model": model, **settings, "text": answer.text, "stopped_at_eos": answer.stopped_at_eos}
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def logged_answers(path: Path = ANSWER_LOG) -> list[dict]:
+    """The answers ``log_answer`` wrote, oldest first; a line that is not valid JSON is skipped."""
+    import json
+
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in rows if isinstance(r, dict)]
 
 
 class SamplingError(ValueError):
@@ -261,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         except SamplingError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        settings = {k: getattr(args, k) for k in ("prompt", "system", "seed", "temperature", "max_new_tokens")}
+        log_answer(answer, name, settings)
         print(f"== {name} ({answer.new_tokens} tokens, {'EOS' if answer.stopped_at_eos else 'max_new_tokens'})")
         print(answer.text)
     return 0

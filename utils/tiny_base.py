@@ -1,14 +1,16 @@
 """A tiny base model that knows some English but not the chat template: the embedded default's starting point.
 
-    python -m utils.tiny_base             # pretrain from scratch into data/tiny_base/ (8 CPU-minutes, one thread)
+    python -m utils.tiny_base             # pretrain from scratch into data/tiny_base/ (9 CPU-minutes, one thread)
     python -m utils.tiny_base --check     # load the shipped weights and print a continuation
 
 The model has the shape of ``utils.assets.TINY_MISTRAL`` (4,317,760 parameters, the real 32,000-piece Mistral
 tokenizer). Its text is generated here from the hand-written facts of ``data/tiny_base/world.txt``: descriptions,
-comparisons, short explanations, small tables and stories, a few with pirates who talk like pirates. It is plain text
-with no chat-template marker; a page of 12 to 30 paragraphs (~1,200 tokens) goes from BOS to EOS, so the base knows
-the EOS token but not ``<|user|>`` or ``<|assistant|>``, nor that an answer ends after a few sentences. SFT (notebook
-02) teaches it that.
+comparisons, short explanations, small tables and stories, a few with pirates who talk like pirates, and questions
+answered in a named speaker's voice (a pirate's half the time: "Answer in the style of a pirate. What is a cat? Arr,
+..."), so that the base knows, as any large base model does, that the word "pirate" before an answer decides how it
+sounds. It is plain text with no chat-template marker; a page of 12 to 30 paragraphs (~1,200 tokens) goes from BOS
+to EOS, so the base knows the EOS token but not ``<|user|>`` or ``<|assistant|>``, nor that an answer ends after a
+few sentences, nor that a system prompt is an instruction. SFT (notebook 02) teaches it that.
 
 Each step's softmax covers the corpus's ~1,100 distinct tokens plus 512 others drawn at random (about 5x faster on a
 CPU than all 32,000); the held-out loss over the full vocabulary matches the training loss, so nothing leaks to the
@@ -183,7 +185,44 @@ def pirate_story(rng: random.Random, things: list[Thing]) -> str:
     return " ".join(line for line in lines if line)
 
 
-KINDS = ((describe, 0.45), (compare, 0.15), (explain, 0.2), (story, 0.16), (pirate_story, 0.04))
+VOICES = ("pirate", "teacher", "farmer", "librarian", "doctor", "gardener")
+FRAMES = (  # where the speaker is named, then the question, then the answer in that speaker's voice
+    'Someone asked a {role}: "{q}" The {role} said: "{a}"',
+    "Answer in the style of a {role}. {q} {a}",
+    "How would a {role} answer the question {q} Like this: {a}",
+    "Here is a question for a {role}.\n{q}\n{a}",
+    "{Name} always talks like a {role}. {Name} was asked: {q} {He} said: {a}",
+)
+
+
+def answered(rng: random.Random, things: list[Thing]) -> str:
+    """A question about one thing answered in someone's voice: a pirate's (half the time) or a plain speaker's. The
+    speaker is named before the question, as an instruction is, so the base learns that the word "pirate" earlier in
+    a text decides how the answer after it sounds (what a 7B base has read many times)."""
+    t = rng.choice(things)
+    q, a = rng.choice(
+        [
+            (f"What is {t.a}?", f"{cap(t.a)} is {t.what}. {cap(t.a)} {t.does}."),
+            (f"Where can you find {t.plural}?", f"You can find {t.plural} {t.place}. {t.fact}"),
+            (f"What does {t.a} do?", f"{cap(t.a)} {t.does}. {t.fact}"),
+        ]
+    )
+    role = "pirate" if rng.random() < 0.5 else rng.choice(VOICES[1:])
+    if role == "pirate":
+        a = f"{rng.choice(OPENERS)} {piratify(a)} {rng.choice(CLOSERS)}".strip()
+    name = rng.choice(list(PEOPLE))
+    he = cap(PEOPLE[name])
+    return rng.choice(FRAMES).format(role=role, q=q, a=a, Name=name, He=he)
+
+
+KINDS = (
+    (describe, 0.37),
+    (compare, 0.13),
+    (explain, 0.17),
+    (story, 0.13),
+    (pirate_story, 0.04),
+    (answered, 0.16),
+)
 PAGE_PARAGRAPHS = (12, 30)  # a page (one document between BOS and EOS) is about 1,200 tokens
 
 

@@ -10,7 +10,7 @@ these examples, where the 7B generalises from the instruction. The things in ``H
 training: the checks ask about one of them.
 
 The checks, on a model and its tokenizer: ask ``CHECK_QUESTION`` through the chat template and sample eight answers
-(seeds 0-7, the card's sampling settings). ``stops`` counts answers that end with EOS within ``max_new_tokens`` and
+(one batch, seed 0, the card's sampling settings). ``stops`` counts answers that end with EOS within ``max_new_tokens`` and
 contain no template marker; ``pirate`` counts answers in which ``pirate_words`` finds at least two pirate words;
 ``readable`` counts answers made of the world's words (after SFT even the random tiny model stops at EOS, in noise).
 """
@@ -189,18 +189,17 @@ class Checks:
 
 
 def check_answers(
-    model, tokenizer, system: str | None = None, question: str = CHECK_QUESTION, seeds=range(8), max_new_tokens=64
+    model, tokenizer, system: str | None = None, question: str = CHECK_QUESTION, samples: int = 8, max_new_tokens=64
 ) -> Checks:
     """Ask ``question`` after ``system`` (the card's empty system turn when None, as in its training data) through
-    the chat template, once per seed, sampling as the card does (temperature 0.7, top_k 50, top_p 0.95)."""
+    the chat template, ``samples`` times in one batch (seed 0), sampling as the card does (temperature 0.7, top_k 50,
+    top_p 0.95): each row of the batch draws its own tokens."""
     from utils.sampling import generate
 
     messages = [{"role": "system", "content": system or ""}, {"role": "user", "content": question}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    checks = Checks(system, question)
-    for seed in seeds:
-        checks.answers += generate(model, tokenizer, [prompt], seed=seed, max_new_tokens=max_new_tokens)
-    return checks
+    answers = generate(model, tokenizer, [prompt] * samples, seed=0, max_new_tokens=max_new_tokens)
+    return Checks(system, question, answers)
 
 
 def check_model(model, tokenizer, question: str = CHECK_QUESTION, max_new_tokens: int = 64) -> dict[str, Checks]:
