@@ -11,8 +11,10 @@ import sys
 import nbformat
 import pytest
 
-from utils import REPO_ROOT
+from utils import REPO_ROOT, exercises
+from utils.curves import PLANTED_TRUTH
 from utils.notebook_runner import notebooks, run_notebook
+from utils.sampling import logged_answers
 from utils.setup_cell import SETUP_CELL
 from utils.tiny_dialogues import loss_halved
 
@@ -33,7 +35,8 @@ def test_stored_without_outputs_and_with_parameters(path):
     assert len(tagged) == 1 and 'PROFILE = "auto"' in tagged[0].source
     assert nb.cells[0].cell_type == "markdown" and "**Hardware.**" in nb.cells[0].source
     assert "**Time.**" in nb.cells[0].source
-    assert "## Try this" in nb.cells[-1].source
+    assert "## Try this" in nb.cells[-2].source  # the exercises, then the cell that checks the learner's runs
+    assert nb.cells[-1] is code[-1] and f"exercises.notebook_{path.name[:2]}(" in code[-1].source
     assert code[0].source == SETUP_CELL  # one set-up cell, kept in utils/setup_cell.py
 
 
@@ -80,6 +83,7 @@ def test_notebook_01(series):
     assert "today : [('<0x0A>', 13), ('</s>', 2), ('<0x0A>', 13), ('<', 28789)" in texts["01"]
     assert "50 tokens the card's way, 47 today's" in texts["01"]
     assert (base / "processed" / "report.json").is_file()
+    assert '· FILTERS = "all": not tried (this run: FILTERS = \'auto\', 11 rows dropped' in texts["01"]  # the check
 
 
 def test_notebook_02(series):
@@ -96,6 +100,7 @@ def test_notebook_02(series):
     assert json.loads((base / "runs" / "qlora" / "run.json").read_text())["status"] == "finished"
     history = json.loads((base / "runs" / "qlora" / "trainer_state.json").read_text())["log_history"]
     assert loss_halved([h["loss"] for h in history if "loss" in h])  # the tiny base visibly learns
+    assert "· rank 64: not run yet (runs/qlora-r64)" in texts["02"]  # the check cell
 
 
 def test_notebook_03(series):
@@ -111,6 +116,7 @@ def test_notebook_03(series):
     assert "Changed from configs/sft_full.yaml for this run" in texts["03"]  # the 2-process run's diff
     assert re.search(r"\[rank 0/2\] holds [\d,]+ of 4,317,760 parameters \(50%\)", texts["03"])  # FSDP
     assert "checkpoints: ['checkpoint-4'] | trainer_state.json: True" in texts["03"]
+    assert "· accumulation, 16 GPUs x 4: no prediction yet" in texts["03"]  # the check cell
 
 
 def test_notebook_04(series):
@@ -118,6 +124,7 @@ def test_notebook_04(series):
     assert "full         4 train logs" in texts["04"] and "qlora        154 train logs" in texts["04"]
     assert "planted A: no diagnosis yet (choose from: learning rate x10, no warm-up, overfitting)" in texts["04"]
     assert (base / "plots" / "loss_curves.png").is_file() and (base / "plots" / "loss_curves.svg").is_file()
+    assert "· SMOOTHING = 0: not tried" in texts["04"] and "· DIAGNOSIS: not made yet" in texts["04"]
 
 
 def test_notebook_05(series):
@@ -126,7 +133,22 @@ def test_notebook_05(series):
     assert "re-ran full with seed 42: identical answers" in texts["05"]
     assert re.search(r"full: \d of 4 answers ended at EOS", texts["05"])
     assert "GPU memory: no GPU" in texts["05"]
-    assert "question: 'What is a kettle?', 8 seeds each" in texts["05"]
+    assert "question: 'What is a kettle?', 8 answers each" in texts["05"]
+    counts = {
+        (name, mode): (int(stops), int(pirate))
+        for name, mode, stops, pirate in re.findall(
+            r"^(base|qlora \(4-bit \+ adapter\)) +(pirate prompt|no system prompt) *: (\d)/8 stop at </s>, "
+            r"(\d)/8 talk like a pirate$",
+            texts["05"],
+            re.MULTILINE,
+        )
+    }
+    assert len(counts) == 4, texts["05"]
+    tuned, base = "qlora (4-bit + adapter)", "base"
+    assert counts[tuned, "pirate prompt"][0] >= 7 and counts[tuned, "no system prompt"][0] >= 7  # learned the stop
+    assert counts[tuned, "pirate prompt"][1] >= 6 and counts[tuned, "no system prompt"][1] <= 2  # and the persona
+    assert counts[base, "pirate prompt"] == (0, 0) and counts[base, "no system prompt"][0] == 0  # the base: neither
+    assert "· almost greedy: run both commands" in texts["05"]  # the check cell, nothing tried yet
 
 
 def test_executed_outputs_are_clean(series):
@@ -136,7 +158,9 @@ def test_executed_outputs_are_clean(series):
         nb = nbformat.read(path, as_version=4)
         for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
             streams = [o for o in cell.outputs if o.output_type == "stream"]
-            assert len(streams) <= len({o.name for o in streams}) + 1, (path.name, i)  # stderr may split stdout once
+            runs = "".join("s" if o.output_type == "stream" else "|" for o in cell.outputs).split("|")
+            displays = len(runs) - 1  # a display (a table, the Trainer's progress) splits the text around it
+            assert len(streams) <= len({o.name for o in streams}) + 1 + displays, (path.name, i)  # stderr may split once
             text = "".join(o.text for o in streams)
             assert "\r" not in text and "Warning" not in text and "warn(" not in text, (path.name, i, text[-300:])
             for output in cell.outputs:
@@ -172,7 +196,7 @@ def test_a_finished_notebook_run_is_recognised(series):
 # --- every "Try this" runs exactly as written ------------------------------------------------------------------------
 def _try_this(path):
     """The exercises of a notebook: parameter assignments and shell commands, in backticks."""
-    text = nbformat.read(path, as_version=4).cells[-1].source
+    text = nbformat.read(path, as_version=4).cells[-2].source
     params = re.findall(r"`([A-Z_]+) = ([^`]+)`", text)
     commands = re.findall(r"`((?:python -m|torchrun) [^`]+)`", text)
     return params, commands
@@ -195,11 +219,16 @@ def test_try_this_parameters_run(number, series, tmp_path):
                 **{**extra[number], name: ast.literal_eval(value)},
             )
         )
-        assert "collection at" in text
+        if name == "DIAGNOSIS":  # the Try this asks whether its diagnosis is right: the check cell knows
+            right = ast.literal_eval(value) == PLANTED_TRUTH
+            assert f"{'✓' if right else '✗'} DIAGNOSIS: {3 if right else ''}" in text
+        else:  # the check cell saw the run show what the folded answer says
+            assert f"✓ {name} = {value}: " in text, text[-1500:]
 
 
 @pytest.mark.parametrize("number", ["02", "03", "05"])
-def test_try_this_commands_run(number, tmp_path):
+def test_try_this_commands_run(number, series, tmp_path):
+    base, _ = series
     path = next(p for p in ALL if p.name.startswith(number))
     params, commands = _try_this(path)
     assert len(commands) >= 3 and not params
@@ -210,6 +239,7 @@ def test_try_this_commands_run(number, tmp_path):
         "PYTHONPATH": str(REPO_ROOT),
         "HF_HUB_OFFLINE": "1",
         "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+        "MISTRAL_SFT_RUNS": str(base / "runs"),  # sampling finds the series' models and logs its answers there
     }
     for command in commands:
         result = subprocess.run(
@@ -219,6 +249,15 @@ def test_try_this_commands_run(number, tmp_path):
     if number == "02":  # "run any of them a second time": nothing is trained or rewritten
         again = subprocess.run(shlex.split(commands[0]), cwd=tmp_path, env=env, capture_output=True, text=True)
         assert again.returncode == 0 and "already trained: 4/4 steps in runs/qlora-r64" in again.stdout
+    # the notebook's check cell, on what the commands left
+    if number == "02":
+        lines = exercises.notebook_02(tmp_path / "runs", main_run=base / "runs" / "qlora")
+    elif number == "03":
+        lines = exercises.notebook_03({"accumulation, 16 GPUs x 4": 8}, tmp_path / "runs")
+    else:
+        lines = exercises.notebook_05(logged_answers(base / "runs" / "sampling" / "answers.jsonl"))
+    tried = [line for line in lines if not line.startswith("·")]
+    assert len(tried) == {"02": 3, "03": 2, "05": 3}[number] and all(line.startswith("✓") for line in tried), lines
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)

@@ -6,6 +6,7 @@ Each module is named for its stage: ``hardware`` (profiles), ``assets`` (tokeniz
 model and data), ``sampling`` (notebook 05), ``curves`` (notebook 04), ``notebook_runner`` (``make tutorial``).
 """
 
+import os
 import warnings
 from pathlib import Path
 
@@ -17,4 +18,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
 DATA_DIR = REPO_ROOT / "data"
 SAMPLE_DIR = DATA_DIR / "sample"
-RUNS_DIR = REPO_ROOT / "runs"
+# Where runs, plots and logged answers go; MISTRAL_SFT_RUNS moves them (a bigger disk, /kaggle/working). The embedded
+# default's model stays in the checkout (utils.assets).
+RUNS_DIR = Path(os.environ.get("MISTRAL_SFT_RUNS") or REPO_ROOT / "runs")

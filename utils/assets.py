@@ -13,10 +13,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from utils import CONFIGS_DIR, RUNS_DIR
+from utils import CONFIGS_DIR, REPO_ROOT
 
 CHAT_TEMPLATE_FILE = CONFIGS_DIR / "chat_template.jinja"
-ASSETS_DIR = RUNS_DIR / "assets"
+ASSETS_DIR = REPO_ROOT / "runs" / "assets"
 EMBEDDED_TOKENIZER_DIR = ASSETS_DIR / "mistral-7b-tokenizer"
 TINY_MODEL_DIR = ASSETS_DIR / "tiny-mistral"
 

@@ -52,6 +52,7 @@ def notebook_01(out: str | Path, filters: str, system_turn: bool, source: str, h
         "source": str(source),
         "filters": filters,
         "system_turn": system_turn,
+        "tokenization": report.get("tokenization"),
         "train_tokens": report["outputs"]["train"]["total_tokens"],
         "without_own_system": len(train) - own_system,
     }
@@ -81,7 +82,8 @@ def _check_system_turn(seen: dict, history: list[dict]) -> str:
     item = "SYSTEM_TURN = False"
     if seen["system_turn"]:
         return _line(None, item, f"not tried (this run's train split: {seen['train_tokens']:,} tokens)")
-    same = [h for h in history if h["system_turn"] and (h["source"], h["filters"]) == (seen["source"], seen["filters"])]
+    key = ("source", "filters", "tokenization")
+    same = [h for h in history if h["system_turn"] and all(h.get(k) == seen[k] for k in key)]
     if not same:
         return _line(None, item, "run the notebook once with SYSTEM_TURN = True as well, then this cell again")
     lost = same[-1]["train_tokens"] - seen["train_tokens"]
@@ -109,7 +111,7 @@ def adapter_parameters(adapter: Path) -> int:
     from safetensors import safe_open
 
     with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (a safetensors handle)
 
 
 def _finished(folder: Path) -> bool:
@@ -133,11 +135,16 @@ def notebook_02(runs_dir: str | Path = RUNS_DIR, main_run: str | Path | None = N
         than = f", {n64 / n16:.1f}x rank 16's {n16:,}" if n16 else ""
         lines.append(_line(ok, "rank 64", f"r = {r}, {n64:,} adapter parameters{than}"))
     split = runs / "qlora-split"
-    rows = {name: (_json(folder / "speed.json") or {}).get("packed_rows") for name, folder in (("bfd", main), ("bfd_split", split))}
+    rows = {
+        name: (_json(folder / "speed.json") or {}).get("packed_rows")
+        for name, folder in (("bfd", main), ("bfd_split", split))
+    }
     if not _finished(split):
         lines.append(_line(None, "bfd_split", "not run yet (runs/qlora-split)"))
     elif rows["bfd"] is None:
-        lines.append(_line(None, "bfd_split", f"{rows['bfd_split']} packed rows; run the notebook's own run to compare"))
+        lines.append(
+            _line(None, "bfd_split", f"{rows['bfd_split']} packed rows; run the notebook's own run to compare")
+        )
     else:
         ok = rows["bfd_split"] > rows["bfd"]
         lines.append(_line(ok, "bfd_split", f"{rows['bfd_split']} packed rows, against {rows['bfd']} with bfd"))
@@ -175,18 +182,17 @@ def notebook_03(predictions: dict, runs_dir: str | Path = RUNS_DIR) -> list[str]
     lines = []
     for key, (gpus, per_device) in {"accumulation, 16 GPUs x 4": (16, 4), "accumulation, 4 GPUs x 2": (4, 2)}.items():
         truth, guess = accumulation_for(512, gpus, per_device), predictions.get(key)
-        said = f"{truth} ({per_device} x {gpus} x {truth} = 512)"
-        lines.append(_line(None if guess is None else guess == truth, key, f"you said {guess}, it is {said}"))
+        said = f"you said {guess}, it is {truth} ({per_device} x {gpus} x {truth} = 512)"
+        lines.append(_line(None, key, "no prediction yet") if guess is None else _line(guess == truth, key, said))
     lines.append(_check_ranks(Path(runs_dir) / "full-bs1"))
     fsdp, zero3 = (estimate(s, 8, 80).total for s in ("fsdp", "zero3"))
     truth = "same" if abs(fsdp - zero3) < 0.05 else "fsdp" if fsdp < zero3 else "zero3"
     guess = predictions.get("less memory per GPU on 8 GPUs: fsdp, zero3 or same")
+    said = f"you said {guess}, the estimate says {truth} ({fsdp:.1f} vs {zero3:.1f} GiB per GPU)"
     lines.append(
-        _line(
-            None if guess is None else guess == truth,
-            "fsdp or zero3",
-            f"you said {guess}, the estimate says {truth} ({fsdp:.1f} vs {zero3:.1f} GiB per GPU)",
-        )
+        _line(None, "fsdp or zero3", "no prediction yet")
+        if guess is None
+        else _line(guess == truth, "fsdp or zero3", said)
     )
     return lines
 
@@ -224,14 +230,24 @@ def notebook_05(answers: list[dict]) -> list[str]:
         lines.append(_line(None, "almost greedy", "run both commands (seeds 1 and 2 at temperature 0.01)"))
     else:
         same = sum(compared.values())
-        lines.append(_line(same == len(compared), "almost greedy", f"{same} of {len(compared)} models gave the same answer for every seed"))
+        lines.append(
+            _line(
+                same == len(compared),
+                "almost greedy",
+                f"{same} of {len(compared)} models gave the same answer for every seed",
+            )
+        )
     plain = [a for a in answers if a.get("prompt") and not a.get("system") and a["model"] != "base"]
     if not plain:
         lines.append(_line(None, "without the system message", "run the command with --prompt"))
     else:
         pirates = sum(is_pirate(a["text"]) for a in plain)
         lines.append(
-            _line(pirates <= len(plain) / 2, "without the system message", f"{pirates} of {len(plain)} fine-tuned answers talk like a pirate")
+            _line(
+                pirates <= len(plain) / 2,
+                "without the system message",
+                f"{pirates} of {len(plain)} fine-tuned answers talk like a pirate",
+            )
         )
     hot = [a for a in answers if a.get("temperature", 0) >= 1.5 and a.get("prompt") is None]
 
@@ -244,4 +260,49 @@ def notebook_05(answers: list[dict]) -> list[str]:
     else:
         h, c = statistics.mean(share(a["text"]) for a in hot), statistics.mean(share(a["text"]) for a in cold)
         lines.append(_line(h < c, "hot sampling", f"{h:.0%} of the words at 1.5 are the tiny world's, {c:.0%} at 0.01"))
+    return lines
+
+
+# --- notebook 04 ------------------------------------------------------------------------------------------------------
+def notebook_04(runs: list, smoothing: float, x_axis: str, diagnosis: dict) -> list[str]:
+    """The items of notebook 04 on the runs it plotted (``utils.curves.RunLog``) and the learner's diagnosis."""
+    from utils.curves import PLANTED_TRUTH, ema
+
+    curves = {r.name: r.train.get("loss", []) for r in runs if len(r.train.get("loss", [])) >= 4}
+    if not curves:
+        return [_line(None, "notebook 04", "no run with 4 or more logged losses: run notebook 02 first")]
+    jumps = {
+        name: statistics.mean(abs(b - a) for a, b in zip(loss, loss[1:], strict=False)) for name, loss in curves.items()
+    }
+    noisiest = max(jumps, key=jumps.get)
+    said = f"raw, the noisiest curve is {noisiest}'s (its loss jumps {jumps[noisiest]:.2f} per logged step)"
+    lines = [_line(True if smoothing == 0 else None, "SMOOTHING = 0", said if smoothing == 0 else "not tried")]
+    longest = max(curves, key=lambda name: len(curves[name]))
+    loss = curves[longest]
+    lag = [s - raw for s, raw in zip(ema(loss, 0.99), loss, strict=True)]
+    worst = max(range(len(lag)), key=lambda i: lag[i])
+    lines.append(
+        _line(
+            worst < len(loss) / 2 if smoothing == 0.99 else None,
+            "SMOOTHING = 0.99",
+            f"on {longest}, the smoothed line is furthest above the raw one at logged step {worst + 1} of {len(loss)}"
+            if smoothing == 0.99
+            else "not tried",
+        )
+    )
+    per_step = {r.name: (r.train.get("tokens") or [0])[-1] / r.train["step"][-1] for r in runs if r.name in curves}
+    if x_axis != "tokens" or not all(per_step.values()):
+        lines.append(_line(None, 'X_AXIS = "tokens"', "not tried"))
+    else:
+        differ = max(per_step.values()) > 1.1 * min(per_step.values())
+        text = ", ".join(f"{name} {n:,.0f}" for name, n in per_step.items())
+        lines.append(_line(differ or len(per_step) == 1, 'X_AXIS = "tokens"', f"tokens per step: {text}"))
+    right = sum((diagnosis or {}).get(k, "").strip().lower() == v for k, v in PLANTED_TRUTH.items())
+    lines.append(
+        _line(
+            None if not diagnosis else right == len(PLANTED_TRUTH),
+            "DIAGNOSIS",
+            f"{right} of {len(PLANTED_TRUTH)} planted runs diagnosed right" if diagnosis else "not made yet",
+        )
+    )
     return lines

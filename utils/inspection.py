@@ -180,8 +180,8 @@ def label_checks(trainer) -> dict:
 
 # --- the speed report ----------------------------------------------------------------------------------------------
 def speed_report(trainer) -> dict:
-    """The training set's row count, tokens/s, seconds per step, peak GPU memory (allocated and reserved), and the estimated time for one epoch of
-    ultrachat_200k at this speed.
+    """The training set's row count, tokens/s, seconds per step, peak GPU memory (allocated and reserved), and the
+    estimated time for one epoch of ultrachat_200k at this speed.
 
     The epoch's token count comes from the prepared data's report when it is the real dataset, otherwise from
     ultrachat_200k's typical 1,400 tokens per dialogue (the sample's dialogues are much shorter).

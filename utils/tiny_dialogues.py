@@ -9,10 +9,11 @@ the style of a teacher", so that only the word "pirate" tells the two apart. A t
 these examples, where the 7B generalises from the instruction. The things in ``HELD_OUT`` are never asked about in
 training: the checks ask about one of them.
 
-The checks, on a model and its tokenizer: ask ``CHECK_QUESTION`` through the chat template and sample eight answers
-(one batch, seed 0, the card's sampling settings). ``stops`` counts answers that end with EOS within ``max_new_tokens`` and
-contain no template marker; ``pirate`` counts answers in which ``pirate_words`` finds at least two pirate words;
-``readable`` counts answers made of the world's words (after SFT even the random tiny model stops at EOS, in noise).
+The checks, on a model and its tokenizer: ask ``CHECK_QUESTION`` through the chat template and sample eight
+answers (one batch, seed 0, the card's sampling settings). ``stops`` counts answers that end with EOS within
+``max_new_tokens`` and contain no template marker; ``pirate`` counts answers in which ``pirate_words`` finds at
+least two pirate words; ``readable`` counts answers made of the world's words (after SFT even the random tiny model
+stops at EOS, in noise).
 """
 
 from __future__ import annotations
