@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
 	@if $(PY) -m pip install --quiet --disable-pip-version-check uv==0.13.9; then \
 		echo "installing the pinned packages with uv"; \
-		$(VENV)/bin/uv pip install --quiet --python $(PY) -r requirements.txt -r requirements-dev.txt; \
+		$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -r requirements.txt -r requirements-dev.txt; \
 	else \
 		echo "uv unavailable: installing the pinned packages with pip (a few minutes)"; \
 		$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt; \

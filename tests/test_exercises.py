@@ -27,11 +27,11 @@ def test_notebook_02_marks_each_run(tmp_path):
     assert [line[0] for line in exercises.notebook_02(tmp_path, main)] == ["·"] * 4  # nothing tried
     _run(tmp_path / "qlora-r64", adapter_rows=64, r=64)
     _run(tmp_path / "qlora-split", rows=78)
-    _run(tmp_path / "qlora-10", lrs=[0.01, 0.009, 0.005])
+    _run(tmp_path / "qlora-10", lrs=[0.0, 0.01, 0.01, 0.005])  # the first step at the peak counts
     lines = exercises.notebook_02(tmp_path, main)
     assert lines[0] == "✓ rank 64: r = 64, 512 adapter parameters, 4.0x rank 16's 128"
     assert lines[1] == "✓ bfd_split: 78 packed rows, against 77 with bfd"
-    assert lines[2] == "✓ ten steps: the learning rate peaks at step 1 (0.01)"
+    assert lines[2] == "✓ ten steps: the learning rate is 0 at step 1 and peaks at step 2 (0.01)"
     assert lines[3].startswith("· a second run: last written: qlora-r64 ")
 
 

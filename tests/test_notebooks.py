@@ -53,7 +53,7 @@ def series(tmp_path_factory):
     params = {
         "01": dict(OUT=str(base / "processed")),
         "02": dict(OUTPUT_DIR=str(runs / "qlora")),
-        "03": dict(OUTPUT_DIR=str(runs / "full"), LAUNCH_DIR=str(runs / "qlora-ddp"), SMOKE_STEPS=4),
+        "03": dict(LAUNCH_DIR=str(runs / "qlora-ddp"), SMOKE_STEPS=4),
         "04": dict(RUNS=str(runs), PLOTS=str(base / "plots")),
         "05": dict(RUNS=str(runs), MAX_NEW_TOKENS=32),
     }
@@ -113,7 +113,7 @@ def test_notebook_03(series):
     launched = json.loads((base / "runs" / "qlora-ddp" / "run.json").read_text())
     assert launched["status"] == "finished" and launched["settings"]["world_size"] == 2
     assert "rank 0 of 2, 4 steps; its own loss per step: " in texts["03"] and "rank 1 of 2, 4 steps;" in texts["03"]
-    assert "Changed from configs/sft_full.yaml for this run" in texts["03"]  # the 2-process run's diff
+    assert "Changed from configs/sft_qlora.yaml for this run" in texts["03"]  # the 2-process run's diff
     assert re.search(r"\[rank 0/2\] holds [\d,]+ of 4,317,760 parameters \(50%\)", texts["03"])  # FSDP
     assert "checkpoints: ['checkpoint-4'] | trainer_state.json: True" in texts["03"]
     assert "· accumulation, 16 GPUs x 4: no prediction yet" in texts["03"]  # the check cell
@@ -121,7 +121,7 @@ def test_notebook_03(series):
 
 def test_notebook_04(series):
     base, texts = series
-    assert "full         4 train logs" in texts["04"] and "qlora        154 train logs" in texts["04"]
+    assert "qlora-ddp    4 train logs" in texts["04"] and "qlora        154 train logs" in texts["04"]
     assert "planted A: no diagnosis yet (choose from: learning rate x10, no warm-up, overfitting)" in texts["04"]
     assert (base / "plots" / "loss_curves.png").is_file() and (base / "plots" / "loss_curves.svg").is_file()
     assert "· SMOOTHING = 0: not tried" in texts["04"] and "· DIAGNOSIS: not made yet" in texts["04"]
@@ -130,8 +130,8 @@ def test_notebook_04(series):
 def test_notebook_05(series):
     _, texts = series
     assert "You are a friendly chatbot who always responds in the style of a pirate</s>" in texts["05"]
-    assert "re-ran full with seed 42: identical answers" in texts["05"]
-    assert re.search(r"full: \d of 4 answers ended at EOS", texts["05"])
+    assert "re-ran qlora (merged) with seed 42: identical answers" in texts["05"]
+    assert re.search(r"qlora \(merged\): \d of 4 answers ended at EOS", texts["05"])
     assert "GPU memory: no GPU" in texts["05"]
     assert "question: 'What is a kettle?', 8 answers each" in texts["05"]
     counts = {

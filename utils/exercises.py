@@ -154,8 +154,11 @@ def notebook_02(runs_dir: str | Path = RUNS_DIR, main_run: str | Path | None = N
     else:
         history = (_json(ten / "trainer_state.json") or {}).get("log_history", [])
         lrs = [(h["learning_rate"], h["step"]) for h in history if "learning_rate" in h]
-        peak, step = max(lrs)
-        lines.append(_line(step == 1, "ten steps", f"the learning rate peaks at step {step} ({peak:g})"))
+        peak = max(lr for lr, _ in lrs)
+        step = next(s for lr, s in lrs if lr == peak)  # the first step at the peak
+        first = lrs[0][0]
+        said = f"the learning rate is {first:g} at step 1 and peaks at step {step} ({peak:g})"
+        lines.append(_line(step == 2, "ten steps", said))  # one warm-up step from 0, then the peak
     done = [f for f in (r64, split, ten) if _finished(f)]
     if not done:
         lines.append(_line(None, "a second run", "run one of the commands first"))
