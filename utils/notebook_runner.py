@@ -60,6 +60,9 @@ def run_notebook(
                 kernel_name="python3",
                 progress_bar=progress_bar,
                 log_output=False,
+                # ipykernel 7.4 warns on every start that its local TCP socket is unencrypted: nothing a learner can
+                # act on (the kernel listens on 127.0.0.1 only); its errors still show
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
             )
         finally:
             tidy(out)
