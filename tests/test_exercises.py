@@ -63,7 +63,9 @@ def test_notebook_03_compares_predictions_and_reads_each_ranks_losses(tmp_path):
 
 
 def test_notebook_05_reads_the_logged_answers():
-    cold = [{"model": "qlora", "prompt": None, "temperature": 0.01, "seed": s, "text": "A kettle boils."} for s in (1, 2)]
+    cold = [
+        {"model": "qlora", "prompt": None, "temperature": 0.01, "seed": s, "text": "A kettle boils."} for s in (1, 2)
+    ]
     plain = [{"model": "qlora", "prompt": "What is a kettle?", "system": None, "text": "Arr, matey! It be hot."}]
     hot = [{"model": "qlora", "prompt": None, "temperature": 1.5, "seed": 1, "text": "Kettle zork flimble."}]
     lines = exercises.notebook_05(cold + plain + hot)

@@ -83,7 +83,7 @@ def test_notebook_01(series):
     assert "today : [('<0x0A>', 13), ('</s>', 2), ('<0x0A>', 13), ('<', 28789)" in texts["01"]
     assert "50 tokens the card's way, 47 today's" in texts["01"]
     assert (base / "processed" / "report.json").is_file()
-    assert '· FILTERS = "all": not tried (this run: FILTERS = \'auto\', 11 rows dropped' in texts["01"]  # the check
+    assert "· FILTERS = \"all\": not tried (this run: FILTERS = 'auto', 11 rows dropped" in texts["01"]  # the check
 
 
 def test_notebook_02(series):
@@ -160,7 +160,10 @@ def test_executed_outputs_are_clean(series):
             streams = [o for o in cell.outputs if o.output_type == "stream"]
             runs = "".join("s" if o.output_type == "stream" else "|" for o in cell.outputs).split("|")
             displays = len(runs) - 1  # a display (a table, the Trainer's progress) splits the text around it
-            assert len(streams) <= len({o.name for o in streams}) + 1 + displays, (path.name, i)  # stderr may split once
+            assert len(streams) <= len({o.name for o in streams}) + 1 + displays, (
+                path.name,
+                i,
+            )  # stderr may split once
             text = "".join(o.text for o in streams)
             assert "\r" not in text and "Warning" not in text and "warn(" not in text, (path.name, i, text[-300:])
             for output in cell.outputs:
