@@ -31,3 +31,14 @@ def tokenizer():
     from utils.assets import load_tokenizer
 
     return load_tokenizer(None)
+
+
+@pytest.fixture
+def command_env() -> dict:
+    """The environment of a learner's terminal in the collection: utils importable, offline, the venv's tools first."""
+    import sys
+
+    from utils import REPO_ROOT
+
+    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "PATH": path}

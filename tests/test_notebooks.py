@@ -13,7 +13,7 @@ import pytest
 
 from utils import REPO_ROOT, exercises
 from utils.curves import PLANTED_TRUTH
-from utils.notebook_runner import notebooks, run_notebook
+from utils.notebook_runner import notebooks, printed_text, run_notebook
 from utils.sampling import logged_answers
 from utils.setup_cell import SETUP_CELL
 from utils.tiny_dialogues import loss_halved
@@ -40,11 +40,6 @@ def test_stored_without_outputs_and_with_parameters(path):
     assert code[0].source == SETUP_CELL  # one set-up cell, kept in utils/setup_cell.py
 
 
-def _outputs(executed):
-    nb = json.loads(executed.read_text())
-    return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
-
-
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):
     """Run 01 to 05 in the smoke profile, as `make tutorial` does; 04 and 05 read what 02 and 03 wrote."""
@@ -60,7 +55,7 @@ def series(tmp_path_factory):
     texts = {}
     for path in ALL:
         number = path.name[:2]
-        texts[number] = _outputs(
+        texts[number] = printed_text(
             run_notebook(path, "smoke", out_dir=base / "executed", progress_bar=False, **params[number])
         )
     return base, texts
@@ -184,7 +179,7 @@ def test_a_finished_notebook_run_is_recognised(series):
     base, _ = series
     adapter = base / "runs" / "qlora" / "adapter" / "adapter_model.safetensors"
     before = adapter.stat().st_mtime_ns
-    text = _outputs(
+    text = printed_text(
         run_notebook(
             ALL[1], "smoke", out_dir=base / "again", progress_bar=False, OUTPUT_DIR=str(base / "runs" / "qlora")
         )
@@ -197,29 +192,20 @@ def test_a_finished_notebook_run_is_recognised(series):
 
 
 # --- every "Try this" runs exactly as written ------------------------------------------------------------------------
-def _try_this(path):
-    """The exercises of a notebook: parameter assignments and shell commands, in backticks."""
-    text = nbformat.read(path, as_version=4).cells[-2].source
-    params = re.findall(r"`([A-Z_]+) = ([^`]+)`", text)
-    commands = re.findall(r"`((?:python -m|torchrun) [^`]+)`", text)
-    return params, commands
-
-
-@pytest.mark.parametrize("number", ["01", "04"])
-def test_try_this_parameters_run(number, series, tmp_path):
+def test_try_this_04_parameters_run(series, tmp_path):
+    """Notebook 04's items on the series' runs (01's are in test_try_this.py)."""
     base, _ = series
-    path = next(p for p in ALL if p.name.startswith(number))
-    params, commands = _try_this(path)
+    path = next(p for p in ALL if p.name.startswith("04"))
+    params, commands = exercises.try_this_items(path)
     assert len(params) >= 3 and not commands
-    extra = {"01": dict(OUT=str(tmp_path / "processed")), "04": dict(RUNS=str(base / "runs"), PLOTS=str(tmp_path))}
     for name, value in params:
-        text = _outputs(
+        text = printed_text(
             run_notebook(
                 path,
                 "smoke",
                 out_dir=tmp_path / name,
                 progress_bar=False,
-                **{**extra[number], name: ast.literal_eval(value)},
+                **{"RUNS": str(base / "runs"), "PLOTS": str(tmp_path), name: ast.literal_eval(value)},
             )
         )
         if name == "DIAGNOSIS":  # the Try this asks whether its diagnosis is right: the check cell knows
@@ -229,38 +215,17 @@ def test_try_this_parameters_run(number, series, tmp_path):
             assert f"✓ {name} = {value}: " in text, text[-1500:]
 
 
-@pytest.mark.parametrize("number", ["02", "03", "05"])
-def test_try_this_commands_run(number, series, tmp_path):
+def test_try_this_05_commands_run(series, tmp_path, command_env):
+    """Notebook 05's commands sample the series' models (02's and 03's are in test_try_this.py)."""
     base, _ = series
-    path = next(p for p in ALL if p.name.startswith(number))
-    params, commands = _try_this(path)
-    assert len(commands) >= 3 and not params
-    for name in ("configs", "data"):  # the commands name these relative to the collection
-        (tmp_path / name).symlink_to(REPO_ROOT / name)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO_ROOT),
-        "HF_HUB_OFFLINE": "1",
-        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
-        "MISTRAL_SFT_RUNS": str(base / "runs"),  # sampling finds the series' models and logs its answers there
-    }
+    _, commands = exercises.try_this_items(next(p for p in ALL if p.name.startswith("05")))
+    assert len(commands) >= 3
+    env = {**command_env, "MISTRAL_SFT_RUNS": str(base / "runs")}  # sampling logs its answers there too
     for command in commands:
-        result = subprocess.run(
-            shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-        )
+        result = subprocess.run(shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True)
         assert result.returncode == 0, (command, result.stderr[-2000:])
-    if number == "02":  # "run any of them a second time": nothing is trained or rewritten
-        again = subprocess.run(shlex.split(commands[0]), cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert again.returncode == 0 and "already trained: 4/4 steps in runs/qlora-r64" in again.stdout
-    # the notebook's check cell, on what the commands left
-    if number == "02":
-        lines = exercises.notebook_02(tmp_path / "runs", main_run=base / "runs" / "qlora")
-    elif number == "03":
-        lines = exercises.notebook_03({"accumulation, 16 GPUs x 4": 8}, tmp_path / "runs")
-    else:
-        lines = exercises.notebook_05(logged_answers(base / "runs" / "sampling" / "answers.jsonl"))
-    tried = [line for line in lines if not line.startswith("·")]
-    assert len(tried) == {"02": 3, "03": 2, "05": 3}[number] and all(line.startswith("✓") for line in tried), lines
+    lines = exercises.notebook_05(logged_answers(base / "runs" / "sampling" / "answers.jsonl"))
+    assert len(lines) == 3 and all(line.startswith("✓") for line in lines), lines  # the check cell, on the log
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import RECIPE, smoke_argv
 
 from utils import REPO_ROOT, sft
 from utils.hardware import PROFILES
@@ -18,8 +19,6 @@ from utils.inspection import label_checks, print_recipe_changes, recipe_changes
 from utils.model import count_parameters, load_adapter, load_model, merge_adapter
 from utils.recipe import MISTRAL_LINEAR_MODULES, resolve
 from utils.training import build_trainer, run_training, start_run
-
-RECIPE = str(REPO_ROOT / "configs" / "sft_qlora.yaml")
 
 
 def smoke_settings(output_dir, *extra):
@@ -248,29 +247,8 @@ def test_merged_model_matches_base_plus_adapter(trained):
     assert (a - b).abs().max() / a.abs().max() < 2e-2
 
 
-def _args(out, max_steps: int, save_steps: int, *extra) -> list[str]:
-    """A smoke run of the recipe without merge or evaluation, as the command line takes it."""
-    return [
-        "--config",
-        RECIPE,
-        "--profile",
-        "smoke",
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        str(max_steps),
-        "--save_steps",
-        str(save_steps),
-        "--merge",
-        "false",
-        "--eval_strategy",
-        "no",
-        *extra,
-    ]
-
-
 def _run(out, extra=()):
-    cmd = [sys.executable, "-m", "utils.sft", *_args(out, 8, 4, *extra)]
+    cmd = [sys.executable, "-m", "utils.sft", *smoke_argv(out, *extra, steps=8, save=4)]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -306,7 +284,7 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
 
 # --- re-runs, changed settings, two runs at once, damaged checkpoints ------------------------------------------------
 def _cli(out, *extra):
-    return sft.main(_args(out, 4, 2, *extra))
+    return sft.main(smoke_argv(out, *extra))
 
 
 @pytest.fixture(scope="module")

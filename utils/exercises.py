@@ -22,6 +22,18 @@ from utils import RUNS_DIR
 HISTORY_DIR = RUNS_DIR / "exercises"  # notebook 01 compares a run with an earlier one of other settings
 
 
+def try_this_items(notebook: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """A notebook's Try this items, as written in backticks: (parameter assignments as (name, value), commands)."""
+    import re
+
+    import nbformat
+
+    text = next(c.source for c in nbformat.read(notebook, as_version=4).cells if "## Try this" in c.source)
+    params = re.findall(r"`([A-Z_]+) = ([^`]+)`", text)
+    commands = re.findall(r"`((?:python -m|torchrun) [^`]+)`", text)
+    return params, commands
+
+
 def _line(ok: bool | None, item: str, text: str) -> str:
     return f"{'·' if ok is None else '✓' if ok else '✗'} {item}: {text}"
 

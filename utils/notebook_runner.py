@@ -76,6 +76,14 @@ def run_notebook(
 _BAR_LINE = re.compile(r"\r(?!\n)")
 
 
+def printed_text(executed: Path) -> str:
+    """Everything an executed notebook's cells printed (their stream outputs), in order."""
+    import json
+
+    cells = json.loads(Path(executed).read_text())["cells"]
+    return "".join("".join(o.get("text", "")) for c in cells for o in c.get("outputs", []))
+
+
 def tidy(executed: Path) -> None:
     """Merge consecutive stream outputs of a cell and keep only each progress bar's last state (the text after its
     last carriage return), as a terminal would show it."""

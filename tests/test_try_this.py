@@ -1,0 +1,56 @@
+"""The Try this items of notebooks 01, 02 and 03 run exactly as written, and the check cell marks what they showed.
+
+(04's and 05's read the runs of the whole series: tests/test_notebooks.py.)"""
+
+import ast
+import shlex
+import subprocess
+
+from utils import REPO_ROOT, exercises
+from utils.notebook_runner import notebooks, printed_text, run_notebook
+
+
+def test_try_this_01_parameters_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("MISTRAL_SFT_RUNS", str(tmp_path / "runs"))  # the check cell's record of earlier runs
+    path = notebooks(["01"])[0]
+    params, commands = exercises.try_this_items(path)
+    assert len(params) == 3 and not commands
+    run_notebook(path, "smoke", out_dir=tmp_path / "executed", progress_bar=False, OUT=str(tmp_path / "default"))
+    for name, value in params:  # SYSTEM_TURN = False compares with the default run just made
+        executed = run_notebook(
+            path,
+            "smoke",
+            out_dir=tmp_path / name,
+            progress_bar=False,
+            OUT=str(tmp_path / "processed"),
+            **{name: ast.literal_eval(value)},
+        )
+        text = printed_text(executed)
+        assert f"✓ {name} = {value}: " in text, text[-1500:]
+
+
+def _run_commands(number: str, cwd, env) -> list[str]:
+    _, commands = exercises.try_this_items(notebooks([number])[0])
+    assert len(commands) >= 3
+    for name in ("configs", "data"):  # the commands name these relative to the collection
+        (cwd / name).symlink_to(REPO_ROOT / name)
+    for command in commands:
+        result = subprocess.run(shlex.split(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+    return commands
+
+
+def test_try_this_02_commands_run(tmp_path, command_env):
+    commands = _run_commands("02", tmp_path, command_env)
+    again = subprocess.run(shlex.split(commands[0]), cwd=tmp_path, env=command_env, capture_output=True, text=True)
+    assert again.returncode == 0 and "already trained: 4/4 steps in runs/qlora-r64" in again.stdout  # a second run
+    lines = exercises.notebook_02(tmp_path / "runs", main_run=tmp_path / "runs" / "qlora")  # no notebook run here
+    assert lines[0] == "✓ rank 64: r = 64, 335,872 adapter parameters"
+    assert lines[1] == "· bfd_split: 78 packed rows; run the notebook's own run to compare"
+    assert lines[2] == "✓ ten steps: the learning rate is 0 at step 1 and peaks at step 2 (0.01)"
+
+
+def test_try_this_03_commands_run(tmp_path, command_env):
+    _run_commands("03", tmp_path, command_env)
+    lines = exercises.notebook_03({"accumulation, 16 GPUs x 4": 8, "accumulation, 4 GPUs x 2": 64}, tmp_path / "runs")
+    assert [line[0] for line in lines] == ["✓", "✓", "✓", "·"], lines
