@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
 DATA_DIR = REPO_ROOT / "data"
 SAMPLE_DIR = DATA_DIR / "sample"
-# Where runs, plots and logged answers go; MISTRAL_SFT_RUNS moves them (a bigger disk, /kaggle/working). The embedded
-# default's model stays in the checkout (utils.assets).
+# What the tools keep on their own (prepared-data cache, executed notebooks, plots, logged answers, check records) and
+# where they look for runs by default; MISTRAL_SFT_RUNS moves it (a bigger disk, /kaggle/working). A run itself goes
+# to its --output_dir. The embedded default's model stays in the checkout (utils.assets).
 RUNS_DIR = Path(os.environ.get("MISTRAL_SFT_RUNS") or REPO_ROOT / "runs")
