@@ -75,3 +75,16 @@ def test_notebook_05_reads_the_logged_answers():
     cold[1]["text"] = "A kettle whistles."
     assert exercises.notebook_05(cold)[0] == "✗ almost greedy: 0 of 1 models gave the same answer for every seed"
     assert [line[0] for line in exercises.notebook_05([])] == ["·"] * 3
+
+
+def test_the_answer_log_skips_damaged_lines(tmp_path):
+    from utils.sampling import Answer, log_answer, logged_answers
+
+    log = tmp_path / "sampling" / "answers.jsonl"
+    log_answer(Answer("p", "Arr!", 2, True), "qlora", {"seed": 1, "temperature": 0.7}, log)
+    with log.open("a") as f:
+        f.write('{"model": "qlora", "te\n[1, 2]\n{"text": "no model"}\n')
+    log_answer(Answer("p", "Ahoy!", 3, False), "base", {"seed": 2}, log)
+    rows = logged_answers(log)
+    assert [(r["model"], r["text"], r["seed"]) for r in rows] == [("qlora", "Arr!", 1), ("base", "Ahoy!", 2)]
+    assert logged_answers(tmp_path / "nothing.jsonl") == []

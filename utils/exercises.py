@@ -232,14 +232,15 @@ def _check_ranks(folder: Path) -> str:
 
 # --- notebook 05 ------------------------------------------------------------------------------------------------------
 def notebook_05(answers: list[dict]) -> list[str]:
-    """The items of notebook 05, read from the answers ``python -m utils.sampling`` logged."""
+    """The items of notebook 05, read from the answers ``python -m utils.sampling`` logged. The hot-sampling item
+    counts the tiny world's words (``utils.tiny_dialogues.world_words``): it speaks of the smoke models."""
     from utils.tiny_dialogues import is_pirate, world_words
 
     lines = []
     cold = [a for a in answers if a.get("temperature", 1) <= 0.05 and a.get("prompt") is None]
     pairs = {}
     for a in cold:
-        pairs.setdefault(a["model"], {})[a["seed"]] = a["text"]
+        pairs.setdefault(a["model"], {})[a.get("seed")] = a["text"]
     compared = {m: len(set(s.values())) == 1 for m, s in pairs.items() if len(s) >= 2}
     if not compared:
         lines.append(_line(None, "almost greedy", "run both commands (seeds 1 and 2 at temperature 0.01)"))

@@ -48,6 +48,20 @@ CARD_ANSWER = (
 )
 
 
+class SamplingError(ValueError):
+    """A model or option that cannot be used: one line for the user."""
+
+
+@dataclass
+class Answer:
+    """One generated answer: its text, how many tokens it took, and whether it ended with EOS."""
+
+    prompt: str
+    text: str
+    new_tokens: int
+    stopped_at_eos: bool
+
+
 ANSWER_LOG = RUNS_DIR / "sampling" / "answers.jsonl"
 
 
@@ -62,7 +76,8 @@ def log_answer(answer: Answer, model: str, settings: dict, path: Path = ANSWER_L
 
 
 def logged_answers(path: Path = ANSWER_LOG) -> list[dict]:
-    """The answers ``log_answer`` wrote, oldest first; a line that is not valid JSON is skipped."""
+    """The answers ``log_answer`` wrote, oldest first; a line that is not a JSON object with a model and a text (a
+    damaged or hand-edited line) is skipped."""
     import json
 
     rows = []
@@ -71,21 +86,9 @@ def logged_answers(path: Path = ANSWER_LOG) -> list[dict]:
             rows.append(json.loads(line))
         except ValueError:
             continue
-    return [r for r in rows if isinstance(r, dict)]
-
-
-class SamplingError(ValueError):
-    """A model or option that cannot be used: one line for the user."""
-
-
-@dataclass
-class Answer:
-    """One generated answer: its text, how many tokens it took, and whether it ended with EOS."""
-
-    prompt: str
-    text: str
-    new_tokens: int
-    stopped_at_eos: bool
+    return [
+        r for r in rows if isinstance(r, dict) and isinstance(r.get("model"), str) and isinstance(r.get("text"), str)
+    ]
 
 
 def candidate_models(profile: Profile, runs_dir: Path = RUNS_DIR, hub: bool = False) -> dict[str, str]:
