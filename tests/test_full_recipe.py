@@ -191,6 +191,7 @@ def test_two_process_cpu_run(tmp_path):
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
     assert (out / "model" / "model.safetensors").is_file()
     assert result.stdout.count("done: 4 steps") == 1  # only rank 0 reports
+    assert result.stdout.count("Profile: smoke") == 1  # and says which profile it chose
 
 
 def test_the_recipe_resolves_in_a_child_process_the_same():

@@ -43,10 +43,11 @@ def settings_for(argv: list[str], gpu: str | None = None, plan: bool = False) ->
         hardware, processes = target.hardware(), target.count
     else:
         hardware, processes = detect_hardware(check_hub=requested != "smoke"), None
-    profile = choose_profile(requested, hardware, model=model)
+    main = _is_main_process()  # with several processes, rank 0 alone says what was chosen
+    profile = choose_profile(requested, hardware, model=model, verbose=main)
     settings = resolve(argv, profile, hardware, processes)
     check(settings, dataset=not plan)
-    for note in settings.notes:
+    for note in settings.notes if main else []:
         print(note)
     return settings, hardware
 
