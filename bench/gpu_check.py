@@ -131,7 +131,7 @@ class Checker:
         return ("peak memory", ok, f"{allocated} GiB allocated, {reserved} GiB reserved; budget {budget} GiB reserved")
 
     def stage_03(self) -> None:
-        out = self.notebook("03", OUTPUT_DIR=str(self.work / "full"), SMOKE_STEPS=0, FRESH=True)
+        out = self.notebook("03", LAUNCH_DIR=str(self.work / "qlora-ddp"), SMOKE_STEPS=0, FRESH=True)
         ready = "ready for notebook_launcher: yes" in out
         line = next((ln for ln in out.splitlines() if ln.startswith("ready for notebook_launcher")), "no such line")
         self.rows.append(("notebook 03 ready for notebook_launcher", ready, line))
