@@ -3,7 +3,8 @@
 Each module is named for its stage: ``hardware`` (profiles), ``assets`` (tokenizer, chat template, tiny model),
 ``data`` and ``prepare_data`` (notebook 01), ``recipe``, ``training``, ``model`` and ``sft`` (notebooks 02 and 03),
 ``card_era`` (the card's token ids, packing and stop), ``tiny_base`` and ``tiny_dialogues`` (the embedded default's
-model and data), ``sampling`` (notebook 05), ``curves`` (notebook 04), ``notebook_runner`` (``make tutorial``).
+model and data), ``sampling`` (notebook 05), ``curves`` (notebook 04), ``exercises`` (the check cells under each
+Try this), ``notebook_runner`` (``make tutorial``).
 """
 
 import os
