@@ -11,7 +11,7 @@ from utils import exercises
 def _run(folder, adapter_rows: int | None = None, r: int = 16, lrs=(), rows: int | None = None):
     """A finished run folder as utils.sft leaves it, with only what the checks read."""
     folder.mkdir(parents=True)
-    (folder / "run.json").write_text(json.dumps({"status": "finished"}))
+    (folder / "run.json").write_text(json.dumps({"tool": "utils.sft", "settings": {}, "status": "finished"}))
     history = [{"step": i + 1, "learning_rate": lr, "loss": 1.0} for i, lr in enumerate(lrs)]
     (folder / "trainer_state.json").write_text(json.dumps({"log_history": history}))
     (folder / "speed.json").write_text(json.dumps({"packed_rows": rows}))

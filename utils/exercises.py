@@ -127,12 +127,20 @@ def adapter_parameters(adapter: Path) -> int:
 
 
 def _finished(folder: Path) -> bool:
-    return (_json(folder / "run.json") or {}).get("status") == "finished"
+    from utils.runs import RunError, read_record
+
+    try:
+        return read_record(folder).get("status") == "finished"
+    except RunError:  # damaged, or not written by utils.sft: not a finished run of ours
+        return False
 
 
 def notebook_02(runs_dir: str | Path = RUNS_DIR, main_run: str | Path | None = None) -> list[str]:
     """The items of notebook 02, read from the folders its commands write under ``runs_dir``; ``main_run`` is the
     notebook's own run (default ``runs_dir/qlora``)."""
+    from utils.curves import read_trainer_state
+    from utils.runs import saved_report
+
     runs = Path(runs_dir)
     main = Path(main_run) if main_run else runs / "qlora"
     lines = []
@@ -148,8 +156,7 @@ def notebook_02(runs_dir: str | Path = RUNS_DIR, main_run: str | Path | None = N
         lines.append(_line(ok, "rank 64", f"r = {r}, {n64:,} adapter parameters{than}"))
     split = runs / "qlora-split"
     rows = {
-        name: (_json(folder / "speed.json") or {}).get("packed_rows")
-        for name, folder in (("bfd", main), ("bfd_split", split))
+        name: (saved_report(folder) or {}).get("packed_rows") for name, folder in (("bfd", main), ("bfd_split", split))
     }
     if not _finished(split):
         lines.append(_line(None, "bfd_split", "not run yet (runs/qlora-split)"))
@@ -164,8 +171,8 @@ def notebook_02(runs_dir: str | Path = RUNS_DIR, main_run: str | Path | None = N
     if not _finished(ten):
         lines.append(_line(None, "ten steps", "not run yet (runs/qlora-10)"))
     else:
-        history = (_json(ten / "trainer_state.json") or {}).get("log_history", [])
-        lrs = [(h["learning_rate"], h["step"]) for h in history if "learning_rate" in h]
+        logged = read_trainer_state(ten / "trainer_state.json").train
+        lrs = [(lr, s) for lr, s in zip(logged["learning_rate"], logged["step"], strict=True) if lr is not None]
         peak = max(lr for lr, _ in lrs)
         step = next(s for lr, s in lrs if lr == peak)  # the first step at the peak
         first = lrs[0][0]
@@ -234,7 +241,7 @@ def _check_ranks(folder: Path) -> str:
 def notebook_05(answers: list[dict]) -> list[str]:
     """The items of notebook 05, read from the answers ``python -m utils.sampling`` logged. The hot-sampling item
     counts the tiny world's words (``utils.tiny_dialogues.world_words``): it speaks of the smoke models."""
-    from utils.tiny_dialogues import is_pirate, world_words
+    from utils.tiny_dialogues import is_pirate, world_share
 
     lines = []
     cold = [a for a in answers if a.get("temperature", 1) <= 0.05 and a.get("prompt") is None]
@@ -266,15 +273,10 @@ def notebook_05(answers: list[dict]) -> list[str]:
             )
         )
     hot = [a for a in answers if a.get("temperature", 0) >= 1.5 and a.get("prompt") is None]
-
-    def share(text: str) -> float:
-        words = [w for w in text.lower().replace(",", " ").replace(".", " ").split() if w.isalpha()]
-        return sum(w in world_words() for w in words) / max(1, len(words))
-
     if not hot or not cold:
         lines.append(_line(None, "hot sampling", "run the temperature 1.5 command (and the 0.01 ones to compare)"))
     else:
-        h, c = statistics.mean(share(a["text"]) for a in hot), statistics.mean(share(a["text"]) for a in cold)
+        h, c = (statistics.mean(world_share(a["text"]) for a in group) for group in (hot, cold))
         lines.append(_line(h < c, "hot sampling", f"{h:.0%} of the words at 1.5 are the tiny world's, {c:.0%} at 0.01"))
     return lines
 

@@ -223,10 +223,15 @@ def world_words() -> frozenset[str]:
     return frozenset(re.findall(r"[a-z']+", text.lower()))
 
 
+def world_share(text: str) -> float:
+    """The share of ``text``'s words that are words of the tiny world (0 for a text without words)."""
+    words = re.findall(r"[a-z']+", text.lower())
+    return sum(w in world_words() for w in words) / len(words) if words else 0.0
+
+
 def readable(text: str, share: float = 0.8) -> bool:
     """At least three words, and at least ``share`` of them words of the tiny world (not random tokens)."""
-    words = re.findall(r"[a-z']+", text.lower())
-    return len(words) >= 3 and sum(w in world_words() for w in words) >= share * len(words)
+    return len(re.findall(r"[a-z']+", text.lower())) >= 3 and world_share(text) >= share
 
 
 def loss_halved(losses: list[float]) -> bool:
