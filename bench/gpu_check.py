@@ -57,11 +57,6 @@ def build_model(cuda: bool, folder: Path) -> tuple[Path, str]:
     return folder, f"built {folder}"
 
 
-def text_of(executed: Path) -> str:
-    nb = json.loads(executed.read_text())
-    return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
-
-
 class Checker:
     """Runs the stages and collects one row per check; a stage that raises becomes a failed row."""
 
@@ -85,11 +80,11 @@ class Checker:
         self.rows.append((f"time of stage {name}", minutes < 8 or not self.cuda, f"{minutes:.1f} min (goal: < 8)"))
 
     def notebook(self, number: str, **parameters) -> str:
-        from utils.notebook_runner import notebooks, run_notebook
+        from utils.notebook_runner import notebooks, printed_text, run_notebook
 
         path = notebooks([number])[0]
         model = str(self.model_dir) if self.cuda else None
-        return text_of(
+        return printed_text(
             run_notebook(path, self.requested, self.work / "executed", progress_bar=False, MODEL=model, **parameters)
         )
 
