@@ -1,5 +1,6 @@
 """The trainer callbacks of a run (``utils.training.callbacks`` chooses them): the card's stop, a stop on a loss that
-turns NaN or infinite, and each rank's own loss and share of the model when several processes train.
+turns NaN or infinite, each rank's own loss and share of the model when several processes train, and each step's
+time for the speed report.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -59,6 +61,44 @@ class StopOnNonFiniteLoss(TrainerCallback):
             self.what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
             control.should_training_stop = True
             control.should_save = False
+
+
+class StepTimer(TrainerCallback):
+    """Each optimizer step's wall time (from its first forward pass to its optimizer step) and the tokens it saw.
+
+    ``steady()`` leaves out the first step (kernel compilation, memory pools) and, by timing steps alone, the
+    evaluation, checkpoint saving and logging between them: what an epoch of ultrachat_200k would run at. A short
+    run's ``train_runtime`` counts all of that (on an H200, 30 steps of Mistral-7B took 4.2 s each by the runtime).
+    """
+
+    def __init__(self):
+        self.steps: list[tuple[float, int]] = []  # (seconds, tokens) per optimizer step
+        self._start: tuple[float, int] | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _synchronize()
+        self._start = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._start is not None:
+            _synchronize()
+            began, seen = self._start
+            self.steps.append((time.perf_counter() - began, state.num_input_tokens_seen - seen))
+            self._start = None
+
+    def steady(self) -> tuple[float, float] | None:
+        """Seconds per step and tokens per second over the steps after the first (the first if it is the only one)."""
+        timed = self.steps[1:] or self.steps
+        seconds, tokens = sum(s for s, _ in timed), sum(n for _, n in timed)
+        return (seconds / len(timed), tokens / seconds) if timed and seconds > 0 else None
+
+
+def _synchronize() -> None:
+    """Wait for the GPU's queued work, so that a step's time is its own."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 class RankLog(TrainerCallback):

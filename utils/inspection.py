@@ -183,16 +183,24 @@ def speed_report(trainer) -> dict:
     """The training set's row count, tokens/s, seconds per step, peak GPU memory (allocated and reserved), and the
     estimated time for one epoch of ultrachat_200k at this speed.
 
+    Speed is the steady one (``StepTimer``: the steps after the first, without evaluation and saving); the whole
+    ``train()`` call's runtime and tokens/s are reported beside it.
+
     The epoch's token count comes from the prepared data's report when it is the real dataset, otherwise from
     ultrachat_200k's typical 1,400 tokens per dialogue (the sample's dialogues are much shorter).
     """
     import torch
 
+    from utils.callbacks import StepTimer
+
     summary = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
     runtime = summary.get("train_runtime", float("nan"))
     steps = trainer.state.global_step
     tokens = trainer.state.num_input_tokens_seen or 0
-    tok_s = tokens / runtime if runtime and runtime >= 0.5 and tokens else float("nan")  # never from a 0-s run
+    overall = tokens / runtime if runtime and runtime >= 0.5 and tokens else float("nan")  # never from a 0-s run
+    timer = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer)), None)
+    steady = timer.steady() if timer else None
+    step_s, tok_s = steady or (runtime / steps if steps else None, overall)
     epoch_tokens, basis = ULTRACHAT_200K_TRAIN_ROWS * ULTRACHAT_TOKENS_PER_DIALOGUE, "1,400 tokens x 207,865 dialogues"
     prepared = _prepared_report(trainer)
     if prepared.get("dialogues", 0) >= 100_000:
@@ -202,8 +210,9 @@ def speed_report(trainer) -> dict:
     return {
         "steps": steps,
         "packed_rows": len(rows) if hasattr(rows, "__len__") else None,  # the training set as the trainer saw it
-        "train_runtime_s": round(runtime, 1),
-        "seconds_per_step": round(runtime / steps, 3) if steps else None,
+        "train_runtime_s": round(runtime, 1),  # all of train(): the first step, evaluation and saving included
+        "tokens_per_second_overall": round(overall, 1),
+        "seconds_per_step": round(step_s, 3) if step_s else None,  # the steps after the first, timed alone
         "tokens_seen": int(tokens),
         "tokens_per_second": round(tok_s, 1),
         "peak_gpu_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,

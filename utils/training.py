@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from utils import RUNS_DIR
-from utils.callbacks import CardStop, RankLog, StopOnNonFiniteLoss, StopWhenDataEnds, say
+from utils.callbacks import CardStop, RankLog, StepTimer, StopOnNonFiniteLoss, StopWhenDataEnds, say
 from utils.recipe import Args, ConfigError, world_size
 from utils.runs import Run, RunError, open_run, run_settings
 
@@ -263,9 +263,9 @@ def keep_trainable_fp32(model) -> int:
 
 
 def callbacks(args: Args, dialogues: int, rows: int) -> list:
-    """Per-rank losses, a stop on a non-finite loss, and the card's schedule when asked for (``rows``: training rows
-    as the trainer sees them, packed ones under ``packing_strategy: card``)."""
-    found: list = [RankLog(), StopOnNonFiniteLoss()]
+    """Per-rank losses, a stop on a non-finite loss, step times, and the card's schedule when asked for (``rows``:
+    training rows as the trainer sees them, packed ones under ``packing_strategy: card``)."""
+    found: list = [RankLog(), StopOnNonFiniteLoss(), StepTimer()]
     if not args.run.card_schedule:
         return found
     batch, accumulation = args.training.per_device_train_batch_size, args.training.gradient_accumulation_steps
