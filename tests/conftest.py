@@ -19,8 +19,8 @@ def pytest_configure(config):
     if hasattr(config, "workerinput"):  # a worker: the controller has built the assets already
         return
     from utils.assets import ensure_tiny_model, load_tokenizer
+    from utils.data.prepared import prepared_dataset
     from utils.hardware import SMOKE
-    from utils.training import prepared_dataset
 
     ensure_tiny_model()
     prepared_dataset(SMOKE.dataset, load_tokenizer(None))  # the smoke runs' data, cached under runs/data/

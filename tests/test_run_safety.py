@@ -58,7 +58,7 @@ def test_another_tools_run_folder_is_never_resumed_or_cleared(tmp_path, capsys):
 def test_the_data_cache_is_keyed_by_the_source_itself(tmp_path, capsys):
     """Two sources with the same file name used to share runs/data/train.jsonl: the second trained on the first."""
     from utils.assets import load_tokenizer
-    from utils.training import prepared_dataset
+    from utils.data.prepared import prepared_dataset
 
     lines = RAW.read_text().splitlines()
     a, b = tmp_path / "a" / "train.jsonl", tmp_path / "b" / "train.jsonl"

@@ -8,6 +8,7 @@ Try this), ``notebook_runner`` (``make tutorial``).
 """
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -23,3 +24,9 @@ SAMPLE_DIR = DATA_DIR / "sample"
 # where they look for runs by default; MISTRAL_SFT_RUNS moves it (a bigger disk, /kaggle/working). A run itself goes
 # to its --output_dir. The embedded default's model stays in the checkout (utils.assets).
 RUNS_DIR = Path(os.environ.get("MISTRAL_SFT_RUNS") or REPO_ROOT / "runs")
+
+
+def say(line: str) -> None:
+    """One line in one write, so the lines of several processes sharing a terminal do not run into each other."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from utils import say
 
 
 class CardStop(TrainerCallback):
@@ -162,9 +163,3 @@ def parameters_held(model) -> tuple[int, int]:
         total += param.numel()
         held += param.to_local().numel() if hasattr(param, "to_local") else param.numel()
     return held, total
-
-
-def say(line: str) -> None:
-    """One line in one write, so the lines of several processes sharing a terminal do not run into each other."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()

@@ -27,16 +27,21 @@ def shard(model) -> None:
     fully_shard(model)
 
 
-def batches(rank: int, world: int, length: int = 128, rows: int = 2):
-    """This rank's rows of the prepared sample, cut or padded to ``length`` tokens: each rank its own share."""
+def prepared_sample() -> str:
+    """The prepared sample dialogues (``runs/data/``), prepared once if they are not there yet."""
+    from utils.assets import load_tokenizer
+    from utils.data.prepared import prepared_dataset
+    from utils.hardware import SMOKE
+
+    return str(prepared_dataset(SMOKE.dataset, load_tokenizer(None)))
+
+
+def batches(folder: str, rank: int, world: int, length: int = 128, rows: int = 2):
+    """This rank's rows of the prepared data, cut or padded to ``length`` tokens: each rank its own share."""
     import datasets
     import torch
 
-    from utils.assets import load_tokenizer
-    from utils.hardware import SMOKE
-    from utils.training import prepared_dataset
-
-    ids = datasets.load_from_disk(str(prepared_dataset(SMOKE.dataset, load_tokenizer(None))))["train"]["input_ids"]
+    ids = datasets.load_from_disk(folder)["train"]["input_ids"]
     mine = ids[rank::world]
     for start in range(0, len(mine) - rows + 1, rows):
         chunk = [row[:length] + [0] * (length - len(row[:length])) for row in mine[start : start + rows]]
@@ -67,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     held = sum(p.to_local().numel() for p in model.parameters())
     print(f"[rank {rank}/{world}] holds {held:,} of {total:,} parameters ({100 * held / total:.0f}%)", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for step, ids in zip(range(1, args.steps + 1), batches(rank, world), strict=False):
+    if rank != 0:
+        dist.barrier()  # rank 0 prepares the data (once) while the others wait, then they read its folder
+    folder = prepared_sample()
+    if rank == 0:
+        dist.barrier()
+    for step, ids in zip(range(1, args.steps + 1), batches(folder, rank, world), strict=False):
         labels = ids.masked_fill(ids == 0, -100)  # no loss on the padding
         loss = model(input_ids=ids, labels=labels).loss  # each rank: its own rows; FSDP gathers each layer in turn
         loss.backward()  # gradients reduce-scattered: each rank keeps its half
