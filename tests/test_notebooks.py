@@ -91,6 +91,7 @@ def test_notebook_02(series):
     assert re.search(r"row \d+ holds \d+ tokens in [2-9] dialogues", texts["02"])
     assert "merged vs 16-bit base + adapter          : largest logit difference" in texts["02"]
     assert "merged vs 4-bit base + adapter (trained) : largest logit difference" in texts["02"]
+    assert "merged vs 16-bit base alone              : largest logit difference" in texts["02"]
     assert (base / "runs" / "qlora" / "merged" / "model.safetensors").is_file()
     assert json.loads((base / "runs" / "qlora" / "run.json").read_text())["status"] == "finished"
     history = json.loads((base / "runs" / "qlora" / "trainer_state.json").read_text())["log_history"]
