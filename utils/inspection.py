@@ -210,11 +210,11 @@ def speed_report(trainer) -> dict:
     return {
         "steps": steps,
         "packed_rows": len(rows) if hasattr(rows, "__len__") else None,  # the training set as the trainer saw it
+        "tokens_seen": int(tokens),
+        "seconds_per_step": round(step_s, 3) if step_s else None,  # the steps after the first, timed alone
+        "tokens_per_second": round(tok_s, 1),
         "train_runtime_s": round(runtime, 1),  # all of train(): the first step, evaluation and saving included
         "tokens_per_second_overall": round(overall, 1),
-        "seconds_per_step": round(step_s, 3) if step_s else None,  # the steps after the first, timed alone
-        "tokens_seen": int(tokens),
-        "tokens_per_second": round(tok_s, 1),
         "peak_gpu_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "peak_gpu_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "ultrachat_200k_epoch_tokens": int(epoch_tokens),
