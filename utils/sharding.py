@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         print(f"gathered on rank 0 for saving: {sum(t.numel() for t in full.values()):,} parameters", flush=True)
+    dist.barrier()  # no rank closes its connections while the other still reads from them (gloo aborts then)
     dist.destroy_process_group()
     return 0
 
