@@ -42,3 +42,12 @@ def command_env() -> dict:
 
     path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "PATH": path}
+
+
+@pytest.fixture
+def private_data_cache(tmp_path, monkeypatch):
+    """Prepared copies of a test's own temporary sources go under tmp_path, not the checkout's runs/data/."""
+    from utils.data import prepared
+
+    monkeypatch.setattr(prepared, "DATA_CACHE", tmp_path / "data_cache")
+    return tmp_path / "data_cache"

@@ -55,7 +55,7 @@ def test_another_tools_run_folder_is_never_resumed_or_cleared(tmp_path, capsys):
 
 
 # --- silently wrong -----------------------------------------------------------------------------------------------
-def test_the_data_cache_is_keyed_by_the_source_itself(tmp_path, capsys):
+def test_the_data_cache_is_keyed_by_the_source_itself(tmp_path, capsys, private_data_cache):
     """Two sources with the same file name used to share runs/data/train.jsonl: the second trained on the first."""
     from utils.assets import load_tokenizer
     from utils.data.prepared import prepared_dataset
@@ -68,6 +68,7 @@ def test_the_data_cache_is_keyed_by_the_source_itself(tmp_path, capsys):
     tokenizer = load_tokenizer(None)
     first, second = prepared_dataset(str(a), tokenizer), prepared_dataset(str(b), tokenizer)
     assert first != second and first.name.startswith("train.jsonl-") and second.name.startswith("train.jsonl-")
+    assert first.parent == second.parent == private_data_cache
     assert json.loads((first / "report.json").read_text())["input_rows"] == 12
     assert json.loads((second / "report.json").read_text())["input_rows"] == len(lines) - 12
     capsys.readouterr()
@@ -122,7 +123,7 @@ def test_a_damaged_run_record_is_one_line_and_changes_nothing(finished, tmp_path
 
 
 # --- tracebacks where one line is due -----------------------------------------------------------------------------
-def test_a_raw_source_without_held_out_rows_trains_without_evaluation(tmp_path, capsys):
+def test_a_raw_source_without_held_out_rows_trains_without_evaluation(tmp_path, capsys, private_data_cache):
     small = tmp_path / "small.jsonl"
     small.write_text("\n".join(RAW.read_text().splitlines()[:3]) + "\n")  # too few rows for a held-out share
     out = tmp_path / "out"
