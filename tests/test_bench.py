@@ -83,3 +83,19 @@ def test_median_of_runs():
         7.0,
         [100.0, 300.0, 200.0],
     )
+
+
+def test_assistant_masks_bench_prints_both_ways():
+    command = [sys.executable, "bench/assistant_masks.py", "--rows", "40", "--lists"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if " rows: " in line]
+    assert [line.split()[:2] for line in lines] == [["column", "40"], ["lists", "40"]]
+    assert all(line.endswith("66.7% of the tokens are the assistant's") for line in lines)  # the same masks
+
+
+def test_assistant_masks_bench_refuses_no_rows():
+    done = subprocess.run(
+        [sys.executable, "bench/assistant_masks.py", "--rows", "0"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert (done.returncode, done.stderr.strip()) == (2, "error: --rows must be at least 1")

@@ -1,6 +1,7 @@
 """Training on the card's token ids, with the card's packing and stop, and with the loss on answers only."""
 
 import json
+import random
 
 import datasets
 import pytest
@@ -58,6 +59,29 @@ def test_assistant_mask_covers_each_answer_and_its_eos(tokenizer, tokenization):
     kept = [t for t, m in zip(ids, mask, strict=True) if m]
     assert tokenizer.decode(kept) == "Usually, yes.</s>Hotter.</s>"
     assert sum(mask) == len(kept) < len(ids) / 2
+
+
+def _mask_one_token_at_a_time(ids: list[int], header: list[int], eos: int) -> list[int]:
+    """The mask's definition, one token at a time: after a header, every token up to and including the next EOS."""
+    mask, inside, n = [0] * len(ids), False, len(header)
+    for j, token in enumerate(ids):
+        if inside:
+            mask[j] = 1
+            inside = token != eos
+        elif j >= n - 1 and ids[j - n + 1 : j + 1] == header:
+            inside = True
+    return mask
+
+
+def test_the_vectorised_mask_is_the_definition():
+    """Headers, half headers, EOS anywhere (rows cut mid-answer, answers that never end): the same mask."""
+    header, rng = [5, 6, 7], random.Random(0)
+    for _ in range(3000):
+        ids: list[int] = []
+        for _ in range(rng.randint(0, 12)):
+            r = rng.random()
+            ids += header if r < 0.2 else header[:2] if r < 0.3 else [2] if r < 0.5 else [rng.randint(3, 9)]
+        assert assistant_mask(ids, header, 2) == _mask_one_token_at_a_time(ids, header, 2), ids
 
 
 def test_assistant_only_loss_labels_only_the_answers(tokenizer):

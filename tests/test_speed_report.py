@@ -54,3 +54,21 @@ def test_speed_report_uses_the_steady_speed(timed):
     )
     hours = report["ultrachat_200k_epoch_tokens"] / 100.0 / 3600
     assert report["ultrachat_200k_epoch_hours_at_this_speed"] == round(hours, 1)
+
+
+def test_a_resumed_run_counts_only_this_session():
+    """train_runtime is this session's: the checkpoint's steps and tokens must not be divided by it."""
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(log_history=[{"train_runtime": 10.0}], global_step=8, num_input_tokens_seen=800),
+        callback_handler=SimpleNamespace(callbacks=[]),  # no step times: the runtime is all there is
+        train_dataset=[0] * 7,
+        _initial_global_step=4,
+        _initial_num_input_tokens_seen=400,
+    )
+    report = speed_report(trainer)
+    assert (report["steps"], report["tokens_seen"]) == (8, 800)
+    assert (report["seconds_per_step"], report["tokens_per_second"], report["tokens_per_second_overall"]) == (
+        2.5,
+        40.0,
+        40.0,
+    )

@@ -197,10 +197,14 @@ def speed_report(trainer) -> dict:
     runtime = summary.get("train_runtime", float("nan"))
     steps = trainer.state.global_step
     tokens = trainer.state.num_input_tokens_seen or 0
-    overall = tokens / runtime if runtime and runtime >= 0.5 and tokens else float("nan")  # never from a 0-s run
+    # a resumed run's runtime is this session's: so are its steps and tokens (the checkpoint's are left out)
+    session_steps = steps - getattr(trainer, "_initial_global_step", 0)
+    session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    fast = not runtime or runtime < 0.5  # never a speed from a 0-s run
+    overall = float("nan") if fast or session_tokens <= 0 else session_tokens / runtime
     timer = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer)), None)
     steady = timer.steady() if timer else None
-    step_s, tok_s = steady or (runtime / steps if steps else None, overall)
+    step_s, tok_s = steady or (runtime / session_steps if session_steps > 0 and not fast else None, overall)
     epoch_tokens, basis = ULTRACHAT_200K_TRAIN_ROWS * ULTRACHAT_TOKENS_PER_DIALOGUE, "1,400 tokens x 207,865 dialogues"
     prepared = _prepared_report(trainer)
     if prepared.get("dialogues", 0) >= 100_000:

@@ -66,17 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(), dtype=torch.float32)
+    if rank != 0:
+        dist.barrier()  # rank 0 builds the model folder and prepares the data (once) while the others wait
+    model_dir, folder = ensure_tiny_model(), prepared_sample()
+    if rank == 0:
+        dist.barrier()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     total = sum(p.numel() for p in model.parameters())
     shard(model)
     held = sum(p.to_local().numel() for p in model.parameters())
     print(f"[rank {rank}/{world}] holds {held:,} of {total:,} parameters ({100 * held / total:.0f}%)", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    if rank != 0:
-        dist.barrier()  # rank 0 prepares the data (once) while the others wait, then they read its folder
-    folder = prepared_sample()
-    if rank == 0:
-        dist.barrier()
     for step, ids in zip(range(1, args.steps + 1), batches(folder, rank, world), strict=False):
         labels = ids.masked_fill(ids == 0, -100)  # no loss on the padding
         loss = model(input_ids=ids, labels=labels).loss  # each rank: its own rows; FSDP gathers each layer in turn

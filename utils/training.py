@@ -73,25 +73,49 @@ def assistant_mask(ids: list[int], header: list[int], eos: int) -> list[int]:
     """1 on the tokens of each assistant answer and the EOS that ends it, 0 elsewhere (the system and user turns,
     the template's markers): what TRL's ``assistant_only_loss`` puts the loss on. A row cut inside an answer (card
     packing) starts masked until the first header."""
-    mask, inside, n = [0] * len(ids), False, len(header)
-    for j, token in enumerate(ids):
-        if inside:
-            mask[j] = 1
-            inside = token != eos
-        elif j >= n - 1 and ids[j - n + 1 : j + 1] == header:
-            inside = True
-    return mask
+    return _assistant_mask_array(np.asarray(ids), np.asarray(header), eos).tolist()
+
+
+def _assistant_mask_array(ids: np.ndarray, header: np.ndarray, eos: int) -> np.ndarray:
+    """``assistant_mask`` in numpy, as int8: each answer runs from the token after a header to the first EOS at or
+    after it (to the row's end if none), and the answers' spans are joined."""
+    n, length = len(header), len(ids)
+    delta = np.zeros(length + 2, dtype=np.int32)
+    if length >= n:
+        starts = np.flatnonzero((np.lib.stride_tricks.sliding_window_view(ids, n) == header).all(axis=1)) + n
+        eos_at = np.append(np.flatnonzero(ids == eos), length)  # past the row's end: an answer that never ends
+        np.add.at(delta, starts, 1)
+        np.add.at(delta, eos_at[np.searchsorted(eos_at, starts)] + 1, -1)
+    return (np.cumsum(delta[:length]) > 0).astype(np.int8)
 
 
 def with_assistant_masks(data: dict, tokenizer) -> dict:
     """``data`` with an ``assistant_masks`` column (``assistant_mask``), from which TRL builds labels of -100 on
     every other token. TRL's own ``assistant_only_loss`` works on ``messages`` through a template with
-    ``{% generation %}`` markers; the prepared rows are token ids already, so the mask is made here from them."""
-    header, eos = assistant_header(tokenizer), tokenizer.eos_token_id
+    ``{% generation %}`` markers; the prepared rows are token ids already, so the mask is made here from them, a
+    thousand rows at a time, into an int8 column held in memory beside the prepared (memory-mapped) rows. On a tenth
+    of ultrachat_200k's tokens: 72 MiB and 7 s, where Python lists of every row took 627 MiB and 47 s
+    (``bench/assistant_masks.py``)."""
+    import datasets
+
+    header, eos = np.asarray(assistant_header(tokenizer)), tokenizer.eos_token_id
+    features = datasets.Features({"assistant_masks": datasets.List(datasets.Value("int8"))})
+
+    def masks(batch: dict) -> dict:
+        return {"assistant_masks": [_assistant_mask_array(np.asarray(ids), header, eos) for ids in batch["input_ids"]]}
+
     masked = {}
     for split, rows in data.items():
-        masks = [assistant_mask(ids, header, eos) for ids in rows["input_ids"]]
-        masked[split] = rows.add_column("assistant_masks", masks)
+        column = rows.select_columns(["input_ids"]).map(
+            masks,
+            batched=True,
+            batch_size=1000,
+            remove_columns=["input_ids"],
+            features=features,
+            keep_in_memory=True,
+            desc=f"Masking all but the assistant's tokens ({split})",
+        )
+        masked[split] = datasets.concatenate_datasets([rows, column], axis=1)
         if hasattr(rows, "source_dialogues"):
             masked[split].source_dialogues = rows.source_dialogues
     return masked
