@@ -92,6 +92,7 @@ def test_notebook_02(series):
     assert "merged vs 16-bit base + adapter          : largest logit difference" in texts["02"]
     assert "merged vs 4-bit base + adapter (trained) : largest logit difference" in texts["02"]
     assert "merged vs 16-bit base alone              : largest logit difference" in texts["02"]
+    assert re.search(r"train loss \d+\.\d{3} -> \d+\.\d{3} \(medians\); eval loss \d+\.\d{3} -> ", texts["02"])
     assert (base / "runs" / "qlora" / "merged" / "model.safetensors").is_file()
     assert json.loads((base / "runs" / "qlora" / "run.json").read_text())["status"] == "finished"
     history = json.loads((base / "runs" / "qlora" / "trainer_state.json").read_text())["log_history"]
@@ -106,6 +107,8 @@ def test_notebook_03(series):
     # imported bitsandbytes or initialised CUDA in any cell before it
     assert "ready for notebook_launcher: yes" in texts["03"]
     assert "[rank 0/2] step 4 loss" in texts["03"] and "[rank 1/2] step 4 loss" in texts["03"]
+    # a DDP replica holds the whole model: the 4-bit weights counted by their shape, as notebook 02 counts them
+    assert "this rank holds 4,401,728 of 4,401,728 parameters (100%: a full replica)" in texts["03"]
     launched = json.loads((base / "runs" / "qlora-ddp" / "run.json").read_text())
     assert launched["status"] == "finished" and launched["settings"]["world_size"] == 2
     assert "rank 0 of 2, 4 steps; its own loss per step: " in texts["03"] and "rank 1 of 2, 4 steps;" in texts["03"]

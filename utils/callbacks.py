@@ -157,9 +157,12 @@ class RankLog(TrainerCallback):
 
 
 def parameters_held(model) -> tuple[int, int]:
-    """(parameters stored on this rank, parameters of the whole model): they differ when FSDP shards the model."""
+    """(parameters stored on this rank, parameters of the whole model): they differ when FSDP shards the model. A
+    4-bit weight counts by its real shape (``utils.model.parameter_count``)."""
+    from utils.model import parameter_count
+
     held = total = 0
     for param in model.parameters():
-        total += param.numel()
-        held += param.to_local().numel() if hasattr(param, "to_local") else param.numel()
+        total += parameter_count(param)
+        held += param.to_local().numel() if hasattr(param, "to_local") else parameter_count(param)
     return held, total

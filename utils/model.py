@@ -199,8 +199,13 @@ def count_parameters(model) -> tuple[int, int]:
     """
     trainable = total = 0
     for param in model.parameters():
-        state = getattr(param, "quant_state", None)
-        n = math.prod(state.shape) if state is not None else param.numel()
+        n = parameter_count(param)
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total
+
+
+def parameter_count(param) -> int:
+    """How many parameters ``param`` holds: a 4-bit weight's by its ``quant_state.shape`` (``numel()`` is half)."""
+    state = getattr(param, "quant_state", None)
+    return math.prod(state.shape) if state is not None else param.numel()

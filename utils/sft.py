@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     if _is_main_process():
         final = report.get("final_loss")
         print(
-            f"done: {report['steps']} steps in {time.perf_counter() - start:.0f} s, final loss "
-            f"{final if final is not None else float('nan'):.4f}, {report['tokens_per_second']} tokens/s -> {out}"
+            f"done: {report['steps']} steps in {time.perf_counter() - start:.0f} s (loading and saving included), "
+            f"final loss {final if final is not None else float('nan'):.4f}, {report['tokens_per_second']} tokens/s "
+            f"in the steps after the first -> {out}"
         )
     return 0
 

@@ -234,11 +234,18 @@ def readable(text: str, share: float = 0.8) -> bool:
     return len(re.findall(r"[a-z']+", text.lower())) >= 3 and world_share(text) >= share
 
 
+def loss_ends(losses: list[float]) -> tuple[float, float]:
+    """The medians of the first and the last tenth of the logged losses (at least 3 each where there are 6): where
+    the training loss started and ended. Medians, because one packed row of hard dialogues can double a single step's
+    loss."""
+    k = max(min(3, len(losses) // 2), len(losses) // 10, 1)
+    return statistics.median(losses[:k]), statistics.median(losses[-k:])
+
+
 def loss_halved(losses: list[float]) -> bool:
-    """The training loss at least halved: the median of the last tenth of the logged losses (at least 3) is at most
-    half the median of the first tenth. Medians, because one packed row of hard dialogues can double a single loss."""
-    k = max(3, len(losses) // 10)
-    return statistics.median(losses[-k:]) <= 0.5 * statistics.median(losses[:k])
+    """The training loss at least halved (``loss_ends``)."""
+    first, last = loss_ends(losses)
+    return last <= 0.5 * first
 
 
 def main(argv: list[str] | None = None) -> int:
