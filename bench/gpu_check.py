@@ -96,6 +96,7 @@ class Checker:
     def stage_02(self) -> None:
         out = self.notebook("02", OUTPUT_DIR=str(self.work / "qlora"), MAX_STEPS=self.steps, FRESH=True)
         from utils.hardware import choose_profile
+        from utils.tiny_dialogues import loss_ends
 
         profile = choose_profile(self.requested, model=str(self.model_dir) if self.cuda else None, verbose=False)
         line = next((ln for ln in out.splitlines() if ln.startswith("Profile: ")), "")
@@ -104,9 +105,9 @@ class Checker:
         self.rows.append(("4-bit layers", f"{layers} linear layers are 4-bit" in out, f"{layers} expected"))
         history = json.loads((self.work / "qlora" / "trainer_state.json").read_text())["log_history"]
         losses = [h["loss"] for h in history if "loss" in h]
-        third = max(1, len(losses) // 3)
-        first, last = sum(losses[:third]) / third, sum(losses[-third:]) / third
-        self.rows.append(("loss falls", last < first, f"{first:.3f} -> {last:.3f} over {len(losses)} logged steps"))
+        first, last = loss_ends(losses)
+        detail = f"{first:.3f} -> {last:.3f} (medians) over {len(losses)} logged steps"
+        self.rows.append(("loss falls", last < first, detail))
         self.rows.append(self.memory_row(profile))
         merged = self.work / "qlora" / "merged"
         compared = "merged vs 16-bit base + adapter" in out or "skipped: these comparisons" in out

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from utils.assets import load_tokenizer
     from utils.tiny_base import ensure_tiny_base
-    from utils.tiny_dialogues import loss_halved
+    from utils.tiny_dialogues import loss_ends, loss_halved
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -186,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     tuned, result["training"] = train(model, tokenizer, train_ids, args)
     losses = result["training"]["losses"]
     result["loss_halved"] = loss_halved(losses)
+    first, last = loss_ends(losses)
     print(
-        f"trained {result['training']['steps']} steps in {result['training']['seconds']} s; loss "
-        f"{sum(losses[:3]) / 3:.2f} (first 3) -> {sum(losses[-3:]) / 3:.2f} (last 3), halved: {result['loss_halved']}"
+        f"trained {result['training']['steps']} steps in {result['training']['seconds']} s; loss {first:.2f} -> "
+        f"{last:.2f} (medians of the first and last tenth), halved: {result['loss_halved']}"
     )
     result["tuned"] = checks(tuned, tokenizer, args.question, "fine-tuned")
     if args.json:
