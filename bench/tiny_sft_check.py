@@ -79,9 +79,13 @@ def load_4bit(folder: Path):
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )
-    return AutoModelForCausalLM.from_pretrained(
+    from utils.model import keep_standard_4bit_layout
+
+    model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, attn_implementation="sdpa", quantization_config=quantization
     )
+    keep_standard_4bit_layout(model)  # the same numbers on every CPU (see its docstring)
+    return model
 
 
 def checks(model, tokenizer, questions: list[str], label: str) -> dict:

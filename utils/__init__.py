@@ -7,6 +7,7 @@ model and data), ``sampling`` (notebook 05), ``curves`` (notebook 04), ``exercis
 Try this), ``notebook_runner`` (``make tutorial``).
 """
 
+import logging
 import os
 import sys
 import warnings
@@ -15,6 +16,13 @@ from pathlib import Path
 # peft 0.21 reads the model's old `is_gradient_checkpointing` attribute, which transformers 5 marks deprecated: the
 # warning is about peft's code, not ours, and says nothing a learner can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+# On a CPU with AVX512-BF16, importing bitsandbytes 0.50 tries to fetch a faster 4-bit kernel from the Hub with the
+# `kernels` package (not installed: it would download code at import) and logs that it could not, to stderr, in every
+# process. It then uses its own kernel, and this collection keeps 4-bit weights in the standard layout anyway
+# (utils.model.keep_standard_4bit_layout): the line tells a learner nothing, and it made one-line errors two lines.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"

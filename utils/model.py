@@ -43,7 +43,31 @@ def load_model(model_args, quantization=None, device_map: str | dict | None = No
         from accelerate import PartialState
 
         kwargs["device_map"] = {"": PartialState().local_process_index}
-    return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    keep_standard_4bit_layout(model)
+    return model
+
+
+def keep_standard_4bit_layout(model) -> int:
+    """Keep every 4-bit layer of ``model`` in bitsandbytes' standard layout on the CPU; return how many there are.
+
+    On a CPU with AVX512-BF16 (AMD Zen 4/5, Intel Sapphire Rapids and newer) bitsandbytes 0.50 sets
+    ``Linear4bit.support_avx512bf16_for_cpu`` and, at a layer's first forward in eval mode without gradients (an
+    evaluation during training, a merge check, sampling), repacks its weight in place for a faster inference kernel.
+    That layout needs input widths divisible by 64 (the tiny model's 224-wide ``down_proj`` crashes), stays when
+    training resumes, where ``matmul_4bit`` then computes without autograd (LoRA's gradients after an evaluation
+    come out wrong), and saves its scales transposed. Clearing the flag keeps the layout every other CPU and every
+    GPU uses, so a run computes the same on all of them. Call it after loading a 4-bit model, before any forward.
+    """
+    import sys
+
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no 4-bit layer can exist (and importing it touches CUDA)
+    if bnb is None:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def load_adapter(base, adapter_dir: str | Path):

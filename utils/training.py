@@ -185,7 +185,7 @@ def build_trainer(args: Args, *, model=None, peft_config=None, tokenizer=None, d
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
     from utils.assets import load_tokenizer
-    from utils.model import load_model
+    from utils.model import keep_standard_4bit_layout, load_model
 
     with PartialState().main_process_first():  # rank 0 builds the cached assets and data first
         tokenizer = tokenizer or load_tokenizer(model_id(args), revision=args.model.model_revision)
@@ -206,6 +206,7 @@ def build_trainer(args: Args, *, model=None, peft_config=None, tokenizer=None, d
         peft_config=peft_config if peft_config is not None else get_peft_config(args.model),
         callbacks=callbacks(args, getattr(train, "source_dialogues", train.num_rows), train.num_rows),
     )
+    keep_standard_4bit_layout(trainer.model)  # a model passed in (notebook 02) too: see its docstring
     if args.training.fp16:
         keep_trainable_fp32(trainer.model)
     if world_size() > 1:
