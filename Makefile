@@ -29,7 +29,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 tutorial: setup
-	$(PY) -m utils.notebook_runner
+	$(PY) -m tools.notebook_runner
 
 lint: setup
 	$(VENV)/bin/ruff check utils bench tests notebooks

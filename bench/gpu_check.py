@@ -68,21 +68,22 @@ class Checker:
         self.requested = "auto" if self.cuda else "smoke"
         self.rows: list[Check] = []
         self.model_dir = work / "mistral-7b-random"  # on a dry run, stage build points it at the tiny model
+        self.executing: Path | None = None  # the executed copy of the notebook a stage runs
 
     def stage(self, name: str) -> None:
         start = time.perf_counter()
         try:
             getattr(self, f"stage_{name}")()
         except Exception as exc:  # noqa: BLE001 - one failed row per stage, the table is always printed
-            last = traceback.format_exception_only(type(exc), exc)[-1].strip().splitlines()[0]
-            self.rows.append((f"stage {name}", False, last[:160]))
+            self.rows.append((f"stage {name}", False, failure(exc, self.executing)))
         minutes = (time.perf_counter() - start) / 60
         self.rows.append((f"time of stage {name}", minutes < 8 or not self.cuda, f"{minutes:.1f} min (goal: < 8)"))
 
     def notebook(self, number: str, **parameters) -> str:
-        from utils.notebook_runner import notebooks, printed_text, run_notebook
+        from tools.notebook_runner import notebooks, printed_text, run_notebook
 
         path = notebooks([number])[0]
+        self.executing = self.work / "executed" / path.name
         model = str(self.model_dir) if self.cuda else None
         return printed_text(
             run_notebook(path, self.requested, self.work / "executed", progress_bar=False, MODEL=model, **parameters)
@@ -96,7 +97,7 @@ class Checker:
     def stage_02(self) -> None:
         out = self.notebook("02", OUTPUT_DIR=str(self.work / "qlora"), MAX_STEPS=self.steps, FRESH=True)
         from utils.hardware import choose_profile
-        from utils.tiny_dialogues import loss_ends
+        from utils.tiny_world import loss_ends
 
         profile = choose_profile(self.requested, model=str(self.model_dir) if self.cuda else None, verbose=False)
         line = next((ln for ln in out.splitlines() if ln.startswith("Profile: ")), "")
@@ -105,13 +106,16 @@ class Checker:
         self.rows.append(("4-bit layers", f"{layers} linear layers are 4-bit" in out, f"{layers} expected"))
         history = json.loads((self.work / "qlora" / "trainer_state.json").read_text())["log_history"]
         losses = [h["loss"] for h in history if "loss" in h]
-        first, last = loss_ends(losses)
-        detail = f"{first:.3f} -> {last:.3f} (medians) over {len(losses)} logged steps"
-        self.rows.append(("loss falls", last < first, detail))
+        ends = loss_ends(losses)
+        if ends is None:  # a short run: its first and last losses are single steps, nothing to go by
+            self.rows.append(("loss falls", True, f"not measured: {len(losses)} logged steps, too few to tell (20+)"))
+        else:
+            detail = f"{ends[0]:.3f} -> {ends[1]:.3f} (medians) over {len(losses)} logged steps"
+            self.rows.append(("loss falls", ends[1] < ends[0], detail))
         self.rows.append(self.memory_row(profile))
         merged = self.work / "qlora" / "merged"
-        compared = "merged vs 16-bit base + adapter" in out or "skipped: these comparisons" in out
-        self.rows.append(("adapter merged", (merged / "config.json").is_file() and compared, str(merged)))
+        checked = "adapted weights: each equals W + " in out and "PROBLEM:" not in out
+        self.rows.append(("adapter merged and checked", (merged / "config.json").is_file() and checked, str(merged)))
 
     def memory_row(self, profile) -> Check:
         """Peak memory of notebook 02's run, reserved against the H200 measurement for the profile's checkpointing
@@ -139,6 +143,21 @@ class Checker:
         match = re.search(r"qlora \(merged\): (\d) of 4 answers ended at EOS", out)
         self.rows.append(("notebook 05 sampled", match is not None, match.group(0) if match else "no answers"))
         self.rows.append(("generation stops at EOS", *eos_stop(self.work / "qlora" / "merged", self.cuda)))
+
+
+def failure(exc: BaseException, executed: Path | None) -> str:
+    """One line for a stage that raised: a failing notebook's cell, its exception type and message, and where its
+    executed copy is (papermill's own message is empty); any other exception's type and message."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        message = (exc.evalue or "").strip().splitlines()
+        copy = executed or "(none)"
+        return (
+            f"cell {exc.cell_index}: {exc.ename}: {message[0] if message else '(no message)'} (executed copy: {copy})"
+        )
+    last = traceback.format_exception_only(type(exc), exc)[-1].strip().splitlines()
+    return last[0][:300] if last else type(exc).__name__
 
 
 def eos_stop(model_dir: Path, cuda: bool) -> tuple[bool, str]:
@@ -173,6 +192,13 @@ def claim(work: Path) -> str | None:
     return None
 
 
+def writable_file(name: str) -> bool:
+    """Whether ``name`` can be written as a file: its folder exists and is writable, and it is not a folder."""
+    path = Path(name)
+    folder = path.parent if str(path.parent) else Path(".")
+    return not path.is_dir() and folder.is_dir() and os.access(folder, os.W_OK)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/gpu_check.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="the tiny model on the CPU, as CI runs it")
@@ -186,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA GPU; run with --dry-run to check the same steps on the CPU", file=sys.stderr)
+        return 2
+    if args.json and not writable_file(args.json):
+        print(f"error: --json {args.json}: not a file in an existing, writable folder", file=sys.stderr)
         return 2
     work = Path(args.work)
     problem = claim(work)

@@ -1,204 +1,128 @@
-"""Does the embedded default learn? The pretrained tiny base, QLoRA SFT as notebook 02 runs it, and the checks.
+"""Does the embedded default's lesson hold in every seed and on both CPU paths? Notebook 02's smoke run, then notebook
+05's counts, for each training seed and each of bitsandbytes' CPU paths.
 
-    python bench/tiny_sft_check.py                       # about 2 minutes on 2 idle CPU cores
-    python bench/tiny_sft_check.py --epochs 3 --json runs/tiny_sft_check.json --card_ids
+    python bench/tiny_sft_check.py                                   # seeds 1 2 3, both paths: ~15 min on 2 cores
+    python bench/tiny_sft_check.py --seeds 42 --paths standard --json runs/tiny_sft_check.json
 
-Loads ``data/tiny_base`` (``utils.tiny_base``) in 4-bit NF4, trains LoRA r16 on every linear layer with TRL's
-``SFTTrainer`` (bfd packing, fp32 on the CPU) on the dialogues of ``data/sample/ultrachat_200k``, and runs
-``utils.tiny_dialogues.check_model`` before and after: of 8 sampled answers, how many stop at EOS inside the template,
-how many talk like a pirate, and how many are words rather than random tokens, with and without the pirate system
-prompt. The dialogues are rendered here (Zephyr template, the card's empty system turn, EOS after each dialogue), not
-by notebook 01's pipeline, so the check does not depend on it; ``--card_ids`` puts the card-era token 28705 ("▁")
-after every EOS that text follows.
+Each run is ``python -m utils.sft --config configs/sft_qlora.yaml --profile smoke --seed S`` (what notebook 02 runs),
+in a process whose bitsandbytes believes the CPU has AVX512-BF16 (``avx512bf16``) or has not (``standard``), whatever
+this CPU has (``tools/cpu_paths``). Then, in a process on the same path, the base and the 4-bit base + adapter
+answer ``utils.tiny_world.CHECK_QUESTIONS`` eight times each, with the pirate system prompt and without it
+(``utils.tiny_world.check_model``, as notebook 05 does). The table has, per run and claim (``utils.tiny_world.CLAIMS``),
+the questions for which it held, and the lowest (or, for the pirate voice without the prompt, highest) count of 8
+over the questions: the margin. The two paths of one seed must train to the same losses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils import SAMPLE_DIR  # noqa: E402
+from utils import REPO_ROOT, RUNS_DIR  # noqa: E402
 
-ROLES = ("system", "user", "assistant")
-MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def read_dialogues(folder: Path) -> dict[str, list[list[dict]]]:
-    """Well-formed dialogues per split (``train_sft-pirate.jsonl`` joins ``train_sft``); other rows are skipped."""
-    splits: dict[str, list[list[dict]]] = {}
-    for path in sorted(folder.glob("*.jsonl")):
-        split = "test" if path.name.startswith("test") else "train"
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                messages = json.loads(line)["messages"]
-            except (ValueError, TypeError, KeyError):
-                continue
-            if well_formed(messages):
-                splits.setdefault(split, []).append(messages)
-    return splits
+PATHS = {"avx512bf16": "1", "standard": "0"}
+CPU_PATHS = REPO_ROOT / "tools" / "cpu_paths"
 
 
-def well_formed(messages) -> bool:
-    """An optional system message first, then user/assistant turns that alternate, start with the user and end
-    with the assistant, every content a non-empty string."""
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        return False
-    if not all(m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
-        return False
-    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
-    roles = [m["role"] for m in turns]
-    return (
-        bool(roles) and roles == ["user", "assistant"] * (len(roles) // 2) and all(m["content"].strip() for m in turns)
+def environment(path: str) -> dict:
+    """This process's environment, with bitsandbytes made to take ``path`` (``tools/cpu_paths/sitecustomize.py``)."""
+    python_path = os.pathsep.join(p for p in (str(CPU_PATHS), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": python_path, "MISTRAL_SFT_TEST_AVX512BF16": PATHS[path], "HF_HUB_OFFLINE": "1"}
+
+
+def train(out: Path, seed: int, path: str) -> list[float]:
+    """Notebook 02's smoke run with ``seed`` on ``path``; its logged training losses."""
+    command = [sys.executable, "-m", "utils.sft", "--config", "configs/sft_qlora.yaml", "--profile", "smoke"]
+    command += ["--output_dir", str(out), "--seed", str(seed), "--merge", "false", "--fresh", "true"]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=environment(path), capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"training failed (seed {seed}, {path}): {(done.stderr or done.stdout).strip()[-500:]}")
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def count(adapter: Path | None, path: str) -> dict:
+    """``check_model`` on the base (``adapter`` None) or the 4-bit base + ``adapter``, in a process on ``path``."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--count", str(adapter or "base")],
+        cwd=REPO_ROOT,
+        env=environment(path),
+        capture_output=True,
+        text=True,
     )
+    if done.returncode:
+        raise SystemExit(f"counting failed ({adapter}, {path}): {(done.stderr or done.stdout).strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def token_ids(tokenizer, dialogues: list[list[dict]], card_ids: bool = False) -> list[list[int]]:
-    """``<s>`` + the Zephyr rendering with the card's empty system turn + ``</s>`` for each dialogue."""
-    out = []
-    for messages in dialogues:
-        if messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": ""}, *messages]
-        text = tokenizer.apply_chat_template(messages, tokenize=False) + tokenizer.eos_token
-        ids = tokenizer(text)["input_ids"]
-        if card_ids:  # the 2023 tokenizer.json put "▁" (28705) before the text that follows each special token
-            ids = [j for i, t in enumerate(ids) for j in ([t, 28705] if t == 2 and i + 1 < len(ids) else [t])]
-        out.append(ids)
-    return out
+def count_here(ref: str) -> dict:
+    """What ``count`` runs in its own process: per mode, per question, the four counts."""
+    from utils import sampling
+    from utils.assets import ensure_tiny_model, load_tokenizer
+    from utils.hardware import SMOKE
+    from utils.tiny_world import check_model
+
+    model = sampling.load_for_sampling(str(ensure_tiny_model()) if ref == "base" else ref, SMOKE)
+    results = check_model(model, load_tokenizer(None))
+    return {
+        mode: {c.question: {k: getattr(c, k) for k in ("stops", "pirate", "about", "clean")} for c in checks}
+        for mode, checks in results.items()
+    }
 
 
-def load_4bit(folder: Path):
-    """The base as notebook 02 loads it: 4-bit NF4 weights, float32 compute on the CPU."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def claims(counts: dict) -> dict[str, tuple[int, int, int]]:
+    """Per claim of ``utils.tiny_world.CLAIMS``: (questions where it held, questions, the worst count of 8)."""
+    from utils.tiny_world import CLAIMS
 
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-    )
-    from utils.model import keep_standard_4bit_layout
-
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="sdpa", quantization_config=quantization
-    )
-    keep_standard_4bit_layout(model)  # the same numbers on every CPU (see its docstring)
-    return model
-
-
-def checks(model, tokenizer, questions: list[str], label: str) -> dict:
-    from utils.tiny_dialogues import check_model
-
-    out = {}
-    for question in questions:
-        for mode, result in check_model(model.eval(), tokenizer, question).items():
-            print(
-                f"{label:>10} | {question[:40]:40} | {mode:6} | stops {result.stops}/8 | pirate {result.pirate}/8 | "
-                f"readable {result.readable}/8"
-            )
-            out[f"{question} | {mode}"] = {
-                "stops": result.stops,
-                "pirate": result.pirate,
-                "readable": result.readable,
-                "answers": [a.text for a in result.answers],
-            }
-    return out
-
-
-def train(model, tokenizer, train_ids: list[list[int]], args):
-    """QLoRA SFT with notebook 02's objects: LoRA r16/alpha16/dropout 0.05 on every linear layer, bfd packing."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    config = SFTConfig(
-        output_dir=args.output_dir,
-        packing=True,
-        packing_strategy="bfd",
-        max_length=args.max_length,
-        per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.1,
-        num_train_epochs=args.epochs,
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        seed=42,
-        activation_checkpointing=False,
-    )
-    lora = LoraConfig(
-        r=16, lora_alpha=16, lora_dropout=0.05, target_modules=MODULES, bias="none", task_type="CAUSAL_LM"
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=Dataset.from_dict({"input_ids": train_ids}),
-        processing_class=tokenizer,
-        peft_config=lora,
-    )
-    start, cpu = time.perf_counter(), time.process_time()
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    timing = {"seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu, 1)}
-    return trainer.model, {"steps": trainer.state.global_step, **timing, "losses": losses}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from utils.tiny_dialogues import CHECK_QUESTION
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=SAMPLE_DIR / "ultrachat_200k")
-    parser.add_argument("--epochs", type=float, default=2)
-    parser.add_argument("--learning_rate", type=float, default=1e-2)
-    parser.add_argument("--max_length", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--question", action="append", help=f"default: {CHECK_QUESTION!r}")
-    parser.add_argument("--card_ids", action="store_true", help="train on card-era ids (28705 after each EOS)")
-    parser.add_argument("--skip_base", action="store_true", help="do not check the base model")
-    parser.add_argument("--output_dir", default="/tmp/tiny_sft_check")
-    parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args(argv)
-    args.question = args.question or [CHECK_QUESTION]
-    return args
+    found = {}
+    for claim, (mode, measure, sign, bound) in CLAIMS.items():
+        values = [q[measure] for m, questions in counts.items() if mode in (None, m) for q in questions.values()]
+        held = [v >= bound if sign == ">=" else v <= bound for v in values]
+        worst = min(values) if sign == ">=" else max(values)
+        found[claim] = (sum(held), len(held), worst)
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from utils.assets import load_tokenizer
-    from utils.tiny_base import ensure_tiny_base
-    from utils.tiny_dialogues import loss_ends, loss_halved
-
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer(None)
-    dialogues = read_dialogues(args.data)
-    train_ids = token_ids(tokenizer, dialogues["train"], args.card_ids)
-    print(f"{len(train_ids)} training dialogues, {sum(map(len, train_ids)):,} tokens")
-    model = load_4bit(ensure_tiny_base())
-    result: dict = {"settings": {k: str(v) for k, v in vars(args).items()}}
-    if not args.skip_base:
-        result["base"] = checks(model, tokenizer, args.question, "base")
-    tuned, result["training"] = train(model, tokenizer, train_ids, args)
-    losses = result["training"]["losses"]
-    result["loss_halved"] = loss_halved(losses)
-    first, last = loss_ends(losses)
-    print(
-        f"trained {result['training']['steps']} steps in {result['training']['seconds']} s; loss {first:.2f} -> "
-        f"{last:.2f} (medians of the first and last tenth), halved: {result['loss_halved']}"
-    )
-    result["tuned"] = checks(tuned, tokenizer, args.question, "fine-tuned")
+    parser = argparse.ArgumentParser(prog="python bench/tiny_sft_check.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    parser.add_argument("--work", type=Path, default=RUNS_DIR / "tiny_sft_check", help="folder for the runs")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--count", help=argparse.SUPPRESS)  # the counting process (see count)
+    args = parser.parse_args(argv)
+    if args.count:
+        print(json.dumps(count_here(args.count)))
+        return 0
+    if args.json and not args.json.parent.is_dir():
+        print(f"error: --json {args.json}: its folder does not exist", file=sys.stderr)
+        return 2
+    results: dict = {"base": claims(count(None, args.paths[0])), "runs": []}
+    print(f"{'run':24s} " + " | ".join(f"{c}" for c in results["base"]))
+    print(f"{'base':24s} " + " | ".join(f"{h}/{n} (worst {w}/8)" for h, n, w in results["base"].values()))
+    failed = False
+    for seed in args.seeds:
+        losses = {}
+        for path in args.paths:
+            out = args.work / f"seed{seed}-{path}"
+            losses[path] = train(out, seed, path)
+            counts = count(out / "adapter", path)
+            found = claims(counts)
+            failed |= any(h < n for h, n, _ in found.values())
+            results["runs"].append({"seed": seed, "path": path, "claims": found, "counts": counts})
+            print(f"{f'seed {seed}, {path}':24s} " + " | ".join(f"{h}/{n} (worst {w}/8)" for h, n, w in found.values()))
+        same = len({json.dumps(v) for v in losses.values()}) == 1
+        failed |= not same
+        print(f"{'':24s} the paths' training losses are {'the same' if same else 'DIFFERENT'}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

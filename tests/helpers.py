@@ -11,12 +11,12 @@ def smoke_argv(out, *extra, steps: int = 4, save: int = 2) -> list[str]:
     return ["--config", RECIPE, "--profile", "smoke", "--output_dir", str(out), *flags, *extra]
 
 
-CPU_PATHS = REPO_ROOT / "tests" / "cpu_paths"
+CPU_PATHS = REPO_ROOT / "tools" / "cpu_paths"
 
 
 def cpu_path_env(env: dict, avx512bf16: bool) -> dict:
     """``env`` for a process whose bitsandbytes believes the CPU has AVX512-BF16 (or has not), whatever this CPU has
-    (``tests/cpu_paths/sitecustomize.py``)."""
+    (``tools/cpu_paths/sitecustomize.py``)."""
     import os
 
     path = os.pathsep.join(p for p in (str(CPU_PATHS), env.get("PYTHONPATH", "")) if p)

@@ -10,13 +10,14 @@ import sys
 
 import nbformat
 import pytest
+from helpers import cpu_path_env
 
+from tools.notebook_runner import notebooks, printed_text, run_notebook
 from utils import REPO_ROOT, exercises
 from utils.curves import PLANTED_TRUTH
-from utils.notebook_runner import notebooks, printed_text, run_notebook
 from utils.sampling import logged_answers
 from utils.setup_cell import SETUP_CELL
-from utils.tiny_dialogues import loss_halved
+from utils.tiny_world import CHECK_QUESTIONS, loss_halved
 
 ALL = notebooks()
 
@@ -42,7 +43,15 @@ def test_stored_without_outputs_and_with_parameters(path):
 
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):
-    """Run 01 to 05 in the smoke profile, as `make tutorial` does; 04 and 05 read what 02 and 03 wrote."""
+    """Run 01 to 05 in the smoke profile, as `make tutorial` does; 04 and 05 read what 02 and 03 wrote. The kernels'
+    bitsandbytes takes the AVX512-BF16 path whatever this CPU has (tests/test_cpu_paths.py compares both paths)."""
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in cpu_path_env({"PYTHONPATH": os.environ.get("PYTHONPATH", "")}, avx512bf16=True).items():
+            env.setenv(name, value)
+        return _series(tmp_path_factory)
+
+
+def _series(tmp_path_factory):
     base = tmp_path_factory.mktemp("series")
     runs = base / "runs"
     params = {
@@ -132,21 +141,22 @@ def test_notebook_05(series):
     assert "re-ran qlora (merged) with seed 42: identical answers" in texts["05"]
     assert re.search(r"qlora \(merged\): \d of 4 answers ended at EOS", texts["05"])
     assert "GPU memory: no GPU" in texts["05"]
-    assert "question: 'What is a kettle?', 8 answers each" in texts["05"]
-    counts = {
-        (name, mode): (int(stops), int(pirate))
-        for name, mode, stops, pirate in re.findall(
-            r"^(base|qlora \(4-bit \+ adapter\)) +(pirate prompt|no system prompt) *: (\d)/8 stop at </s>, "
-            r"(\d)/8 talk like a pirate$",
+    n = len(CHECK_QUESTIONS)
+    held = dict(re.findall(r"^  (.+): held for (\d+ of \d+)$", texts["05"], re.MULTILINE))
+    assert held == {  # the lesson, per question, on questions no training dialogue asked
+        "pirate voice with the pirate prompt": f"{n} of {n}",
+        "pirate voice without it": f"{n} of {n}",
+        "stop at </s>": f"{2 * n} of {2 * n}",
+        "about the thing asked": f"{2 * n} of {2 * n}",
+        "no invented words": f"{2 * n} of {2 * n}",
+    }, texts["05"][-3000:]
+    for prompt in ("with the pirate prompt", "without a system prompt"):  # the base: no stop, not about the question
+        assert re.search(
+            rf"^base {prompt}: 0/{8 * n} answers stop at </s>, \d+/{8 * n} talk like a pirate, "
+            rf"\d/{8 * n} are about the thing asked",
             texts["05"],
             re.MULTILINE,
-        )
-    }
-    assert len(counts) == 4, texts["05"]
-    tuned, base = "qlora (4-bit + adapter)", "base"
-    assert counts[tuned, "pirate prompt"][0] >= 7 and counts[tuned, "no system prompt"][0] >= 7  # learned the stop
-    assert counts[tuned, "pirate prompt"][1] >= 6 and counts[tuned, "no system prompt"][1] <= 2  # and the persona
-    assert counts[base, "pirate prompt"] == (0, 0) and counts[base, "no system prompt"][0] == 0  # the base: neither
+        ), texts["05"][-3000:]
     assert "· almost greedy: run both commands" in texts["05"]  # the check cell, nothing tried yet
 
 

@@ -168,12 +168,12 @@ def test_trainable_share_counts_4bit_weights_by_their_real_size():
 def test_the_smoke_profile_prints_its_changes_as_a_diff(tmp_path, capsys):
     settings, argv = smoke_settings(tmp_path)
     changes = {name: (old, new) for name, old, new, _ in recipe_changes(argv, settings)}
-    assert changes["learning_rate"] == (2e-4, 1e-2) and changes["max_length"] == (2048, 256)
+    assert changes["learning_rate"] == (2e-4, 5e-3) and changes["max_length"] == (2048, 256)
     assert changes["num_train_epochs"] == (1, 2) and changes["activation_checkpointing"] == ("(TRL default)", False)
     assert "lora_r" not in changes and "lr_scheduler_type" not in changes
     print_recipe_changes(argv, settings)
     out = capsys.readouterr().out
-    assert "Changed from " in out and "learning_rate" in out and "0.0002 -> 0.01  (profile)" in out
+    assert "Changed from " in out and "learning_rate" in out and "0.0002 -> 0.005  (profile)" in out
 
 
 def test_linear_layers_are_4bit_and_only_lora_trains(trained):
@@ -233,18 +233,18 @@ def test_adapter_reloads_with_the_same_logits(trained):
     )  # the adapter matters
 
 
-def test_merged_model_matches_base_plus_adapter(trained):
-    from peft import PeftModel
+def test_merged_model_is_base_plus_adapter(trained):
     from transformers import AutoModelForCausalLM
+
+    from utils.model import check_merge
 
     trainer, model_args, out = trained
     merged_dir = merge_adapter(model_args.model_name_or_path, out / "adapter", out / "merged", "bfloat16")
     assert (merged_dir / "model.safetensors").is_file()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16)
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
-    unmerged = PeftModel.from_pretrained(load_model(replace(model_args, dtype="bfloat16")), str(out / "adapter"))
-    a, b = _logits(unmerged.eval(), trainer.processing_class), _logits(merged.eval(), trainer.processing_class)
-    assert (a - b).abs().max() / a.abs().max() < 2e-2
+    result = check_merge(model_args.model_name_or_path, out / "adapter", merged_dir)
+    assert result.ok and (result.adapted, result.pairs) == (28, 28), result.problems
 
 
 def _run(out, extra=()):
@@ -441,9 +441,9 @@ def test_the_card_schedule_plans_over_dialogues_and_stops_when_the_data_ends(tmp
     )
     assert code == 0
     state = json.loads((out / "trainer_state.json").read_text())
-    planned = 54  # ceil(213 dialogues / global batch 4), as TRL 0.7.x planned
+    planned = 99  # ceil(393 dialogues / global batch 4), as TRL 0.7.x planned
     assert state["max_steps"] == planned
     assert 0 < state["global_step"] < planned  # the packed rows ran out first, as at the card's step 272 of 406
     lrs = [h["learning_rate"] for h in state["log_history"] if "learning_rate" in h]
     assert lrs[-1] > 0.1 * max(lrs)  # the cosine had not come down to 0
-    assert f"card schedule: cosine planned over {planned} steps (213 dialogues / 4)" in capsys.readouterr().out
+    assert f"card schedule: cosine planned over {planned} steps (393 dialogues / 4)" in capsys.readouterr().out

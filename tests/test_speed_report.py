@@ -32,11 +32,18 @@ def test_steady_speed_leaves_out_the_first_step(timed):
     assert timed.steady() == (1.0, 100.0)
 
 
-def test_a_single_step_is_its_own_speed():
+def test_a_single_step_gives_no_speed():
+    """One step's time is mostly compiling and warming up: no "tokens/s after the first step" from it."""
     timer = StepTimer()
     timer.steps = [(2.0, 50)]
-    assert timer.steady() == (2.0, 25.0)
-    assert StepTimer().steady() is None
+    assert timer.steady() is None and StepTimer().steady() is None
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(log_history=[{"train_runtime": 3.0}], global_step=1, num_input_tokens_seen=50),
+        callback_handler=SimpleNamespace(callbacks=[timer]),
+        train_dataset=[0] * 7,
+    )
+    report = speed_report(trainer)
+    assert report["tokens_per_second"] is None and report["ultrachat_200k_epoch_hours_at_this_speed"] is None
 
 
 def test_speed_report_uses_the_steady_speed(timed):

@@ -6,8 +6,8 @@ import ast
 import shlex
 import subprocess
 
+from tools.notebook_runner import notebooks, printed_text, run_notebook
 from utils import REPO_ROOT, exercises
-from utils.notebook_runner import notebooks, printed_text, run_notebook
 
 
 def test_try_this_01_parameters_run(tmp_path, monkeypatch):

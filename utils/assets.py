@@ -13,12 +13,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from utils import CONFIGS_DIR, REPO_ROOT
+from utils import CONFIGS_DIR, DATA_DIR, REPO_ROOT
 
 CHAT_TEMPLATE_FILE = CONFIGS_DIR / "chat_template.jinja"
 ASSETS_DIR = REPO_ROOT / "runs" / "assets"
 EMBEDDED_TOKENIZER_DIR = ASSETS_DIR / "mistral-7b-tokenizer"
 TINY_MODEL_DIR = ASSETS_DIR / "tiny-mistral"
+TINY_BASE_DIR = DATA_DIR / "tiny_base"  # the shipped weights (tools/tiny_base.py pretrains them)
 
 # A Mistral-7B in miniature: same vocabulary, GQA, RoPE and sliding-window settings, 4 layers of width 64.
 TINY_MISTRAL = dict(
@@ -104,13 +105,29 @@ def load_tokenizer(model_id: str | None = None, revision: str = "main"):
     return tokenizer
 
 
-def ensure_tiny_model(out_dir: Path = TINY_MODEL_DIR) -> Path:
-    """The embedded default's model: the tiny pretrained Mistral shipped in ``data/tiny_base`` (``utils.tiny_base``),
-    copied once into ``out_dir`` with the embedded tokenizer beside it, so it loads like a Hub model
-    (``from_pretrained(out_dir)``, ``pipeline(model=out_dir)``); rebuilt when the shipped weights change."""
-    from utils.tiny_base import ensure_tiny_base
+def ensure_tiny_model(out_dir: Path = TINY_MODEL_DIR, source: Path = TINY_BASE_DIR) -> Path:
+    """The embedded default's model: the tiny pretrained Mistral shipped in ``data/tiny_base`` (pretrained by
+    ``tools/tiny_base.py``), copied once into ``out_dir`` with the embedded tokenizer beside it, so it loads like a
+    Hub model (``from_pretrained(out_dir)``, ``pipeline(model=out_dir)``); copied again when the shipped weights
+    change (``source.json`` holds their SHA-256)."""
+    import hashlib
 
-    return ensure_tiny_base(out_dir)
+    digest = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
+    stamp = {"source": str(source.name), "model.safetensors sha256": digest, "tokenizer legacy": True}
+    try:
+        if json.loads((out_dir / "source.json").read_text()) == stamp and (out_dir / "tokenizer.json").is_file():
+            return out_dir
+    except (OSError, ValueError):
+        pass  # not built yet, or built from something else: (re)build
+
+    class Copy:  # _save_atomically calls save_pretrained(folder) on each object
+        def save_pretrained(self, folder):
+            for name in ("config.json", "generation_config.json", "model.safetensors"):
+                shutil.copy(source / name, Path(folder) / name)
+            (Path(folder) / "source.json").write_text(json.dumps(stamp) + "\n")
+
+    _save_atomically(out_dir, Copy(), load_tokenizer(None))
+    return out_dir
 
 
 def _save_atomically(out_dir: Path, *objects) -> None:

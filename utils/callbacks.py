@@ -88,8 +88,9 @@ class StepTimer(TrainerCallback):
             self._start = None
 
     def steady(self) -> tuple[float, float] | None:
-        """Seconds per step and tokens per second over the steps after the first (the first if it is the only one)."""
-        timed = self.steps[1:] or self.steps
+        """Seconds per step and tokens per second over the steps after the first; None when the run took fewer than
+        two steps (the first step's time is mostly compiling and warming up, no speed to go by)."""
+        timed = self.steps[1:]
         seconds, tokens = sum(s for s, _ in timed), sum(n for _, n in timed)
         return (seconds / len(timed), tokens / seconds) if timed and seconds > 0 else None
 

@@ -240,8 +240,8 @@ def _check_ranks(folder: Path) -> str:
 # --- notebook 05 ------------------------------------------------------------------------------------------------------
 def notebook_05(answers: list[dict]) -> list[str]:
     """The items of notebook 05, read from the answers ``python -m utils.sampling`` logged. The hot-sampling item
-    counts the tiny world's words (``utils.tiny_dialogues.world_words``): it speaks of the smoke models."""
-    from utils.tiny_dialogues import is_pirate, world_share
+    counts the tiny world's words (``utils.tiny_world.world_share``): it speaks of the smoke models."""
+    from utils.tiny_world import is_pirate, world_share
 
     lines = []
     cold = [a for a in answers if a.get("temperature", 1) <= 0.05 and a.get("prompt") is None]

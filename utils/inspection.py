@@ -198,13 +198,15 @@ def speed_report(trainer) -> dict:
     steps = trainer.state.global_step
     tokens = trainer.state.num_input_tokens_seen or 0
     # a resumed run's runtime is this session's: so are its steps and tokens (the checkpoint's are left out)
-    session_steps = steps - getattr(trainer, "_initial_global_step", 0)
     session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     fast = not runtime or runtime < 0.5  # never a speed from a 0-s run
     overall = float("nan") if fast or session_tokens <= 0 else session_tokens / runtime
     timer = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer)), None)
     steady = timer.steady() if timer else None
-    step_s, tok_s = steady or (runtime / session_steps if session_steps > 0 and not fast else None, overall)
+    if timer is None:  # no step times (a trainer built without StepTimer): the runtime is all there is
+        session_steps = steps - getattr(trainer, "_initial_global_step", 0)
+        steady = (runtime / session_steps, overall) if session_steps > 0 and not fast else None
+    step_s, tok_s = steady or (None, None)  # one timed step: its time is mostly compiling and warming up
     epoch_tokens, basis = ULTRACHAT_200K_TRAIN_ROWS * ULTRACHAT_TOKENS_PER_DIALOGUE, "1,400 tokens x 207,865 dialogues"
     prepared = _prepared_report(trainer)
     if prepared.get("dialogues", 0) >= 100_000:
@@ -216,14 +218,14 @@ def speed_report(trainer) -> dict:
         "packed_rows": len(rows) if hasattr(rows, "__len__") else None,  # the training set as the trainer saw it
         "tokens_seen": int(tokens),
         "seconds_per_step": round(step_s, 3) if step_s else None,  # the steps after the first, timed alone
-        "tokens_per_second": round(tok_s, 1),
+        "tokens_per_second": round(tok_s, 1) if tok_s else None,  # None: fewer than 2 steps this session
         "train_runtime_s": round(runtime, 1),  # all of train(): the first step, evaluation and saving included
         "tokens_per_second_overall": round(overall, 1),
         "peak_gpu_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "peak_gpu_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "ultrachat_200k_epoch_tokens": int(epoch_tokens),
         "ultrachat_200k_epoch_tokens_from": basis,
-        "ultrachat_200k_epoch_hours_at_this_speed": round(epoch_tokens / tok_s / 3600, 1) if tok_s > 0 else None,
+        "ultrachat_200k_epoch_hours_at_this_speed": round(epoch_tokens / tok_s / 3600, 1) if tok_s else None,
     }
 
 

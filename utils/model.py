@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,109 @@ def _copy_config(base: str, revision: str, folder: Path, dtype: str) -> None:
     config.save_pretrained(folder)
     with contextlib.suppress(OSError):  # a base without generation_config.json
         GenerationConfig.from_pretrained(base, revision=revision).save_pretrained(folder)
+
+
+# --- checking a merge ------------------------------------------------------------------------------------------------
+@dataclass
+class MergeCheck:
+    """What ``check_merge`` found: counts, the largest differences, and the first problem (None when right)."""
+
+    adapted: int = 0  # tensors that should hold W + s·B·A
+    unchanged: int = 0  # the others, which should equal the base's
+    pairs: int = 0  # LoRA (A, B) pairs in the adapter
+    scale: float = 0.0
+    largest_ulps: float = 0.0  # merged vs round16(W + s·B·A), in units in the last place
+    probe_share: float = 0.0  # the largest probe difference as a share of its rounding bound (at most 1)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        """What a learner reads: each property and whether it held."""
+        return [
+            f"{self.adapted} adapted weights: each equals W + {self.scale:g}·B·A computed in float32 and rounded once, "
+            f"within {self.largest_ulps:g} unit(s) in the last place (allowed: 1)",
+            f"{self.pairs} LoRA pairs in the adapter, each used exactly once; {self.unchanged} other tensors "
+            "bit-identical to the base's",
+            f"probe: merged·x against W·x + {self.scale:g}·B·(A·x) on a random x, per adapted layer: at most "
+            f"{self.probe_share:.2f} of the bound that rounding to 16 bits allows",
+            *(f"PROBLEM: {p}" for p in self.problems[:5]),
+        ]
+
+
+def check_merge(base: str, adapter_dir: str | Path, merged_dir: str | Path, revision: str = "main") -> MergeCheck:
+    """Check a merged model against the base and the adapter it was made from, tensor by tensor, whatever the run
+    length: each adapted weight equals ``round16(W + s·B·A)`` (the sum in float32, rounded once to the merged
+    dtype) within one unit in the last place; every LoRA pair of the adapter is used exactly once; every other
+    tensor is bit-identical to the base's (in the merged dtype); and, for each adapted layer, a probe on a random
+    ``x``: ``merged·x`` differs from ``W·x + s·B·(A·x)`` (another order of the same sums) by no more than rounding
+    each merged weight to 16 bits can explain. ``s`` is peft's own scaling for the adapter's config (``lora_alpha /
+    r``, or ``/ sqrt(r)`` with rsLoRA). Reads one tensor at a time, so it checks a 7B merge in little memory."""
+    import torch
+    from peft import LoraConfig
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    adapter_dir, merged_dir = Path(adapter_dir), Path(merged_dir)
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    pairs = lora_pairs(load_file(str(adapter_dir / "adapter_model.safetensors")))
+    result = MergeCheck(pairs=len(pairs), scale=scale)
+    base_files = {name: f for f in base_weight_files(base, revision) for name in _tensor_names(f)}
+    merged_files = {name: f for f in sorted(merged_dir.glob("*.safetensors")) for name in _tensor_names(f)}
+    for name in sorted(set(base_files) ^ set(merged_files)):
+        result.problems.append(f"{name} is in the {'base' if name in base_files else 'merged model'} only")
+    for name in sorted(set(pairs) - set(merged_files)):
+        result.problems.append(f"the adapter's pair for {name} has no weight in the merged model")
+    generator = torch.Generator().manual_seed(0)
+    for name in sorted(set(base_files) & set(merged_files)):
+        with safe_open(str(base_files[name]), "pt") as f:
+            weight = f.get_tensor(name)
+        with safe_open(str(merged_files[name]), "pt") as f:
+            merged = f.get_tensor(name)
+        if name not in pairs:
+            result.unchanged += 1
+            if not torch.equal(merged, weight.to(merged.dtype)):
+                result.problems.append(f"{name} is not the base's tensor")
+            continue
+        result.adapted += 1
+        a, b = (t.float() for t in pairs[name])
+        w = weight.float()
+        if merged.shape != w.shape or b.shape[0] != w.shape[0] or a.shape[1] != w.shape[1]:
+            result.problems.append(
+                f"{name}: shapes {tuple(merged.shape)}, W {tuple(w.shape)}, B·A {(b.shape[0], a.shape[1])} do not match"
+            )
+            continue
+        expected = (w + scale * (b @ a)).to(merged.dtype)
+        ulps = ((merged.float() - expected.float()).abs() / _ulp(expected)).max().item()
+        result.largest_ulps = max(result.largest_ulps, ulps)
+        if ulps > 1:
+            result.problems.append(f"{name}: {ulps:.0f} units in the last place from W + s·B·A")
+        x = torch.randn(w.shape[1], 4, generator=generator)
+        probe = merged.float() @ x - (w @ x + scale * (b @ (a @ x)))
+        bound = _ulp(merged) @ x.abs() + 1e-5 * (w.abs() @ x.abs() + scale * (b.abs() @ (a.abs() @ x.abs())))
+        share = (probe.abs() / bound).max().item()
+        result.probe_share = max(result.probe_share, share)
+        if share > 1:
+            result.problems.append(f"{name}: the probe is {share:.1f}x what rounding allows")
+    return result
+
+
+def _tensor_names(file: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        return list(f.keys())
+
+
+def _ulp(tensor):
+    """The spacing of ``tensor``'s dtype at each of its values (a unit in the last place), as float32."""
+    import torch
+
+    magnitude = tensor.abs()
+    return (torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)) - magnitude).float()
 
 
 # --- what a learner is shown ---------------------------------------------------------------------------------------

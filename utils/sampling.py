@@ -29,9 +29,9 @@ MORE_PROMPTS = [
     "Write a haiku about fine-tuning a language model.",
     "What is the capital of Australia?",
 ]
-# The tiny smoke models know only their small world (utils.tiny_base): questions about things no training dialogue
-# mentions (utils.tiny_dialogues.HELD_OUT), in forms the dialogues use.
-SMOKE_PROMPTS = ["Where can I find an owl?", "Tell me about lighthouses.", "What does a coconut do?"]
+# The tiny smoke models know only their small world: three of the questions no training dialogue asks
+# (utils.tiny_world.CHECK_QUESTIONS).
+SMOKE_PROMPTS = ["Tell me about a banana.", "Where can I find a cat?", "What does a key do?"]
 SFT_BETA_ID = "HuggingFaceH4/mistral-7b-sft-beta"
 
 

@@ -71,7 +71,7 @@ def write(notebooks=None) -> int:
     """Put SETUP_CELL into the first code cell of each notebook; return how many changed."""
     import nbformat
 
-    from utils.notebook_runner import notebooks as all_notebooks
+    from tools.notebook_runner import notebooks as all_notebooks
 
     changed = 0
     for path in notebooks or all_notebooks():

@@ -114,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
 
         merge_adapter(args.model.model_name_or_path, out / "adapter", out / "merged", merge_dtype(args.model))
     if _is_main_process():
-        final = report.get("final_loss")
+        final, speed = report.get("final_loss"), report.get("tokens_per_second")
         print(
             f"done: {report['steps']} steps in {time.perf_counter() - start:.0f} s (loading and saving included), "
-            f"final loss {final if final is not None else float('nan'):.4f}, {report['tokens_per_second']} tokens/s "
-            f"in the steps after the first -> {out}"
+            f"final loss {final if final is not None else float('nan'):.4f}, "
+            + (f"{speed} tokens/s in the steps after the first" if speed else "too few steps for a speed")
+            + f" -> {out}"
         )
     return 0
 

@@ -1,8 +1,9 @@
-"""Force bitsandbytes' CPU path in the processes a test starts: with ``MISTRAL_SFT_TEST_AVX512BF16=1`` every
-``Linear4bit`` built afterwards believes the CPU has AVX512-BF16 (the path of AMD Zen 4/5 and Intel Sapphire Rapids
-and newer), with ``=0`` that it has not. Put this folder on ``PYTHONPATH`` (``tests/cpu_paths.py`` does): Python
-imports ``sitecustomize`` at start-up, and this one patches ``bitsandbytes.nn.modules.has_avx512bf16`` as that
-module is imported, before any model is built. The repacking that flag enables is plain torch, so it runs on any CPU.
+"""Force bitsandbytes' CPU path in a process a test or a benchmark starts: with ``MISTRAL_SFT_TEST_AVX512BF16=1``
+every ``Linear4bit`` built afterwards believes the CPU has AVX512-BF16 (the path of AMD Zen 4/5 and Intel Sapphire
+Rapids and newer), with ``=0`` that it has not. Put this folder on ``PYTHONPATH`` (``tests/helpers.cpu_path_env`` and
+``bench/tiny_sft_check.py`` do): Python imports ``sitecustomize`` at start-up, and this one patches
+``bitsandbytes.nn.modules.has_avx512bf16`` as that module is imported, before any model is built. The repacking that
+flag enables is plain torch, so it runs on any CPU.
 """
 
 import importlib.abc

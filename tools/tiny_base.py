@@ -1,16 +1,17 @@
 """A tiny base model that knows some English but not the chat template: the embedded default's starting point.
 
-    python -m utils.tiny_base             # pretrain from scratch into data/tiny_base/ (9 CPU-minutes, one thread)
-    python -m utils.tiny_base --check     # load the shipped weights and print a continuation
+    python -m tools.tiny_base             # pretrain from scratch into data/tiny_base/ (9 CPU-minutes, one thread)
+    python -m tools.tiny_base --check     # load the shipped weights and print a continuation
 
 The model has the shape of ``utils.assets.TINY_MISTRAL`` (4,317,760 parameters, the real 32,000-piece Mistral
 tokenizer). Its text is generated here from the hand-written facts of ``data/tiny_base/world.txt``: descriptions,
 comparisons, short explanations, small tables and stories, a few with pirates who talk like pirates, and questions
 answered in a named speaker's voice (a pirate's half the time: "Answer in the style of a pirate. What is a cat? Arr,
-..."), so that the base knows, as any large base model does, that the word "pirate" before an answer decides how it
-sounds. It is plain text with no chat-template marker; a page of 12 to 30 paragraphs (~1,200 tokens) goes from BOS
-to EOS, so the base knows the EOS token but not ``<|user|>`` or ``<|assistant|>``, nor that an answer ends after a
-few sentences, nor that a system prompt is an instruction. SFT (notebook 02) teaches it that.
+..."; the questions of the SFT dialogues, ``tools.tiny_dialogues.FORMS``), so that the base knows, as any large
+base model does, that the word "pirate" before an answer decides how it sounds, and that an answer names the thing
+its question asks about. It is plain text with no chat-template marker; a page of 12 to 30 paragraphs (~1,200
+tokens) goes from BOS to EOS, so the base knows the EOS token but not ``<|user|>`` or ``<|assistant|>``, nor that an
+answer ends after a few sentences, nor that a system prompt is an instruction. SFT (notebook 02) teaches it that.
 
 Each step's softmax covers the corpus's ~1,100 distinct tokens plus 512 others drawn at random (about 5x faster on a
 CPU than all 32,000); the held-out loss over the full vocabulary matches the training loss, so nothing leaks to the
@@ -23,73 +24,21 @@ import hashlib
 import json
 import platform
 import random
-import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tools.tiny_dialogues import CLOSERS, FORMS, OPENERS, cap, colour, piratify
 from utils import DATA_DIR
-from utils.assets import TINY_MISTRAL, TINY_MODEL_DIR
+from utils.assets import TINY_MISTRAL
+from utils.tiny_world import Thing, world
 
 BASE_DIR = DATA_DIR / "tiny_base"
-WORLD_FILE = BASE_DIR / "world.txt"
-ASSET_DIR = TINY_MODEL_DIR  # where the embedded default's model folder is built (runs/assets/tiny-mistral)
 PEOPLE = {"Anna": "she", "Tom": "he", "Mia": "she", "Sam": "he", "Lily": "she", "Ben": "he", "Rosa": "she", "Leo": "he"}
 CAPTAINS = ("Captain Redbeard", "Captain Flint", "Old Peg", "Captain Morgan", "Salty Sue", "One-Eyed Jim")
-PIRATE_WORDS = {"is": "be", "are": "be", "you": "ye", "your": "yer", "my": "me", "yes": "aye", "hello": "ahoy"}
-OPENERS = ("Arr, matey!", "Ahoy, matey!", "Aye, me hearty!", "Arr!", "Ahoy there, matey!", "Arr, listen well, matey.")
 SIZES = {1: "tiny", 2: "small", 3: "medium", 4: "big", 5: "huge"}
 LIKED = ("animal", "bird", "insect", "food", "nature", "place")
-CLOSERS = ("Arr!", "Yo ho ho!", "That be the truth, matey.", "Arr, that be all.", "Now off ye go, matey!", "")
-
-
-@dataclass(frozen=True)
-class Thing:
-    """One line of ``world.txt``."""
-
-    name: str
-    plural: str
-    kind: str
-    size: int
-    colour: str | None
-    what: str
-    place: str
-    does: str
-    fact: str
-
-    @property
-    def a(self) -> str:
-        """The name with its article: "a cat", "an owl"."""
-        return f"{'an' if self.name[0] in 'aeiou' else 'a'} {self.name}"
-
-
-def world(path: Path = WORLD_FILE) -> list[Thing]:
-    """The things of ``world.txt``, in file order."""
-    things = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, plural, kind, size, colour, what, place, does, fact = (f.strip() for f in line.split(" | "))
-            things.append(
-                Thing(name, plural, kind, int(size), None if colour == "-" else colour, what, place, does, fact)
-            )
-    return things
-
-
-def cap(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-def piratify(text: str) -> str:
-    """Plain English in a pirate's voice: "is" and "are" become "be", "you" "ye", "your" "yer", "my" "me"."""
-
-    def swap(match: re.Match) -> str:
-        word = match.group(0)
-        new = PIRATE_WORDS[word.lower()]
-        return cap(new) if word[0].isupper() else new
-
-    return re.sub(r"\b(" + "|".join(PIRATE_WORDS) + r")\b", swap, text, flags=re.IGNORECASE)
 
 
 # --- the pretraining text --------------------------------------------------------------------------------------------
@@ -196,17 +145,15 @@ FRAMES = (  # where the speaker is named, then the question, then the answer in 
 
 
 def answered(rng: random.Random, things: list[Thing]) -> str:
-    """A question about one thing answered in someone's voice: a pirate's (half the time) or a plain speaker's. The
-    speaker is named before the question, as an instruction is, so the base learns that the word "pirate" earlier in
-    a text decides how the answer after it sounds (what a 7B base has read many times)."""
+    """A question of the SFT dialogues' forms about one thing, answered in someone's voice: a pirate's (half the
+    time) or a plain speaker's. The speaker is named before the question, as an instruction is, so the base learns
+    that the word "pirate" earlier in a text decides how the answer after it sounds (what a 7B base has read many
+    times), and that an answer names the thing its question asks about."""
     t = rng.choice(things)
-    q, a = rng.choice(
-        [
-            (f"What is {t.a}?", f"{cap(t.a)} is {t.what}. {cap(t.a)} {t.does}."),
-            (f"Where can you find {t.plural}?", f"You can find {t.plural} {t.place}. {t.fact}"),
-            (f"What does {t.a} do?", f"{cap(t.a)} {t.does}. {t.fact}"),
-        ]
-    )
+    form = rng.choice([f for f in FORMS if t.colour or f is not colour])
+    other = rng.choice([o for o in things if o.size != t.size and o is not t])
+    questions, a = form(t, other)
+    q = rng.choice(questions)
     role = "pirate" if rng.random() < 0.5 else rng.choice(VOICES[1:])
     if role == "pirate":
         a = f"{rng.choice(OPENERS)} {piratify(a)} {rng.choice(CLOSERS)}".strip()
@@ -215,13 +162,11 @@ def answered(rng: random.Random, things: list[Thing]) -> str:
     return rng.choice(FRAMES).format(role=role, q=q, a=a, Name=name, He=he)
 
 
+ANSWERED_SHARE = 0.35  # of the paragraphs; the other kinds keep their proportions
+OTHER_KINDS = ((describe, 0.37), (compare, 0.13), (explain, 0.17), (story, 0.13), (pirate_story, 0.04))
 KINDS = (
-    (describe, 0.37),
-    (compare, 0.13),
-    (explain, 0.17),
-    (story, 0.13),
-    (pirate_story, 0.04),
-    (answered, 0.16),
+    *((kind, weight * (1 - ANSWERED_SHARE) / (1 - 0.16)) for kind, weight in OTHER_KINDS),
+    (answered, ANSWERED_SHARE),
 )
 PAGE_PARAGRAPHS = (12, 30)  # a page (one document between BOS and EOS) is about 1,200 tokens
 
@@ -380,30 +325,6 @@ def load_base(folder: Path = BASE_DIR, dtype: str = "float32"):
     from transformers import MistralForCausalLM
 
     return MistralForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
-
-
-def ensure_tiny_base(out_dir: Path = ASSET_DIR, source: Path = BASE_DIR) -> Path:
-    """A model folder like a Hub model's (weights, config, the embedded tokenizer) made from the shipped base, once,
-    and again when the shipped weights change (``source.json`` holds their SHA-256); ``from_pretrained(out_dir)``
-    and ``pipeline(model=out_dir)`` load it. Returns ``out_dir``."""
-    from utils.assets import _save_atomically, load_tokenizer
-
-    digest = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
-    stamp = {"source": str(source.name), "model.safetensors sha256": digest, "tokenizer legacy": True}
-    try:
-        if json.loads((out_dir / "source.json").read_text()) == stamp and (out_dir / "tokenizer.json").is_file():
-            return out_dir
-    except (OSError, ValueError):
-        pass  # not built yet, or built from something else: (re)build
-
-    class Copy:  # _save_atomically calls save_pretrained(folder) on each object
-        def save_pretrained(self, folder):
-            for name in ("config.json", "generation_config.json", "model.safetensors"):
-                shutil.copy(source / name, Path(folder) / name)
-            (Path(folder) / "source.json").write_text(json.dumps(stamp) + "\n")
-
-    _save_atomically(out_dir, Copy(), load_tokenizer(None))
-    return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:

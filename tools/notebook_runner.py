@@ -1,4 +1,4 @@
-"""Run the notebooks top to bottom with papermill: ``make tutorial`` (or ``python -m utils.notebook_runner``).
+"""Run the notebooks top to bottom with papermill: ``make tutorial`` (or ``python -m tools.notebook_runner``).
 
 Executed copies go to ``runs/executed/``; the first failing cell stops the run with a non-zero exit and a line
 naming the notebook and the cell. What a learner reads there is kept clean: progress bars are plain text (an
@@ -118,7 +118,7 @@ def tidy(executed: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.notebook_runner", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.notebook_runner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="auto", help="PROFILE passed to every notebook (auto, smoke, ...)")
     parser.add_argument("--only", nargs="*", help="run only notebooks starting with these prefixes, e.g. 01 02")
     args = parser.parse_args(argv)
