@@ -32,8 +32,8 @@ tutorial: setup
 	$(PY) -m tools.notebook_runner
 
 lint: setup
-	$(VENV)/bin/ruff check utils bench tests notebooks
-	$(VENV)/bin/ruff format --check utils bench tests notebooks
+	$(VENV)/bin/ruff check utils tools bench tests notebooks
+	$(VENV)/bin/ruff format --check utils tools bench tests notebooks
 
 test: lint
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

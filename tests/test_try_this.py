@@ -46,8 +46,8 @@ def test_try_this_02_commands_run(tmp_path, command_env):
     assert again.returncode == 0 and "already trained: 4/4 steps in runs/qlora-r64" in again.stdout  # a second run
     lines = exercises.notebook_02(tmp_path / "runs", main_run=tmp_path / "runs" / "qlora")  # no notebook run here
     assert lines[0] == "✓ rank 64: r = 64, 335,872 adapter parameters"
-    assert lines[1] == "· bfd_split: 78 packed rows; run the notebook's own run to compare"
-    assert lines[2] == "✓ ten steps: the learning rate is 0 at step 1 and peaks at step 2 (0.01)"
+    assert lines[1] == "· bfd_split: 194 packed rows; run the notebook's own run to compare"
+    assert lines[2] == "✓ ten steps: the learning rate is 0 at step 1 and peaks at step 2 (0.005)"
 
 
 def test_try_this_03_commands_run(tmp_path, command_env):

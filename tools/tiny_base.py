@@ -1,6 +1,6 @@
 """A tiny base model that knows some English but not the chat template: the embedded default's starting point.
 
-    python -m tools.tiny_base             # pretrain from scratch into data/tiny_base/ (9 CPU-minutes, one thread)
+    python -m tools.tiny_base             # pretrain from scratch into data/tiny_base/ (4 CPU-minutes, one thread)
     python -m tools.tiny_base --check     # load the shipped weights and print a continuation
 
 The model has the shape of ``utils.assets.TINY_MISTRAL`` (4,317,760 parameters, the real 32,000-piece Mistral
