@@ -217,8 +217,7 @@ def main() -> int:
     import torch
 
     from utils.assets import TINY_MISTRAL, load_tokenizer
-    from utils.gpus import peak_tflops
-    from utils.hardware import choose_profile, detect_hardware
+    from utils.hardware import choose_profile, detect_hardware, peak_tflops
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU; asserts nothing about speed")

@@ -72,8 +72,7 @@ def test_accumulation_rejects_what_cannot_divide():
 
 
 def test_global_batch_sets_accumulation_from_world_size():
-    from utils.gpus import shape
-    from utils.hardware import GPU_PROFILES
+    from utils.hardware import GPU_PROFILES, shape
     from utils.recipe import resolve
 
     settings = resolve(["--config", FULL], GPU_PROFILES[-1], shape("h100").hardware(), processes=8)

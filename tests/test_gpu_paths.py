@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from utils import REPO_ROOT, sft
-from utils.gpus import shape
+from utils.hardware import shape
 
 RECIPE = str(REPO_ROOT / "configs" / "sft_qlora.yaml")
 SMOKE = ["--config", RECIPE, "--profile", "smoke", "--eval_strategy", "no", "--merge", "false"]

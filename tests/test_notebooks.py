@@ -13,10 +13,10 @@ import pytest
 from helpers import cpu_path_env
 
 from tools.notebook_runner import notebooks, printed_text, run_notebook
+from tools.setup_cell import SETUP_CELL
 from utils import REPO_ROOT, exercises
 from utils.curves import PLANTED_TRUTH
 from utils.sampling import logged_answers
-from utils.setup_cell import SETUP_CELL
 from utils.tiny_world import CHECK_QUESTIONS, loss_halved
 
 ALL = notebooks()
@@ -38,7 +38,7 @@ def test_stored_without_outputs_and_with_parameters(path):
     assert "**Time.**" in nb.cells[0].source
     assert "## Try this" in nb.cells[-2].source  # the exercises, then the cell that checks the learner's runs
     assert nb.cells[-1] is code[-1] and f"exercises.notebook_{path.name[:2]}(" in code[-1].source
-    assert code[0].source == SETUP_CELL  # one set-up cell, kept in utils/setup_cell.py
+    assert code[0].source == SETUP_CELL and len(SETUP_CELL.splitlines()) <= 10  # one short set-up cell
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from utils import REPO_ROOT
-from utils.gpus import SHAPES, shape
+from utils.hardware import SHAPES, shape
 from utils.plan import markdown_table, shape_plans
 
 RECIPE = "configs/sft_qlora.yaml"

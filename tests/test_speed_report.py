@@ -9,7 +9,7 @@ import pytest
 
 from utils import callbacks
 from utils.callbacks import StepTimer
-from utils.inspection import speed_report
+from utils.training import speed_report
 
 
 @pytest.fixture

@@ -34,6 +34,12 @@ SAMPLE_DIR = DATA_DIR / "sample"
 RUNS_DIR = Path(os.environ.get("MISTRAL_SFT_RUNS") or REPO_ROOT / "runs")
 
 
+class ConfigError(ValueError):
+    """Something the user can fix (a setting, a folder, a file, a model name), found before any heavy work: the one
+    error type of this collection, said in one line with a non-zero exit. The others (``RunError``, ``SourceError``,
+    ``OutputError``, ``SamplingError``, ``OptionError``) are kinds of it."""
+
+
 def say(line: str) -> None:
     """One line in one write, so the lines of several processes sharing a terminal do not run into each other."""
     sys.stdout.write(line + "\n")

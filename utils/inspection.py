@@ -3,14 +3,10 @@ what the loss sees, and the speed report."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from utils.recipe import CLI, PROFILE, Settings, read_recipe, split_config
 
-ULTRACHAT_200K_TRAIN_ROWS = 207_865
-ULTRACHAT_TOKENS_PER_DIALOGUE = 1_400  # ultrachat_200k with the Zephyr template and Mistral tokenizer, typical
 SHOWN_FIELDS = (
     "model_name_or_path",
     "dtype",
@@ -176,68 +172,3 @@ def label_checks(trainer) -> dict:
         "loss_token_share": round(float((labels != -100).float().mean()), 4),
         "pad_token": trainer.processing_class.pad_token,
     }
-
-
-# --- the speed report ----------------------------------------------------------------------------------------------
-def speed_report(trainer) -> dict:
-    """The training set's row count, tokens/s, seconds per step, peak GPU memory (allocated and reserved), and the
-    estimated time for one epoch of ultrachat_200k at this speed.
-
-    Speed is the steady one (``StepTimer``: the steps after the first, without evaluation and saving); the whole
-    ``train()`` call's runtime and tokens/s are reported beside it.
-
-    The epoch's token count comes from the prepared data's report when it is the real dataset, otherwise from
-    ultrachat_200k's typical 1,400 tokens per dialogue (the sample's dialogues are much shorter).
-    """
-    import torch
-
-    from utils.callbacks import StepTimer
-
-    summary = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
-    runtime = summary.get("train_runtime", float("nan"))
-    steps = trainer.state.global_step
-    tokens = trainer.state.num_input_tokens_seen or 0
-    # a resumed run's runtime is this session's: so are its steps and tokens (the checkpoint's are left out)
-    session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)
-    fast = not runtime or runtime < 0.5  # never a speed from a 0-s run
-    overall = float("nan") if fast or session_tokens <= 0 else session_tokens / runtime
-    timer = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer)), None)
-    steady = timer.steady() if timer else None
-    if timer is None:  # no step times (a trainer built without StepTimer): the runtime is all there is
-        session_steps = steps - getattr(trainer, "_initial_global_step", 0)
-        steady = (runtime / session_steps, overall) if session_steps > 0 and not fast else None
-    step_s, tok_s = steady or (None, None)  # one timed step: its time is mostly compiling and warming up
-    epoch_tokens, basis = ULTRACHAT_200K_TRAIN_ROWS * ULTRACHAT_TOKENS_PER_DIALOGUE, "1,400 tokens x 207,865 dialogues"
-    prepared = _prepared_report(trainer)
-    if prepared.get("dialogues", 0) >= 100_000:
-        epoch_tokens, basis = prepared["total_tokens"], "the prepared data's report.json"
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    rows = trainer.train_dataset
-    return {
-        "steps": steps,
-        "packed_rows": len(rows) if hasattr(rows, "__len__") else None,  # the training set as the trainer saw it
-        "tokens_seen": int(tokens),
-        "seconds_per_step": round(step_s, 3) if step_s else None,  # the steps after the first, timed alone
-        "tokens_per_second": round(tok_s, 1) if tok_s else None,  # None: fewer than 2 steps this session
-        "train_runtime_s": round(runtime, 1),  # all of train(): the first step, evaluation and saving included
-        "tokens_per_second_overall": round(overall, 1),
-        "peak_gpu_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        "peak_gpu_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
-        "ultrachat_200k_epoch_tokens": int(epoch_tokens),
-        "ultrachat_200k_epoch_tokens_from": basis,
-        "ultrachat_200k_epoch_hours_at_this_speed": round(epoch_tokens / tok_s / 3600, 1) if tok_s else None,
-    }
-
-
-def _prepared_report(trainer) -> dict:
-    """The train split's statistics from the prepared data's report.json, when the trainer's data came from one."""
-    files = getattr(trainer.train_dataset, "cache_files", None) or []
-    for file in files:
-        for folder in Path(file["filename"]).parents:
-            report = folder / "report.json"
-            if report.is_file():
-                try:
-                    return json.loads(report.read_text())["outputs"].get("train", {})
-                except (OSError, ValueError, KeyError, AttributeError):
-                    return {}
-    return {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.recipe import ConfigError
+from utils import ConfigError
 
 MAX_SHARD_BYTES = 2 * 2**30  # merged shards of at most 2 GiB: saving never needs more host memory than one shard
 

@@ -71,7 +71,7 @@ def memory_gib(values: dict, world: int) -> tuple[float, str]:
 def epoch_hours(values: dict, hw: Hardware, world: int) -> tuple[float | None, str]:
     """Hours for one epoch of ultrachat_200k: the H200's measured tokens/s for this attention and checkpointing,
     scaled by the GPU's peak TFLOPS and the number of GPUs. An estimate; QLoRA only."""
-    from utils.gpus import peak_tflops
+    from utils.hardware import peak_tflops
     from utils.scaling import h200_measurements
 
     if not hw.cuda or not (values["load_in_4bit"] and values["use_peft"]):
@@ -177,12 +177,11 @@ def value(result: dict, name: str) -> Any:
 
 # --- every GPU the collection plans for ------------------------------------------------------------------------------
 def shape_plans(config: str = "configs/sft_qlora.yaml") -> dict[str, dict]:
-    """The plan of ``config`` for every shape in utils/gpus.py (resolved in this process)."""
+    """The plan of ``config`` for every shape in utils.hardware.SHAPES (resolved in this process)."""
     import contextlib
     import io
 
-    from utils.gpus import SHAPES
-    from utils.hardware import choose_profile
+    from utils.hardware import SHAPES, choose_profile
     from utils.recipe import check, resolve
 
     plans = {}

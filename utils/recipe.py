@@ -22,15 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from utils import ConfigError
 from utils.hardware import HUB_DATASET, Hardware, Profile
 
 DEFAULT, PROFILE, RECIPE, CLI = "default", "profile", "recipe", "command line"
 SECRETS = ("hub_token",)  # never printed or written
 MISTRAL_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work, found before any weights load: one line for the user."""
 
 
 @dataclass

@@ -22,6 +22,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils import ConfigError
+
 TOOL = "utils.sft"
 RUN_FILE = "run.json"
 REPORT_FILE = "speed.json"
@@ -44,7 +46,7 @@ STATE_KEYS = {"global_step": int, "max_steps": int, "epoch": (int, float), "log_
 _HELD: dict[Path, int] = {}  # folders whose lock this process holds -> file descriptor
 
 
-class RunError(ValueError):
+class RunError(ConfigError):
     """A run folder that cannot be used as asked: one line for the user."""
 
 

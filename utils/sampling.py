@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import REPO_ROOT, RUNS_DIR
+from utils import REPO_ROOT, RUNS_DIR, ConfigError
 from utils.hardware import Profile
 
 PIRATE = [
@@ -48,7 +48,7 @@ CARD_ANSWER = (
 )
 
 
-class SamplingError(ValueError):
+class SamplingError(ConfigError):
     """A model or option that cannot be used: one line for the user."""
 
 

@@ -104,8 +104,8 @@ def activation_bytes(
 
 
 def usable_gib(gpu_gb: int) -> float:
-    """The GiB a GPU sold as ``gpu_gb`` GB reports to PyTorch (a T4's "16 GB" are 14.7 GiB), from utils/gpus.py."""
-    from utils.gpus import SHAPES
+    """The GiB a GPU sold as ``gpu_gb`` GB reports to PyTorch (a T4's "16 GB" are 14.7 GiB) (``SHAPES``)."""
+    from utils.hardware import SHAPES
 
     card = {16: "t4", 24: "l4", 40: "a100-40gb", 80: "h100"}[gpu_gb]
     return SHAPES[card].memory_gib

@@ -26,7 +26,7 @@ OWN_FLAGS = {"--plan": 0, "--gpu": 1, "--json": 1}  # options of this command, n
 
 
 def settings_for(argv: list[str], gpu: str | None = None, plan: bool = False) -> tuple[Settings, Hardware]:
-    """The resolved and checked settings for ``argv`` on this machine, or on the GPU shape ``gpu`` (utils/gpus.py).
+    """The resolved and checked settings for ``argv`` on this machine, or on the GPU shape ``gpu`` (``SHAPES``).
 
     Prints the profile line. Raises ConfigError (or ValueError/RuntimeError from the profile choice) in one line.
     A ``plan`` does not check the dataset: it is for a machine where the data will be prepared.
@@ -37,7 +37,7 @@ def settings_for(argv: list[str], gpu: str | None = None, plan: bool = False) ->
     requested = _cli_value(cli, "profile") or (read_recipe(path).get("profile") if path else None) or "auto"
     model = _cli_value(cli, "model_name_or_path")
     if gpu:
-        from utils.gpus import shape
+        from utils.hardware import shape
 
         target = shape(gpu)
         hardware, processes = target.hardware(), target.count

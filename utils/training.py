@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import say
+from utils import ConfigError, say
 from utils.callbacks import CardStop, RankLog, StepTimer, StopOnNonFiniteLoss, StopWhenDataEnds
 from utils.data.prepared import prepared_dataset
-from utils.recipe import Args, ConfigError, world_size
+from utils.recipe import Args, world_size
 from utils.runs import Run, RunError, open_run, run_settings
 
 
@@ -282,8 +282,6 @@ def run_training(trainer, run: Run) -> dict:
     one step past ``max_steps`` there). A loss or gradient that turns NaN or infinite stops the run with RunError
     naming the last good checkpoint; the run is then not finished, and its bad checkpoints are skipped on resume.
     """
-    from utils.inspection import speed_report
-
     if run.resume_is_final:
         from transformers import TrainerState
 
@@ -327,3 +325,70 @@ def save_outputs(trainer) -> Path:
         trainer.processing_class.save_pretrained(final)
     trainer.save_state()  # trainer_state.json with the log history, read by notebook 04
     return final
+
+
+ULTRACHAT_200K_TRAIN_ROWS = 207_865
+ULTRACHAT_TOKENS_PER_DIALOGUE = 1_400  # ultrachat_200k with the Zephyr template and Mistral tokenizer, typical
+
+
+# --- the speed report ----------------------------------------------------------------------------------------------
+def speed_report(trainer) -> dict:
+    """The training set's row count, tokens/s, seconds per step, peak GPU memory (allocated and reserved), and the
+    estimated time for one epoch of ultrachat_200k at this speed.
+
+    Speed is the steady one (``StepTimer``: the steps after the first, without evaluation and saving); the whole
+    ``train()`` call's runtime and tokens/s are reported beside it.
+
+    The epoch's token count comes from the prepared data's report when it is the real dataset, otherwise from
+    ultrachat_200k's typical 1,400 tokens per dialogue (the sample's dialogues are much shorter).
+    """
+    import torch
+
+    summary = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
+    runtime = summary.get("train_runtime", float("nan"))
+    steps = trainer.state.global_step
+    tokens = trainer.state.num_input_tokens_seen or 0
+    # a resumed run's runtime is this session's: so are its steps and tokens (the checkpoint's are left out)
+    session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    fast = not runtime or runtime < 0.5  # never a speed from a 0-s run
+    overall = float("nan") if fast or session_tokens <= 0 else session_tokens / runtime
+    timer = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer)), None)
+    steady = timer.steady() if timer else None
+    if timer is None:  # no step times (a trainer built without StepTimer): the runtime is all there is
+        session_steps = steps - getattr(trainer, "_initial_global_step", 0)
+        steady = (runtime / session_steps, overall) if session_steps > 0 and not fast else None
+    step_s, tok_s = steady or (None, None)  # one timed step: its time is mostly compiling and warming up
+    epoch_tokens, basis = ULTRACHAT_200K_TRAIN_ROWS * ULTRACHAT_TOKENS_PER_DIALOGUE, "1,400 tokens x 207,865 dialogues"
+    prepared = _prepared_report(trainer)
+    if prepared.get("dialogues", 0) >= 100_000:
+        epoch_tokens, basis = prepared["total_tokens"], "the prepared data's report.json"
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    rows = trainer.train_dataset
+    return {
+        "steps": steps,
+        "packed_rows": len(rows) if hasattr(rows, "__len__") else None,  # the training set as the trainer saw it
+        "tokens_seen": int(tokens),
+        "seconds_per_step": round(step_s, 3) if step_s else None,  # the steps after the first, timed alone
+        "tokens_per_second": round(tok_s, 1) if tok_s else None,  # None: fewer than 2 steps this session
+        "train_runtime_s": round(runtime, 1),  # all of train(): the first step, evaluation and saving included
+        "tokens_per_second_overall": round(overall, 1),
+        "peak_gpu_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "peak_gpu_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+        "ultrachat_200k_epoch_tokens": int(epoch_tokens),
+        "ultrachat_200k_epoch_tokens_from": basis,
+        "ultrachat_200k_epoch_hours_at_this_speed": round(epoch_tokens / tok_s / 3600, 1) if tok_s else None,
+    }
+
+
+def _prepared_report(trainer) -> dict:
+    """The train split's statistics from the prepared data's report.json, when the trainer's data came from one."""
+    files = getattr(trainer.train_dataset, "cache_files", None) or []
+    for file in files:
+        for folder in Path(file["filename"]).parents:
+            report = folder / "report.json"
+            if report.is_file():
+                try:
+                    return json.loads(report.read_text())["outputs"].get("train", {})
+                except (OSError, ValueError, KeyError, AttributeError):
+                    return {}
+    return {}

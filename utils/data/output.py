@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from utils import ConfigError
+
 MARKER = ".prepared-by-utils.prepare_data"  # identifies a folder this tool wrote, so it may replace it
 FORMAT = (
     3  # report.json's "format": 2 added the empty system turn, 3 the card's token ids; older outputs are prepared again
@@ -21,7 +23,7 @@ COLUMNS = ("prompt", "prompt_id", "messages", "input_ids", "num_tokens", "num_tu
 SHARD = "data-00000-of-00001.arrow"  # one shard per split, named as datasets names a single shard
 
 
-class OutputError(Exception):
+class OutputError(ConfigError):
     """An output folder this tool must not write into: one line for the user, before any work."""
 
 

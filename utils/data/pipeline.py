@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from utils import ConfigError
 from utils.data.filters import content_problem, disclaimer_in, load_disclaimers, structure_problem, truecase_messages
 from utils.data.output import FORMAT, OutputError, OutputWriter, check_output
 from utils.data.sources import MAX_CHARS, SPLIT_NAMES, Split, datasets_progress, open_source, source_fingerprint
@@ -34,7 +35,7 @@ FILTER_MODES = ("auto", "all", "structure")
 OUTPUT_SPLITS = ("train", "test")
 
 
-class OptionError(ValueError):
+class OptionError(ConfigError):
     """An option out of range, named as ``Options`` names it (the command line prefixes ``--``)."""
 
     def __init__(self, name: str, detail: str):

@@ -9,8 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from utils import RUNS_DIR, say
-from utils.recipe import ConfigError
+from utils import RUNS_DIR, ConfigError, say
 
 DATA_CACHE = RUNS_DIR / "data"
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from utils import REPO_ROOT
+from utils import REPO_ROOT, ConfigError
 
 MAX_CHARS = 200_000  # a row with more characters is dropped as too_large (ultrachat_200k's longest is ~60k)
 SPLIT_NAMES = {"train_sft": "train", "test_sft": "test", "train": "train", "test": "test"}
@@ -26,7 +26,7 @@ BATCH_ROWS = 1000  # Arrow rows turned into Python objects at a time
 Row = tuple[int, Any, str | None]  # (row number, parsed object, drop reason)
 
 
-class SourceError(Exception):
+class SourceError(ConfigError):
     """A source that cannot be read at all (missing file, unreachable Hub): one line for the user."""
 
 
