@@ -5,7 +5,7 @@
 
 The model is the Mistral-7B architecture (``MistralConfig`` defaults) with random weights, built in bf16 and saved
 once. Every variant is the QLoRA recipe resolved under this GPU's profile (``utils.recipe``) with the variant's
-command-line overrides, and trained through ``utils.training.build_trainer``, the path every run takes: speed and
+command-line overrides, and trained through ``utils.sft.trainer_for``, the path every run takes: speed and
 memory do not depend on the weights' values. The data are synthetic token dialogues with an UltraChat-like length
 mix.
 
@@ -145,13 +145,13 @@ def flops_per_token(config, seq: int, checkpointing: bool) -> float:
 
 
 def run_variant(v: Variant, model_dir: Path, data, tokenizer, args, hardware, default_profile: str) -> dict:
-    """Train ``v`` for warm-up + measured steps through ``utils.training.build_trainer``, as any run does."""
+    """Train ``v`` for warm-up + measured steps through ``utils.sft.trainer_for``, as any run does."""
     import datasets
     import torch
 
     from utils.hardware import choose_profile
     from utils.recipe import resolve
-    from utils.training import build_trainer
+    from utils.sft import trainer_for
 
     cuda = hardware.cuda
     profile = choose_profile(v.profile or default_profile, hardware, verbose=False, model=str(model_dir))
@@ -164,7 +164,7 @@ def run_variant(v: Variant, model_dir: Path, data, tokenizer, args, hardware, de
         ]  # fmt: skip
         run_args = resolve(argv, profile, hardware).build()
         clock = StepClock(args.warmup)
-        trainer = build_trainer(
+        trainer = trainer_for(
             run_args, tokenizer=tokenizer, data={"train": datasets.Dataset.from_dict({"input_ids": data})}
         )
         trainer.add_callback(clock)

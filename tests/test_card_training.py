@@ -85,11 +85,11 @@ def test_the_vectorised_mask_is_the_definition():
 
 
 def test_assistant_only_loss_labels_only_the_answers(tokenizer):
-    from utils.training import build_trainer
+    from utils.sft import trainer_for
 
     argv = ["--config", "configs/sft_qlora.yaml", "--profile", "smoke", "--assistant_only_loss", "true"]
     args = resolve([*argv, "--output_dir", "/tmp/unused-assistant-only"], SMOKE).build()
-    trainer = build_trainer(args)
+    trainer = trainer_for(args)
     header, eos = assistant_header(tokenizer), tokenizer.eos_token_id
     row = trainer.train_dataset[0]
     mask = assistant_mask(row["input_ids"], header, eos)
@@ -104,7 +104,7 @@ def test_assistant_only_loss_labels_only_the_answers(tokenizer):
 def test_card_packing_stops_where_the_cards_data_ends(tokenizer, tmp_path):
     """The sample packed as TRL 0.7.x packed: the run plans its cosine over the dialogue count and stops where the
     packed rows run out, at the step and epoch ``card_run`` computes."""
-    from utils.sft import main
+    from utils.sft import cli
     from utils.training import load_training_data
 
     out = tmp_path / "card"
@@ -116,7 +116,7 @@ def test_card_packing_stops_where_the_cards_data_ends(tokenizer, tmp_path):
     data = load_training_data(resolve(argv, SMOKE).build(), tokenizer)
     count = card_run(data["train"].num_rows, data["train"].source_dialogues, 1, per_device_batch=4, accumulation=2)
     assert 0 < count.optimizer_steps < count.planned_steps  # the packed rows end before the planned steps
-    assert main(argv) == 0
+    assert cli(argv) == 0
     state = json.loads((out / "trainer_state.json").read_text())
     assert (state["global_step"], state["max_steps"]) == (count.optimizer_steps, count.planned_steps)
     logged = [h for h in state["log_history"] if "loss" in h]

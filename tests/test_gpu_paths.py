@@ -28,31 +28,18 @@ def test_under_fp16_the_trainable_weights_are_float32(tmp_path):
     line (and notebooks 02/03, which build their trainer the same way) must keep them float32 under fp16."""
     out = tmp_path / "fp16"
     argv = [*SMOKE, "--output_dir", str(out), "--fp16", "true", "--bf16", "false", "--max_steps", "1"]
-    assert sft.main(argv) == 0
+    assert sft.cli(argv) == 0
     dtypes, count = _adapter_dtypes(out / "checkpoint-1")
     assert count == 56 and dtypes == {torch.float32}
     assert _adapter_dtypes(out / "adapter")[0] == {torch.float32}
 
 
-def test_build_trainer_keeps_fp32_and_leaves_bf16_as_trl_makes_it(tmp_path):
-    from utils.training import build_trainer
-
+def test_the_trainer_keeps_fp32_and_leaves_bf16_as_trl_makes_it(tmp_path):
     for precision, expected in ((["--fp16", "true", "--bf16", "false"], torch.float32), ([], torch.bfloat16)):
         settings, _ = sft.settings_for([*SMOKE, "--output_dir", str(tmp_path / "x"), *precision])
-        trainer = build_trainer(settings.build())
+        trainer = sft.trainer_for(settings.build())
         trainable = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
         assert trainable == {expected}, precision
-
-
-def test_every_path_builds_its_trainer_through_build_trainer():
-    import nbformat
-
-    code = lambda n: "".join(  # noqa: E731
-        c.source for c in nbformat.read(next((REPO_ROOT / "notebooks").glob(f"{n}_*.ipynb")), 4).cells
-    )
-    assert "training.build_trainer(" in code("02") and "SFTTrainer(" not in code("02").replace("`SFTTrainer(", "")
-    assert "sft.main(argv)" in code("03")  # notebook_launcher's function runs the command line's path
-    assert "build_trainer(args)" in (REPO_ROOT / "utils" / "sft.py").read_text()
 
 
 # --- 2. Kaggle's 2 x T4: nothing before notebook_launcher initialises CUDA ---------------------------------------
@@ -122,7 +109,7 @@ def test_sampling_on_a_t4_is_fp16_even_where_bf16_is_emulated(monkeypatch):
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     out = tmp_path_factory.mktemp("merge") / "run"
-    assert sft.main([*SMOKE, "--output_dir", str(out), "--max_steps", "2"]) == 0
+    assert sft.cli([*SMOKE, "--output_dir", str(out), "--max_steps", "2"]) == 0
     return out / "adapter"
 
 

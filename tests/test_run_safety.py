@@ -22,7 +22,7 @@ def _err(capsys) -> list[str]:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("safety") / "run"
-    assert sft.main(smoke_argv(out, "--save_total_limit", "2")) == 0
+    assert sft.cli(smoke_argv(out, "--save_total_limit", "2")) == 0
     return out
 
 
@@ -46,7 +46,7 @@ def test_another_tools_run_folder_is_never_resumed_or_cleared(tmp_path, capsys):
     (theirs / "checkpoint-500" / "trainer_state.json").write_text('{"global_step": 500}')
     (theirs / "README.md").write_text("my model card")
     for extra in ((), ("--fresh", "true")):
-        assert sft.main(smoke_argv(theirs, *extra)) == 2
+        assert sft.cli(smoke_argv(theirs, *extra)) == 2
         assert _err(capsys) == [
             f"error: output folder {theirs} holds files this tool did not write; choose another folder"
         ]
@@ -88,7 +88,7 @@ def test_a_checkpoint_with_garbage_tensors_is_skipped_by_name(finished, tmp_path
     weights.write_bytes(bytes(data))
     assert checkpoint_problem(run / "checkpoint-4").startswith("adapter_model.safetensors holds NaN or infinite values")
     assert newest_loadable_checkpoint(run)[0] == str(run / "checkpoint-2")
-    assert sft.main(smoke_argv(run, "--save_total_limit", "2")) == 0
+    assert sft.cli(smoke_argv(run, "--save_total_limit", "2")) == 0
     out = capsys.readouterr().out
     assert "skipped checkpoint-4: adapter_model.safetensors holds NaN or infinite values" in out
     assert f"Resuming from {run / 'checkpoint-2'}" in out
@@ -98,7 +98,7 @@ def test_a_checkpoint_with_garbage_tensors_is_skipped_by_name(finished, tmp_path
 
 def test_a_run_that_diverges_stops_in_one_line(tmp_path, capsys):
     out = tmp_path / "nan"
-    assert sft.main(smoke_argv(out, "--learning_rate", "1e30", "--max_grad_norm", "0", steps=6, save=1)) == 2
+    assert sft.cli(smoke_argv(out, "--learning_rate", "1e30", "--max_grad_norm", "0", steps=6, save=1)) == 2
     err = [line for line in _err(capsys) if "error" in line.lower() or "Traceback" in line]  # not the progress bars
     assert len(err) == 1 and err[0].startswith("error: training diverged at step ")
     assert "(gradient norm nan), so it stopped; the last good checkpoint is checkpoint-" in err[0]
@@ -112,7 +112,7 @@ def test_a_damaged_run_record_is_one_line_and_changes_nothing(finished, tmp_path
     (run / "run.json").write_text('{"tool": "utils.sft", "sett')  # truncated
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     for extra in (("--lora_r", "8"), (), ("--fresh", "true")):
-        assert sft.main(smoke_argv(run, "--save_total_limit", "2", *extra)) == 2
+        assert sft.cli(smoke_argv(run, "--save_total_limit", "2", *extra)) == 2
         assert _err(capsys) == [
             f"error: {run / 'run.json'} is damaged, so this run's settings cannot be checked; repair or remove it, or "
             "choose another output folder"
@@ -128,7 +128,7 @@ def test_a_raw_source_without_held_out_rows_trains_without_evaluation(tmp_path, 
     small.write_text("\n".join(RAW.read_text().splitlines()[:3]) + "\n")  # too few rows for a held-out share
     out = tmp_path / "out"
     argv = [a for a in smoke_argv(out, "--dataset_name", str(small)) if a not in ("--eval_strategy", "no")]
-    assert sft.main(argv) == 0
+    assert sft.cli(argv) == 0
     assert f"Note: {small} has no held-out rows, so evaluation is off (eval_strategy no)." in capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
@@ -185,7 +185,7 @@ def test_a_max_length_beyond_the_models_positions_is_capped_in_one_line(tmp_path
 
 def test_a_hub_token_is_kept_out_of_every_saved_file(tmp_path):
     out = tmp_path / "run"
-    assert sft.main(smoke_argv(out, "--hub_token", "hf_SECRETsecretSECRET", steps=2, save=2)) == 0
+    assert sft.cli(smoke_argv(out, "--hub_token", "hf_SECRETsecretSECRET", steps=2, save=2)) == 0
     for path in out.rglob("*"):
         if path.is_file():
             assert b"hf_SECRETsecretSECRET" not in path.read_bytes(), path

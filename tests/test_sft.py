@@ -17,7 +17,7 @@ from utils.hardware import PROFILES
 from utils.inspection import label_checks, print_recipe_changes, recipe_changes
 from utils.model import count_parameters, load_adapter, load_model, merge_adapter
 from utils.recipe import MISTRAL_LINEAR_MODULES, resolve
-from utils.training import build_trainer, run_training, start_run
+from utils.training import finish_run, start_run, stop_if_diverged
 
 
 def smoke_settings(output_dir, *extra):
@@ -37,8 +37,11 @@ def train_smoke(output_dir, *extra):
     settings, _ = smoke_settings(output_dir, *extra)
     args = settings.build()
     run = start_run(args)
-    trainer = build_trainer(args)
-    run_training(trainer, run)
+    trainer = sft.trainer_for(args)
+    trainer.train(resume_from_checkpoint=run.resume_from)
+    stop_if_diverged(trainer, run)
+    trainer.save_model(str(Path(args.training.output_dir) / "adapter"))
+    finish_run(trainer, run)
     return trainer, args
 
 
@@ -101,11 +104,11 @@ def test_cli_overrides_beat_the_profile(tmp_path):
     ],
 )
 def test_bad_configuration_fails_in_one_line(extra, message, tmp_path, capsys, monkeypatch):
-    from utils import model
+    from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("weights must not load"))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights must not load"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = sft.main(["--config", RECIPE, "--profile", "smoke", "--output_dir", str(tmp_path), *extra])
+    code = sft.cli(["--config", RECIPE, "--profile", "smoke", "--output_dir", str(tmp_path), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(message)
 
@@ -113,7 +116,7 @@ def test_bad_configuration_fails_in_one_line(extra, message, tmp_path, capsys, m
 def test_malformed_config_files_are_one_line(tmp_path, capsys):
     for name, text in (("bad.yaml", "learning_rate: [\n"), ("bad.json", '{"learning_rate":'), ("list.yaml", "- 1\n")):
         (tmp_path / name).write_text(text)
-        assert sft.main(["--config", str(tmp_path / name)]) == 2
+        assert sft.cli(["--config", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: config file {tmp_path / name} ")
 
@@ -283,7 +286,7 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
 
 # --- re-runs, changed settings, two runs at once, damaged checkpoints ------------------------------------------------
 def _cli(out, *extra):
-    return sft.main(smoke_argv(out, *extra))
+    return sft.cli(smoke_argv(out, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -416,7 +419,7 @@ def test_fresh_starts_over_in_its_own_folder(finished, tmp_path, capsys):
 
 def test_the_card_schedule_plans_over_dialogues_and_stops_when_the_data_ends(tmp_path, capsys):
     out = tmp_path / "card"
-    code = sft.main(
+    code = sft.cli(
         [
             "--config",
             RECIPE,

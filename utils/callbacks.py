@@ -41,7 +41,7 @@ class StopWhenDataEnds(TrainerCallback):
 
 class StopOnNonFiniteLoss(TrainerCallback):
     """Stop at the first step whose loss or gradients are NaN or infinite, save nothing from it, and remember where
-    (``run_training`` then fails the run in one line).
+    (``utils.training.stop_if_diverged`` then fails the run in one line).
 
     The Trainer leaves non-finite losses out of the logged average (``logging_nan_inf_filter``), so a run whose
     weights turned NaN logs a loss of 0 with a NaN gradient norm. Under fp16 a non-finite gradient alone is the

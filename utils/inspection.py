@@ -159,13 +159,15 @@ def show_packed_row(table) -> None:
 
 
 def label_checks(trainer) -> dict:
-    """Collate one training batch and check what the loss sees: EOS kept in the labels, share of loss tokens."""
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(min(4, len(trainer.train_dataset)))])
+    """Collate the run's first batch (``per_device_train_batch_size`` packed rows) and check what the loss sees: EOS
+    kept in the labels, the share of tokens with a label."""
+    size = min(trainer.args.per_device_train_batch_size, len(trainer.train_dataset))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(size)])
     ids, labels = batch["input_ids"], batch["labels"]
     eos = trainer.processing_class.eos_token_id
     eos_positions = ids == eos
     return {
-        "rows": int(ids.shape[0]),  # padding-free batches are one long row
+        "rows": size,  # packed rows (padding-free batches are one long row)
         "tokens": int(ids.numel()),
         "eos_tokens": int(eos_positions.sum()),
         "eos_tokens_in_loss": int((labels[eos_positions] == eos).sum()),

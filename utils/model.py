@@ -109,7 +109,9 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
     pairs = lora_pairs(load_file(str(adapter_dir / "adapter_model.safetensors")))
     files = base_weight_files(base, revision)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_killed_merges(out_dir)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-{os.getpid()}-"))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700): the merged model is for a course's other users too
     try:
         shards, shard, size, merged = [], {}, 0, 0
         for file in files:
@@ -143,6 +145,86 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def merged_is_whole(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a whole merged model: its config and every weight file its index names (or the one
+    ``model.safetensors``). ``merge_adapter`` writes it whole or not at all; a folder copied in part is not whole."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return False
+    index = folder / "model.safetensors.index.json"
+    try:
+        names = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False
+    return all((folder / name).is_file() for name in names)
+
+
+def remove_killed_merges(out_dir: Path) -> list[Path]:
+    """Remove the temporary folders (``.merged.tmp-PID-*``) that merges killed before their end left beside
+    ``out_dir``: a 7B's is 14.5 GB. A folder whose process still runs is left alone. Returns what was removed."""
+    removed = []
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = tmp.name.removeprefix(f".{out_dir.name}.tmp-").split("-")[0]
+        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def merge_fits_in_memory(base: str, revision: str = "main") -> bool:
+    """Whether peft can merge in this machine's free memory: the 16-bit base loaded in float32 (twice its files'
+    size) and its 16-bit copy to save (once more). A 7B needs ~44 GB; the tiny model under 30 MB."""
+    need = 3 * sum(f.stat().st_size for f in base_weight_files(base, revision))
+    return need < 0.8 * _available_memory()
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable; 0 where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def save_merged(model, tokenizer, out_dir: str | Path) -> Path:
+    """Save a merged model (safetensors shards of at most 2 GiB) and its tokenizer into ``out_dir``, whole or not at
+    all: into a temporary sibling first, then renamed over an earlier merge this tool wrote."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_killed_merges(out_dir)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-{os.getpid()}-"))
+    tmp.chmod(0o777 & ~_umask())
+    try:
+        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_BYTES)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _lora_scale(adapter_dir: Path) -> tuple[float, list[str]]:

@@ -35,7 +35,7 @@ def part_dtypes(values: dict) -> dict[str, str]:
     dtype, quantized, peft = values["dtype"], values["load_in_4bit"], values["use_peft"]
     autocast = "bfloat16" if values["bf16"] else "float16 (with a gradient scaler)" if values["fp16"] else "none"
     if quantized and peft:
-        trainable = "float32 (build_trainer keeps them so under fp16)" if values["fp16"] else "bfloat16 (TRL's cast)"
+        trainable = "float32 (with_additions keeps them so under fp16)" if values["fp16"] else "bfloat16 (TRL's cast)"
     elif peft:
         trainable = "float32 (peft upcasts adapter weights)"
     else:

@@ -89,17 +89,22 @@ class Settings:
             },
         }
 
+    def fields(self, kind) -> dict[str, Any]:
+        """The values that are fields of the dataclass ``kind`` (``SFTConfig``, ``ModelConfig``, ...): what
+        ``kind(**settings.fields(kind))`` is built from."""
+        names = {f.name for f in dataclasses.fields(kind) if f.init}
+        values = {k: v for k, v in self.values.items() if k in names}
+        if isinstance(values.get("lora_target_modules"), str):  # ModelConfig turns a one-item list into a string
+            values["lora_target_modules"] = [values["lora_target_modules"]]
+        return values
+
     def build(self) -> Args:
         """TRL's ScriptArguments, SFTConfig and ModelConfig, and our RunArguments, from these values.
 
         Creating an ``SFTConfig`` picks its device, which initialises CUDA (transformers 5.24 ``_setup_devices``):
         call it in the process that trains, after ``accelerate.notebook_launcher`` has forked.
         """
-        objects = []
-        for kind in _argument_classes():
-            names = {f.name for f in dataclasses.fields(kind) if f.init}
-            objects.append(kind(**{k: v for k, v in self.values.items() if k in names}))
-        args = Args(*objects)
+        args = Args(*(kind(**self.fields(kind)) for kind in _argument_classes()))
         if isinstance(args.model.lora_target_modules, str):  # ModelConfig turns a one-item list into a string
             args.model.lora_target_modules = [args.model.lora_target_modules]
         return args
@@ -218,6 +223,42 @@ def resolve(
     _derive(settings, given)
     check_hardware(settings, hw)
     return settings
+
+
+def settings_for(argv: list[str], gpu: str | None = None, plan: bool = False) -> tuple[Settings, Hardware]:
+    """The resolved and checked settings for ``argv`` on this machine, or on the GPU shape ``gpu`` (``SHAPES``).
+
+    Prints the profile line. Raises ConfigError (or ValueError/RuntimeError from the profile choice) in one line.
+    A ``plan`` does not check the dataset: it is for a machine where the data will be prepared.
+    """
+    from utils.hardware import choose_profile, detect_hardware
+
+    path, cli = split_config(argv)
+    requested = _cli_value(cli, "profile") or (read_recipe(path).get("profile") if path else None) or "auto"
+    model = _cli_value(cli, "model_name_or_path")
+    if gpu:
+        from utils.hardware import shape
+
+        target = shape(gpu)
+        hardware, processes = target.hardware(), target.count
+    else:
+        hardware, processes = detect_hardware(check_hub=requested != "smoke"), None
+    main = int(os.environ.get("RANK", "0")) == 0  # with several processes, rank 0 alone says what was chosen
+    profile = choose_profile(requested, hardware, model=model, verbose=main)
+    settings = resolve(argv, profile, hardware, processes)
+    check(settings, dataset=not plan)
+    for note in settings.notes if main else []:
+        print(note)
+    return settings, hardware
+
+
+def _cli_value(cli: list[str], name: str) -> str | None:
+    for i, arg in enumerate(cli):
+        if arg == f"--{name}" and i + 1 < len(cli):
+            return cli[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def _this_machine() -> Hardware:

@@ -34,6 +34,7 @@ OWN_OUTPUTS = (
     "adapter",
     "model",
     "merged",
+    ".merged.tmp-*",  # what a killed merge left (utils.model.merge_adapter)
     "runs",
     "rank_logs",
     "trainer_state.json",

@@ -1,13 +1,15 @@
-"""Notebook 02 as a script: QLoRA SFT of Mistral-7B (or the embedded tiny Mistral) with TRL's SFTTrainer.
+"""Notebook 02 as a script, in the shape of TRL's ``trl/scripts/sft.py``: QLoRA SFT of Mistral-7B (or the embedded
+tiny Mistral) with TRL's SFTTrainer.
 
     python -m utils.sft --config configs/sft_qlora.yaml [--field value ...]
     python -m utils.sft --config configs/sft_qlora.yaml --profile smoke --output_dir runs/qlora --max_steps 30
     python -m utils.sft --config configs/sft_qlora.yaml --gpu t4 --plan [--json plan.json]   # no GPU needed
 
-The recipe (YAML), the hardware profile and the command line are resolved in one place (``utils.recipe``); any
+The recipe (YAML), the hardware profile and the command line are resolved by ``utils.recipe`` (TRL's parser); any
 ``SFTConfig``/``ModelConfig`` field can be given as ``--field value``. Re-running with the same ``--output_dir``
-resumes from its newest checkpoint that loads, recognises a finished run (and then changes nothing), and refuses
-settings that differ from the folder's (``--fresh true`` starts over).
+resumes from its newest checkpoint that loads, recognises a finished run (and then changes nothing, or only merges
+the saved adapter when its merged model is missing), and refuses settings that differ from the folder's
+(``--fresh true`` starts over).
 """
 
 from __future__ import annotations
@@ -19,46 +21,112 @@ import sys
 import time
 from pathlib import Path
 
-from utils.hardware import Hardware
-from utils.recipe import Args, ConfigError, Settings, check, read_recipe, resolve, split_config
+from utils import ConfigError
+from utils.recipe import Args, Settings, settings_for
 
+
+def trainer_for(args: Args, tokenizer=None, data: dict | None = None):
+    """TRL's ``SFTTrainer`` for this run, built as notebook 02 builds it: the tokenizer, the prepared data, the base
+    (4-bit when the recipe says so, on this process's GPU), LoRA, and the collection's callbacks. A benchmark may pass
+    its own ``tokenizer`` and ``data`` (``{"train": Dataset of input_ids}``)."""
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer, get_peft_config, get_quantization_config
+
+    from utils.assets import load_tokenizer
+    from utils.model import keep_standard_4bit_layout
+    from utils.training import load_training_data, model_id, run_callbacks, with_additions
+
+    script_args, training_args, model_args, run_args = args
+    quantization = get_quantization_config(model_args)
+    with PartialState().main_process_first():  # rank 0 builds the cached assets and the prepared data first
+        tokenizer = tokenizer or load_tokenizer(model_id(args), revision=model_args.model_revision)  # None: embedded
+        data = data or load_training_data(args, tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            dtype=getattr(torch, model_args.dtype),
+            attn_implementation=model_args.attn_implementation,
+            quantization_config=quantization,
+            # 4-bit weights live on this process's GPU (None on a CPU)
+            device_map={"": PartialState().local_process_index} if quantization and torch.cuda.is_available() else None,
+        )
+    keep_standard_4bit_layout(model)
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("test") if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=run_callbacks(args, data),
+    )
+    return with_additions(trainer, args)
+
+
+def main(args: Args) -> dict | None:
+    """Train (or resume) the run of ``args``, save its adapter (or model), merge it when asked; the report, or None
+    for a finished run (which is left alone, but for a merge it lacks)."""
+    import torch
+
+    from utils.model import merge_adapter, merge_dtype, merged_is_whole
+    from utils.training import finish_from_checkpoint, finish_run, start_run, stop_if_diverged
+
+    script_args, training_args, model_args, run_args = args
+    _token_to_environment(args)
+    out = Path(training_args.output_dir)
+    run = start_run(args)
+    report = None
+    if not run.finished:
+        try:
+            trainer = trainer_for(args)
+            if run.resume_is_final:  # its last step is saved already: Trainer.train would take one step more
+                finish_from_checkpoint(trainer, run.resume_from)
+            else:
+                trainer.train(resume_from_checkpoint=run.resume_from)
+            stop_if_diverged(trainer, run)
+            trainer.save_model(str(out / ("adapter" if model_args.use_peft else "model")))
+            report = finish_run(trainer, run)
+        except BaseException as exc:
+            run.fail(f"stopped: {type(exc).__name__}")  # never left "running"; a re-run resumes or starts over
+            raise
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        report["final_loss"] = losses[-1] if losses else None
+        del trainer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    elif _is_main_process() and (saved := run.saved_report()):
+        print(f"its report: {saved['steps']} steps, {_speed(saved)}, {saved['train_runtime_s']} s ({run.path})")
+    if run_args.merge and model_args.use_peft and _is_main_process() and not merged_is_whole(out / "merged"):
+        if run.finished:
+            print(f"{out / 'merged'} is missing or incomplete: merging the saved adapter into it")
+        merge_adapter(model_args.model_name_or_path, out / "adapter", out / "merged", merge_dtype(model_args))
+    return report
+
+
+def _speed(report: dict) -> str:
+    speed = report.get("tokens_per_second")
+    return f"{speed} tokens/s in the steps after the first" if speed else "too few steps for a speed"
+
+
+def _token_to_environment(args: Args) -> None:
+    """Move ``--hub_token`` to ``HF_TOKEN``, where huggingface_hub reads it: the Trainer pickles its arguments into
+    ``training_args.bin`` in every checkpoint and in the adapter folder, the folders people share."""
+    token = getattr(args.training, "hub_token", None)
+    if token:
+        os.environ["HF_TOKEN"] = token
+        args.training.hub_token = None
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun/accelerate/notebook_launcher run (from its environment), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# --- the command line ----------------------------------------------------------------------------------------------
 OWN_FLAGS = {"--plan": 0, "--gpu": 1, "--json": 1}  # options of this command, not settings
-
-
-def settings_for(argv: list[str], gpu: str | None = None, plan: bool = False) -> tuple[Settings, Hardware]:
-    """The resolved and checked settings for ``argv`` on this machine, or on the GPU shape ``gpu`` (``SHAPES``).
-
-    Prints the profile line. Raises ConfigError (or ValueError/RuntimeError from the profile choice) in one line.
-    A ``plan`` does not check the dataset: it is for a machine where the data will be prepared.
-    """
-    from utils.hardware import choose_profile, detect_hardware
-
-    path, cli = split_config(argv)
-    requested = _cli_value(cli, "profile") or (read_recipe(path).get("profile") if path else None) or "auto"
-    model = _cli_value(cli, "model_name_or_path")
-    if gpu:
-        from utils.hardware import shape
-
-        target = shape(gpu)
-        hardware, processes = target.hardware(), target.count
-    else:
-        hardware, processes = detect_hardware(check_hub=requested != "smoke"), None
-    main = _is_main_process()  # with several processes, rank 0 alone says what was chosen
-    profile = choose_profile(requested, hardware, model=model, verbose=main)
-    settings = resolve(argv, profile, hardware, processes)
-    check(settings, dataset=not plan)
-    for note in settings.notes if main else []:
-        print(note)
-    return settings, hardware
-
-
-def _cli_value(cli: list[str], name: str) -> str | None:
-    for i, arg in enumerate(cli):
-        if arg == f"--{name}" and i + 1 < len(cli):
-            return cli[i + 1]
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def _own_flags(argv: list[str]) -> tuple[dict[str, str | bool], list[str]]:
@@ -82,100 +150,44 @@ def _own_flags(argv: list[str]) -> tuple[dict[str, str | bool], list[str]]:
     return flags, rest
 
 
-def main(argv: list[str] | None = None) -> int:
-    from utils.data.output import OutputError
-    from utils.data.sources import SourceError
-    from utils.runs import RunError
-
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m utils.sft``: every mistake a user can make is one line and exit 2, before any weights load."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         flags, argv = _own_flags(argv)
+        if isinstance(flags.get("--json"), str):
+            _check_writable(flags["--json"])
+        if flags.get("--gpu") and not flags.get("--plan"):
+            raise ConfigError("--gpu plans a run for another GPU: add --plan (training needs the GPU itself)")
         settings, hardware = settings_for(argv, flags.get("--gpu"), bool(flags.get("--plan")))
+        if flags.get("--plan"):
+            return _plan(settings, hardware, flags.get("--json"))
+        if _is_main_process():
+            from utils.inspection import print_recipe_changes
+
+            print_recipe_changes(argv, settings)
+        start = time.perf_counter()
+        report = main(settings.build())
     except (ConfigError, ValueError, RuntimeError, OSError) as exc:
         return _error(exc)
-    if flags.get("--plan"):
-        return _plan(settings, hardware, flags.get("--json"))
-    if flags.get("--gpu"):
-        return _error(ConfigError("--gpu plans a run for another GPU: add --plan (training needs the GPU itself)"))
-    if _is_main_process():
-        from utils.inspection import print_recipe_changes
-
-        print_recipe_changes(argv, settings)
-    start = time.perf_counter()
-    try:
-        report, args = train(settings, argv)
-    except (RunError, SourceError, OutputError, ConfigError) as exc:
-        return _error(exc)
-    if report is None:
-        return 0
-    out = Path(args.training.output_dir)
-    if args.run.merge and args.model.use_peft and _is_main_process():
-        from utils.model import merge_adapter, merge_dtype
-
-        merge_adapter(args.model.model_name_or_path, out / "adapter", out / "merged", merge_dtype(args.model))
-    if _is_main_process():
-        final, speed = report.get("final_loss"), report.get("tokens_per_second")
+    if report is not None and _is_main_process():
+        final = report.get("final_loss")
         print(
             f"done: {report['steps']} steps in {time.perf_counter() - start:.0f} s (loading and saving included), "
-            f"final loss {final if final is not None else float('nan'):.4f}, "
-            + (f"{speed} tokens/s in the steps after the first" if speed else "too few steps for a speed")
-            + f" -> {out}"
+            f"final loss {final if final is not None else float('nan'):.4f}, {_speed(report)} -> "
+            f"{settings.values['output_dir']}"
         )
     return 0
 
 
-def train(settings: Settings, argv: list[str]) -> tuple[dict | None, Args]:
-    """Build, run and finish the training of ``settings``; (None, args) for a finished run, which is left alone.
-
-    The trainer is freed before returning, so that a merge after it has the GPU to itself.
-    """
-    import torch
-
-    from utils.training import build_trainer, run_training, start_run
-
-    args = settings.build()
-    _token_to_environment(args)
-    run = start_run(args)
-    if run.finished:
-        saved = run.saved_report()
-        if saved and _is_main_process():
-            print(
-                f"its report: {saved['steps']} steps, {saved['tokens_per_second']} tokens/s, "
-                f"{saved['train_runtime_s']} s ({run.path / 'speed.json'})"
-            )
-        return None, args
-    try:
-        trainer = build_trainer(args)
-        report = run_training(trainer, run)
-    except BaseException as exc:
-        run.fail(f"stopped: {type(exc).__name__}")  # never left "running"; a re-run resumes or starts over
-        raise
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    report["final_loss"] = losses[-1] if losses else None
-    del trainer
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return report, args
+def _check_writable(name: str) -> None:
+    """ConfigError unless ``name`` can be written as a file (checked before the plan is made)."""
+    path = Path(name)
+    if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"--json {name}: not a file in an existing, writable folder")
 
 
-def _token_to_environment(args: Args) -> None:
-    """Move ``--hub_token`` to ``HF_TOKEN``, where huggingface_hub reads it: the Trainer pickles its arguments into
-    ``training_args.bin`` in every checkpoint and in the adapter folder, the folders people share."""
-    import os
-
-    token = getattr(args.training, "hub_token", None)
-    if token:
-        os.environ["HF_TOKEN"] = token
-        args.training.hub_token = None
-
-
-def _is_main_process() -> bool:
-    """Rank 0 of a torchrun/accelerate/notebook_launcher run (from its environment), or a single process."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _plan(settings: Settings, hardware: Hardware, json_path: str | bool | None) -> int:
+def _plan(settings: Settings, hardware, json_path: str | bool | None) -> int:
     from utils.plan import plan, print_plan
 
     result = plan(settings, hardware)
@@ -192,4 +204,4 @@ def _error(exc: BaseException) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

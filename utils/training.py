@@ -1,12 +1,15 @@
-"""Training: one function builds the trainer, one runs it. The command line, notebooks 02 and 03 and the
-``notebook_launcher`` function all go through these two.
+"""What the collection adds around TRL's ``SFTTrainer``, each a small function named where it is used. Notebook 02,
+notebook 03's launched function and ``python -m utils.sft`` make the same calls:
 
     run = start_run(args)                               # the run folder: new, resumed, or finished (then stop)
-    trainer = build_trainer(args)                       # model, data, LoRA, callbacks -> TRL's SFTTrainer
-    report = run_training(trainer, run)                 # train or resume, save adapter and state, report
-
-Notebook 02 builds its ``BitsAndBytesConfig``, ``LoraConfig`` and model in view and passes them to
-``build_trainer``; the command line lets TRL's ``get_quantization_config`` / ``get_peft_config`` build the same.
+    data = load_training_data(args, tokenizer)          # the prepared token ids, packed as the run asks
+    trainer = SFTTrainer(model=..., args=args.training, train_dataset=data["train"], ...,
+                         callbacks=run_callbacks(args, data))
+    with_additions(trainer, args)                       # fp32 LoRA under fp16; each rank's own loss
+    trainer.train(resume_from_checkpoint=run.resume_from)
+    stop_if_diverged(trainer, run)                      # a NaN loss: one line naming the last good checkpoint
+    trainer.save_model(adapter_dir)
+    report = finish_run(trainer, run)                   # trainer_state.json, speed.json, the run marked finished
 """
 
 from __future__ import annotations
@@ -38,8 +41,12 @@ def start_run(args: Args) -> Run:
 
 # --- data ----------------------------------------------------------------------------------------------------------
 def load_training_data(args: Args, tokenizer) -> dict:
-    """The prepared splits, ``input_ids`` only (TRL then uses our token ids as they are); evaluation is turned off,
-    with a note, when there is no held-out split."""
+    """The prepared splits (notebook 01's pipeline), ``input_ids`` only: TRL then trains on our token ids as they are.
+
+    And the settings of ``args.training`` that go with these rows: under ``packing_strategy: card``, rows packed
+    already, in order (no packing by TRL, a sequential sampler); with ``assistant_only_loss``, an ``assistant_masks``
+    column, and TRL's own switch off (it wants ``messages``; the run record keeps the setting); evaluation off, with a
+    note, when there is no held-out split."""
     import datasets
 
     folder = prepared_dataset(args.script.dataset_name, tokenizer, args.run.dataset_revision)
@@ -54,6 +61,9 @@ def load_training_data(args: Args, tokenizer) -> dict:
         data = {split: rows.select_columns(["input_ids"]) for split, rows in data.items()}
     if args.training.assistant_only_loss:
         data = with_assistant_masks(data, tokenizer)
+    args.training.assistant_only_loss = False  # the assistant_masks column does the masking
+    if card_packing(args):  # packed already, in order: TRL pads nothing and the sampler keeps the order
+        args.training.packing, args.training.train_sampling_strategy = False, "sequential"
     if "test" not in data and evaluating(args.training):
         why = "no held-out rows" if not card_packing(args) else "too few held-out tokens for one packed row"
         say(f"Note: {args.script.dataset_name} has {why}, so evaluation is off (eval_strategy no).")
@@ -173,40 +183,25 @@ class _RowIds:
         return [self.values[self.offsets[i] : self.offsets[i + 1]] for i in self.order[span]]
 
 
-# --- the trainer ---------------------------------------------------------------------------------------------------
-def build_trainer(args: Args, *, model=None, peft_config=None, tokenizer=None, data=None):
-    """TRL's ``SFTTrainer`` for this run: model (4-bit when the recipe says so), prepared data, LoRA, callbacks.
-
-    Anything not passed in is built from ``args``. Under fp16 the trainable weights are kept in float32: TRL casts
-    a quantized model's adapter weights to bfloat16, and fp16's gradient scaler has no bfloat16 kernel on CUDA
-    ("_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for 'BFloat16').
-    """
-    from accelerate import PartialState
-    from trl import SFTTrainer, get_peft_config, get_quantization_config
-
-    from utils.assets import load_tokenizer
-    from utils.model import keep_standard_4bit_layout, load_model
-
-    with PartialState().main_process_first():  # rank 0 builds the cached assets and data first
-        tokenizer = tokenizer or load_tokenizer(model_id(args), revision=args.model.model_revision)
-        data = data or load_training_data(args, tokenizer)
-        model = model or load_model(args.model, get_quantization_config(args.model))
-    args.training.include_num_input_tokens_seen = "all"  # for the speed report's tokens/s
-    if card_packing(args):  # packed already, in order: TRL pads nothing and the sampler keeps the order
-        args.training.packing, args.training.train_sampling_strategy = False, "sequential"
-    # The assistant_masks column (load_training_data) does the masking; TRL's own switch wants `messages` instead.
-    args.training.assistant_only_loss = False
+# --- around TRL's SFTTrainer ----------------------------------------------------------------------------------------
+def run_callbacks(args: Args, data: dict) -> list:
+    """The collection's callbacks for ``SFTTrainer(callbacks=...)``: each rank's own loss and share of the model
+    (``RankLog``), a stop at the first NaN or infinite loss (``StopOnNonFiniteLoss``), each step's time for the speed
+    report (``StepTimer``), and the card's schedule and stop when asked for (``--card_schedule``)."""
     train = data["train"]
-    trainer = SFTTrainer(
-        model=model,
-        args=args.training,
-        train_dataset=data["train"],
-        eval_dataset=data.get("test") if evaluating(args.training) else None,
-        processing_class=tokenizer,
-        peft_config=peft_config if peft_config is not None else get_peft_config(args.model),
-        callbacks=callbacks(args, getattr(train, "source_dialogues", train.num_rows), train.num_rows),
-    )
-    keep_standard_4bit_layout(trainer.model)  # a model passed in (notebook 02) too: see its docstring
+    return callbacks(args, getattr(train, "source_dialogues", train.num_rows), train.num_rows)
+
+
+def with_additions(trainer, args: Args):
+    """What the collection adds to a built ``SFTTrainer``: under fp16 the trainable weights stay in float32 (TRL casts
+    a quantized model's adapter to bfloat16, which fp16's gradient scaler cannot unscale on CUDA:
+    "_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for 'BFloat16'), and with several processes each
+    rank records its own loss (``RankLog.watch``); the trainer counts the tokens it sees, for the speed report's
+    tokens/s. Returns the trainer."""
+    from utils.model import keep_standard_4bit_layout
+
+    trainer.args.include_num_input_tokens_seen = "all"
+    keep_standard_4bit_layout(trainer.model)  # a model built elsewhere too (see its docstring)
     if args.training.fp16:
         keep_trainable_fp32(trainer.model)
     if world_size() > 1:
@@ -220,11 +215,15 @@ def evaluating(training_args) -> bool:
 
 
 def model_id(args: Args) -> str | None:
-    """The model whose tokenizer to load: None for the embedded tiny model (the shipped tokenizer)."""
-    from utils.assets import TINY_MODEL_DIR
+    """The model whose tokenizer to load: None for the embedded tiny model (the shipped tokenizer; its model folder is
+    built here when it is not there yet)."""
+    from utils.assets import TINY_MODEL_DIR, ensure_tiny_model
 
     name = args.model.model_name_or_path
-    return None if Path(name) == TINY_MODEL_DIR else name
+    if Path(name) == TINY_MODEL_DIR:
+        ensure_tiny_model()
+        return None
+    return name
 
 
 def keep_trainable_fp32(model) -> int:
@@ -274,30 +273,33 @@ def card_schedule_steps(dialogues: int, global_batch: int) -> int:
 
 
 # --- running -------------------------------------------------------------------------------------------------------
-def run_training(trainer, run: Run) -> dict:
-    """Train (resuming from ``run.resume_from``), save the adapter or model, the tokenizer and ``trainer_state.json``,
-    write the speed report and mark the run finished. Returns the report.
+def finish_from_checkpoint(trainer, checkpoint: str) -> None:
+    """Load a checkpoint that already holds the run's last step (its weights and state) instead of training from it:
+    ``Trainer.train(resume_from_checkpoint=...)`` would take one step past ``max_steps`` there."""
+    from transformers import TrainerState
 
-    A checkpoint that already holds the last step is loaded instead of trained from (``Trainer.train`` would take
-    one step past ``max_steps`` there). A loss or gradient that turns NaN or infinite stops the run with RunError
-    naming the last good checkpoint; the run is then not finished, and its bad checkpoints are skipped on resume.
-    """
-    if run.resume_is_final:
-        from transformers import TrainerState
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
 
-        trainer._load_from_checkpoint(run.resume_from)  # the weights (adapter) of the last step
-        trainer.state = TrainerState.load_from_json(str(Path(run.resume_from) / "trainer_state.json"))
-    else:
-        trainer.train(resume_from_checkpoint=run.resume_from)
+
+def stop_if_diverged(trainer, run: Run) -> None:
+    """RunError (one line) when a loss or gradient turned NaN or infinite: the run is marked failed, nothing of the
+    bad step was saved, and the line names the last checkpoint that is good to resume from."""
     bad = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnNonFiniteLoss) and c.step), None)
-    if bad is not None:
-        run.fail(f"{bad.what} at step {bad.step}")
-        good = _last_good_checkpoint(trainer.args.output_dir, bad.step)
-        raise RunError(
-            f"training diverged at step {bad.step} ({bad.what}), so it stopped; the last good checkpoint is "
-            f"{good or 'none'} (lower the learning rate or check the data, then run again to resume from it)"
-        )
-    save_outputs(trainer)
+    if bad is None:
+        return
+    run.fail(f"{bad.what} at step {bad.step}")
+    good = _last_good_checkpoint(trainer.args.output_dir, bad.step)
+    raise RunError(
+        f"training diverged at step {bad.step} ({bad.what}), so it stopped; the last good checkpoint is "
+        f"{good or 'none'} (lower the learning rate or check the data, then run again to resume from it)"
+    )
+
+
+def finish_run(trainer, run: Run) -> dict:
+    """After ``trainer.save_model``: write ``trainer_state.json`` (the log notebook 04 reads) and the speed report,
+    and mark the run finished. Returns the report."""
+    trainer.save_state()
     report = speed_report(trainer)
     if trainer.is_world_process_zero():
         run.save_report(report)
@@ -311,20 +313,6 @@ def _last_good_checkpoint(output_dir: str, bad_step: int) -> str | None:
 
     good = [c for step, c in checkpoint_steps(Path(output_dir)) if step < bad_step and checkpoint_problem(c) is None]
     return good[0].name if good else None
-
-
-def save_outputs(trainer) -> Path:
-    """Save the adapter (or, for a full fine-tune, the model) as safetensors with the tokenizer and chat template,
-    and trainer_state.json, in output_dir. Returns the adapter/model folder."""
-    from peft import PeftModel
-
-    out = Path(trainer.args.output_dir)
-    final = out / ("adapter" if isinstance(trainer.model, PeftModel) else "model")
-    trainer.save_model(str(final))  # rank 0 writes; gathers sharded weights under FSDP/ZeRO-3
-    if trainer.is_world_process_zero():
-        trainer.processing_class.save_pretrained(final)
-    trainer.save_state()  # trainer_state.json with the log history, read by notebook 04
-    return final
 
 
 ULTRACHAT_200K_TRAIN_ROWS = 207_865
