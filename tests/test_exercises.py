@@ -1,7 +1,9 @@
 """The check cells under "Try this": right, wrong and not-tried runs each get their mark (made-up run folders)."""
 
 import json
+import shutil
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -88,3 +90,180 @@ def test_the_answer_log_skips_damaged_lines(tmp_path):
     rows = logged_answers(log)
     assert [(r["model"], r["text"], r["seed"]) for r in rows] == [("qlora", "Arr!", 1), ("base", "Ahoy!", 2)]
     assert logged_answers(tmp_path / "nothing.jsonl") == []
+
+
+# --- damaged or missing files: the check marks the item it cannot read and still gives the others ----------------
+def _good_02(tmp_path):
+    main = _run(tmp_path / "qlora", adapter_rows=16, rows=77)
+    _run(tmp_path / "qlora-r64", adapter_rows=64, r=64)
+    _run(tmp_path / "qlora-split", rows=78)
+    _run(tmp_path / "qlora-10", lrs=[0.0, 0.01, 0.01, 0.005])
+    return main
+
+
+def _no_learning_rate(runs):
+    _write_state(runs / "qlora-10", [{"step": 1, "loss": 1.0, "learning_rate": None}, {"step": 2, "loss": 0.9}])
+    return 2, f"· ten steps: cannot read {runs / 'qlora-10' / 'trainer_state.json'}: it logged no learning rate"
+
+
+def _no_trainer_state(runs):
+    (runs / "qlora-10" / "trainer_state.json").unlink()
+    return 2, f"· ten steps: cannot read {runs / 'qlora-10' / 'trainer_state.json'}: there is no such file"
+
+
+def _no_adapter(runs):
+    shutil.rmtree(runs / "qlora-r64" / "adapter")
+    weights = runs / "qlora-r64" / "adapter" / "adapter_model.safetensors"
+    return 0, f"· rank 64: cannot read {weights}: there is no such file"
+
+
+def _no_speed_report(runs):
+    (runs / "qlora-split" / "speed.json").unlink()
+    return 1, f"· bfd_split: cannot read {runs / 'qlora-split' / 'speed.json'}: there is no such file"
+
+
+def _write_state(folder, history):
+    (folder / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+
+
+@pytest.mark.parametrize("damage", [_no_learning_rate, _no_trainer_state, _no_adapter, _no_speed_report])
+def test_notebook_02_marks_what_it_cannot_read(tmp_path, damage):
+    main = _good_02(tmp_path)
+    good = exercises.notebook_02(tmp_path, main)
+    index, said = damage(tmp_path)
+    lines = exercises.notebook_02(tmp_path, main)
+    assert lines[index] == said
+    assert lines[:index] + lines[index + 1 : 3] == good[:index] + good[index + 1 : 3]  # the other items
+    assert lines[3].startswith("· a second run: last written: qlora-r64 ")
+
+
+def test_notebook_03_marks_a_rank_log_without_own_losses(tmp_path):
+    run = _run(tmp_path / "full-bs1")
+    (run / "rank_logs").mkdir()
+    for rank in (0, 1):
+        (run / "rank_logs" / f"rank{rank}.json").write_text(json.dumps({"losses": [3.0, 1.0]}))
+    lines = exercises.notebook_03({"accumulation, 16 GPUs x 4": 8}, tmp_path)
+    assert lines == [
+        "✓ accumulation, 16 GPUs x 4: you said 8, it is 8 (4 x 16 x 8 = 512)",
+        "· accumulation, 4 GPUs x 2: no prediction yet",
+        f"· 1 sequence per device: cannot read {run / 'rank_logs' / 'rank0.json'}: it has no own_losses",
+        "· fsdp or zero3: no prediction yet",
+    ]
+
+
+def _answers() -> list[dict]:
+    cold = [
+        {"model": "qlora", "prompt": None, "temperature": 0.01, "seed": s, "text": "A kettle boils."} for s in (1, 2)
+    ]
+    hot = [{"model": "qlora", "prompt": None, "temperature": 1.5, "seed": 1, "text": "Kettle zork flimble."}]
+    return cold + hot
+
+
+@pytest.mark.parametrize("temperature", [None, "hot"])
+def test_notebook_05_leaves_out_answers_without_a_number_for_temperature(temperature):
+    odd = {"model": "qlora", "prompt": None, "temperature": temperature, "seed": 3, "text": "A kettle sings."}
+    assert exercises.notebook_05([*_answers(), odd]) == [
+        "✓ almost greedy: 1 of 1 models gave the same answer for every seed",
+        "· without the system message: run the command with --prompt",
+        "✓ hot sampling: 33% of the words at 1.5 are the tiny world's, 100% at 0.01",
+        f"· answer log: 1 answer logged with temperature {temperature!r}, not a number: left out of almost greedy "
+        "and hot sampling",
+    ]
+
+
+def test_notebook_05_reads_a_log_cut_inside_a_character(tmp_path):
+    from utils.sampling import logged_answers
+
+    log = tmp_path / "answers.jsonl"
+    whole = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in _answers()[:2]).encode()
+    hot = json.dumps({**_answers()[2], "text": "Kettle ☠ flimble."}, ensure_ascii=False).encode()
+    log.write_bytes(whole + hot[: hot.index("☠".encode()) + 1])  # the write stopped inside the skull's 3 bytes
+    assert exercises.notebook_05(logged_answers(log)) == [
+        "✓ almost greedy: 1 of 1 models gave the same answer for every seed",
+        "· without the system message: run the command with --prompt",
+        "· hot sampling: run the temperature 1.5 command (and the 0.01 ones to compare)",
+    ]
+
+
+SAMPLE = "data/sample/ultrachat_200k"
+
+
+def _prepared(out, train_tokens: int = 1000):
+    """A prepared folder as notebook 01 leaves it, with only what its check reads: two train dialogues, one with a
+    system prompt of its own."""
+    import datasets
+
+    user = {"role": "user", "content": "Hi"}
+    messages = [[{"role": "system", "content": "Be brief."}, user], [{"role": "system", "content": ""}, user]]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"messages": messages})}).save_to_disk(str(out))
+    report = {
+        "dropped": {"structure": 11, "disclaimer": 3, "duplicate_prompt": 2},
+        "kept": 583,
+        "tokenization": "card",
+        "outputs": {"train": {"total_tokens": train_tokens}, "test": {"dialogues": 0}},
+    }
+    (out / "report.json").write_text(json.dumps(report))
+    return out
+
+
+FILTERS_NOT_TRIED = (
+    "· FILTERS = \"all\": not tried (this run: FILTERS = 'auto', 16 rows dropped: 11 for their structure, "
+    "3 disclaimers, 2 duplicate prompts)"
+)
+RAW_NOT_TRIED = (
+    '· SOURCE = "data/sample/ultrachat_raw/ultrachat_raw.jsonl": not tried (this run read ultrachat_200k, which has '
+    "its own test split)"
+)
+
+
+def test_notebook_01_compares_a_run_with_an_earlier_one(tmp_path):
+    out, history = _prepared(tmp_path / "processed"), tmp_path / "exercises"
+    lines = exercises.notebook_01(out, "auto", True, SAMPLE, history)
+    assert lines == [
+        FILTERS_NOT_TRIED,
+        "· SYSTEM_TURN = False: not tried (this run's train split: 1,000 tokens)",
+        RAW_NOT_TRIED,
+    ]
+    (out / "report.json").write_text((out / "report.json").read_text().replace("1000", "991"))
+    assert exercises.notebook_01(out, "auto", False, SAMPLE, history)[1] == (
+        "✓ SYSTEM_TURN = False: 9 tokens fewer (1,000 -> 991) over the 1 dialogues without a system prompt of their "
+        "own: 9.0 each"
+    )
+    assert len(json.loads((history / "01.json").read_text())["runs"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"runs": [', "it is not JSON (Expecting value at line 1)"),
+        ("[1, 2]", "it holds a list, not a JSON object"),
+        ("3", "it holds a number, not a JSON object"),
+        ('{"runs": "all"}', "its runs is a string, not a list"),
+        ('{"runs": [{"system_turn": true}, 7]}', "its runs are not all JSON objects"),
+    ],
+)
+def test_notebook_01_leaves_a_damaged_history_as_it_is(tmp_path, text, reason):
+    out, history = _prepared(tmp_path / "processed"), tmp_path / "exercises"
+    history.mkdir()
+    (history / "01.json").write_text(text)
+    lines = exercises.notebook_01(out, "auto", False, SAMPLE, history)
+    assert lines == [
+        FILTERS_NOT_TRIED,
+        f"· SYSTEM_TURN = False: cannot compare with an earlier run: {history / '01.json'} is damaged ({reason}), so "
+        "this run is not remembered; the file is left as it is: repair or remove it",
+        RAW_NOT_TRIED,
+    ]
+    assert (history / "01.json").read_text() == text
+
+
+def test_notebook_01_leaves_a_file_where_its_history_folder_goes(tmp_path):
+    out, history = _prepared(tmp_path / "processed"), tmp_path / "exercises"
+    history.write_bytes(b"my notes\n")
+    lines = exercises.notebook_01(out, "auto", True, SAMPLE, history)
+    assert lines == [
+        FILTERS_NOT_TRIED,
+        f"· SYSTEM_TURN = False: not tried (this run's train split: 1,000 tokens); {history} is a file, not a folder, "
+        "so this run is not remembered; the file is left as it is: move it away",
+        RAW_NOT_TRIED,
+    ]
+    assert history.read_bytes() == b"my notes\n"

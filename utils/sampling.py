@@ -77,14 +77,18 @@ def log_answer(answer: Answer, model: str, settings: dict, path: Path = ANSWER_L
 
 def logged_answers(path: Path = ANSWER_LOG) -> list[dict]:
     """The answers ``log_answer`` wrote, oldest first; a line that is not a JSON object with a model and a text (a
-    damaged or hand-edited line) is skipped."""
+    damaged or hand-edited line, or one cut inside a character by a stopped write) is skipped."""
     import json
 
+    try:
+        data = path.read_bytes()
+    except OSError:  # nothing logged yet
+        return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+    for line in data.split(b"\n"):  # bytes: each line decodes on its own, and only "\n" ends one
         try:
-            rows.append(json.loads(line))
-        except ValueError:
+            rows.append(json.loads(line.decode("utf-8")))
+        except ValueError:  # UnicodeDecodeError is one
             continue
     return [
         r for r in rows if isinstance(r, dict) and isinstance(r.get("model"), str) and isinstance(r.get("text"), str)
