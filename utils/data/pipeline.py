@@ -9,6 +9,7 @@ duplicate check keeps a 16-byte digest per prompt and the statistics an integer 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 from array import array
@@ -355,6 +356,7 @@ def build_report(
         "audited": dict(sorted(audited.items())),
         "system_turn": options.system_turn,
         "tokenization": options.tokenization,
+        "options": dataclasses.asdict(options),  # all of them: a later release prepares the folder again with these
         "splits": {name: r.to_json() for name, r in reports.items()},
         "outputs": {name: token_stats(n, options.max_length) for name, n in lengths.items()},
         "empty_splits_not_written": [name for name, n in lengths.items() if not len(n)],
