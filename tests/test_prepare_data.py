@@ -519,3 +519,12 @@ def test_an_earlier_format_without_its_options_is_refused_and_left_alone(tokeniz
     with pytest.raises(ConfigError, match="did not record all its options; prepare it again with notebook 01"):
         prepared_dataset(str(out), tokenizer)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_prepared_folder_is_readable_by_others_as_the_umask_allows(tokenizer, tmp_path):
+    old = os.umask(0o022)
+    try:
+        prepare_source(str(SAMPLE_RAW), tmp_path / "shared", tokenizer)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0o700

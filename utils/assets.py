@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from utils import CONFIGS_DIR, DATA_DIR, REPO_ROOT
+from utils import CONFIGS_DIR, DATA_DIR, REPO_ROOT, temporary_folder
 
 CHAT_TEMPLATE_FILE = CONFIGS_DIR / "chat_template.jinja"
 ASSETS_DIR = REPO_ROOT / "runs" / "assets"
@@ -133,7 +133,7 @@ def ensure_tiny_model(out_dir: Path = TINY_MODEL_DIR, source: Path = TINY_BASE_D
 def _save_atomically(out_dir: Path, *objects) -> None:
     """``save_pretrained`` each object into a temporary sibling, then rename, so a crash never leaves half a folder."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    tmp = temporary_folder(out_dir.parent, f".{out_dir.name}-")
     for obj in objects:
         obj.save_pretrained(tmp)
     if out_dir.exists():
