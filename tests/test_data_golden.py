@@ -26,6 +26,7 @@ ADDED = {
     "tokenization",
     "format",
     "options",
+    "tokenizer",
 }  # report keys added (or changed) since the golden record
 GOLDEN_FILES = ("ultrachat_200k/train_sft.jsonl", "ultrachat_200k/test_sft.jsonl", "ultrachat_raw/ultrachat_raw.jsonl")
 

@@ -528,3 +528,14 @@ def test_a_prepared_folder_is_readable_by_others_as_the_umask_allows(tokenizer, 
     finally:
         os.umask(old)
     assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0o700
+
+
+def test_the_report_names_the_tokenizer_and_a_missing_tokenizer_folder_is_one_line(tmp_path, capsys):
+    assert main(["--source", str(SAMPLE_RAW), "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["tokenizer"] == "embedded"
+    capsys.readouterr()
+    assert main(["--source", str(SAMPLE_RAW), "--out", str(tmp_path / "other"), "--tokenizer", "/nonexistent"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: tokenizer /nonexistent does not exist; give a tokenizer folder or a Hub id"
+    ]
+    assert not (tmp_path / "other").exists()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from utils import ConfigError
+from utils.assets import tokenizer_name
 from utils.data.filters import content_problem, disclaimer_in, load_disclaimers, structure_problem, truecase_messages
 from utils.data.output import FORMAT, OutputError, OutputWriter, check_output
 from utils.data.sources import MAX_CHARS, SPLIT_NAMES, Split, datasets_progress, open_source, source_fingerprint
@@ -322,6 +323,7 @@ def prepare(
                 reports[name] = _prepare_split(name, splits[name], len(splits) == 1, filters, tokens, progress)
         lengths = {name: np.frombuffer(values, dtype=np.int32) for name, values in writer.lengths.items()}
         report = build_report(reports, lengths, opts, source, fingerprint)
+        report["tokenizer"] = tokenizer_name(tokenizer)  # which one made the ids (a Hub id may fall back offline)
         if output is not None:
             if not len(lengths["train"]):
                 raise OutputError(f"no training rows were kept from {source or 'the source'}; nothing written to {out}")
