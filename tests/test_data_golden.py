@@ -21,7 +21,13 @@ CASES = {
     "raw-auto": "--source data/sample/ultrachat_raw/ultrachat_raw.jsonl",
     "raw-all-no-system-turn": "--source data/sample/ultrachat_raw --filters all --no-system-turn",
 }
-ADDED = {"source_fingerprint", "tokenization", "format"}  # report keys added (or changed) since the golden record
+ADDED = {
+    "source_fingerprint",
+    "tokenization",
+    "format",
+    "options",
+    "tokenizer",
+}  # report keys added (or changed) since the golden record
 GOLDEN_FILES = ("ultrachat_200k/train_sft.jsonl", "ultrachat_200k/test_sft.jsonl", "ultrachat_raw/ultrachat_raw.jsonl")
 
 

@@ -483,3 +483,59 @@ def test_hub_source_offline_is_a_clear_error(monkeypatch):
     hardware.hub_reachable.cache_clear()
     with pytest.raises(SourceError, match="Hub is unreachable"):
         open_source("HuggingFaceH4/ultrachat_200k")
+
+
+def _as_an_earlier_release(folder: Path, keep_options: bool) -> None:
+    report = json.loads((folder / "report.json").read_text())
+    report["format"] -= 1
+    if not keep_options:
+        report.pop("options", None)  # as the releases before this one wrote it
+    (folder / "report.json").write_text(json.dumps(report))
+
+
+def test_an_earlier_format_is_prepared_again_with_the_options_it_recorded(tokenizer, tmp_path, capsys):
+    from utils.data.prepared import prepared_dataset
+
+    out = tmp_path / "chosen"
+    options = dict(filters="all", max_rows=30, system_turn=False, tokenization="today")
+    first = prepare_source(str(SAMPLE_200K), out, tokenizer, **options)
+    ids = datasets.load_from_disk(str(out))["train"]["input_ids"]
+    _as_an_earlier_release(out, keep_options=True)
+    assert prepared_dataset(str(out), tokenizer) == out
+    again = json.loads((out / "report.json").read_text())
+    assert datasets.load_from_disk(str(out))["train"]["input_ids"] == ids  # the same rows, the same token ids
+    assert again["kept"] == first["kept"] and again["options"] == first["options"]
+    assert "preparing it again from" in capsys.readouterr().out
+
+
+def test_an_earlier_format_without_its_options_is_refused_and_left_alone(tokenizer, tmp_path):
+    from utils import ConfigError
+    from utils.data.prepared import prepared_dataset
+
+    out = tmp_path / "chosen"
+    prepare_source(str(SAMPLE_200K), out, tokenizer, filters="all", max_rows=30, system_turn=False)
+    _as_an_earlier_release(out, keep_options=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="did not record all its options; prepare it again with notebook 01"):
+        prepared_dataset(str(out), tokenizer)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_prepared_folder_is_readable_by_others_as_the_umask_allows(tokenizer, tmp_path):
+    old = os.umask(0o022)
+    try:
+        prepare_source(str(SAMPLE_RAW), tmp_path / "shared", tokenizer)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0o700
+
+
+def test_the_report_names_the_tokenizer_and_a_missing_tokenizer_folder_is_one_line(tmp_path, capsys):
+    assert main(["--source", str(SAMPLE_RAW), "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["tokenizer"] == "embedded"
+    capsys.readouterr()
+    assert main(["--source", str(SAMPLE_RAW), "--out", str(tmp_path / "other"), "--tokenizer", "/nonexistent"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: tokenizer /nonexistent does not exist; give a tokenizer folder or a Hub id"
+    ]
+    assert not (tmp_path / "other").exists()

@@ -10,7 +10,7 @@ import pytest
 from helpers import smoke_argv
 
 from utils import REPO_ROOT, sft
-from utils.runs import checkpoint_problem, newest_loadable_checkpoint
+from utils.runs import checkpoint_problem, checkpoint_steps, newest_loadable_checkpoint
 
 RAW = REPO_ROOT / "data" / "sample" / "ultrachat_raw" / "ultrachat_raw.jsonl"
 
@@ -96,12 +96,44 @@ def test_a_checkpoint_with_garbage_tensors_is_skipped_by_name(finished, tmp_path
     assert all(loss == loss and loss > 1 for loss in losses)  # finite, not the 0.0 of NaN weights
 
 
+def test_a_checkpoint_with_finite_garbage_is_skipped_by_name(finished, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    run = _copy_interrupted(finished, tmp_path)
+    weights = run / "checkpoint-4" / "adapter_model.safetensors"
+    save_file({name: t * 1e18 for name, t in load_file(weights).items()}, weights)  # finite, and no trained weight
+    assert "beyond any trained weight" in checkpoint_problem(run / "checkpoint-4")
+    assert newest_loadable_checkpoint(run)[0] == str(run / "checkpoint-2")
+    assert sft.cli(smoke_argv(run, "--save_total_limit", "2")) == 0
+    out = capsys.readouterr().out
+    assert "skipped checkpoint-4: adapter_model.safetensors holds a value of " in out
+    assert f"Resuming from {run / 'checkpoint-2'}" in out
+
+
+def test_a_checkpoint_whose_log_has_a_nan_loss_is_not_good(finished, tmp_path):
+    run = _copy_interrupted(finished, tmp_path)
+    state_file = run / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    logged = [h for h in state["log_history"] if "loss" in h][-1]
+    logged["loss"] = float("nan")
+    state_file.write_text(json.dumps(state))
+    assert checkpoint_problem(run / "checkpoint-4") == f"its log has a non-finite loss at step {logged['step']}"
+    assert newest_loadable_checkpoint(run)[0] == str(run / "checkpoint-2")
+
+
 def test_a_run_that_diverges_stops_in_one_line(tmp_path, capsys):
     out = tmp_path / "nan"
     assert sft.cli(smoke_argv(out, "--learning_rate", "1e30", "--max_grad_norm", "0", steps=6, save=1)) == 2
     err = [line for line in _err(capsys) if "error" in line.lower() or "Traceback" in line]  # not the progress bars
     assert len(err) == 1 and err[0].startswith("error: training diverged at step ")
-    assert "(gradient norm nan), so it stopped; the last good checkpoint is checkpoint-" in err[0]
+    # the steps before the NaN were taken at a learning rate of 1e30: their checkpoints hold finite garbage, so none
+    # is named good (naming one sends the user round the same divergence again)
+    assert err[0].endswith(
+        "(gradient norm nan), so it stopped; the last good checkpoint is none (lower the learning "
+        "rate or check the data, then run again to resume from it)"
+    )
+    assert checkpoint_steps(out)
+    assert all("beyond any trained weight" in checkpoint_problem(c) for _, c in checkpoint_steps(out))
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "failed" and not (out / "adapter").exists()
 

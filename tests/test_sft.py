@@ -314,6 +314,25 @@ def test_a_changed_setting_is_refused_in_one_line(finished, capsys):
     ]
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "saved"),
+    [
+        ("--use_rslora", "true", False),  # the LoRA scale alpha/r -> alpha/sqrt(r): 1 -> 4 mid-run
+        ("--use_dora", "true", False),
+        ("--assistant_only_loss", "true", False),  # steps on every token, then on answers only
+        ("--optim", "adafactor", "adamw_torch_fused"),  # another optimizer's state on disk
+    ],
+)
+def test_every_setting_that_changes_training_is_recorded_and_checked(finished, capsys, flag, value, saved):
+    setting = flag.removeprefix("--")
+    assert json.loads((finished / "run.json").read_text())["settings"][setting] == saved
+    before = {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert _cli(finished, "--save_total_limit", "2", flag, value) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {finished} holds a run with {setting}={saved!r}; this run ")
+    assert {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
 def test_a_folder_in_use_is_refused(finished, capsys):
     holder = subprocess.Popen(
         [

@@ -40,6 +40,20 @@ class ConfigError(ValueError):
     ``OutputError``, ``SamplingError``, ``OptionError``) are kinds of it."""
 
 
+def temporary_folder(parent: Path, prefix: str) -> Path:
+    """A new folder in ``parent`` (made if missing) for output that is renamed into place when whole, with the
+    permissions the umask gives any folder: ``tempfile.mkdtemp`` makes it private (0700), which would leave prepared
+    data, merged models and assets unreadable to a course's other users."""
+    import tempfile
+
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    return folder
+
+
 def say(line: str) -> None:
     """One line in one write, so the lines of several processes sharing a terminal do not run into each other."""
     sys.stdout.write(line + "\n")

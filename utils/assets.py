@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from utils import CONFIGS_DIR, DATA_DIR, REPO_ROOT
+from utils import CONFIGS_DIR, DATA_DIR, REPO_ROOT, ConfigError, temporary_folder
 
 CHAT_TEMPLATE_FILE = CONFIGS_DIR / "chat_template.jinja"
 ASSETS_DIR = REPO_ROOT / "runs" / "assets"
@@ -89,6 +89,12 @@ def load_tokenizer(model_id: str | None = None, revision: str = "main"):
     """
     from transformers import AutoTokenizer
 
+    if (
+        model_id is not None
+        and model_id.startswith(("/", "./", "../", "~"))
+        and not Path(model_id).expanduser().exists()
+    ):
+        raise ConfigError(f"tokenizer {model_id} does not exist; give a tokenizer folder or a Hub id")
     if model_id is None:
         if not _embedded_is_current():
             build_embedded_tokenizer()
@@ -103,6 +109,12 @@ def load_tokenizer(model_id: str | None = None, revision: str = "main"):
     if tokenizer.pad_token is None:  # Mistral has none; <unk> keeps EOS out of every padding mask
         tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
+
+
+def tokenizer_name(tokenizer) -> str:
+    """How a report names ``tokenizer``: its Hub id or folder, or "embedded" for the embedded Mistral-7B one."""
+    name = str(tokenizer.name_or_path)
+    return "embedded" if Path(name).resolve() == Path(EMBEDDED_TOKENIZER_DIR).resolve() else name
 
 
 def ensure_tiny_model(out_dir: Path = TINY_MODEL_DIR, source: Path = TINY_BASE_DIR) -> Path:
@@ -133,7 +145,7 @@ def ensure_tiny_model(out_dir: Path = TINY_MODEL_DIR, source: Path = TINY_BASE_D
 def _save_atomically(out_dir: Path, *objects) -> None:
     """``save_pretrained`` each object into a temporary sibling, then rename, so a crash never leaves half a folder."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    tmp = temporary_folder(out_dir.parent, f".{out_dir.name}-")
     for obj in objects:
         obj.save_pretrained(tmp)
     if out_dir.exists():

@@ -12,12 +12,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils import ConfigError
+from utils import ConfigError, temporary_folder
 
 MAX_SHARD_BYTES = 2 * 2**30  # merged shards of at most 2 GiB: saving never needs more host memory than one shard
 
@@ -110,8 +109,7 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
     files = base_weight_files(base, revision)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_killed_merges(out_dir)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-{os.getpid()}-"))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700): the merged model is for a course's other users too
+    tmp = temporary_folder(out_dir.parent, f".{out_dir.name}.tmp-{os.getpid()}-")
     try:
         shards, shard, size, merged = [], {}, 0, 0
         for file in files:
@@ -207,8 +205,7 @@ def save_merged(model, tokenizer, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_killed_merges(out_dir)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-{os.getpid()}-"))
-    tmp.chmod(0o777 & ~_umask())
+    tmp = temporary_folder(out_dir.parent, f".{out_dir.name}.tmp-{os.getpid()}-")
     try:
         model.save_pretrained(tmp, max_shard_size=MAX_SHARD_BYTES)
         tokenizer.save_pretrained(tmp)
@@ -219,12 +216,6 @@ def save_merged(model, tokenizer, out_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _lora_scale(adapter_dir: Path) -> tuple[float, list[str]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import zipfile
@@ -43,6 +44,9 @@ OWN_OUTPUTS = (
     "README.md",
     RUN_FILE,
 )
+# The weights of a trained LLM (base, LoRA, norm scales) are of order 1 to 100; one beyond 1e6 multiplies activations
+# past what a layer or two of bfloat16 can hold, so a checkpoint holding one is damaged whatever its loss log says.
+WEIGHT_LIMIT = 1e6
 STATE_KEYS = {"global_step": int, "max_steps": int, "epoch": (int, float), "log_history": list}
 _HELD: dict[Path, int] = {}  # folders whose lock this process holds -> file descriptor
 
@@ -95,7 +99,9 @@ def saved_report(path: str | Path) -> dict | None:
 
 
 def run_settings(script_args, training_args, model_args, world_size: int = 1, card_schedule: bool = False) -> dict:
-    """The settings that shape a run's checkpoints; a resumed run must have the same."""
+    """Every setting that changes what a run trains or how (the model, LoRA and its scale, the tokens that carry the
+    loss, the batch, the optimizer and its state, the schedule, the precision): a resumed run must have the same, and
+    ``run.json`` records them. A setting an earlier ``run.json`` lacks is not compared (it was not recorded)."""
     peft = bool(model_args.use_peft)
     return {
         "model": model_args.model_name_or_path,
@@ -105,12 +111,25 @@ def run_settings(script_args, training_args, model_args, world_size: int = 1, ca
         "lora_alpha": model_args.lora_alpha if peft else None,
         "lora_dropout": model_args.lora_dropout if peft else None,
         "lora_target_modules": sorted(model_args.lora_target_modules or []) if peft else None,
+        "use_rslora": bool(model_args.use_rslora) if peft else None,  # the LoRA scale: alpha/sqrt(r), not alpha/r
+        "use_dora": bool(model_args.use_dora) if peft else None,
+        "lora_modules_to_save": sorted(model_args.lora_modules_to_save or []) if peft else None,
         "dataset": script_args.dataset_name,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "world_size": world_size,
         "max_length": training_args.max_length,
         "packing_strategy": training_args.packing_strategy if training_args.packing else None,
+        "assistant_only_loss": bool(training_args.assistant_only_loss),  # which tokens carry the loss
+        "completion_only_loss": training_args.completion_only_loss,
+        "optim": str(getattr(training_args.optim, "value", training_args.optim)),  # the optimizer state on disk
+        "weight_decay": training_args.weight_decay,
+        "adam_beta1": training_args.adam_beta1,
+        "adam_beta2": training_args.adam_beta2,
+        "adam_epsilon": training_args.adam_epsilon,
+        "max_grad_norm": training_args.max_grad_norm,
+        "bf16": bool(training_args.bf16),
+        "fp16": bool(training_args.fp16),
         "learning_rate": training_args.learning_rate,
         "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
         "warmup_steps": training_args.warmup_steps,
@@ -218,6 +237,9 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     missing = [k for k, kind in STATE_KEYS.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
     if missing:
         return f"trainer_state.json is incomplete (no valid {missing[0]})"
+    bad_loss = next((h for h in state["log_history"] if not _finite_number(h.get("loss", 0.0))), None)
+    if bad_loss is not None:
+        return f"its log has a non-finite loss at step {bad_loss.get('step', '?')}"
     weights = sorted(ckpt.glob("*.safetensors"))
     if not weights:
         return "no weights (*.safetensors)"
@@ -232,9 +254,14 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
+def _finite_number(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def _weights_problem(file: Path) -> str | None:
-    """Why a safetensors file cannot be trusted: unreadable, or a tensor with NaN or infinite values. Tensors are
-    read one at a time, so a large checkpoint is checked without holding it in memory."""
+    """Why a safetensors file cannot be trusted: unreadable, a tensor with NaN or infinite values, or one with values
+    no trained model holds (``WEIGHT_LIMIT``). Tensors are read one at a time, so a large checkpoint is checked
+    without holding it in memory."""
     import torch
     from safetensors import safe_open
 
@@ -242,8 +269,13 @@ def _weights_problem(file: Path) -> str | None:
         with safe_open(str(file), "pt") as tensors:
             for name in tensors.keys():  # noqa: SIM118 - safe_open has no __iter__
                 tensor = tensors.get_tensor(name)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                if not tensor.is_floating_point() or not tensor.numel():
+                    continue
+                if not bool(torch.isfinite(tensor).all()):
                     return f"{file.name} holds NaN or infinite values ({name})"
+                largest = float(tensor.abs().max())
+                if largest > WEIGHT_LIMIT:
+                    return f"{file.name} holds a value of {largest:.3g} ({name}), beyond any trained weight"
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         return f"{file.name} is damaged ({type(exc).__name__})"
     return None

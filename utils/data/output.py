@@ -10,10 +10,9 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from utils import ConfigError
+from utils import ConfigError, temporary_folder
 
 MARKER = ".prepared-by-utils.prepare_data"  # identifies a folder this tool wrote, so it may replace it
 FORMAT = (
@@ -154,7 +153,7 @@ class OutputWriter:
     def __init__(self, out: Path):
         out.parent.mkdir(parents=True, exist_ok=True)
         self.out = out
-        self.tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
+        self.tmp = temporary_folder(out.parent, f".{out.name}.tmp-{os.getpid()}-")
         self.writers: dict = {}
         self.features = features()
 

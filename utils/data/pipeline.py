@@ -9,6 +9,7 @@ duplicate check keeps a 16-byte digest per prompt and the statistics an integer 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 from array import array
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from utils import ConfigError
+from utils.assets import tokenizer_name
 from utils.data.filters import content_problem, disclaimer_in, load_disclaimers, structure_problem, truecase_messages
 from utils.data.output import FORMAT, OutputError, OutputWriter, check_output
 from utils.data.sources import MAX_CHARS, SPLIT_NAMES, Split, datasets_progress, open_source, source_fingerprint
@@ -321,6 +323,7 @@ def prepare(
                 reports[name] = _prepare_split(name, splits[name], len(splits) == 1, filters, tokens, progress)
         lengths = {name: np.frombuffer(values, dtype=np.int32) for name, values in writer.lengths.items()}
         report = build_report(reports, lengths, opts, source, fingerprint)
+        report["tokenizer"] = tokenizer_name(tokenizer)  # which one made the ids (a Hub id may fall back offline)
         if output is not None:
             if not len(lengths["train"]):
                 raise OutputError(f"no training rows were kept from {source or 'the source'}; nothing written to {out}")
@@ -355,6 +358,7 @@ def build_report(
         "audited": dict(sorted(audited.items())),
         "system_turn": options.system_turn,
         "tokenization": options.tokenization,
+        "options": dataclasses.asdict(options),  # all of them: a later release prepares the folder again with these
         "splits": {name: r.to_json() for name, r in reports.items()},
         "outputs": {name: token_stats(n, options.max_length) for name, n in lengths.items()},
         "empty_splits_not_written": [name for name, n in lengths.items() if not len(n)],

@@ -5,6 +5,7 @@ stack.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -38,23 +39,28 @@ def prepared_dataset(source: str, tokenizer, revision: str | None = None) -> Pat
 
 def _prepared_again(folder: Path, tokenizer) -> Path:
     """A folder notebook 01 wrote with an earlier release (another format: no card ids, say): prepared again, in
-    place, from the source its report names, with the options it was prepared with; ConfigError when that cannot be
-    done (not this tool's folder, or its source is gone)."""
+    place, from the source its report names, with every option its report recorded; ConfigError when that cannot be
+    done (not this tool's folder, its source is gone, or its options were not all recorded: a preparation with other
+    options would change what the user chose)."""
     from utils.data.output import is_own_output
-    from utils.data.pipeline import prepare_source
+    from utils.data.pipeline import Options, prepare_source
     from utils.data.sources import local_path
 
     try:
         report = json.loads((folder / "report.json").read_text())
     except (OSError, ValueError):
         report = {}
-    source = report.get("source")
+    report = report if isinstance(report, dict) else {}
+    source, options = report.get("source"), report.get("options")
     source_path = local_path(source) if isinstance(source, str) and source else None
+    again = f"prepare it again with notebook 01 (or python -m utils.prepare_data --out {folder}"
     if not is_own_output(folder) or source_path is None or not source_path.exists():
+        raise ConfigError(f"{folder} was prepared by an earlier release of this collection; {again})")
+    if not isinstance(options, dict) or set(options) - {f.name for f in dataclasses.fields(Options)}:
         raise ConfigError(
-            f"{folder} was prepared by an earlier release of this collection; prepare it again with notebook 01 "
-            f"(or python -m utils.prepare_data --out {folder})"
+            f"{folder} was prepared by an earlier release of this collection, which did not record all its options; "
+            f"{again} and the options you chose)"
         )
-    say(f"{folder} was prepared by an earlier release; preparing it again from {source} ...")
-    prepare_source(source, folder, tokenizer, system_turn=report.get("system_turn", True))
+    say(f"{folder} was prepared by an earlier release; preparing it again from {source} with its options ...")
+    prepare_source(source, folder, tokenizer, **options)
     return folder
