@@ -101,6 +101,11 @@ def test_cli_overrides_beat_the_profile(tmp_path):
         (["--num_train_epochs", "0"], "error: num_train_epochs must be positive (or set max_steps), got 0.0"),
         (["--lora_dropout", "1.5"], "error: lora_dropout must be in [0, 1), got 1.5"),
         (["--config", "no/such.yaml"], "error: config file no/such.yaml not found"),
+        (
+            ["--card_schedule", "true", "--max_steps", "2"],
+            "error: card_schedule plans its own steps (dialogues / global batch, as TRL 0.7.x did), so max_steps 2 "
+            "would be ignored: leave max_steps unset, or set card_schedule false",
+        ),
     ],
 )
 def test_bad_configuration_fails_in_one_line(extra, message, tmp_path, capsys, monkeypatch):

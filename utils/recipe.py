@@ -383,6 +383,11 @@ def check_numbers(v: dict[str, Any]) -> None:
         raise ConfigError(f"num_train_epochs must be positive (or set max_steps), got {epochs}")
     if v["seed"] < 0:
         raise ConfigError(f"seed must be 0 or more, got {v['seed']}")
+    if v.get("card_schedule") and v["max_steps"] > 0:  # it sets max_steps itself, and run.json would record the other
+        raise ConfigError(
+            f"card_schedule plans its own steps (dialogues / global batch, as TRL 0.7.x did), so max_steps "
+            f"{v['max_steps']} would be ignored: leave max_steps unset, or set card_schedule false"
+        )
     if v.get("packing_strategy") not in PACKING_STRATEGIES:
         raise ConfigError(
             f"packing_strategy must be one of {', '.join(PACKING_STRATEGIES)}, got {v.get('packing_strategy')!r}"
