@@ -1,5 +1,7 @@
 """Helpers several test files share (importable as ``helpers``: pytest puts tests/ on the path)."""
 
+import contextlib
+
 from utils import REPO_ROOT
 
 RECIPE = str(REPO_ROOT / "configs" / "sft_qlora.yaml")
@@ -21,3 +23,34 @@ def cpu_path_env(env: dict, avx512bf16: bool) -> dict:
 
     path = os.pathsep.join(p for p in (str(CPU_PATHS), env.get("PYTHONPATH", "")) if p)
     return {**env, "PYTHONPATH": path, "MISTRAL_SFT_TEST_AVX512BF16": "1" if avx512bf16 else "0"}
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """``folder`` made read-only as a Kaggle input or a read-only mount is: by a read-only bind mount as root (root
+    writes through file modes), by its mode otherwise. Yields the reason a write then fails with."""
+    import os
+    import subprocess
+
+    import pytest
+
+    folder = str(folder)
+    if os.geteuid() != 0:
+        folders = [folder] + [os.path.join(d, n) for d, names, _ in os.walk(folder) for n in names]
+        for f in folders:
+            os.chmod(f, 0o555)
+        try:
+            yield "Permission denied"
+        finally:
+            for f in folders:
+                os.chmod(f, 0o755)
+        return
+    mounted = subprocess.run(["mount", "--bind", folder, folder], capture_output=True).returncode == 0
+    if not mounted or subprocess.run(["mount", "-o", "remount,bind,ro", folder], capture_output=True).returncode:
+        if mounted:
+            subprocess.run(["umount", folder])
+        pytest.skip("root without mount: no way to make a folder read-only here")
+    try:
+        yield "Read-only file system"
+    finally:
+        subprocess.run(["umount", folder], check=True)

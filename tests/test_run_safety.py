@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import smoke_argv
+from helpers import read_only, smoke_argv
 
 from utils import REPO_ROOT, sft
 from utils.runs import checkpoint_problem, checkpoint_steps, newest_loadable_checkpoint
@@ -221,3 +221,40 @@ def test_a_hub_token_is_kept_out_of_every_saved_file(tmp_path):
     for path in out.rglob("*"):
         if path.is_file():
             assert b"hf_SECRETsecretSECRET" not in path.read_bytes(), path
+
+
+# --- read-only places ------------------------------------------------------------------------------------------------
+def test_a_read_only_prepared_folder_trains(tmp_path, capsys):
+    from utils.prepare_data import main as prepare
+
+    data = tmp_path / "kaggle-input"
+    assert prepare(["--source", str(RAW), "--out", str(data), "--no-progress"]) == 0
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    with read_only(data):
+        assert sft.cli(smoke_argv(tmp_path / "run", "--dataset_name", str(data), steps=2)) == 0
+    assert f"Note: {data} is read-only, so TRL's preprocessing of it is kept in a temporary folder." in (
+        capsys.readouterr().out
+    )
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_a_read_only_output_folder_is_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with read_only(out) as reason:
+        assert sft.cli(smoke_argv(out)) == 2
+    assert _err(capsys) == [f"error: cannot write to output folder {out} ({reason}); choose another output folder"]
+
+
+def test_answers_that_cannot_be_logged_are_said_once_and_sampling_goes_on(tmp_path, capsys):
+    from utils.sampling import Answer, log_answer
+
+    (tmp_path / "runs").mkdir()
+    log = tmp_path / "runs" / "sampling" / "answers.jsonl"
+    with read_only(tmp_path / "runs") as reason:
+        for _ in range(2):
+            log_answer(Answer("Who?", "Arr!", 3, True), "tiny", {"temperature": 0.7}, log)
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        f"Note: answers cannot be logged to {log} ({reason}); the check cell will not see them."
+    ]

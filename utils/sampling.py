@@ -65,14 +65,23 @@ class Answer:
 ANSWER_LOG = RUNS_DIR / "sampling" / "answers.jsonl"
 
 
+_UNLOGGED: set[Path] = set()  # logs that could not be written to: said once each
+
+
 def log_answer(answer: Answer, model: str, settings: dict, path: Path = ANSWER_LOG) -> None:
-    """Append one answer and the settings that produced it to ``path`` (JSON Lines)."""
+    """Append one answer and the settings that produced it to ``path`` (JSON Lines). Where it cannot be written (a
+    read-only or full disk) sampling goes on: one line says so, once."""
     import json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": model, **settings, "text": answer.text, "stopped_at_eos": answer.stopped_at_eos}
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        if path not in _UNLOGGED:
+            _UNLOGGED.add(path)
+            print(f"Note: answers cannot be logged to {path} ({exc.strerror}); the check cell will not see them.")
 
 
 def logged_answers(path: Path = ANSWER_LOG) -> list[dict]:

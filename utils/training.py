@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,9 @@ def load_training_data(args: Args, tokenizer) -> dict:
     import datasets
 
     folder = prepared_dataset(args.script.dataset_name, tokenizer, args.run.dataset_revision)
+    if not os.access(folder, os.W_OK):  # a Kaggle input, a read-only mount: datasets caches each map beside the data
+        datasets.disable_caching()  # so TRL's preprocessing writes to a temporary folder instead
+        say(f"Note: {folder} is read-only, so TRL's preprocessing of it is kept in a temporary folder.")
     data = datasets.load_from_disk(str(folder))
     splits = {"train": args.script.dataset_train_split, "test": args.script.dataset_test_split}
     data = {split: data[name] for split, name in splits.items() if name in data}
