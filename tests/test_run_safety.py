@@ -255,6 +255,47 @@ def test_answers_that_cannot_be_logged_are_said_once_and_sampling_goes_on(tmp_pa
         for _ in range(2):
             log_answer(Answer("Who?", "Arr!", 3, True), "tiny", {"temperature": 0.7}, log)
     out = capsys.readouterr().out.splitlines()
-    assert out == [
-        f"Note: answers cannot be logged to {log} ({reason}); the check cell will not see them."
+    assert out == [f"Note: answers cannot be logged to {log} ({reason}); the check cell will not see them."]
+
+
+# --- a full disk ----------------------------------------------------------------------------------------------------
+def _limited_cli(argv: list[str], kib: int) -> subprocess.CompletedProcess:
+    """``python -m utils.sft argv`` under a file size limit of ``kib`` KiB: a write fails as on a full disk."""
+    import resource
+
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, kib * 1024))  # noqa: E731
+    cmd = [sys.executable, "-m", "utils.sft", *argv]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, preexec_fn=limit, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """One step first, without a limit: the tiny model's copy, the prepared sample and TRL's cached labels exist, so
+    the limited runs below fail where they save their checkpoint or their merge."""
+    assert sft.cli(smoke_argv(tmp_path_factory.mktemp("warm") / "run", steps=1)) == 0
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(warm, tmp_path):
+    out = tmp_path / "run"
+    result = _limited_cli(smoke_argv(out, steps=2, save=1), kib=300)  # the adapter fits, the optimizer state not
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert result.returncode == 2 and errors == [
+        f"error: no room left to write in {out} (File too large (os error 27)): free space, then run again to resume "
+        "from the newest whole checkpoint"
     ]
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+def test_a_full_disk_during_the_merge_is_one_line_and_a_rerun_merges(warm, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*smoke_argv(out, steps=2, save=2), "--merge", "true"]
+    result = _limited_cli(argv, kib=4000)  # the adapter and its tokenizer fit, the merged model (8.6 MB) not
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert result.returncode == 2 and errors == [
+        f"error: could not write the merged model to {out / 'merged'} (File too large (os error 27)); the adapter "
+        f"is saved in {out / 'adapter'}: free space, then run again to merge it"
+    ]
+    assert not (out / "merged").exists() and not list(out.glob(".merged.tmp-*"))
+    assert sft.cli(argv) == 0
+    assert f"{out / 'merged'} is missing or incomplete: merging the saved adapter into it" in capsys.readouterr().out
+    assert (out / "merged" / "model.safetensors").is_file()

@@ -14,6 +14,7 @@ the saved adapter when its merged model is missing), and refuses settings that d
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
@@ -23,6 +24,9 @@ from pathlib import Path
 
 from utils import ConfigError
 from utils.recipe import Args, Settings, settings_for
+from utils.runs import RunError
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space left, a file size limit, a quota
 
 
 def trainer_for(args: Args, tokenizer=None, data: dict | None = None):
@@ -90,6 +94,11 @@ def main(args: Args) -> dict | None:
             report = finish_run(trainer, run)
         except BaseException as exc:
             run.fail(f"stopped: {type(exc).__name__}")  # never left "running"; a re-run resumes or starts over
+            if why := _disk_full(exc):
+                raise RunError(
+                    f"no room left to write in {out} ({why}): free space, then run again to resume from the newest "
+                    "whole checkpoint"
+                ) from None
             raise
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         report["final_loss"] = losses[-1] if losses else None
@@ -102,8 +111,28 @@ def main(args: Args) -> dict | None:
     if run_args.merge and model_args.use_peft and _is_main_process() and not merged_is_whole(out / "merged"):
         if run.finished:
             print(f"{out / 'merged'} is missing or incomplete: merging the saved adapter into it")
-        merge_adapter(model_args.model_name_or_path, out / "adapter", out / "merged", merge_dtype(model_args))
+        try:
+            merge_adapter(model_args.model_name_or_path, out / "adapter", out / "merged", merge_dtype(model_args))
+        except Exception as exc:  # a full disk or a file size limit: the merge left nothing behind
+            if not (why := _disk_full(exc)):
+                raise
+            raise RunError(
+                f"could not write the merged model to {out / 'merged'} ({why}); the adapter is saved in "
+                f"{out / 'adapter'}: free space, then run again to merge it"
+            ) from None
     return report
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """Why a write failed for want of room (no space, a file size limit, a quota), or None for any other error; as an
+    ``OSError`` or as the Rust libraries (safetensors, tokenizers) report it: "... (os error 27)"."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return exc.strerror
+    text = str(exc)
+    for code in DISK_FULL:
+        if f"(os error {code})" in text:
+            return f"{os.strerror(code)} (os error {code})"
+    return None
 
 
 def _speed(report: dict) -> str:
@@ -198,6 +227,10 @@ def _plan(settings: Settings, hardware, json_path: str | bool | None) -> int:
 
 
 def _error(exc: BaseException) -> int:
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar the error cut short ends its line first
+        bar.close()
     text = str(exc).strip().splitlines()
     print(f"error: {text[0] if text else type(exc).__name__}", file=sys.stderr)
     return 2
