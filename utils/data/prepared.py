@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from utils import RUNS_DIR, ConfigError, say
@@ -29,6 +30,7 @@ def prepared_dataset(source: str, tokenizer, revision: str | None = None) -> Pat
     out = DATA_CACHE / f"{Path(source.rstrip('/')).name.replace('/', '__')}-{key[:12]}"
     if is_current(out):
         return out
+    check_cache()
     earlier = sorted(DATA_CACHE.glob(f"{out.name[:-13]}-*")) if DATA_CACHE.is_dir() else []
     changed = " (it changed since it was last prepared)" if earlier else ""
     say(f"Preparing {source} into {out} (notebook 01's pipeline){changed} ...")
@@ -36,11 +38,24 @@ def prepared_dataset(source: str, tokenizer, revision: str | None = None) -> Pat
     return out
 
 
+def check_cache() -> None:
+    """ConfigError when the cache cannot be made because MISTRAL_SFT_RUNS (or runs/) is, or is under, a file."""
+    blocker = next((p for p in (DATA_CACHE, *DATA_CACHE.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        runs = os.environ.get("MISTRAL_SFT_RUNS")
+        where = f"MISTRAL_SFT_RUNS={runs}" if runs else str(RUNS_DIR)
+        raise ConfigError(
+            f"{where} cannot hold the prepared data: {blocker} is a file, not a folder; "
+            "set MISTRAL_SFT_RUNS to a folder"
+        )
+
+
 def _prepared_again(folder: Path, tokenizer) -> Path:
-    """A folder notebook 01 wrote with an earlier release (another format: no card ids, say): prepared again, in
-    place, from the source its report names, with the options it was prepared with; ConfigError when that cannot be
-    done (not this tool's folder, or its source is gone)."""
-    from utils.data.output import is_own_output
+    """A folder notebook 01 wrote with an earlier release (another format: no card ids, say), or in today's format
+    with files missing: prepared again, in place, from the source its report names, with the options it was prepared
+    with; ConfigError, saying which of the two, when that cannot be done (not this tool's folder: no marker file; or
+    its source is gone)."""
+    from utils.data.output import FORMAT, is_own_output, missing_files
     from utils.data.pipeline import prepare_source
     from utils.data.sources import local_path
 
@@ -48,13 +63,20 @@ def _prepared_again(folder: Path, tokenizer) -> Path:
         report = json.loads((folder / "report.json").read_text())
     except (OSError, ValueError):
         report = {}
+    report = report if isinstance(report, dict) else {}
+    if report.get("format") == FORMAT:  # the format is today's: files are missing (a copy without hidden files)
+        why = f"holds notebook 01's output in today's format, without {', '.join(missing_files(folder))}"
+    else:
+        why = "was prepared by an earlier release of this collection"
     source = report.get("source")
     source_path = local_path(source) if isinstance(source, str) and source else None
-    if not is_own_output(folder) or source_path is None or not source_path.exists():
+    if not is_own_output(folder):
+        again = "copy it again with its hidden files (cp -a), or " if report.get("format") == FORMAT else ""
+        raise ConfigError(f"{folder} {why}; {again}prepare it again into a new folder with notebook 01")
+    if source_path is None or not source_path.exists():
         raise ConfigError(
-            f"{folder} was prepared by an earlier release of this collection; prepare it again with notebook 01 "
-            f"(or python -m utils.prepare_data --out {folder})"
+            f"{folder} {why}; prepare it again with notebook 01 (or python -m utils.prepare_data --out {folder})"
         )
-    say(f"{folder} was prepared by an earlier release; preparing it again from {source} ...")
+    say(f"{folder} {why}; preparing it again from {source} ...")
     prepare_source(source, folder, tokenizer, system_turn=report.get("system_turn", True))
     return folder
