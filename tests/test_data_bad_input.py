@@ -138,27 +138,58 @@ def test_a_huge_max_length_costs_no_memory(tmp_path):
     assert peak < 200_000_000  # bytes; a list of max_length entries alone would be 800 MB
 
 
-def test_a_run_killed_mid_way_leaves_the_previous_output_whole(tmp_path):
-    out = tmp_path / "out"
-    assert run("--source", SAMPLE_RAW, "--out", out) == 0
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    big = tmp_path / "big.jsonl"
-    with big.open("w") as handle:
+def big_source(path):
+    """A source that takes a run some seconds: 40,000 lines, half of them good dialogues."""
+    with path.open("w") as handle:
         for i in range(20_000):
             answer = f"Answer {i}: " + "the river runs to the sea and the sea is salt. " * 12
             handle.write(json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"}, GOOD["messages"][1]]}) + "\n")
             handle.write(json.dumps({"id": i, "data": [f"Question {i}?", answer]}) + "\n")
+    return path
+
+
+def writing(out, source):
+    """A ``python -m utils.prepare_data`` run on ``out``, returned once it is writing rows."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "utils.prepare_data", "--source", str(big), "--out", str(out), "--no-progress"],
+        [sys.executable, "-m", "utils.prepare_data", "--source", str(source), "--out", str(out), "--no-progress"],
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    deadline = time.monotonic() + 240
+    while not list(out.parent.glob(f".{out.name}.tmp-{proc.pid}-*/.train.arrow")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the run ended before it wrote rows")
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_a_killed_ones_lock_is_not(tmp_path, capsys):
+    out = tmp_path / "out"
+    first = writing(out, big_source(tmp_path / "big.jsonl"))
     try:
-        deadline = time.monotonic() + 240
-        while not list(tmp_path.glob(f".out.tmp-{proc.pid}-*/.train.arrow")):  # it is writing rows
-            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-            time.sleep(0.05)
+        assert run("--source", SAMPLE_RAW, "--out", out) == 2
+        assert capsys.readouterr().err == (
+            f"error: --out {out} is being written by another run (process {first.pid}); wait for it to end, or "
+            "choose another folder\n"
+        )
+        assert first.poll() is None  # the first run goes on
+        os.kill(first.pid, signal.SIGKILL)
+    finally:
+        first.kill()
+        first.wait()
+    assert run("--source", SAMPLE_RAW, "--out", out) == 0  # a killed run does not block the next
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl", "out"]
+    assert datasets.load_from_disk(str(out))["train"].num_rows == 15
+
+
+def test_a_run_killed_mid_way_leaves_the_previous_output_whole(tmp_path):
+    out = tmp_path / "out"
+    assert run("--source", SAMPLE_RAW, "--out", out) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = writing(out, big_source(tmp_path / "big.jsonl"))
+    try:
         assert proc.poll() is None
         os.kill(proc.pid, signal.SIGKILL)
     finally:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from utils import REPO_ROOT
+from utils import REPO_ROOT, hardware, sft
 from utils.hardware import SHAPES, shape
 from utils.plan import markdown_table, shape_plans
 
@@ -132,6 +132,26 @@ def test_an_unknown_gpu_is_one_line():
     result = _plan(["--config", RECIPE, "--gpu", "gtx1080"])
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown GPU 'gtx1080'; choose one of: t4, 2xt4, l4, a10g, rtx4090,")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--gpu", "99999999999999999999xh100"], "GPU '99999999999999999999xh100': the count must be 1 to 1024"),
+        (["--gpu", "1025xh100"], "GPU '1025xh100': the count must be 1 to 1024"),
+        (["--gpu", ""], "--gpu needs a value"),
+        (["--gpu="], "--gpu needs a value"),
+    ],
+)
+def test_a_gpu_count_out_of_range_or_an_empty_gpu_is_one_line(argv, message, capsys):
+    assert sft.cli(["--config", RECIPE, *argv, "--plan"]) == 2
+    assert capsys.readouterr() == ("", f"error: {message}\n")
+
+
+def test_the_hardware_command_refuses_an_empty_gpu(capsys):
+    assert hardware.main(["--gpu", ""]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: unknown GPU ''; choose one of: t4, ") and err.count("\n") == 1
 
 
 def test_the_hardware_command_plans_a_shape():

@@ -458,6 +458,10 @@ def test_random_byte_corruption_never_crashes(tokenizer, flips, cut, tmp_path_fa
         (["--source", "no/such/file.jsonl"], "error: no such file or folder: no/such/file.jsonl"),
         (["--max-tokens", "0"], "error: --max-tokens must be positive, got 0"),
         (["--test-fraction", "1.5"], "error: --test-fraction must be in [0, 1), got 1.5"),
+        (
+            ["--min-tokens", "100", "--max-tokens", "10"],
+            "error: --max-tokens must be at least the minimum token count (100), got 10",
+        ),
     ],
 )
 def test_cli_bad_input_is_one_line(argv, message, tmp_path, capsys):

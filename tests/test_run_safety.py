@@ -2,6 +2,7 @@
 and a non-zero exit where the user can act."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import pytest
 from helpers import read_only, smoke_argv
 
-from utils import REPO_ROOT, sft
+from utils import REPO_ROOT, ConfigError, sft
 from utils.runs import checkpoint_problem, checkpoint_steps, newest_loadable_checkpoint
 
 RAW = REPO_ROOT / "data" / "sample" / "ultrachat_raw" / "ultrachat_raw.jsonl"
@@ -77,6 +78,52 @@ def test_the_data_cache_is_keyed_by_the_source_itself(tmp_path, capsys, private_
     third = prepared_dataset(str(a), tokenizer)
     assert third != first and json.loads((third / "report.json").read_text())["input_rows"] == 13
     assert "(it changed since it was last prepared)" in capsys.readouterr().out
+
+
+def test_a_runs_folder_that_is_a_file_is_named_by_its_variable(tmp_path):
+    a_file = tmp_path / "runs"
+    a_file.write_text("keep me")
+    result = subprocess.run(
+        [sys.executable, "-m", "utils.sft", *smoke_argv(tmp_path / "o")],
+        cwd=REPO_ROOT,
+        env={**os.environ, "MISTRAL_SFT_RUNS": str(a_file)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"error: MISTRAL_SFT_RUNS={a_file} cannot hold the prepared data: {a_file} is a file, not a folder; "
+        "set MISTRAL_SFT_RUNS to a folder\n"
+    )
+    assert a_file.read_text() == "keep me" and not (tmp_path / "o").exists()
+
+
+def test_a_prepared_folder_copied_without_its_marker_says_what_is_missing(tmp_path, tokenizer, capsys):
+    from utils.data.output import MARKER, is_current
+    from utils.data.prepared import prepared_dataset
+    from utils.hardware import SMOKE
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared_dataset(SMOKE.dataset, tokenizer), copy, ignore=shutil.ignore_patterns(".*"))
+    with pytest.raises(ConfigError) as error:
+        prepared_dataset(str(copy), tokenizer)
+    assert str(error.value) == (
+        f"{copy} holds notebook 01's output in today's format, without {MARKER}; copy it again with its hidden files "
+        "(cp -a), or prepare it again into a new folder with notebook 01"
+    )
+    report = json.loads((copy / "report.json").read_text())
+    (copy / "report.json").write_text(json.dumps({**report, "format": 2}))  # an earlier release's is dated so
+    with pytest.raises(ConfigError, match=r"copy was prepared by an earlier release of this collection; prepare it"):
+        prepared_dataset(str(copy), tokenizer)
+    (copy / "report.json").write_text(json.dumps(report))
+    (copy / MARKER).write_text("")  # this tool's folder, a file of it lost: prepared again from its source
+    (copy / "test" / "state.json").unlink()
+    capsys.readouterr()
+    assert prepared_dataset(str(copy), tokenizer) == copy and is_current(copy)
+    assert capsys.readouterr().out.startswith(
+        f"{copy} holds notebook 01's output in today's format, without test/state.json; preparing it again from "
+    )
 
 
 def test_a_checkpoint_with_garbage_tensors_is_skipped_by_name(finished, tmp_path, capsys):

@@ -206,14 +206,19 @@ SHAPES: dict[str, GpuShape] = {
 }
 
 
+MAX_GPUS = 1024  # the most GPUs a plan is made for (the card trained on 16)
+
+
 def shape(name: str) -> GpuShape:
-    """The shape called ``name`` (case-insensitive), or ``N x`` one of them (``16xa100-80gb``: the card's 16 GPUs);
-    ValueError naming the known ones otherwise."""
+    """The shape called ``name`` (case-insensitive), or ``N x`` one of them (``16xa100-80gb``: the card's 16 GPUs,
+    N from 1 to ``MAX_GPUS``); ValueError naming the known ones otherwise."""
     key = name.lower()
     if key in SHAPES:
         return SHAPES[key]
     count, _, single = key.partition("x")
-    if count.isdigit() and int(count) >= 1 and single in SHAPES:
+    if count.isascii() and count.isdigit() and single in SHAPES:
+        if not 1 <= int(count) <= MAX_GPUS:
+            raise ValueError(f"GPU {name!r}: the count must be 1 to {MAX_GPUS}")
         return replace(SHAPES[single], count=int(count))
     raise ValueError(f"unknown GPU {name!r}; choose one of: {', '.join(SHAPES)} (or NxGPU, e.g. 8xh100)")
 
@@ -440,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         hardware = None
-        if args.gpu:
+        if args.gpu is not None:
             hardware = shape(args.gpu).hardware()
         profile = choose_profile(args.profile, hardware)
     except (ValueError, RuntimeError) as exc:

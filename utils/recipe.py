@@ -454,6 +454,7 @@ def check_dataset(settings: Settings) -> None:
     split to evaluate on."""
     import json
 
+    from utils.data.prepared import check_cache
     from utils.data.sources import SourceError, local_path, open_source
 
     v = settings.values
@@ -480,6 +481,7 @@ def check_dataset(settings: Settings) -> None:
             f"dataset {name}: {exc}. Run notebook 01 or `python -m utils.prepare_data --out data/processed/ultrachat` "
             "first"
         ) from None
+    check_cache()  # where its prepared copy will go
 
 
 def evaluation_off(settings: Settings, why: str) -> None:

@@ -172,6 +172,8 @@ def _own_flags(argv: list[str]) -> tuple[dict[str, str | bool], list[str]]:
             elif i + 1 < len(argv):
                 flags[name], i = argv[i + 1], i + 2
             else:
+                flags[name], i = "", i + 1
+            if flags[name] == "":
                 raise ConfigError(f"{name} needs a value")
         else:
             rest.append(argv[i])

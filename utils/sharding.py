@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from utils import ConfigError, say
+
 
 def shard(model) -> None:
     """FSDP2: each decoder layer, then the whole model, split across the ranks (what accelerate's FSDP plugin does
@@ -36,16 +38,25 @@ def prepared_sample() -> str:
     return str(prepared_dataset(SMOKE.dataset, load_tokenizer(None)))
 
 
-def batches(folder: str, rank: int, world: int, length: int = 128, rows: int = 2):
-    """This rank's rows of the prepared data, cut or padded to ``length`` tokens: each rank its own share."""
+ROWS = 2  # rows per batch on each rank
+
+
+def batches(folder: str, rank: int, world: int, length: int = 128) -> list:
+    """This rank's batches of the prepared data, cut or padded to ``length`` tokens: each rank its own share, and
+    every share as long (the rows left over are left out): a rank that stepped once more would wait in FSDP's
+    all-gather while the others gather the weights for saving, and gloo would abort them all. ConfigError when there
+    are too few rows for one batch a rank."""
     import datasets
     import torch
 
     ids = datasets.load_from_disk(folder)["train"]["input_ids"]
-    mine = ids[rank::world]
-    for start in range(0, len(mine) - rows + 1, rows):
-        chunk = [row[:length] + [0] * (length - len(row[:length])) for row in mine[start : start + rows]]
-        yield torch.tensor(chunk)
+    if len(ids) < ROWS * world:
+        raise ConfigError(
+            f"the prepared sample has {len(ids)} training rows: too few for {world} ranks of {ROWS} rows each "
+            f"(--nproc_per_node {len(ids) // ROWS} at most)"
+        )
+    mine = [row[:length] + [0] * (length - len(row[:length])) for row in ids[rank::world][: len(ids) // world]]
+    return [torch.tensor(mine[start : start + ROWS]) for start in range(0, len(mine) - ROWS + 1, ROWS)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,22 +82,29 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, folder = ensure_tiny_model(), prepared_sample()
     if rank == 0:
         dist.barrier()
+    try:
+        data = batches(folder, rank, world)
+    except ConfigError as exc:  # the same on every rank: rank 0 says it
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     total = sum(p.numel() for p in model.parameters())
     shard(model)
     held = sum(p.to_local().numel() for p in model.parameters())
-    print(f"[rank {rank}/{world}] holds {held:,} of {total:,} parameters ({100 * held / total:.0f}%)", flush=True)
+    say(f"[rank {rank}/{world}] holds {held:,} of {total:,} parameters ({100 * held / total:.0f}%)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for step, ids in zip(range(1, args.steps + 1), batches(folder, rank, world), strict=False):
+    for step, ids in zip(range(1, args.steps + 1), data, strict=False):
         labels = ids.masked_fill(ids == 0, -100)  # no loss on the padding
         loss = model(input_ids=ids, labels=labels).loss  # each rank: its own rows; FSDP gathers each layer in turn
         loss.backward()  # gradients reduce-scattered: each rank keeps its half
         optimizer.step()
         optimizer.zero_grad()
-        print(f"[rank {rank}/{world}] step {step} its own loss {loss.item():.4f}", flush=True)
+        say(f"[rank {rank}/{world}] step {step} its own loss {loss.item():.4f}")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        print(f"gathered on rank 0 for saving: {sum(t.numel() for t in full.values()):,} parameters", flush=True)
+        say(f"gathered on rank 0 for saving: {sum(t.numel() for t in full.values()):,} parameters")
     dist.barrier()  # no rank closes its connections while the other still reads from them (gloo aborts then)
     dist.destroy_process_group()
     return 0

@@ -51,15 +51,19 @@ def is_own_output(folder: Path) -> bool:
 
 def is_whole(folder: Path) -> bool:
     """True for this tool's output with every file it wrote: the marker, the report, and every split's data."""
+    return not Path(folder).is_symlink() and not missing_files(folder)
+
+
+def missing_files(folder: Path) -> list[str]:
+    """The files of this tool's output that ``folder`` lacks: the marker, the report, ``dataset_dict.json`` (or one
+    that names no splits), and the files of each split it names."""
     folder = Path(folder)
-    if not is_own_output(folder) or not (folder / "report.json").is_file():
-        return False
     try:
         splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        files = [f"{split}/{name}" for split in splits for name in ("state.json", "dataset_info.json", SHARD)]
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    names = ("state.json", "dataset_info.json", SHARD)
-    return all((folder / split / name).is_file() for split in splits for name in names)
+        files = ["dataset_dict.json"]
+    return [name for name in (MARKER, "report.json", *files) if not (folder / name).is_file()]
 
 
 def is_current(folder: Path) -> bool:
@@ -82,6 +86,7 @@ def check_output(out_dir: str | Path, source: str | None = None) -> Path:
     ancestor = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists() or p.is_symlink())
     if ancestor != out.absolute() and not ancestor.is_dir():
         raise OutputError(f"--out {out} cannot be created: {ancestor} is a file, not a folder")
+    check_unlocked(out)  # before recover: another run's swap is no killed run's
     recover(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; name a folder (it is created, or replaced if this tool wrote it)")
@@ -95,6 +100,41 @@ def check_output(out_dir: str | Path, source: str | None = None) -> Path:
     if not os.access(ancestor, os.W_OK) or (out.is_dir() and not os.access(out.parent, os.W_OK)):
         raise OutputError(f"cannot write to {out}: {ancestor} is not writable")
     return out
+
+
+# --- one run at a time on one output --------------------------------------------------------------------------------
+def _lock(out: Path) -> Path:
+    """The lock file of ``out`` (beside it), which holds the process id of the run writing it."""
+    return out.with_name(f".{out.name}.lock")
+
+
+def check_unlocked(out: Path) -> None:
+    """OutputError when another run still alive holds ``out``'s lock (a dead run's lock does not count)."""
+    try:
+        pid = int(_lock(out).read_text())
+    except (OSError, ValueError):
+        return
+    if pid != os.getpid() and _alive(pid):
+        raise OutputError(
+            f"--out {out} is being written by another run (process {pid}); wait for it to end, or choose another folder"
+        )
+
+
+def take_lock(out: Path) -> Path:
+    """Create ``out``'s lock (OutputError when a run alive holds it; a dead run's lock is taken over)."""
+    lock = _lock(out)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            check_unlocked(out)
+            lock.unlink(missing_ok=True)  # a killed run's
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return lock
+    check_unlocked(out)
+    raise OutputError(f"--out {out}: could not take its lock {lock}")
 
 
 # --- what a killed run leaves --------------------------------------------------------------------------------------
@@ -153,7 +193,12 @@ class OutputWriter:
     def __init__(self, out: Path):
         out.parent.mkdir(parents=True, exist_ok=True)
         self.out = out
-        self.tmp = temporary_folder(out.parent, f".{out.name}.tmp-{os.getpid()}-")
+        self.lock = take_lock(out)  # released by commit and discard
+        try:
+            self.tmp = temporary_folder(out.parent, f".{out.name}.tmp-{os.getpid()}-")
+        except BaseException:
+            self.lock.unlink()
+            raise
         self.writers: dict = {}
         self.features = features()
 
@@ -200,6 +245,7 @@ class OutputWriter:
         self.tmp.rename(self.out)
         if old is not None:
             remove_output(old)
+        self.lock.unlink(missing_ok=True)
 
     def discard(self) -> None:
         """Close the files and remove the temporary folder: ``out`` is left as it was."""
@@ -207,3 +253,4 @@ class OutputWriter:
             with contextlib.suppress(Exception):  # closing what an error left half-written
                 writer.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self.lock.unlink(missing_ok=True)

@@ -65,6 +65,9 @@ class Options:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise OptionError(name, f"must be positive, got {value}")
+        if self.min_tokens and self.max_tokens and self.max_tokens < self.min_tokens:  # no dialogue could be kept
+            minimum = f"the minimum token count ({self.min_tokens})"
+            raise OptionError("max_tokens", f"must be at least {minimum}, got {self.max_tokens}")
         if not 0 <= self.test_fraction < 1:
             raise OptionError("test_fraction", f"must be in [0, 1), got {self.test_fraction}")
         if self.tokenization not in TOKENIZATIONS:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from utils import RUNS_DIR, ConfigError, say
@@ -30,6 +31,7 @@ def prepared_dataset(source: str, tokenizer, revision: str | None = None) -> Pat
     out = DATA_CACHE / f"{Path(source.rstrip('/')).name.replace('/', '__')}-{key[:12]}"
     if is_current(out):
         return out
+    check_cache()
     earlier = sorted(DATA_CACHE.glob(f"{out.name[:-13]}-*")) if DATA_CACHE.is_dir() else []
     changed = " (it changed since it was last prepared)" if earlier else ""
     say(f"Preparing {source} into {out} (notebook 01's pipeline){changed} ...")
@@ -37,12 +39,25 @@ def prepared_dataset(source: str, tokenizer, revision: str | None = None) -> Pat
     return out
 
 
+def check_cache() -> None:
+    """ConfigError when the cache cannot be made because MISTRAL_SFT_RUNS (or runs/) is, or is under, a file."""
+    blocker = next((p for p in (DATA_CACHE, *DATA_CACHE.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        runs = os.environ.get("MISTRAL_SFT_RUNS")
+        where = f"MISTRAL_SFT_RUNS={runs}" if runs else str(RUNS_DIR)
+        raise ConfigError(
+            f"{where} cannot hold the prepared data: {blocker} is a file, not a folder; "
+            "set MISTRAL_SFT_RUNS to a folder"
+        )
+
+
 def _prepared_again(folder: Path, tokenizer) -> Path:
-    """A folder notebook 01 wrote with an earlier release (another format: no card ids, say): prepared again, in
-    place, from the source its report names, with every option its report recorded; ConfigError when that cannot be
-    done (not this tool's folder, its source is gone, or its options were not all recorded: a preparation with other
-    options would change what the user chose)."""
-    from utils.data.output import is_own_output
+    """A folder notebook 01 wrote with an earlier release (another format: no card ids, say), or in today's format
+    with files missing: prepared again, in place, from the source its report names, with every option its report
+    recorded; ConfigError, saying which of the two, when that cannot be done (not this tool's folder: no marker file;
+    its source is gone; or its options were not all recorded: a preparation with others would change what the user
+    chose)."""
+    from utils.data.output import FORMAT, is_own_output, missing_files
     from utils.data.pipeline import Options, prepare_source
     from utils.data.sources import local_path
 
@@ -51,16 +66,20 @@ def _prepared_again(folder: Path, tokenizer) -> Path:
     except (OSError, ValueError):
         report = {}
     report = report if isinstance(report, dict) else {}
+    if report.get("format") == FORMAT:  # the format is today's: files are missing (a copy without hidden files)
+        why = f"holds notebook 01's output in today's format, without {', '.join(missing_files(folder))}"
+    else:
+        why = "was prepared by an earlier release of this collection"
     source, options = report.get("source"), report.get("options")
     source_path = local_path(source) if isinstance(source, str) and source else None
     again = f"prepare it again with notebook 01 (or python -m utils.prepare_data --out {folder}"
-    if not is_own_output(folder) or source_path is None or not source_path.exists():
-        raise ConfigError(f"{folder} was prepared by an earlier release of this collection; {again})")
+    if not is_own_output(folder):
+        copy = "copy it again with its hidden files (cp -a), or " if report.get("format") == FORMAT else ""
+        raise ConfigError(f"{folder} {why}; {copy}prepare it again into a new folder with notebook 01")
+    if source_path is None or not source_path.exists():
+        raise ConfigError(f"{folder} {why}; {again})")
     if not isinstance(options, dict) or set(options) - {f.name for f in dataclasses.fields(Options)}:
-        raise ConfigError(
-            f"{folder} was prepared by an earlier release of this collection, which did not record all its options; "
-            f"{again} and the options you chose)"
-        )
-    say(f"{folder} was prepared by an earlier release; preparing it again from {source} with its options ...")
+        raise ConfigError(f"{folder} {why}, which did not record all its options; {again} and the options you chose)")
+    say(f"{folder} {why}; preparing it again from {source} with its options ...")
     prepare_source(source, folder, tokenizer, **options)
     return folder
