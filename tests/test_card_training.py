@@ -122,3 +122,21 @@ def test_card_packing_stops_where_the_cards_data_ends(tokenizer, tmp_path):
     logged = [h for h in state["log_history"] if "loss" in h]
     assert logged[-1]["epoch"] == pytest.approx(count.epoch, abs=1e-3)
     assert logged[-1]["learning_rate"] > 0  # stopped before the cosine planned over all steps reached 0
+
+
+def test_card_schedule_plans_the_steps_of_transformers_4_35(tmp_path):
+    """Without the card's packing, ``--card_schedule`` plans what Trainer._inner_training_loop of 4.35 planned from
+    the dataset's length (trainer.py 1580-1597): len(dataloader) // accumulation, at least 1, per epoch. The
+    dataloader counts batches per process (ceil(ceil(dialogues / batch) / processes) under accelerate's dispatcher),
+    so that is not ceil(dialogues / global batch) when batches do not fill the accumulation."""
+    from utils.training import callbacks, card_schedule_steps
+
+    argv = ["--config", "configs/sft_qlora.yaml", "--profile", "smoke", "--card_schedule", "true"]
+    argv += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path)]
+    args = resolve(argv, SMOKE).build()
+    assert args.training.packing_strategy != "card"
+    callbacks(args, 100, 100)
+    assert args.training.max_steps == 12  # 25 batches // 2 (ceil(100 / 8) would be 13)
+    assert card_schedule_steps(207_865, 8, 4, processes=16) == 406  # the card's shape: 1,624 // 4
+    assert card_schedule_steps(207_865, 8, 3, processes=16) == 541  # 1,624 // 3 (ceil(207,865 / 384) = 542)
+    assert card_schedule_steps(5, 8, 4) == 1  # one batch, fewer than the accumulation: still one step

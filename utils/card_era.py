@@ -265,7 +265,7 @@ def handbook_order(num_rows: int, seed: int = 42) -> np.ndarray:
 class RunCount:
     """What the Trainer of transformers 4.34/4.35 does with a ConstantLengthDataset under accelerate's dispatcher."""
 
-    planned_steps: int  # max_steps: len(dataloader) // accumulation, len from the dataset's __len__ (= dialogues)
+    planned_steps: int  # max_steps: max(len(dataloader) // accumulation, 1) (4.35 trainer.py 1580-1597), one epoch
     dataloader_len: int  # len(dataloader) per process: ceil(ceil(dialogues / batch) / processes)
     micro_batches: int  # batches each process gets: ceil(chunks / (batch * processes)), the last one partial
     optimizer_steps: int  # where training stopped
