@@ -140,3 +140,24 @@ def test_card_schedule_plans_the_steps_of_transformers_4_35(tmp_path):
     assert card_schedule_steps(207_865, 8, 4, processes=16) == 406  # the card's shape: 1,624 // 4
     assert card_schedule_steps(207_865, 8, 3, processes=16) == 541  # 1,624 // 3 (ceil(207,865 / 384) = 542)
     assert card_schedule_steps(5, 8, 4) == 1  # one batch, fewer than the accumulation: still one step
+
+
+def test_card_packing_shuffles_the_eval_split_as_the_handbook_did(tokenizer):
+    """a0b8d49's mix_datasets shuffled the test split with seed 42 as it did the train split (src/alignment/data.py
+    160-164, shuffle=True by default from run_sft.py's get_datasets call): both are packed in that order."""
+    from utils.card_era import pack_constant_length, text_length
+    from utils.data.prepared import prepared_dataset
+    from utils.data.template import with_system_turn
+    from utils.training import pack_like_the_card
+
+    folder = prepared_dataset(SMOKE.dataset, tokenizer)
+    data = {split: datasets.load_from_disk(str(folder))[name] for split, name in (("train", "train"), ("test", "test"))}
+    packed = pack_like_the_card(data, folder, 64, 42)
+    for split, rows in data.items():
+
+        def pack(rows):
+            chars = [text_length(with_system_turn(m)) for m in rows["messages"]]
+            return pack_constant_length(rows["input_ids"], chars, seed=42, seq_length=64).input_ids.tolist()
+
+        assert packed[split]["input_ids"] == pack(rows.shuffle(seed=42))  # datasets' own shuffle
+        assert packed[split]["input_ids"] != pack(rows)

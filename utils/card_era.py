@@ -255,8 +255,9 @@ def count_constant_length(
 
 
 def handbook_order(num_rows: int, seed: int = 42) -> np.ndarray:
-    """The row order the handbook trained in: ``mix_datasets`` shuffles the train split with
-    ``Dataset.shuffle(seed=42)``, i.e. ``np.random.default_rng(42).permutation(num_rows)``."""
+    """The row order the handbook packed each split in: ``mix_datasets`` (a0b8d49 ``src/alignment/data.py``
+    155-164) shuffles the train split and the test split with ``Dataset.shuffle(seed=42)``, i.e.
+    ``np.random.default_rng(42).permutation(num_rows)``."""
     return np.random.default_rng(seed).permutation(num_rows)
 
 

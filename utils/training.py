@@ -136,10 +136,11 @@ def card_packing(args: Args) -> bool:
 
 
 def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int) -> dict:
-    """The prepared splits packed by TRL 0.7.x's ``ConstantLengthDataset`` (``utils.card_era``): the training rows
-    in the handbook's order (shuffled with seed 42), each buffer of text joined with EOS, cut into ``seq_length``
-    chunks that start mid-dialogue (the remainder dropped), the chunks shuffled; labels on every token, attention
-    across the dialogues of a chunk. A split too small for one chunk is left out."""
+    """The prepared splits packed by TRL 0.7.x's ``ConstantLengthDataset`` (``utils.card_era``): each split's rows
+    in the handbook's order (train and test both shuffled with seed 42 by a0b8d49's ``mix_datasets``), each buffer
+    of text joined with EOS, cut into ``seq_length`` chunks that start mid-dialogue (the remainder dropped), the
+    chunks shuffled; labels on every token, attention across the dialogues of a chunk. A split too small for one
+    chunk is left out."""
     import datasets
 
     from utils.card_era import handbook_order, pack_constant_length, text_length
@@ -148,7 +149,7 @@ def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int) -> 
     system_turn = json.loads((folder / "report.json").read_text()).get("system_turn", True)
     packed = {}
     for split, rows in data.items():
-        order = handbook_order(rows.num_rows) if split == "train" else np.arange(rows.num_rows)
+        order = handbook_order(rows.num_rows)
         chars = np.fromiter(
             (
                 text_length(with_system_turn(m) if system_turn else m)
