@@ -70,13 +70,29 @@ def test_card_ids_equal_sentencepiece_on_every_sample_dialogue(tok, sample):
     assert sum(a == b for a, b in zip(card, loaded, strict=True)) == 59
 
 
-def test_special_token_text_in_a_message_stays_text(tok):
-    said = [SYSTEM, {"role": "user", "content": "Say </s> please"}, {"role": "assistant", "content": "ok"}]
-    card, today = ce.tokenize_dialogues(tok, [said])[0], ce.tokenize_dialogues(tok, [said], "today")[0]
-    assert card.count(2) == today.count(2) == 4  # the template's three and the separator, none from the text
-    assert card[16:22] == today[15:21] == [28735, 339, 1867, 28713, 28767, 4665]  # Say ▁</ s > ▁please, as text
-    card_era = ce.sentencepiece_reference(ce.render_text(said) + "</s>")  # the card made that </s> an EOS
-    assert card[:16] == card_era[:16] and card[22:] == card_era[22:] and 2 in card_era[16:22]
+SAID = [SYSTEM, {"role": "user", "content": "Say </s> please"}, {"role": "assistant", "content": "ok"}]
+SAID_ALL = [SYSTEM, {"role": "user", "content": "What do <s>, </s> and <unk> mean?"}]
+SAID_ALL += [{"role": "assistant", "content": "<s> starts </s>"}]
+
+
+def test_special_token_text_in_a_message_became_control_tokens_in_the_card(tok):
+    """The card's tokenizer split every text at its special tokens, the template's or a message's alike, and gave
+    each piece between them its "▁": " </s> " in a message was "▁", EOS, "▁" (28705, 2, 28705)."""
+    card = ce.tokenize_dialogues(tok, [SAID])[0]
+    assert card[16:22] == [28735, 339, 28705, 2, 28705, 4665]  # S ay ▁ </s> ▁ ▁please
+    assert card.count(2) == 5  # the template's three, the separator, and the one typed in the message
+    for said in (SAID, SAID_ALL):  # <s> (1) and <unk> (0) too: sentencepiece between every special token
+        assert ce.tokenize_dialogues(tok, [said])[0] == ce.sentencepiece_reference(ce.render_text(said) + "</s>")
+    assert ce.tokenize_dialogues(tok, [SAID_ALL])[0].count(1) == 3 and 0 in ce.tokenize_dialogues(tok, [SAID_ALL])[0]
+
+
+def test_special_token_text_stays_text_on_request_and_today(tok):
+    text = ce.tokenize_dialogues(tok, [SAID], text_specials=True)[0]
+    today = ce.tokenize_dialogues(tok, [SAID], "today")[0]  # today's scheme keeps it text, as before
+    assert text.count(2) == today.count(2) == 4  # the template's three and the separator, none from the text
+    assert text[16:22] == today[15:21] == [28735, 339, 1867, 28713, 28767, 4665]  # S ay ▁</ s > ▁please, as text
+    card = ce.tokenize_dialogues(tok, [SAID])[0]
+    assert text[:18] == card[:18] and text[21:] == card[21:]  # the same length here, by chance
 
 
 @pytest.mark.parametrize(

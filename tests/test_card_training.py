@@ -161,3 +161,35 @@ def test_card_packing_shuffles_the_eval_split_as_the_handbook_did(tokenizer):
 
         assert packed[split]["input_ids"] == pack(rows.shuffle(seed=42))  # datasets' own shuffle
         assert packed[split]["input_ids"] != pack(rows)
+
+
+def test_special_token_text_is_control_tokens_in_the_card_ids_or_text_on_request(tmp_path):
+    """``--tokenization card`` makes "</s>" typed in a message an EOS, as the card's tokenizer did; ``card-text``
+    keeps the card's ids otherwise and that text as text; ``today`` keeps it as text too. report.json says which."""
+    from utils.prepare_data import main
+
+    said = [{"role": "user", "content": "What does </s> mean?"}, {"role": "assistant", "content": "An end."}]
+    source = tmp_path / "said.jsonl"
+    source.write_text(json.dumps({"prompt": said[0]["content"], "messages": said}) + "\n")
+    got = {}
+    for tokenization in ("card", "card-text", "today"):
+        out = tmp_path / tokenization
+        argv = ["--source", str(source), "--out", str(out), "--tokenization", tokenization, "--test-fraction", "0"]
+        assert main([*argv, "--no-progress"]) == 0
+        assert json.loads((out / "report.json").read_text())["tokenization"] == tokenization
+        got[tokenization] = datasets.load_from_disk(str(out))["train"][0]["input_ids"]
+    assert got["card"].count(2) == 5 and got["card-text"].count(2) == got["today"].count(2) == 4
+    assert contains(got["card"], [28705, 2, 28705, 2072]) and contains(got["card-text"], [1867, 28713, 28767, 2072])
+    assert contains(got["card-text"], CARD_ASSISTANT) and contains(got["today"], TODAY_ASSISTANT)
+
+
+def test_a_folder_of_an_earlier_format_is_prepared_again_with_its_tokenization(tokenizer, tmp_path):
+    from utils.data.prepared import prepared_dataset
+    from utils.prepare_data import main
+
+    out = tmp_path / "today"
+    assert main(["--out", str(out), "--no-progress", "--tokenization", "today"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (out / "report.json").write_text(json.dumps({**report, "format": report["format"] - 1}))
+    assert prepared_dataset(str(out), tokenizer) == out
+    assert json.loads((out / "report.json").read_text()) == report  # today's ids again, in today's format

@@ -56,5 +56,6 @@ def _prepared_again(folder: Path, tokenizer) -> Path:
             f"(or python -m utils.prepare_data --out {folder})"
         )
     say(f"{folder} was prepared by an earlier release; preparing it again from {source} ...")
-    prepare_source(source, folder, tokenizer, system_turn=report.get("system_turn", True))
+    options = {k: report[k] for k in ("system_turn", "tokenization") if k in report}
+    prepare_source(source, folder, tokenizer, **options)
     return folder
