@@ -68,7 +68,7 @@ def _sentencepiece(model_file: str):
 
 
 @lru_cache(maxsize=2)
-def _sentencepiece_merges(model_file: str) -> tuple[dict[str, int], list[list[str]]]:
+def sentencepiece_merges(model_file: str) -> tuple[dict[str, int], list[list[str]]]:
     """The model's vocabulary and its merges in the card's order (scores of <unk>, <s>, </s> taken as 0, as then)."""
     sp = _sentencepiece(model_file)
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
@@ -103,7 +103,7 @@ def era_backend(tokenizer, scheme: str = "card", text_specials: bool = False, fi
             added["normalized"] = False  # split at special tokens before normalising, as the 2023 file did
         if scheme == "card":
             state["normalizer"], state["pre_tokenizer"] = CARD_NORMALIZER, None
-            vocab, merges = _sentencepiece_merges(_model_file())
+            vocab, merges = sentencepiece_merges(_model_file())
             if state["model"].get("type") == "BPE" and state["model"]["vocab"] == vocab:
                 state["model"]["merges"] = merges
         else:
