@@ -50,10 +50,19 @@ def test_empty_system_turn_prefix_and_bos(tok):
     assert card == tok(ce.render_text(HI) + "</s>")["input_ids"]
 
 
-def test_runs_of_spaces_split_as_sentencepiece_did(tok):
-    card, today = ce.era_backend(tok, "card"), ce.era_backend(tok, "today")
+def test_runs_of_spaces_split_as_sentencepiece_did(tok, tmp_path):
+    import shutil
+
+    from transformers import LlamaTokenizer
+
+    from utils.assets import sentencepiece_file
+
+    shutil.copy(sentencepiece_file(), tmp_path / "tokenizer.model")
+    by_id = LlamaTokenizer.from_pretrained(tmp_path, legacy=True)  # transformers 5.x's own conversion: merges by id
+    assert ce.era_backend(by_id, "today").encode("a  b", add_special_tokens=False).ids == [264, 259, 28726]  # ▁a ▁▁ b
+    card, today = ce.era_backend(by_id, "card"), ce.era_backend(tok, "today")  # the embedded one's merges are by score
     assert card.encode("a  b", add_special_tokens=False).ids == [264, 28705, 287]  # ▁a ▁ ▁b
-    assert today.encode("a  b", add_special_tokens=False).ids == [264, 259, 28726]  # ▁a ▁▁ b: merges in id order
+    assert today.encode("a  b", add_special_tokens=False).ids == [264, 28705, 287]
     assert card.encode("    if x:", add_special_tokens=False).ids == [260, 513, 1318, 28747]
     assert json.loads(card.to_str())["model"]["merges"][:3] == [["▁", "t"], ["i", "n"], ["e", "r"]]  # by score
 
@@ -65,18 +74,46 @@ def test_card_ids_equal_sentencepiece_on_every_sample_dialogue(tok, sample):
     assert sum(a == b for a, b in zip(card, reference, strict=True)) == 61
     today = ce.tokenize_dialogues(tok, sample, "today")
     assert sum(a == b for a, b in zip(card, today, strict=True)) == 0
-    # the legacy tokenizer as loaded agrees except where runs of spaces merge in id order (2 dialogues with code)
-    loaded = [tok(ce.render_text(m) + "</s>")["input_ids"] for m in sample]
-    assert sum(a == b for a, b in zip(card, loaded, strict=True)) == 59
 
 
-def test_special_token_text_in_a_message_stays_text(tok):
-    said = [SYSTEM, {"role": "user", "content": "Say </s> please"}, {"role": "assistant", "content": "ok"}]
-    card, today = ce.tokenize_dialogues(tok, [said])[0], ce.tokenize_dialogues(tok, [said], "today")[0]
-    assert card.count(2) == today.count(2) == 4  # the template's three and the separator, none from the text
-    assert card[16:22] == today[15:21] == [28735, 339, 1867, 28713, 28767, 4665]  # Say ▁</ s > ▁please, as text
-    card_era = ce.sentencepiece_reference(ce.render_text(said) + "</s>")  # the card made that </s> an EOS
-    assert card[:16] == card_era[:16] and card[22:] == card_era[22:] and 2 in card_era[16:22]
+SAID = [SYSTEM, {"role": "user", "content": "Say </s> please"}, {"role": "assistant", "content": "ok"}]
+SAID_ALL = [SYSTEM, {"role": "user", "content": "What do <s>, </s> and <unk> mean?"}]
+SAID_ALL += [{"role": "assistant", "content": "<s> starts </s>"}]
+
+
+def test_special_token_text_in_a_message_became_control_tokens_in_the_card(tok):
+    """The card's tokenizer split every text at its special tokens, the template's or a message's alike, and gave
+    each piece between them its "▁": " </s> " in a message was "▁", EOS, "▁" (28705, 2, 28705)."""
+    card = ce.tokenize_dialogues(tok, [SAID])[0]
+    assert card[16:22] == [28735, 339, 28705, 2, 28705, 4665]  # S ay ▁ </s> ▁ ▁please
+    assert card.count(2) == 5  # the template's three, the separator, and the one typed in the message
+    for said in (SAID, SAID_ALL):  # <s> (1) and <unk> (0) too: sentencepiece between every special token
+        assert ce.tokenize_dialogues(tok, [said])[0] == ce.sentencepiece_reference(ce.render_text(said) + "</s>")
+    assert ce.tokenize_dialogues(tok, [SAID_ALL])[0].count(1) == 3 and 0 in ce.tokenize_dialogues(tok, [SAID_ALL])[0]
+
+
+def test_the_embedded_tokenizer_called_on_text_gives_the_card_ids(tok):
+    """Built legacy (the "▁" after </s>) with its merges in sentencepiece-score order, as the Hub's tokenizer.json of
+    2023 (transformers 5.x's own conversion of tokenizer.model orders them by id: "a  b" was ▁a ▁▁ b)."""
+    rows = [m for path in sorted(SAMPLE_DIR.glob("*/*.jsonl")) for m in ce.read_rows(path)]
+    rows = [m if m[0]["role"] == "system" else [SYSTEM, *m] for m in rows]
+    loaded = [tok(ce.render_text(m) + "</s>")["input_ids"] for m in rows]
+    assert sum(a == b for a, b in zip(ce.tokenize_dialogues(tok, rows), loaded, strict=True)) == len(rows) == 589
+    assert tok("a  b")["input_ids"] == [1, 264, 28705, 287]  # ▁a ▁ ▁b, as sentencepiece
+    # Not equal: a piece that starts with a space gets no second "▁" (today's Metaspace, not 2023's Prepend): text
+    # that starts with spaces, or follows special-token text typed in a message
+    assert tok("    if x:")["input_ids"] == [1, 2287, 513, 1318, 28747] != ce.sentencepiece_reference("    if x:")
+    card = ce.tokenize_dialogues(tok, [SAID])[0]
+    assert tok(ce.render_text(SAID) + "</s>")["input_ids"] == card[:20] + card[21:]  # ▁ </s> ▁please
+
+
+def test_special_token_text_stays_text_on_request_and_today(tok):
+    text = ce.tokenize_dialogues(tok, [SAID], text_specials=True)[0]
+    today = ce.tokenize_dialogues(tok, [SAID], "today")[0]  # today's scheme keeps it text, as before
+    assert text.count(2) == today.count(2) == 4  # the template's three and the separator, none from the text
+    assert text[16:22] == today[15:21] == [28735, 339, 1867, 28713, 28767, 4665]  # S ay ▁</ s > ▁please, as text
+    card = ce.tokenize_dialogues(tok, [SAID])[0]
+    assert text[:18] == card[:18] and text[21:] == card[21:]  # the same length here, by chance
 
 
 @pytest.mark.parametrize(

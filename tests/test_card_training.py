@@ -122,3 +122,74 @@ def test_card_packing_stops_where_the_cards_data_ends(tokenizer, tmp_path):
     logged = [h for h in state["log_history"] if "loss" in h]
     assert logged[-1]["epoch"] == pytest.approx(count.epoch, abs=1e-3)
     assert logged[-1]["learning_rate"] > 0  # stopped before the cosine planned over all steps reached 0
+
+
+def test_card_schedule_plans_the_steps_of_transformers_4_35(tmp_path):
+    """Without the card's packing, ``--card_schedule`` plans what Trainer._inner_training_loop of 4.35 planned from
+    the dataset's length (trainer.py 1580-1597): len(dataloader) // accumulation, at least 1, per epoch. The
+    dataloader counts batches per process (ceil(ceil(dialogues / batch) / processes) under accelerate's dispatcher),
+    so that is not ceil(dialogues / global batch) when batches do not fill the accumulation."""
+    from utils.training import callbacks, card_schedule_steps
+
+    argv = ["--config", "configs/sft_qlora.yaml", "--profile", "smoke", "--card_schedule", "true"]
+    argv += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path)]
+    args = resolve(argv, SMOKE).build()
+    assert args.training.packing_strategy != "card"
+    callbacks(args, 100, 100)
+    assert args.training.max_steps == 12  # 25 batches // 2 (ceil(100 / 8) would be 13)
+    assert card_schedule_steps(207_865, 8, 4, processes=16) == 406  # the card's shape: 1,624 // 4
+    assert card_schedule_steps(207_865, 8, 3, processes=16) == 541  # 1,624 // 3 (ceil(207,865 / 384) = 542)
+    assert card_schedule_steps(5, 8, 4) == 1  # one batch, fewer than the accumulation: still one step
+
+
+def test_card_packing_shuffles_the_eval_split_as_the_handbook_did(tokenizer):
+    """a0b8d49's mix_datasets shuffled the test split with seed 42 as it did the train split (src/alignment/data.py
+    160-164, shuffle=True by default from run_sft.py's get_datasets call): both are packed in that order."""
+    from utils.card_era import pack_constant_length, text_length
+    from utils.data.prepared import prepared_dataset
+    from utils.data.template import with_system_turn
+    from utils.training import pack_like_the_card
+
+    folder = prepared_dataset(SMOKE.dataset, tokenizer)
+    data = {split: datasets.load_from_disk(str(folder))[name] for split, name in (("train", "train"), ("test", "test"))}
+    packed = pack_like_the_card(data, folder, 64, 42)
+    for split, rows in data.items():
+
+        def pack(rows):
+            chars = [text_length(with_system_turn(m)) for m in rows["messages"]]
+            return pack_constant_length(rows["input_ids"], chars, seed=42, seq_length=64).input_ids.tolist()
+
+        assert packed[split]["input_ids"] == pack(rows.shuffle(seed=42))  # datasets' own shuffle
+        assert packed[split]["input_ids"] != pack(rows)
+
+
+def test_special_token_text_is_control_tokens_in_the_card_ids_or_text_on_request(tmp_path):
+    """``--tokenization card`` makes "</s>" typed in a message an EOS, as the card's tokenizer did; ``card-text``
+    keeps the card's ids otherwise and that text as text; ``today`` keeps it as text too. report.json says which."""
+    from utils.prepare_data import main
+
+    said = [{"role": "user", "content": "What does </s> mean?"}, {"role": "assistant", "content": "An end."}]
+    source = tmp_path / "said.jsonl"
+    source.write_text(json.dumps({"prompt": said[0]["content"], "messages": said}) + "\n")
+    got = {}
+    for tokenization in ("card", "card-text", "today"):
+        out = tmp_path / tokenization
+        argv = ["--source", str(source), "--out", str(out), "--tokenization", tokenization, "--test-fraction", "0"]
+        assert main([*argv, "--no-progress"]) == 0
+        assert json.loads((out / "report.json").read_text())["tokenization"] == tokenization
+        got[tokenization] = datasets.load_from_disk(str(out))["train"][0]["input_ids"]
+    assert got["card"].count(2) == 5 and got["card-text"].count(2) == got["today"].count(2) == 4
+    assert contains(got["card"], [28705, 2, 28705, 2072]) and contains(got["card-text"], [1867, 28713, 28767, 2072])
+    assert contains(got["card-text"], CARD_ASSISTANT) and contains(got["today"], TODAY_ASSISTANT)
+
+
+def test_a_folder_of_an_earlier_format_is_prepared_again_with_its_tokenization(tokenizer, tmp_path):
+    from utils.data.prepared import prepared_dataset
+    from utils.prepare_data import main
+
+    out = tmp_path / "today"
+    assert main(["--out", str(out), "--no-progress", "--tokenization", "today"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (out / "report.json").write_text(json.dumps({**report, "format": report["format"] - 1}))
+    assert prepared_dataset(str(out), tokenizer) == out
+    assert json.loads((out / "report.json").read_text()) == report  # today's ids again, in today's format

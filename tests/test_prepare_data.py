@@ -130,25 +130,31 @@ def test_every_dialogue_starts_with_the_empty_system_turn(sample, tokenizer, tmp
     assert short["train"][0]["input_ids"] == [1, 523] + ids[11:]  # 9 tokens fewer without it
 
 
-def test_special_token_text_in_messages_stays_text(tokenizer, tmp_path):
+def test_special_token_text_in_messages_stays_text_on_request(tokenizer, tmp_path):
     row = {
         "messages": [
             {"role": "user", "content": "What do <s> and </s> mean?"},
             {"role": "assistant", "content": "They mark a start </s> and an end."},
         ]
     }
-    _, saved = prepared_to(tmp_path / "o", {"train": rows_of(row)}, tokenizer, test_fraction=0)
-    ids = saved["train"][0]["input_ids"]
-    assert ids.count(tokenizer.bos_token_id) == 1 and ids.count(tokenizer.eos_token_id) == 4  # system, 2 turns, end
-    assert "▁</" in tokenizer.convert_ids_to_tokens(ids)
+    for tokenization in ("card-text", "today"):
+        options = dict(test_fraction=0, tokenization=tokenization)
+        _, saved = prepared_to(tmp_path / tokenization, {"train": rows_of(row)}, tokenizer, **options)
+        ids = saved["train"][0]["input_ids"]
+        assert ids.count(tokenizer.bos_token_id) == 1 and ids.count(tokenizer.eos_token_id) == 4  # system, 2 turns, end
+        assert "▁</" in tokenizer.convert_ids_to_tokens(ids)
+    _, saved = prepared_to(tmp_path / "card", {"train": rows_of(row)}, tokenizer, test_fraction=0)
+    ids = saved["train"][0]["input_ids"]  # the card's: that text became control tokens, as the 2023 tokenizer made it
+    assert ids.count(tokenizer.bos_token_id) == 2 and ids.count(tokenizer.eos_token_id) == 6
     plain = [
         {"role": "user", "content": "What do they mean?"},
         {"role": "assistant", "content": "They mark a start and an end."},
     ]
-    for tokenization in ("card", "today"):  # the usual ids on plain text
+    for tokenization in ("card-text", "today"):  # the usual ids on plain text
         (whole,) = tokenize_dialogues(tokenizer, [plain], tokenization=tokenization)
         (split,) = tokenize_dialogues(tokenizer, [row["messages"]], tokenization=tokenization)
         assert split[:3] == whole[:3] and split.count(tokenizer.eos_token_id) == whole.count(tokenizer.eos_token_id)
+    assert tokenize_dialogues(tokenizer, [plain], tokenization="card-text") == tokenize_dialogues(tokenizer, [plain])
     assert tokenize_dialogues(tokenizer, [with_system_turn(plain)], system_turn=False) == tokenize_dialogues(
         tokenizer, [plain]
     )

@@ -2,7 +2,10 @@
 
 The embedded defaults need no network:
 - the real Mistral-7B tokenizer (sentencepiece, 32,000 pieces, BOS 1, EOS 2) shipped inside ``mistral-common``,
-  converted once to a fast tokenizer and cached under ``runs/assets/``;
+  converted once to a fast tokenizer and cached under ``runs/assets/``: legacy, with its merges in sentencepiece-score
+  order, as the Hub's ``tokenizer.json`` of 2023, so that ``tokenizer(text)`` gives the card's ids on the Zephyr
+  template's text (every sample dialogue, a test counts them; not on a piece between special tokens that starts with
+  a space, such as text after ``</s>`` typed in a message: ``utils.card_era`` gives those);
 - a tiny ``MistralForCausalLM`` (same architecture, random weights), built once and cached there too.
 """
 
@@ -59,26 +62,36 @@ def build_embedded_tokenizer(out_dir: Path = EMBEDDED_TOKENIZER_DIR):
     Like the Hub's Mistral-7B tokenizer it adds BOS ``<s>`` (id 1) and no EOS when called on text. ``legacy=True``,
     as Mistral was trained and as the card's tokenizer worked: "▁" (28705) after every special token that text
     follows, so ``tokenizer(...)``, a ``pipeline`` and every model folder saved with it give the card's ids after
-    ``</s>`` (``utils.card_era``).
+    ``</s>`` (``utils.card_era``). Its BPE merges are put in sentencepiece-score order, as transformers 4.34/4.35
+    wrote them (5.x's conversion orders them by id, which splits runs of spaces differently: "a  b" → ▁a ▁▁ b where
+    sentencepiece gives ▁a ▁ ▁b); loading keeps the merges of ``tokenizer.json``.
     """
+    from tokenizers import Tokenizer
     from transformers import LlamaTokenizer
+
+    from utils.card_era import sentencepiece_merges
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(sentencepiece_file(), Path(tmp) / "tokenizer.model")
         tokenizer = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False, legacy=True)
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    _, state["model"]["merges"] = sentencepiece_merges(str(sentencepiece_file()))
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
     tokenizer.chat_template = chat_template()
     tokenizer.init_kwargs["legacy"] = True  # written to tokenizer_config.json: loading rebuilds the pipeline from it
+    tokenizer.init_kwargs["merges_by_score"] = True  # marks this build (an earlier one has merges by id)
     _save_atomically(out_dir, tokenizer)
     return tokenizer
 
 
 def _embedded_is_current() -> bool:
-    """The embedded tokenizer is built, with ``legacy`` true (a build of an earlier release lacks it)."""
+    """The embedded tokenizer is built, legacy and with merges by score (a build of an earlier release lacks them)."""
     try:
         config = json.loads((EMBEDDED_TOKENIZER_DIR / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
         return False
-    return (EMBEDDED_TOKENIZER_DIR / "tokenizer.json").is_file() and config.get("legacy") is True
+    current = config.get("legacy") is True and config.get("merges_by_score") is True
+    return (EMBEDDED_TOKENIZER_DIR / "tokenizer.json").is_file() and current
 
 
 def load_tokenizer(model_id: str | None = None, revision: str = "main"):
@@ -125,7 +138,7 @@ def ensure_tiny_model(out_dir: Path = TINY_MODEL_DIR, source: Path = TINY_BASE_D
     import hashlib
 
     digest = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
-    stamp = {"source": str(source.name), "model.safetensors sha256": digest, "tokenizer legacy": True}
+    stamp = {"source": str(source.name), "model.safetensors sha256": digest, "tokenizer legacy, merges by score": True}
     try:
         if json.loads((out_dir / "source.json").read_text()) == stamp and (out_dir / "tokenizer.json").is_file():
             return out_dir

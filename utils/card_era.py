@@ -8,8 +8,9 @@ code in 0.7.1 to 0.7.4) on 16 GPUs. Three things of that era differ from what to
   ``Prepend("▁")``, so ``</s>`` was followed by ``▁`` (id 28705), and its BPE merges were ordered by sentencepiece
   score. transformers 5.x drops that normaliser (``Metaspace``, ``prepend_scheme`` from the ``legacy`` flag), and
   its conversion of ``tokenizer.model`` orders merges by id, which splits runs of spaces differently.
-  ``tokenize_dialogues`` gives the card's ids (``scheme="card"``) or today's (``"today"``) from any tokenizer of
-  this vocabulary, whatever its flags; ``sentencepiece_reference`` is the library's own answer, for checks.
+  Text between special tokens means a message's too: ``</s>`` typed in a message became an EOS. ``tokenize_dialogues``
+  gives the card's ids (``scheme="card"``) or today's (``"today"``) from any tokenizer of this vocabulary, whatever
+  its flags; ``sentencepiece_reference`` is the library's own answer, for checks.
 * **Packing.** ``pack_constant_length`` is ``ConstantLengthDataset.__iter__`` on prepared rows: buffers of
   ``seq_length * chars_per_token * num_of_sequences`` characters of formatted text, each tokenized, joined with EOS,
   cut into ``seq_length`` chunks (remainder dropped) and shuffled.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -66,7 +68,7 @@ def _sentencepiece(model_file: str):
 
 
 @lru_cache(maxsize=2)
-def _sentencepiece_merges(model_file: str) -> tuple[dict[str, int], list[list[str]]]:
+def sentencepiece_merges(model_file: str) -> tuple[dict[str, int], list[list[str]]]:
     """The model's vocabulary and its merges in the card's order (scores of <unk>, <s>, </s> taken as 0, as then)."""
     sp = _sentencepiece(model_file)
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
@@ -101,7 +103,7 @@ def era_backend(tokenizer, scheme: str = "card", text_specials: bool = False, fi
             added["normalized"] = False  # split at special tokens before normalising, as the 2023 file did
         if scheme == "card":
             state["normalizer"], state["pre_tokenizer"] = CARD_NORMALIZER, None
-            vocab, merges = _sentencepiece_merges(_model_file())
+            vocab, merges = sentencepiece_merges(_model_file())
             if state["model"].get("type") == "BPE" and state["model"]["vocab"] == vocab:
                 state["model"]["merges"] = merges
         else:
@@ -119,15 +121,21 @@ def render_text(messages: Sequence[dict], eos: str = "</s>") -> str:
     return "".join(f"<|{m['role']}|>\n{m['content']}{eos}\n" for m in messages)
 
 
-def tokenize_dialogues(tokenizer, dialogues: Sequence[Sequence[dict]], scheme: str = "card") -> list[list[int]]:
+def tokenize_dialogues(
+    tokenizer, dialogues: Sequence[Sequence[dict]], scheme: str = "card", text_specials: bool | None = None
+) -> list[list[int]]:
     """BOS + the rendered dialogue + EOS for each dialogue (its messages, system turn included), in the card's ids
     or today's: the contract of ``utils.prepare_data.tokenize_dialogues``.
 
-    Only the template's markers become control tokens: a dialogue whose text contains special-token strings is
-    encoded piece by piece between the template's EOS markers, with that text as ordinary text.
+    Special-token text inside a message (``</s>``, ``<s>``, ``<unk>`` typed as text): ``card`` makes it control
+    tokens, as the card's tokenizer did with the rendered text (``" </s> "`` → 28705, 2, 28705); ``today``, or
+    ``text_specials=True``, keeps it ordinary text: only the template's markers become control tokens (a dialogue
+    holding such text is encoded piece by piece between the template's EOS markers).
     """
+    if text_specials is None:
+        text_specials = scheme != "card"
     eos = tokenizer.eos_token
-    specials = [t for t in tokenizer.all_special_tokens if t]
+    specials = [t for t in tokenizer.all_special_tokens if t] if text_specials else []
     ids: list[list[int] | None] = [None] * len(dialogues)
     plain = [i for i, d in enumerate(dialogues) if not any(t in m["content"] for m in d for t in specials)]
     texts = [render_text(dialogues[i], eos) + eos for i in plain]
@@ -155,15 +163,14 @@ def _tokenize_safely(tokenizer, messages: Sequence[dict], scheme: str) -> list[i
 
 
 def sentencepiece_reference(text: str, model_file: str | None = None, bos: int = 1, eos: int = 2) -> list[int]:
-    """What Mistral's sentencepiece model gives the legacy way: BOS, then each piece between ``</s>`` markers
-    encoded on its own (with sentencepiece's dummy-prefix ``▁``), the pieces joined by EOS."""
+    """What Mistral's sentencepiece model gives the legacy way: BOS, then each piece between the special tokens
+    ``<unk>``, ``<s>``, ``</s>`` encoded on its own (with sentencepiece's dummy-prefix ``▁``), each special token
+    as its id."""
     sp = _sentencepiece(model_file or _model_file())
-    pieces = text.split("</s>")
+    control = {"<unk>": 0, "<s>": bos, "</s>": eos}
     ids = [bos]
-    for i, piece in enumerate(pieces):
-        ids += sp.encode(piece) if piece else []
-        if i < len(pieces) - 1:
-            ids.append(eos)
+    for piece in re.split("(<unk>|<s>|</s>)", text):
+        ids += [control[piece]] if piece in control else sp.encode(piece) if piece else []
     return ids
 
 
@@ -255,8 +262,9 @@ def count_constant_length(
 
 
 def handbook_order(num_rows: int, seed: int = 42) -> np.ndarray:
-    """The row order the handbook trained in: ``mix_datasets`` shuffles the train split with
-    ``Dataset.shuffle(seed=42)``, i.e. ``np.random.default_rng(42).permutation(num_rows)``."""
+    """The row order the handbook packed each split in: ``mix_datasets`` (a0b8d49 ``src/alignment/data.py``
+    155-164) shuffles the train split and the test split with ``Dataset.shuffle(seed=42)``, i.e.
+    ``np.random.default_rng(42).permutation(num_rows)``."""
     return np.random.default_rng(seed).permutation(num_rows)
 
 
@@ -265,7 +273,7 @@ def handbook_order(num_rows: int, seed: int = 42) -> np.ndarray:
 class RunCount:
     """What the Trainer of transformers 4.34/4.35 does with a ConstantLengthDataset under accelerate's dispatcher."""
 
-    planned_steps: int  # max_steps: len(dataloader) // accumulation, len from the dataset's __len__ (= dialogues)
+    planned_steps: int  # max_steps: max(len(dataloader) // accumulation, 1) (4.35 trainer.py 1580-1597), one epoch
     dataloader_len: int  # len(dataloader) per process: ceil(ceil(dialogues / batch) / processes)
     micro_batches: int  # batches each process gets: ceil(chunks / (batch * processes)), the last one partial
     optimizer_steps: int  # where training stopped

@@ -56,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tokenization",
         default="card",
         choices=TOKENIZATIONS,
-        help="card: the token ids the card trained on (the 2023 tokenizer put '▁', id 28705, after every </s>); "
-        "today: what transformers 5.x gives",
+        help="card: the token ids the card trained on (the 2023 tokenizer put '▁', id 28705, after every </s>, and "
+        "made </s>, <s>, <unk> typed in a message control tokens); card-text: the same, with such text kept as text; "
+        "today: what transformers 5.x gives (such text kept as text)",
     )
     parser.add_argument("--disclaimers", default=None, help="file of disclaimer phrases, one per line")
     parser.add_argument("--min-tokens", type=int, default=None, help="drop dialogues shorter than this")

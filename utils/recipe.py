@@ -43,9 +43,9 @@ class RunArguments:
     card_schedule: bool = field(
         default=False,
         metadata={
-            "help": "the card's schedule: plan the cosine over dialogues / global batch steps, as "
-            "TRL 0.7.x did, and stop when the packed data ends (272 of 406 for the card; exactly so with "
-            "packing_strategy card)"
+            "help": "the card's schedule: plan the cosine over the steps transformers 4.35 planned from the "
+            "dialogue count, as under TRL 0.7.x (batches per process // accumulation), and stop when the packed data "
+            "ends (272 of 406 for the card; exactly so with packing_strategy card)"
         },
     )
     dataset_revision: str = field(default="main", metadata={"help": "Hub dataset commit or tag to prepare"})

@@ -162,14 +162,15 @@ def prompt_batch(tokenizer, prompts: list[str], tokenization: str = "card") -> d
     """``input_ids`` and ``attention_mask`` of rendered ``prompts``, left-padded (a decoder-only model continues
     from the right end of every row), in the ids the model was trained on.
 
-    ``card``: the card's ids, "▁" (28705) after every ``</s>`` (``utils.card_era``), as ``utils.prepare_data``
-    writes them by default; ``today``: the tokenizer's own ids.
+    ``card`` (and ``card-text``, the same on a rendered prompt): the card's ids, "▁" (28705) after every ``</s>``
+    (``utils.card_era``), as ``utils.prepare_data`` writes them by default; ``today``: the tokenizer's own ids.
     """
     import torch
 
     from utils.card_era import era_backend
 
-    rows = [e.ids for e in era_backend(tokenizer, tokenization).encode_batch(prompts)]
+    scheme = "today" if tokenization == "today" else "card"
+    rows = [e.ids for e in era_backend(tokenizer, scheme).encode_batch(prompts)]
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])

@@ -15,7 +15,6 @@ notebook 03's launched function and ``python -m utils.sft`` make the same calls:
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -141,10 +140,11 @@ def card_packing(args: Args) -> bool:
 
 
 def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int) -> dict:
-    """The prepared splits packed by TRL 0.7.x's ``ConstantLengthDataset`` (``utils.card_era``): the training rows
-    in the handbook's order (shuffled with seed 42), each buffer of text joined with EOS, cut into ``seq_length``
-    chunks that start mid-dialogue (the remainder dropped), the chunks shuffled; labels on every token, attention
-    across the dialogues of a chunk. A split too small for one chunk is left out."""
+    """The prepared splits packed by TRL 0.7.x's ``ConstantLengthDataset`` (``utils.card_era``): each split's rows
+    in the handbook's order (train and test both shuffled with seed 42 by a0b8d49's ``mix_datasets``), each buffer
+    of text joined with EOS, cut into ``seq_length`` chunks that start mid-dialogue (the remainder dropped), the
+    chunks shuffled; labels on every token, attention across the dialogues of a chunk. A split too small for one
+    chunk is left out."""
     import datasets
 
     from utils.card_era import handbook_order, pack_constant_length, text_length
@@ -153,7 +153,7 @@ def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int) -> 
     system_turn = json.loads((folder / "report.json").read_text()).get("system_turn", True)
     packed = {}
     for split, rows in data.items():
-        order = handbook_order(rows.num_rows) if split == "train" else np.arange(rows.num_rows)
+        order = handbook_order(rows.num_rows)
         chars = np.fromiter(
             (
                 text_length(with_system_turn(m) if system_turn else m)
@@ -260,20 +260,25 @@ def callbacks(args: Args, dialogues: int, rows: int) -> list:
             f"counted them); the {rows} packed rows end at step {count.optimizer_steps} (epoch {count.epoch:.2f})"
         )
         return found
-    args.training.max_steps = card_schedule_steps(dialogues, batch * accumulation * world_size())
+    args.training.max_steps = card_schedule_steps(dialogues, batch, accumulation, world_size())
     found.append(StopWhenDataEnds())
     say(
-        f"card schedule: cosine planned over {args.training.max_steps} steps ({dialogues} dialogues / "
-        f"{batch * accumulation * world_size()}), stopping when the packed data ends"
+        f"card schedule: cosine planned over {args.training.max_steps} steps (transformers 4.35's len(dataloader) // "
+        f"{accumulation} for {dialogues} dialogues in batches of {batch} on {world_size()} process(es)), stopping "
+        "when the packed data ends"
     )
     return found
 
 
-def card_schedule_steps(dialogues: int, global_batch: int) -> int:
-    """The steps TRL 0.7.x planned: its ConstantLengthDataset reported the number of *dialogues* as its length, so
-    the trainer planned about ``dialogues / global batch`` steps (406 for ultrachat_200k's 207,865 at 512) while the
-    packed stream ran out earlier (the card's step 272, its "epoch 0.67"). Exact only with packing_strategy card."""
-    return math.ceil(dialogues / global_batch)
+def card_schedule_steps(dialogues: int, per_device_batch: int, accumulation: int, processes: int = 1) -> int:
+    """The steps TRL 0.7.x planned: its ConstantLengthDataset reported the number of *dialogues* as its length, and
+    transformers 4.35's ``_inner_training_loop`` planned ``len(dataloader) // accumulation`` (at least 1) steps for
+    the one epoch (``utils.card_era.card_run``'s ``planned_steps``: 406 for ultrachat_200k's 207,865 on 16 x 8 x 4)
+    while the packed stream ran out earlier (the card's step 272, its "epoch 0.67"). The stop is exact only with
+    packing_strategy card."""
+    from utils.card_era import card_run
+
+    return card_run(0, dialogues, processes, per_device_batch, accumulation).planned_steps
 
 
 # --- running -------------------------------------------------------------------------------------------------------

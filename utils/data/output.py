@@ -15,9 +15,9 @@ from pathlib import Path
 from utils import ConfigError, temporary_folder
 
 MARKER = ".prepared-by-utils.prepare_data"  # identifies a folder this tool wrote, so it may replace it
-FORMAT = (
-    3  # report.json's "format": 2 added the empty system turn, 3 the card's token ids; older outputs are prepared again
-)
+# report.json's "format": 2 added the empty system turn, 3 the card's token ids, 4 special-token text in messages as
+# control tokens in them; older outputs are prepared again
+FORMAT = 4
 COLUMNS = ("prompt", "prompt_id", "messages", "input_ids", "num_tokens", "num_turns")
 SHARD = "data-00000-of-00001.arrow"  # one shard per split, named as datasets names a single shard
 

@@ -51,7 +51,7 @@ class Options:
 
     filters: str = "auto"  # auto: whole chain on raw UltraChat, audit on ultrachat_200k; all; structure
     system_turn: bool = True  # the card's empty system turn before every dialogue
-    tokenization: str = "card"  # card: the ids of 2023 ("▁" after every </s>); today: transformers 5.x's
+    tokenization: str = "card"  # card: the ids of 2023 ("▁" after every </s>); card-text; today: transformers 5.x's
     disclaimers: list[str] | None = None  # phrases; None: configs/disclaimers.txt
     min_tokens: int | None = None
     max_tokens: int | None = None

@@ -1,7 +1,8 @@
 """From a row to token ids: the row's messages, the Zephyr template with the card's empty system turn, the tokenizer.
 
-Text inside a message that looks like a special token (``</s>``) stays text: only the template's own markers become
-control tokens.
+Text inside a message that looks like a special token (``</s>``) becomes that control token in the card's ids, as
+the card's tokenizer made it; ``card-text`` and ``today`` keep it text (only the template's markers are control
+tokens there).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def render(messages: list[dict], eos: str = "</s>", system_turn: bool = True) ->
     return "".join([f"<|{m['role']}|>\n{m['content']}{eos}\n" for m in _turns(messages, system_turn)]) + eos
 
 
-TOKENIZATIONS = ("card", "today")  # utils.card_era.SCHEMES
+# card and today: utils.card_era.SCHEMES; card-text: the card's ids with special-token text in messages kept as text
+TOKENIZATIONS = ("card", "card-text", "today")
 
 
 def tokenize_dialogues(
@@ -66,11 +68,13 @@ def tokenize_dialogues(
     transformers 5.x gives with ``legacy=False``: ``2, 13, 28789, ...``. Either comes from a copy of the tokenizer's
     backend with that era's pipeline (``utils.card_era.era_backend``), whatever the tokenizer's own flags.
 
-    Text inside a message that looks like a special token (``</s>``) stays text: only the template's own markers
-    become control tokens.
+    Text inside a message that looks like a special token (``</s>``, ``<s>``, ``<unk>``): ``"card"`` makes it that
+    control token, as the card's tokenizer did (``" </s> "`` → ``28705, 2, 28705``); ``"card-text"`` (the card's ids
+    otherwise) and ``"today"`` keep it text (``▁</``, ``s``, ``>``): only the template's markers become control tokens.
     """
     if tokenization not in TOKENIZATIONS:
         raise ValueError(f"tokenization must be one of {', '.join(TOKENIZATIONS)}, got {tokenization!r}")
     from utils.card_era import tokenize_dialogues as era_ids
 
-    return era_ids(tokenizer, [_turns(d, system_turn) for d in dialogues], tokenization)
+    scheme = "today" if tokenization == "today" else "card"
+    return era_ids(tokenizer, [_turns(d, system_turn) for d in dialogues], scheme, tokenization != "card")
