@@ -549,3 +549,14 @@ def test_the_report_names_the_tokenizer_and_a_missing_tokenizer_folder_is_one_li
         "error: tokenizer /nonexistent does not exist; give a tokenizer folder or a Hub id"
     ]
     assert not (tmp_path / "other").exists()
+
+
+def test_an_earlier_format_made_with_the_defaults_is_prepared_again_without_recorded_options(tokenizer, tmp_path):
+    from utils.data.prepared import prepared_dataset
+
+    out = tmp_path / "defaults"
+    first = prepare_source(str(SAMPLE_200K), out, tokenizer, system_turn=False)
+    _as_an_earlier_release(out, keep_options=False)  # its counts match a dry run of the defaults it names
+    assert prepared_dataset(str(out), tokenizer) == out
+    again = json.loads((out / "report.json").read_text())
+    assert again["options"] == first["options"] and again["kept"] == first["kept"]

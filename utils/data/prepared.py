@@ -79,7 +79,27 @@ def _prepared_again(folder: Path, tokenizer) -> Path:
     if source_path is None or not source_path.exists():
         raise ConfigError(f"{folder} {why}; {again})")
     if not isinstance(options, dict) or set(options) - {f.name for f in dataclasses.fields(Options)}:
-        raise ConfigError(f"{folder} {why}, which did not record all its options; {again} and the options you chose)")
+        options = _options_of_an_earlier_release(report, source, tokenizer)
+        if options is None:
+            raise ConfigError(
+                f"{folder} {why}, which did not record all its options; {again} and the options you chose)"
+            )
     say(f"{folder} {why}; preparing it again from {source} with its options ...")
     prepare_source(source, folder, tokenizer, **options)
     return folder
+
+
+def _options_of_an_earlier_release(report: dict, source: str, tokenizer) -> dict | None:
+    """The options of a report written before reports recorded them all: the ones it names (system turn,
+    tokenization) and the defaults for the rest, if a dry run of those on the source keeps and drops exactly the rows
+    the report counted (else None: another filter or row limit was chosen, which only the user knows)."""
+    from utils.data.pipeline import prepare
+    from utils.data.sources import open_source
+
+    options = {k: report[k] for k in ("system_turn", "tokenization") if k in report}
+    try:
+        dry = prepare(open_source(source), tokenizer, None, source=source, **options).report
+    except ConfigError:
+        return None
+    same = ("input_rows", "kept", "dropped", "filters_applied", "filters_audited")
+    return options if all(dry.get(k) == report.get(k) for k in same) else None
