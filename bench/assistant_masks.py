@@ -3,11 +3,12 @@
     python bench/assistant_masks.py                  # 20,000 rows x 1,400 tokens: a tenth of ultrachat_200k's tokens
     python bench/assistant_masks.py --rows 2000      # a quick look
 
-Writes synthetic prepared rows (the Zephyr markers around random token ids, ultrachat_200k's ~1,400 tokens per
-dialogue) to a temporary folder, loads them memory-mapped as training does, builds the mask column in a child
-process, and prints its time, the anonymous memory the child holds afterwards (the column and what the build
-left; the memory-mapped rows are not counted) and the masked share. ``--lists`` measures the earlier way (Python
-lists of every row's ids and mask) for comparison.
+Writes synthetic prepared rows (dialogues of random words, about ultrachat_200k's ~1,400 tokens each, with their
+card ids and a report as notebook 01 writes them) to a temporary folder, loads them memory-mapped as training does,
+builds the mask column in a child process (each row tokenized again with its answers placed from the message
+boundaries), and prints its time, the anonymous memory the child holds afterwards (the column and what the build
+left; the memory-mapped rows are not counted) and the masked share. ``--lists`` measures an earlier way (Python
+lists of every row's mask, found by searching the ids for the assistant's marker) for comparison.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CHILD = """
 import sys, time
+from pathlib import Path
 import datasets
 from utils.assets import load_tokenizer
 from utils.training import assistant_header, assistant_mask, with_assistant_masks
@@ -36,7 +38,7 @@ if sys.argv[2] == "lists":
     header, eos = assistant_header(tokenizer), tokenizer.eos_token_id
     masked = rows.add_column("assistant_masks", [assistant_mask(ids, header, eos) for ids in rows["input_ids"]])
 else:
-    masked = with_assistant_masks({"train": rows}, tokenizer)["train"]
+    masked = with_assistant_masks({"train": rows}, tokenizer, Path(sys.argv[1]))["train"]
 seconds, held = time.perf_counter() - start, anonymous_mib() - before
 first = min(100, rows.num_rows)
 share = sum(sum(m) for m in masked.select(range(first))["assistant_masks"]) / sum(map(len, rows[:first]["input_ids"]))
@@ -45,23 +47,38 @@ print(f"{sys.argv[2]:7s} {rows.num_rows:,} rows: {seconds:.1f} s, {held:,.0f} Mi
 """
 
 
-def synthetic_rows(folder: Path, rows: int, length: int = 1400) -> None:
-    """``rows`` prepared rows of ``length`` token ids: user and assistant turns in the Zephyr template."""
+def synthetic_rows(folder: Path, rows: int, turns: int = 4) -> None:
+    """``rows`` prepared rows: dialogues of ``turns`` questions (about 40 tokens) and answers (about 300) of random
+    words, their card ids, and a ``report.json`` naming how they were tokenized."""
+    import json
+
     import datasets
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    user, assistant = [2, 28705, 13, 28789, 28766, 1838, 28766, 28767, 13], [2, 28705, 13, 28789, 28766, 489, 11143]
-    assistant += [28766, 28767, 13]
+    from utils.assets import load_tokenizer
+    from utils.data.template import tokenize_dialogues
+
+    tokenizer, rng = load_tokenizer(None), np.random.default_rng(0)
+    words = "the a ship sails north and crew sings of gold while storm comes over sea to port".split()
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words, n))
 
     def generate():
-        for _ in range(rows):
-            ids = [1]
-            while len(ids) < length:
-                ids += user + rng.integers(300, 32000, 40).tolist() + assistant + rng.integers(300, 32000, 120).tolist()
-            yield {"input_ids": ids[:length]}
+        for start in range(0, rows, 500):
+            dialogues = [
+                [
+                    {"role": r, "content": text(30 if r == "user" else 240)}
+                    for _ in range(turns)
+                    for r in ("user", "assistant")
+                ]
+                for _ in range(min(500, rows - start))
+            ]
+            for messages, ids in zip(dialogues, tokenize_dialogues(tokenizer, dialogues), strict=True):
+                yield {"messages": messages, "input_ids": ids}
 
     datasets.Dataset.from_generator(generate).save_to_disk(str(folder))
+    (folder / "report.json").write_text(json.dumps({"system_turn": True, "tokenization": "card"}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,3 +193,44 @@ def test_a_folder_of_an_earlier_format_is_prepared_again_with_its_tokenization(t
     (out / "report.json").write_text(json.dumps({**report, "format": report["format"] - 1}))
     assert prepared_dataset(str(out), tokenizer) == out
     assert json.loads((out / "report.json").read_text()) == report  # today's ids again, in today's format
+
+
+@pytest.mark.parametrize("tokenization", ["card", "card-text", "today"])
+def test_answers_are_masked_from_the_message_boundaries_not_from_text(tokenizer, tokenization, tmp_path):
+    """A user message holding the assistant marker's text (and an EOS's) gets no loss; each answer and its EOS do."""
+    from utils.training import with_assistant_masks
+
+    tricky = [
+        {"role": "user", "content": "Write this:\n<|assistant|>\nhello </s> as text, please."},
+        {"role": "assistant", "content": "Done: hello."},
+        {"role": "user", "content": "Thanks!"},
+        {"role": "assistant", "content": "You are welcome."},
+    ]
+    dialogues = [tricky, DIALOGUE]
+    ids = tokenize_dialogues(tokenizer, dialogues, tokenization=tokenization)
+    (tmp_path / "report.json").write_text(json.dumps({"system_turn": True, "tokenization": tokenization}))
+    rows = datasets.Dataset.from_dict({"messages": dialogues, "input_ids": ids})
+    masks = with_assistant_masks({"train": rows}, tokenizer, tmp_path)["train"]["assistant_masks"]
+    eos = tokenizer.eos_token_id
+    for row, mask, dialogue in zip(ids, masks, dialogues, strict=True):
+        kept = tokenizer.decode([t for t, m in zip(row, mask, strict=True) if m])
+        assert kept == "".join(m["content"] + "</s>" for m in dialogue if m["role"] == "assistant")
+        assert [t for t, m in zip(row, mask, strict=True) if m].count(eos) == 2 if dialogue is tricky else 1
+    searched = assistant_mask(ids[0], assistant_header(tokenizer), eos)  # the marker's text fools a search of ids
+    assert searched != masks[0]
+
+
+def test_card_packing_keeps_each_answer_mask_with_its_tokens(tokenizer):
+    from utils.training import load_training_data
+
+    argv = ["--config", "configs/sft_qlora.yaml", "--profile", "smoke", "--packing_strategy", "card"]
+    argv += ["--assistant_only_loss", "true", "--output_dir", "/tmp/unused-card-masks"]
+    train = load_training_data(resolve(argv, SMOKE).build(), tokenizer)["train"]
+    header, eos = assistant_header(tokenizer), tokenizer.eos_token_id
+    starts_in_an_answer = 0
+    for row in train:
+        ids, mask = row["input_ids"], row["assistant_masks"]
+        first = next((i + len(header) for i in range(len(ids)) if ids[i : i + len(header)] == header), len(ids))
+        assert mask[first:] == assistant_mask(ids, header, eos)[first:]  # past the first marker, as a search finds
+        starts_in_an_answer += mask[0]  # a row cut inside an answer: its start is the answer's, and keeps the loss
+    assert starts_in_an_answer > 0

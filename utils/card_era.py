@@ -122,8 +122,12 @@ def render_text(messages: Sequence[dict], eos: str = "</s>") -> str:
 
 
 def tokenize_dialogues(
-    tokenizer, dialogues: Sequence[Sequence[dict]], scheme: str = "card", text_specials: bool | None = None
-) -> list[list[int]]:
+    tokenizer,
+    dialogues: Sequence[Sequence[dict]],
+    scheme: str = "card",
+    text_specials: bool | None = None,
+    answers: bool = False,
+):
     """BOS + the rendered dialogue + EOS for each dialogue (its messages, system turn included), in the card's ids
     or today's: the contract of ``utils.prepare_data.tokenize_dialogues``.
 
@@ -131,35 +135,65 @@ def tokenize_dialogues(
     tokens, as the card's tokenizer did with the rendered text (``" </s> "`` → 28705, 2, 28705); ``today``, or
     ``text_specials=True``, keeps it ordinary text: only the template's markers become control tokens (a dialogue
     holding such text is encoded piece by piece between the template's EOS markers).
+
+    With ``answers``, also each dialogue's answer mask: 1 on the tokens of each assistant message's content and the
+    EOS that ends it, 0 elsewhere, from where the template put each message (the tokens' character offsets), so text
+    inside a message that looks like a marker (``<|assistant|>``) changes nothing. Returns ``(ids, masks)`` then.
     """
     if text_specials is None:
         text_specials = scheme != "card"
     eos = tokenizer.eos_token
     specials = [t for t in tokenizer.all_special_tokens if t] if text_specials else []
     ids: list[list[int] | None] = [None] * len(dialogues)
+    masks: list[list[int] | None] = [None] * len(dialogues)
     plain = [i for i, d in enumerate(dialogues) if not any(t in m["content"] for m in d for t in specials)]
     texts = [render_text(dialogues[i], eos) + eos for i in plain]
-    for i, encoding in zip(plain, era_backend(tokenizer, scheme).encode_batch_fast(texts), strict=True):
+    backend = era_backend(tokenizer, scheme)
+    encodings = backend.encode_batch(texts) if answers else backend.encode_batch_fast(texts)
+    for i, encoding in zip(plain, encodings, strict=True):
         ids[i] = encoding.ids
+        if answers:
+            masks[i] = _in_spans(encoding.offsets, _answer_spans(dialogues[i], eos))
     for i, dialogue in enumerate(dialogues):
         if ids[i] is None:
-            ids[i] = _tokenize_safely(tokenizer, dialogue, scheme)
-    return ids  # type: ignore[return-value]
+            ids[i], masks[i] = _tokenize_safely(tokenizer, dialogue, scheme)
+    return (ids, masks) if answers else ids  # type: ignore[return-value]
 
 
-def _tokenize_safely(tokenizer, messages: Sequence[dict], scheme: str) -> list[int]:
-    """The pieces between the template's EOS markers, encoded one by one with special-token text kept as text.
+def _answer_spans(messages: Sequence[dict], eos: str) -> list[tuple[int, int]]:
+    """Where ``render_text(messages) + eos`` puts each assistant message's content and the EOS after it."""
+    spans, at = [], 0
+    for m in messages:
+        start = at + len(f"<|{m['role']}|>\n")
+        end = start + len(m["content"]) + len(eos)
+        if m["role"] == "assistant":
+            spans.append((start, end))
+        at = end + 1  # the "\n" after the EOS
+    return spans
+
+
+def _in_spans(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose text starts inside one of ``spans`` (a BOS added by the tokenizer has no text)."""
+    return [int(end > start and any(a <= start < b for a, b in spans)) for start, end in offsets]
+
+
+def _tokenize_safely(tokenizer, messages: Sequence[dict], scheme: str) -> tuple[list[int], list[int]]:
+    """The pieces between the template's EOS markers, encoded one by one with special-token text kept as text, and
+    the answer mask (each assistant message's content tokens and the EOS after it).
 
     Card: every piece gets the leading ``▁`` (the normaliser runs per piece). Today: only the first piece does.
     """
-    pieces = [("\n" if i else "") + f"<|{m['role']}|>\n{m['content']}" for i, m in enumerate(messages)] + ["\n"]
-    ids = [tokenizer.bos_token_id]
-    for i, piece in enumerate(pieces):
-        if piece:
-            backend = era_backend(tokenizer, scheme, text_specials=True, first=(i == 0 or scheme == "card"))
-            ids += backend.encode(piece, add_special_tokens=False).ids
+    ids, mask = [tokenizer.bos_token_id], [0]
+    for i, m in enumerate([*messages, None]):
+        piece = "\n" if m is None else ("\n" if i else "") + f"<|{m['role']}|>\n{m['content']}"
+        answer = m is not None and m["role"] == "assistant"
+        backend = era_backend(tokenizer, scheme, text_specials=True, first=(i == 0 or scheme == "card"))
+        encoding = backend.encode(piece, add_special_tokens=False)
+        ids += encoding.ids
+        mask += _in_spans(encoding.offsets, [(len(piece) - len(m["content"]), len(piece))] if answer else [])
         ids.append(tokenizer.eos_token_id)
-    return ids
+        mask.append(int(answer))
+    return ids, mask
 
 
 def sentencepiece_reference(text: str, model_file: str | None = None, bos: int = 1, eos: int = 2) -> list[int]:

@@ -58,13 +58,14 @@ def load_training_data(args: Args, tokenizer) -> dict:
     data = {split: data[name] for split, name in splits.items() if name in data}
     if "train" not in data:
         raise ConfigError(f"dataset {folder} has no {args.script.dataset_train_split!r} split")
-    if card_packing(args):
-        data = pack_like_the_card(data, folder, args.training.max_length, args.training.seed)
-    else:
-        data = {split: rows.select_columns(["input_ids"]) for split, rows in data.items()}
     if args.training.assistant_only_loss:
-        data = with_assistant_masks(data, tokenizer)
+        data = with_assistant_masks(data, tokenizer, folder)
     args.training.assistant_only_loss = False  # the assistant_masks column does the masking
+    columns = ["input_ids", "assistant_masks"] if "assistant_masks" in data["train"].column_names else ["input_ids"]
+    if card_packing(args):
+        data = pack_like_the_card(data, folder, args.training.max_length, args.training.seed, columns)
+    else:
+        data = {split: rows.select_columns(columns) for split, rows in data.items()}
     if card_packing(args):  # packed already, in order: TRL pads nothing and the sampler keeps the order
         args.training.packing, args.training.train_sampling_strategy = False, "sequential"
     if "test" not in data and evaluating(args.training):
@@ -83,15 +84,14 @@ def assistant_header(tokenizer) -> list[int]:
 
 
 def assistant_mask(ids: list[int], header: list[int], eos: int) -> list[int]:
-    """1 on the tokens of each assistant answer and the EOS that ends it, 0 elsewhere (the system and user turns,
-    the template's markers): what TRL's ``assistant_only_loss`` puts the loss on. A row cut inside an answer (card
-    packing) starts masked until the first header."""
+    """1 from each ``<|assistant|>\n`` found in ``ids`` to the EOS after it: what ``assistant_only_loss`` keeps, read
+    back from ids alone (for a packed row's display, where the dialogues are gone). It trusts text: a message that
+    holds the marker's text fools it, so training builds its masks from the message boundaries instead
+    (``with_assistant_masks``). A row cut inside an answer starts masked until the first header."""
     return _assistant_mask_array(np.asarray(ids), np.asarray(header), eos).tolist()
 
 
 def _assistant_mask_array(ids: np.ndarray, header: np.ndarray, eos: int) -> np.ndarray:
-    """``assistant_mask`` in numpy, as int8: each answer runs from the token after a header to the first EOS at or
-    after it (to the row's end if none), and the answers' spans are joined."""
     n, length = len(header), len(ids)
     delta = np.zeros(length + 2, dtype=np.int32)
     if length >= n:
@@ -102,35 +102,41 @@ def _assistant_mask_array(ids: np.ndarray, header: np.ndarray, eos: int) -> np.n
     return (np.cumsum(delta[:length]) > 0).astype(np.int8)
 
 
-def with_assistant_masks(data: dict, tokenizer) -> dict:
-    """``data`` with an ``assistant_masks`` column (``assistant_mask``), from which TRL builds labels of -100 on
-    every other token. TRL's own ``assistant_only_loss`` works on ``messages`` through a template with
-    ``{% generation %}`` markers; the prepared rows are token ids already, so the mask is made here from them, a
-    thousand rows at a time, into an int8 column held in memory beside the prepared (memory-mapped) rows. On a tenth
-    of ultrachat_200k's tokens: 72 MiB and 7 s, where Python lists of every row took 627 MiB and 47 s
-    (``bench/assistant_masks.py``)."""
+def with_assistant_masks(data: dict, tokenizer, folder: Path) -> dict:
+    """``data`` with an ``assistant_masks`` column, from which TRL builds labels of -100 on every token but the
+    assistant's answers and the EOS ending each. TRL's own ``assistant_only_loss`` works on ``messages`` through a
+    template with ``{% generation %}`` markers; here each row's messages are tokenized again as notebook 01 did
+    (the folder's report says how) with the answers placed from the message boundaries
+    (``utils.data.template.tokenize_dialogues(answers=True)``), and the ids must equal the prepared ones. A thousand
+    rows at a time, into an int8 column held in memory beside the prepared (memory-mapped) rows."""
     import datasets
 
-    header, eos = np.asarray(assistant_header(tokenizer)), tokenizer.eos_token_id
+    from utils.data.template import tokenize_dialogues
+
+    report = json.loads((folder / "report.json").read_text())
+    system_turn, tokenization = report.get("system_turn", True), report.get("tokenization", "card")
     features = datasets.Features({"assistant_masks": datasets.List(datasets.Value("int8"))})
 
     def masks(batch: dict) -> dict:
-        return {"assistant_masks": [_assistant_mask_array(np.asarray(ids), header, eos) for ids in batch["input_ids"]]}
+        ids, found = tokenize_dialogues(tokenizer, batch["messages"], system_turn, tokenization, answers=True)
+        if ids != batch["input_ids"]:
+            raise ConfigError(
+                f"{folder} was tokenized by another tokenizer than this run's; prepare it again with notebook 01"
+            )
+        return {"assistant_masks": [np.asarray(m, dtype=np.int8) for m in found]}
 
     masked = {}
     for split, rows in data.items():
-        column = rows.select_columns(["input_ids"]).map(
+        column = rows.select_columns(["input_ids", "messages"]).map(
             masks,
             batched=True,
             batch_size=1000,
-            remove_columns=["input_ids"],
+            remove_columns=["input_ids", "messages"],
             features=features,
             keep_in_memory=True,
             desc=f"Masking all but the assistant's tokens ({split})",
         )
         masked[split] = datasets.concatenate_datasets([rows, column], axis=1)
-        if hasattr(rows, "source_dialogues"):
-            masked[split].source_dialogues = rows.source_dialogues
     return masked
 
 
@@ -139,7 +145,7 @@ def card_packing(args: Args) -> bool:
     return args.training.packing_strategy == "card"
 
 
-def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int) -> dict:
+def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int, columns=("input_ids",)) -> dict:
     """The prepared splits packed by TRL 0.7.x's ``ConstantLengthDataset`` (``utils.card_era``): each split's rows
     in the handbook's order (train and test both shuffled with seed 42 by a0b8d49's ``mix_datasets``), each buffer
     of text joined with EOS, cut into ``seq_length`` chunks that start mid-dialogue (the remainder dropped), the
@@ -163,9 +169,12 @@ def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int) -> 
             dtype=np.int64,
             count=rows.num_rows,
         )[order]
-        chunks = pack_constant_length(_RowIds(rows, order), chars, seed=seed, seq_length=seq_length)
-        if len(chunks.input_ids):
-            packed[split] = datasets.Dataset.from_dict({"input_ids": chunks.input_ids})
+        # each column packed alike (the same buffers, cuts and shuffle): the masks stay with their tokens
+        chunks = {
+            c: pack_constant_length(_RowIds(rows, order, c), chars, seed=seed, seq_length=seq_length) for c in columns
+        }
+        if len(chunks["input_ids"].input_ids):
+            packed[split] = datasets.Dataset.from_dict({c: chunk.input_ids for c, chunk in chunks.items()})
     if "train" not in packed:
         raise ConfigError(
             f"{folder} holds fewer than {seq_length} training tokens, too few for one packed row of max_length "
@@ -179,8 +188,8 @@ class _RowIds:
     """The ``input_ids`` of prepared rows in ``order``, as numpy views of the Arrow column (no Python lists): a slice
     gives the rows' id arrays, which is all ``pack_constant_length`` asks of them."""
 
-    def __init__(self, rows, order: np.ndarray):
-        column = rows.data.column("input_ids").combine_chunks()
+    def __init__(self, rows, order: np.ndarray, name: str = "input_ids"):
+        column = rows.data.column(name).combine_chunks()
         self.offsets, self.values, self.order = column.offsets.to_numpy(), column.values.to_numpy(), order
 
     def __getitem__(self, span: slice) -> list[np.ndarray]:

@@ -59,8 +59,8 @@ TOKENIZATIONS = ("card", "card-text", "today")
 
 
 def tokenize_dialogues(
-    tokenizer, dialogues: list[list[dict]], system_turn: bool = True, tokenization: str = "card"
-) -> list[list[int]]:
+    tokenizer, dialogues: list[list[dict]], system_turn: bool = True, tokenization: str = "card", answers: bool = False
+):
     """``<s>`` + the rendered dialogue (``render``) for each dialogue, in the card's token ids or today's.
 
     ``tokenization="card"`` (the default) gives the ids the card trained on: the 2023 tokenizer put ``▁`` (28705)
@@ -71,10 +71,13 @@ def tokenize_dialogues(
     Text inside a message that looks like a special token (``</s>``, ``<s>``, ``<unk>``): ``"card"`` makes it that
     control token, as the card's tokenizer did (``" </s> "`` → ``28705, 2, 28705``); ``"card-text"`` (the card's ids
     otherwise) and ``"today"`` keep it text (``▁</``, ``s``, ``>``): only the template's markers become control tokens.
+
+    With ``answers``, ``(ids, masks)``: each mask 1 on the assistant's answers and the EOS ending each, placed from
+    the message boundaries (``utils.card_era.tokenize_dialogues``).
     """
     if tokenization not in TOKENIZATIONS:
         raise ValueError(f"tokenization must be one of {', '.join(TOKENIZATIONS)}, got {tokenization!r}")
     from utils.card_era import tokenize_dialogues as era_ids
 
     scheme = "today" if tokenization == "today" else "card"
-    return era_ids(tokenizer, [_turns(d, system_turn) for d in dialogues], scheme, tokenization != "card")
+    return era_ids(tokenizer, [_turns(d, system_turn) for d in dialogues], scheme, tokenization != "card", answers)
