@@ -91,7 +91,7 @@ def test_assistant_masks_bench_prints_both_ways():
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if " rows: " in line]
     assert [line.split()[:2] for line in lines] == [["column", "40"], ["lists", "40"]]
-    assert all(line.endswith("66.7% of the tokens are the assistant's") for line in lines)  # the same masks
+    assert all(line.endswith("83.2% of the tokens are the assistant's") for line in lines)  # the same masks
 
 
 def test_assistant_masks_bench_refuses_no_rows():
