@@ -1,6 +1,7 @@
 """Notebook 04's reading and plotting of runs: the plotted series are checked, not just the files."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,13 +44,21 @@ def test_find_runs_reads_trainer_state_and_tensorboard(runs_dir):
     assert beta.eval["loss"] == pytest.approx([3.4])
     assert alpha.summary() == {
         "run": "alpha",
-        "final train loss": 2.0,
+        "train loss, start": "–",  # three logged losses: too few for the medians of a tenth
+        "train loss, end": "–",
         "final eval loss": 2.7,
         "steps": 3,
         "tokens": 300,
         "runtime (s)": 12.5,
         "from": "trainer_state.json",
     }
+
+
+def test_the_summary_gives_medians_of_the_first_and_last_tenth():
+    losses = [10.0] * 3 + [6.0] * 24 + [2.0, 2.0, 9.0]  # the last step alone is noisy
+    run = curves.RunLog("r", Path("r"), "trainer_state.json", train={"loss": losses, "step": list(range(1, 31))})
+    row = run.summary()
+    assert (row["train loss, start"], row["train loss, end"], row["final eval loss"]) == (10.0, 2.0, "–")
 
 
 def test_ema():

@@ -33,15 +33,21 @@ class RunLog:
     runtime_s: float | None = None
 
     def summary(self) -> dict:
-        """Final train/eval loss, steps, tokens and runtime: one row of the summary table."""
-        last = lambda series: series[-1] if series else None  # noqa: E731
+        """One row of the summary table: where the train loss started and ended (``tiny_world.loss_ends``: medians of
+        the first and last tenth of the logged losses, the one definition of a run's loss in this collection; "–"
+        for a run with too few steps), the last evaluation, steps, tokens and runtime ("–" where not logged)."""
+        from utils.tiny_world import loss_ends
+
+        last = lambda series: series[-1] if series else "–"  # noqa: E731
+        ends = loss_ends(self.train.get("loss", [])) or ("–", "–")
         return {
             "run": self.name,
-            "final train loss": last(self.train.get("loss", [])),
+            "train loss, start": ends[0],
+            "train loss, end": ends[1],
             "final eval loss": last(self.eval.get("loss", [])),
             "steps": last(self.train.get("step", [])),
             "tokens": last(self.train.get("tokens", [])),
-            "runtime (s)": self.runtime_s,
+            "runtime (s)": self.runtime_s if self.runtime_s is not None else "–",
             "from": self.source,
         }
 
