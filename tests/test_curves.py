@@ -147,7 +147,15 @@ def test_the_planted_runs_show_their_symptoms():
     assert curves.diagnosis_feedback(curves.PLANTED_TRUTH) == [
         f"planted {k}: right, {v}" for k, v in curves.PLANTED_TRUTH.items()
     ]
-    assert curves.diagnosis_feedback({"A": "overfitting"})[0].startswith("planted A: not 'overfitting'")
+    assert curves.diagnosis_feedback({"A": "overfitting"})[0] == (
+        "planted A: not overfitting; look at how high its learning rate goes, against the other two"
+    )
+    synonyms = {"A": "LR too high", "B": "it overfits", "C": "missing warmup"}
+    assert curves.diagnosis_feedback(synonyms) == [f"planted {k}: right, {v}" for k, v in curves.PLANTED_TRUTH.items()]
+    assert curves.diagnosis_feedback({"C": "bad data"})[2] == (
+        "planted C: 'bad data' is none of learning rate x10, no warm-up, overfitting; look at where its learning "
+        "rate starts"
+    )
 
 
 def test_an_unreadable_run_is_skipped_by_name(runs_dir, capsys):

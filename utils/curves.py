@@ -325,17 +325,42 @@ def plot_side_by_side(runs: list[RunLog], smoothing: float = 0.9):
     return fig
 
 
+HINTS = {  # what to look at, per problem, for a wrong answer
+    "learning rate x10": "look at how high its learning rate goes, against the other two",
+    "overfitting": "look at its evaluation circles against its training line late in the run",
+    "no warm-up": "look at where its learning rate starts",
+}
+
+
+def diagnosis_of(answer: str) -> str | None:
+    """Which of the three problems a free-text answer names ("lr too high", "overfit", "missing warmup" count), or
+    None."""
+    text = " ".join("".join(c if c.isalnum() else " " for c in str(answer).lower()).split())
+    if "overfit" in text.replace(" ", "") or "memoris" in text or "memoriz" in text:
+        return "overfitting"
+    if "warm" in text:
+        return "no warm-up"
+    rate = any(w in text for w in ("learning rate", "lr", "step size"))
+    if "diverg" in text or (rate and any(w in text for w in ("high", "big", "large", "x10", "10x", "ten times"))):
+        return "learning rate x10"
+    return None
+
+
 def diagnosis_feedback(diagnosis: dict[str, str]) -> list[str]:
-    """A line per planted run: right, wrong (with the answer), or not tried yet."""
+    """A line per planted run: right, wrong (with a hint of where to look), or not tried yet."""
     lines = []
     for name, truth in PLANTED_TRUTH.items():
         guess = (diagnosis or {}).get(name)
         if guess is None:
             lines.append(f"planted {name}: no diagnosis yet (choose from: {', '.join(sorted(PLANTED_TRUTH.values()))})")
-        elif guess.strip().lower() == truth:
+        elif diagnosis_of(guess) == truth:
             lines.append(f"planted {name}: right, {truth}")
+        elif diagnosis_of(guess) is None:
+            lines.append(
+                f"planted {name}: {guess!r} is none of {', '.join(sorted(PLANTED_TRUTH.values()))}; {HINTS[truth]}"
+            )
         else:
-            lines.append(f"planted {name}: not {guess!r}; look again at its learning-rate panel and its eval circles")
+            lines.append(f"planted {name}: not {diagnosis_of(guess)}; {HINTS[truth]}")
     return lines
 
 

@@ -445,7 +445,7 @@ def notebook_05(answers: list[dict]) -> list[str]:
 # --- notebook 04 ------------------------------------------------------------------------------------------------------
 def notebook_04(runs: list, smoothing: float, x_axis: str, diagnosis: dict) -> list[str]:
     """The items of notebook 04 on the runs it plotted (``utils.curves.RunLog``) and the learner's diagnosis."""
-    from utils.curves import PLANTED_TRUTH, ema
+    from utils.curves import PLANTED_TRUTH, diagnosis_of, ema
 
     curves = {r.name: r.train.get("loss", []) for r in runs if len(r.train.get("loss", [])) >= 4}
     if not curves:
@@ -479,7 +479,7 @@ def notebook_04(runs: list, smoothing: float, x_axis: str, diagnosis: dict) -> l
         differ = max(per_step.values()) > 1.1 * min(per_step.values())
         text = ", ".join(f"{name} {n:,.0f}" for name, n in per_step.items())
         lines.append(_line(differ or len(per_step) == 1, 'X_AXIS = "tokens"', f"tokens per step: {text}"))
-    right = sum(str((diagnosis or {}).get(k) or "").strip().lower() == v for k, v in PLANTED_TRUTH.items())
+    right = sum(diagnosis_of((diagnosis or {}).get(k) or "") == v for k, v in PLANTED_TRUTH.items())
     lines.append(
         _line(
             None if not diagnosis else right == len(PLANTED_TRUTH),
