@@ -110,7 +110,7 @@ def test_the_command_line_plan_and_its_json(tmp_path):
     )
     assert "  learning_rate" in result.stdout and "command line" in result.stdout
     assert "trainable weights  float32 (with_additions keeps them so under fp16)" in result.stdout
-    assert "One epoch of ultrachat_200k (~291M tokens): ~" in result.stdout
+    assert "One epoch of ultrachat_200k (~286M tokens): ~" in result.stdout
     data = json.loads(out.read_text())
     assert data["profile"] == "gpu-16gb"
     assert data["settings"]["learning_rate"] == {"value": 1e-4, "from": "command line"}

@@ -27,6 +27,11 @@ HUB_HOST = "huggingface.co"
 BASE_MODEL_ID = "mistralai/Mistral-7B-v0.1"
 HUB_DATASET = "HuggingFaceH4/ultrachat_200k"
 SAMPLE_DATASET = "data/sample/ultrachat_200k"
+# ultrachat_200k's train_sft as the card packed it, in rows of 2,048 tokens: the card's stop at step 272 (x 512 rows)
+# and two other published runs pin 139,264 to 139,648 rows (docs/card_era.md); their middle is this collection's one
+# reference for the size of an epoch. (utils.scaling.ULTRACHAT_PACKED_ESTIMATE is an offline estimate, a check.)
+ULTRACHAT_PACKED_ROWS = 139_456
+ULTRACHAT_TOKENS = ULTRACHAT_PACKED_ROWS * 2048  # ~285.6M
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from utils import REPO_ROOT
-from utils.hardware import Hardware
+from utils.hardware import ULTRACHAT_TOKENS, Hardware
 from utils.recipe import CLI, PROFILE, RECIPE, Settings
-
-EPOCH_TOKENS = 207_865 * 1_400  # ultrachat_200k's train_sft dialogues x their typical tokens (Zephyr template)
 
 
 def checkpoint_every(values: dict) -> int:
@@ -89,7 +87,7 @@ def epoch_hours(values: dict, hw: Hardware, world: int) -> tuple[float | None, s
         f"estimate: the H200's {row['tokens_per_second']:,} tokens/s for '{row['variant']}' x {peak:.0f}/"
         f"{ref['peak_tflops']:.0f} peak TFLOPS x {world} GPU(s) = {tok_s:,.0f} tokens/s"
     )
-    return EPOCH_TOKENS / tok_s / 3600, basis
+    return ULTRACHAT_TOKENS / tok_s / 3600, basis
 
 
 def plan(settings: Settings, hw: Hardware) -> dict:
@@ -108,7 +106,7 @@ def plan(settings: Settings, hw: Hardware) -> dict:
             "memory_basis": how,
             "gpu_memory_gib": hw.gpu_memory_gib if hw.cuda else None,
             "fits": (gib <= hw.gpu_memory_gib) if hw.cuda else None,
-            "epoch_tokens": EPOCH_TOKENS,
+            "epoch_tokens": ULTRACHAT_TOKENS,
             "epoch_hours": round(hours, 1) if hours else None,
             "epoch_basis": basis,
         },

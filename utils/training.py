@@ -23,6 +23,7 @@ import numpy as np
 from utils import ConfigError, say
 from utils.callbacks import CardStop, RankLog, StepTimer, StopOnNonFiniteLoss, StopWhenDataEnds
 from utils.data.prepared import prepared_dataset
+from utils.hardware import ULTRACHAT_TOKENS
 from utils.recipe import Args, world_size
 from utils.runs import Run, RunError, open_run, run_settings
 
@@ -333,10 +334,6 @@ def _last_good_checkpoint(output_dir: str, bad_step: int) -> str | None:
     return good[0].name if good else None
 
 
-ULTRACHAT_200K_TRAIN_ROWS = 207_865
-ULTRACHAT_TOKENS_PER_DIALOGUE = 1_400  # ultrachat_200k with the Zephyr template and Mistral tokenizer, typical
-
-
 # --- the speed report ----------------------------------------------------------------------------------------------
 def speed_report(trainer) -> dict:
     """The training set's row count, tokens/s, seconds per step, peak GPU memory (allocated and reserved), and the
@@ -364,7 +361,7 @@ def speed_report(trainer) -> dict:
         session_steps = steps - getattr(trainer, "_initial_global_step", 0)
         steady = (runtime / session_steps, overall) if session_steps > 0 and not fast else None
     step_s, tok_s = steady or (None, None)  # one timed step: its time is mostly compiling and warming up
-    epoch_tokens, basis = ULTRACHAT_200K_TRAIN_ROWS * ULTRACHAT_TOKENS_PER_DIALOGUE, "1,400 tokens x 207,865 dialogues"
+    epoch_tokens, basis = ULTRACHAT_TOKENS, "the card's ~139.4k packed rows of 2,048 tokens"
     prepared = _prepared_report(trainer)
     if prepared.get("dialogues", 0) >= 100_000:
         epoch_tokens, basis = prepared["total_tokens"], "the prepared data's report.json"
