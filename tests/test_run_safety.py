@@ -345,4 +345,19 @@ def test_a_full_disk_during_the_merge_is_one_line_and_a_rerun_merges(warm, tmp_p
     assert not (out / "merged").exists() and not list(out.glob(".merged.tmp-*"))
     assert sft.cli(argv) == 0
     assert f"{out / 'merged'} is missing or incomplete: merging the saved adapter into it" in capsys.readouterr().out
-    assert (out / "merged" / "model.safetensors").is_file()
+    merged = out / "merged" / "model.safetensors"
+    assert merged.stat().st_mode & 0o777 == 0o666 & ~_current_umask()  # a course's other users may load it
+
+
+def test_saved_weights_are_readable_by_others_as_the_umask_allows(finished):
+    mode = 0o666 & ~_current_umask()
+    weights = [*finished.glob("checkpoint-*/*.safetensors"), *finished.glob("adapter/*.safetensors")]
+    assert weights and {oct(w.stat().st_mode & 0o777) for w in weights} == {oct(mode)}  # safetensors wrote 0600
+
+
+def _current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -40,6 +40,22 @@ class ConfigError(ValueError):
     ``OutputError``, ``SamplingError``, ``OptionError``) are kinds of it."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_like_other_files(folder: Path) -> None:
+    """Give each file under ``folder`` that only its owner may read (mode 0600) the mode the umask gives a new file:
+    safetensors 0.8 writes every file 0600 (through a private temporary file), so a course's other users could not
+    load an adapter, a checkpoint or a merged model. Files of any other mode are left as they are."""
+    mode = 0o666 & ~_umask()
+    for file in Path(folder).rglob("*"):
+        if file.is_file() and not file.is_symlink() and file.stat().st_mode & 0o777 == 0o600 and mode != 0o600:
+            file.chmod(mode)
+
+
 def temporary_folder(parent: Path, prefix: str) -> Path:
     """A new folder in ``parent`` (made if missing) for output that is renamed into place when whole, with the
     permissions the umask gives any folder: ``tempfile.mkdtemp`` makes it private (0700), which would leave prepared
@@ -48,9 +64,7 @@ def temporary_folder(parent: Path, prefix: str) -> Path:
 
     parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
+    folder.chmod(0o777 & ~_umask())
     return folder
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils import ConfigError, temporary_folder
+from utils import ConfigError, share_like_other_files, temporary_folder
 
 MAX_SHARD_BYTES = 2 * 2**30  # merged shards of at most 2 GiB: saving never needs more host memory than one shard
 
@@ -138,6 +138,7 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
         AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)  # a merged folder this tool wrote before (the caller checked the run folder)
+        share_like_other_files(tmp)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -211,6 +212,7 @@ def save_merged(model, tokenizer, out_dir: str | Path) -> Path:
         tokenizer.save_pretrained(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
+        share_like_other_files(tmp)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

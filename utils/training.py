@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import ConfigError, say
+from utils import ConfigError, say, share_like_other_files
 from utils.callbacks import CardStop, RankLog, StepTimer, StopOnNonFiniteLoss, StopWhenDataEnds
 from utils.data.prepared import prepared_dataset
 from utils.hardware import ULTRACHAT_TOKENS
@@ -322,6 +322,8 @@ def finish_run(trainer, run: Run) -> dict:
     report = speed_report(trainer)
     if trainer.is_world_process_zero():
         run.save_report(report)
+        for saved in [*run.path.glob("checkpoint-*"), run.path / "adapter", run.path / "model"]:
+            share_like_other_files(saved)  # safetensors wrote their weights private (0600)
         run.finish(trainer.state.global_step, trainer.state.max_steps)
     return report
 
