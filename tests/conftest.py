@@ -51,3 +51,23 @@ def private_data_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepared, "DATA_CACHE", tmp_path / "data_cache")
     return tmp_path / "data_cache"
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_on_live_streams():
+    """A library that adds its log handler while a test captures stderr (transformers, on first use) keeps that
+    capture's stream, closed after the test: a later log line would print "--- Logging error ---" into another test's
+    output. Each test starts with such handlers pointed at the stderr of the moment."""
+    import logging
+    import sys
+
+    loggers = [
+        logging.getLogger(),
+        *(lg for lg in logging.Logger.manager.loggerDict.values() if hasattr(lg, "handlers")),
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and getattr(stream, "closed", False):
+                handler.setStream(sys.stderr)
+    yield

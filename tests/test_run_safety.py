@@ -84,7 +84,13 @@ def test_a_runs_folder_that_is_a_file_is_named_by_its_variable(tmp_path):
     a_file = tmp_path / "runs"
     a_file.write_text("keep me")
     result = subprocess.run(
-        [sys.executable, "-m", "utils.sft", *smoke_argv(tmp_path / "o")],
+        # the sample, which is prepared into the cache (data/processed/ultrachat, where notebook 01 ran, would not be)
+        [
+            sys.executable,
+            "-m",
+            "utils.sft",
+            *smoke_argv(tmp_path / "o", "--dataset_name", "data/sample/ultrachat_200k"),
+        ],
         cwd=REPO_ROOT,
         env={**os.environ, "MISTRAL_SFT_RUNS": str(a_file)},
         capture_output=True,

@@ -40,6 +40,17 @@ class ConfigError(ValueError):
     ``OutputError``, ``SamplingError``, ``OptionError``) are kinds of it."""
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs (another user's counts): whether a lock or temporary folder it named is live."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

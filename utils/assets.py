@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 from utils import CONFIGS_DIR, DATA_DIR, REPO_ROOT, ConfigError, temporary_folder
@@ -56,6 +57,34 @@ def sentencepiece_file() -> Path:
     return path
 
 
+def card_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[list[str]]:
+    """BPE merges in the order transformers 4.34/4.35 wrote them for a sentencepiece BPE model: grouped by the
+    merged piece in id order, ``(id(left), id(right))`` within it, then stably sorted by the piece's score."""
+    merges = []
+    for piece in sorted(vocab, key=vocab.__getitem__):
+        pairs = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        pairs.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges += [(left, right, scores.get(piece, 0.0)) for left, right in pairs]
+    merges.sort(key=lambda merge: merge[2], reverse=True)
+    return [[left, right] for left, right, _ in merges]
+
+
+@lru_cache(maxsize=2)
+def sentencepiece_processor(model_file: str):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=model_file)
+
+
+@lru_cache(maxsize=2)
+def sentencepiece_merges(model_file: str) -> tuple[dict[str, int], list[list[str]]]:
+    """The model's vocabulary and its merges in the card's order (scores of <unk>, <s>, </s> taken as 0, as then)."""
+    sp = sentencepiece_processor(model_file)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    scores = {piece: (sp.get_score(i) if i > 2 else 0.0) for piece, i in vocab.items()}
+    return vocab, card_merges(vocab, scores)
+
+
 def build_embedded_tokenizer(out_dir: Path = EMBEDDED_TOKENIZER_DIR):
     """Convert the shipped sentencepiece model to a fast tokenizer with our chat template; save it to ``out_dir``.
 
@@ -68,8 +97,6 @@ def build_embedded_tokenizer(out_dir: Path = EMBEDDED_TOKENIZER_DIR):
     """
     from tokenizers import Tokenizer
     from transformers import LlamaTokenizer
-
-    from utils.card_era import sentencepiece_merges
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(sentencepiece_file(), Path(tmp) / "tokenizer.model")

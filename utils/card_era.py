@@ -26,10 +26,11 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from utils.assets import sentencepiece_file, sentencepiece_merges, sentencepiece_processor
 
 SCHEMES = ("card", "today")
 SEQ_LENGTH = 2048  # max_seq_length of recipes/zephyr-7b-beta/sft/config_full.yaml
@@ -48,37 +49,7 @@ TODAY_PRE_TOKENIZER = {"type": "Metaspace", "replacement": "▁", "prepend_schem
 
 
 # --- token ids ---------------------------------------------------------------------------------------------------
-def card_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[list[str]]:
-    """BPE merges in the order transformers 4.34/4.35 wrote them for a sentencepiece BPE model: grouped by the
-    merged piece in id order, ``(id(left), id(right))`` within it, then stably sorted by the piece's score."""
-    merges = []
-    for piece in sorted(vocab, key=vocab.__getitem__):
-        pairs = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
-        pairs.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
-        merges += [(left, right, scores.get(piece, 0.0)) for left, right in pairs]
-    merges.sort(key=lambda merge: merge[2], reverse=True)
-    return [[left, right] for left, right, _ in merges]
-
-
-@lru_cache(maxsize=2)
-def _sentencepiece(model_file: str):
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=model_file)
-
-
-@lru_cache(maxsize=2)
-def sentencepiece_merges(model_file: str) -> tuple[dict[str, int], list[list[str]]]:
-    """The model's vocabulary and its merges in the card's order (scores of <unk>, <s>, </s> taken as 0, as then)."""
-    sp = _sentencepiece(model_file)
-    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    scores = {piece: (sp.get_score(i) if i > 2 else 0.0) for piece, i in vocab.items()}
-    return vocab, card_merges(vocab, scores)
-
-
 def _model_file() -> str:
-    from utils.assets import sentencepiece_file
-
     return str(sentencepiece_file())
 
 
@@ -200,7 +171,7 @@ def sentencepiece_reference(text: str, model_file: str | None = None, bos: int =
     """What Mistral's sentencepiece model gives the legacy way: BOS, then each piece between the special tokens
     ``<unk>``, ``<s>``, ``</s>`` encoded on its own (with sentencepiece's dummy-prefix ``▁``), each special token
     as its id."""
-    sp = _sentencepiece(model_file or _model_file())
+    sp = sentencepiece_processor(model_file or _model_file())
     control = {"<unk>": 0, "<s>": bos, "</s>": eos}
     ids = [bos]
     for piece in re.split("(<unk>|<s>|</s>)", text):

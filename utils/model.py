@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils import ConfigError, share_like_other_files, temporary_folder
+from utils import ConfigError, process_alive, share_like_other_files, temporary_folder
 
 MAX_SHARD_BYTES = 2 * 2**30  # merged shards of at most 2 GiB: saving never needs more host memory than one shard
 
@@ -107,10 +107,7 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
     scale, target = _lora_scale(adapter_dir)
     pairs = lora_pairs(load_file(str(adapter_dir / "adapter_model.safetensors")))
     files = base_weight_files(base, revision)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_killed_merges(out_dir)
-    tmp = temporary_folder(out_dir.parent, f".{out_dir.name}.tmp-{os.getpid()}-")
-    try:
+    with _written_whole(out_dir) as tmp:
         shards, shard, size, merged = [], {}, 0, 0
         for file in files:
             with safe_open(str(file), "pt") as tensors:
@@ -136,13 +133,6 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # a merged folder this tool wrote before (the caller checked the run folder)
-        share_like_other_files(tmp)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -166,20 +156,10 @@ def remove_killed_merges(out_dir: Path) -> list[Path]:
     removed = []
     for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
         pid = tmp.name.removeprefix(f".{out_dir.name}.tmp-").split("-")[0]
-        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+        if tmp.is_dir() and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def merge_fits_in_memory(base: str, revision: str = "main") -> bool:
@@ -204,12 +184,22 @@ def save_merged(model, tokenizer, out_dir: str | Path) -> Path:
     """Save a merged model (safetensors shards of at most 2 GiB) and its tokenizer into ``out_dir``, whole or not at
     all: into a temporary sibling first, then renamed over an earlier merge this tool wrote."""
     out_dir = Path(out_dir)
+    with _written_whole(out_dir) as tmp:
+        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_BYTES)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+@contextlib.contextmanager
+def _written_whole(out_dir: Path):
+    """A temporary sibling of ``out_dir`` to write a merged model into (what a killed merge left is removed first).
+    When the block ends well it replaces ``out_dir`` (a merged folder this tool wrote before: the caller checked the
+    run folder), its files readable as the umask allows; on any error it is removed."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_killed_merges(out_dir)
     tmp = temporary_folder(out_dir.parent, f".{out_dir.name}.tmp-{os.getpid()}-")
     try:
-        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_BYTES)
-        tokenizer.save_pretrained(tmp)
+        yield tmp
         if out_dir.exists():
             shutil.rmtree(out_dir)
         share_like_other_files(tmp)
@@ -217,7 +207,6 @@ def save_merged(model, tokenizer, out_dir: str | Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _lora_scale(adapter_dir: Path) -> tuple[float, list[str]]:

@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from utils import ConfigError, temporary_folder
+from utils import ConfigError, process_alive, temporary_folder
 
 MARKER = ".prepared-by-utils.prepare_data"  # identifies a folder this tool wrote, so it may replace it
 # report.json's "format": 2 added the empty system turn, 3 the card's token ids, 4 special-token text in messages as
@@ -114,7 +114,7 @@ def check_unlocked(out: Path) -> None:
         pid = int(_lock(out).read_text())
     except (OSError, ValueError):
         return
-    if pid != os.getpid() and _alive(pid):
+    if pid != os.getpid() and process_alive(pid):
         raise OutputError(
             f"--out {out} is being written by another run (process {pid}); wait for it to end, or choose another folder"
         )
@@ -158,7 +158,7 @@ def recover(out: Path) -> None:
                 remove_output(folder)
     for tmp in parent.glob(f".{out.name}.tmp-*"):
         pid = tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]
-        if tmp.is_dir() and not tmp.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+        if tmp.is_dir() and not tmp.is_symlink() and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -173,16 +173,6 @@ def remove_output(folder: Path) -> None:
             child.unlink()
     (folder / MARKER).unlink(missing_ok=True)
     folder.rmdir()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- writing -------------------------------------------------------------------------------------------------------
