@@ -230,3 +230,48 @@ def test_zero_table_is_split_into_parts():
     assert row["weights"] + row["gradients"] + row["optimizer"] + row["activations"] + row["reserve"] == pytest.approx(
         row["GiB per GPU"], abs=0.2
     )
+
+
+def test_one_ultrachat_reference_and_the_estimate_as_its_check():
+    """Notebook 03 counts steps on the reference size of ultrachat_200k (the card's packed rows): the card's trainer
+    stops there at the card's step and epoch; TRL 1.x steps on the last, incomplete global batch too (one more step,
+    the only reason two counts appear). The offline estimate from the dataset's published size is 5% over: a check."""
+    from utils import card_era
+    from utils.hardware import ULTRACHAT_PACKED_ROWS, ULTRACHAT_TOKENS
+
+    dialogues, point = REFERENCE["schedule"]["train_dialogues"], REFERENCE["training_results"][0]
+    card = card_era.card_run(ULTRACHAT_PACKED_ROWS, dialogues)
+    assert (card.optimizer_steps, round(card.epoch, 2)) == (point["step"], point["epoch"]) == (272, 0.67)
+    assert ULTRACHAT_TOKENS == ULTRACHAT_PACKED_ROWS * 2048 and round(ULTRACHAT_TOKENS / 1e6, 1) == 285.6
+    assert (scaling.steps_per_epoch(ULTRACHAT_PACKED_ROWS, 512), ULTRACHAT_PACKED_ROWS % 512) == (273, 192)
+    estimate = scaling.ULTRACHAT_PACKED_ESTIMATE
+    assert card_era.card_run(estimate, dialogues).optimizer_steps == 286  # docs/card_era.md's ~286
+    assert scaling.steps_per_epoch(estimate, 512) == 287  # the same rows counted TRL 1.x's way
+
+
+def test_the_memory_figure_stacks_what_must_fit_against_what_a_gpu_reports():
+    """Each bar is every part of the estimate, the CUDA reserve too; the dotted lines are at the GiB a GPU of each
+    size class reports (utils.hardware.SHAPES), not at its GB."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.colors import to_hex
+
+    from utils.hardware import SHAPES
+
+    fig = scaling.plot_full_memory(per_device_batch=8, gpus=8)
+    bars, lines = fig.axes[:2]
+    ends: dict[float, float] = {}
+    for patch in bars.patches:
+        row = round(patch.get_y() + patch.get_height() / 2, 3)
+        ends[row] = max(ends.get(row, 0.0), patch.get_x() + patch.get_width())
+    totals = [scaling.estimate(s, 8, 0, per_device_batch=8).total for s in scaling.STRATEGIES]
+    assert [round(ends[row], 1) for row in sorted(ends)] == pytest.approx([round(t, 1) for t in totals], abs=0.15)
+    reserve = [p.get_width() for p in bars.patches if to_hex(p.get_facecolor()) == scaling.PARTS["reserve"].lower()]
+    assert reserve == [scaling.RESERVE_GIB] * len(scaling.STRATEGIES)
+    assert "CUDA reserve (2.5 GiB)" in [t.get_text() for t in bars.get_legend().get_texts()]
+    capacities = [SHAPES[name].memory_gib for name in ("t4", "l4", "a100-40gb", "h100")]
+    assert capacities == [14.7, 22.5, 39.4, 79.1]
+    assert [line.get_xdata()[0] for line in bars.lines] == capacities
+    assert [line.get_ydata()[0] for line in lines.lines if list(line.get_xdata()) == [0, 1]] == capacities
+    assert {"16 GB:\n14.7 GiB", "80 GB:\n79.1 GiB"} <= {t.get_text() for t in lines.texts}

@@ -55,9 +55,10 @@ def test_what_notebook_03_imports_before_the_launcher_leaves_bitsandbytes_out():
     child process."""
     result = _python(
         "import sys, os, torch\n"
-        "from utils import curves, plan, scaling, sft\n"
+        "from utils import card_era, curves, plan, scaling, sft\n"
         "from utils.hardware import choose_profile, launcher_problems\n"
         "choose_profile('auto')\n"
+        "scaling.plot_full_memory()\n"
         "plan.plan_in_child(['--config', 'configs/sft_full.yaml'], gpu='16xa100-80gb')\n"
         "print('bitsandbytes' in sys.modules, torch.cuda.is_initialized(), os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'],"
         " launcher_problems())\n"

@@ -16,6 +16,7 @@ from tools.notebook_runner import notebooks, printed_text, run_notebook
 from tools.setup_cell import SETUP_CELL
 from utils import REPO_ROOT, exercises
 from utils.curves import PLANTED_TRUTH
+from utils.hardware import ULTRACHAT_PACKED_ROWS, ULTRACHAT_TOKENS
 from utils.sampling import logged_answers
 from utils.tiny_world import CHECK_QUESTIONS, loss_halved
 
@@ -57,7 +58,7 @@ def _series(tmp_path_factory):
     params = {
         "01": dict(OUT=str(base / "processed")),
         "02": dict(OUTPUT_DIR=str(runs / "qlora")),
-        "03": dict(LAUNCH_DIR=str(runs / "qlora-ddp"), SMOKE_STEPS=4),
+        "03": dict(LAUNCH_DIR=str(runs / "qlora-ddp"), SMOKE_STEPS=4, PLOTS=str(base / "plots")),
         "04": dict(RUNS=str(runs), PLOTS=str(base / "plots")),
         "05": dict(RUNS=str(runs), MAX_NEW_TOKENS=32),
     }
@@ -73,6 +74,10 @@ def _series(tmp_path_factory):
 def test_notebook_01(series):
     base, texts = series
     assert "Profile: smoke — asked for explicitly" in texts["01"]
+    assert (  # the one reference for the size of ultrachat_200k (utils.hardware)
+        f"HuggingFaceH4/ultrachat_200k train_sft as the card packed it: {ULTRACHAT_PACKED_ROWS:,} rows of 2,048 "
+        f"tokens, ~{ULTRACHAT_TOKENS / 1e6:.1f}M tokens" in texts["01"]
+    )
     assert (
         "23 rows in, 16 kept, 7 dropped, 1 truecased; filters applied: structure, truecase, disclaimer, "
         "duplicate_prompt" in texts["01"]
@@ -129,6 +134,21 @@ def test_notebook_03(series):
     assert re.search(r"\[rank 0/2\] holds [\d,]+ of 4,317,760 parameters \(50%\)", texts["03"])  # FSDP
     assert "checkpoints: ['checkpoint-4'] | trainer_state.json: True" in texts["03"]
     assert "· accumulation, 16 GPUs x 4: no prediction yet" in texts["03"]  # the check cell
+    # one size of ultrachat_200k: the reference gives the card's stop; the offline estimate is only its check
+    assert (
+        f"reference: {ULTRACHAT_PACKED_ROWS:,} packed rows (~{ULTRACHAT_TOKENS / 1e6:.1f}M tokens): the card's trainer "
+        "stops at step 272 of 406, epoch 0.67" in texts["03"]
+    )
+    assert "offline estimate: 146,735 packed rows: step 286, 5% more than the card" in texts["03"]
+    assert (  # the steps table counts the same rows TRL 1.x's way, and says why it is one step more
+        "273 optimizer steps per epoch in TRL 1.x: 272 full global batches of 512 and a last one of 192 rows; the "
+        "card's trainer did not step that one: 272 steps" in texts["03"]
+    )
+    assert re.search(r"^done: 4 steps, 0\.\d\d of an epoch of this data, ", texts["03"], re.MULTILINE)
+    executed = nbformat.read(base / "executed" / "03_full_sft_multi_gpu.ipynb", as_version=4)
+    shown = [o.get("data", {}).get("text/html", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs]
+    assert not any("Epoch" in html for html in shown)  # transformers' table ("Epoch 0/1" after 4 steps) is off
+    assert (base / "plots" / "memory_per_gpu.png").is_file()  # the memory figure, saved
 
 
 def test_notebook_04(series):

@@ -58,6 +58,22 @@ def test_each_shapes_choices(name, plans):
     assert e["epoch_hours"] > 0 and e["epoch_basis"].startswith("estimate: the H200's")
 
 
+def test_the_epoch_estimate_names_its_assumptions(plans):
+    """The estimate scales the H200's speed by peak TFLOPS and GPU count only: 2 x T4 is exactly half a T4's time and
+    an H100 gets the H200's time. Where the numbers say so, the printed basis says it is an assumption."""
+    hours = {name: p["estimates"]["epoch_hours"] for name, p in plans.items()}
+    basis = {name: p["estimates"]["epoch_basis"] for name, p in plans.items()}
+    assert hours["2xt4"] == pytest.approx(hours["t4"] / 2, abs=0.05)
+    assert "perfect scaling over 2 GPUs" in basis["2xt4"] and "perfect scaling" not in basis["t4"]
+    assert hours["h100"] == hours["h200"] and hardware.peak_tflops("H100") == hardware.peak_tflops("H200")
+    assert "its estimate is the H200's measurement" in basis["h100"] and "H200's measurement" not in basis["h200"]
+    assert all("assumes speed in proportion to peak TFLOPS" in b for b in basis.values())
+    result = _plan(["--config", RECIPE, "--gpu", "8xh100"])
+    assert result.returncode == 0, result.stderr
+    assert "  assumes speed in proportion to peak TFLOPS alone" in result.stdout
+    assert "perfect scaling over 8 GPUs (8 x one GPU's speed)" in result.stdout
+
+
 def test_the_docs_table_is_the_codes(plans):
     assert markdown_table(plans) in (REPO_ROOT / "docs" / "gpu_plans.md").read_text()
 

@@ -68,7 +68,9 @@ def memory_gib(values: dict, world: int) -> tuple[float, str]:
 
 def epoch_hours(values: dict, hw: Hardware, world: int) -> tuple[float | None, str]:
     """Hours for one epoch of ultrachat_200k: the H200's measured tokens/s for this attention and checkpointing,
-    scaled by the GPU's peak TFLOPS and the number of GPUs. An estimate; QLoRA only."""
+    scaled by the GPU's peak TFLOPS and the number of GPUs. An estimate; QLoRA only. Its basis names the two
+    assumptions: speed in proportion to peak TFLOPS alone (so a GPU with the H200's peak, an H100, gets the H200's
+    time: memory bandwidth and size are not modelled), and perfect scaling over GPUs (N GPUs, N times one's speed)."""
     from utils.hardware import peak_tflops
     from utils.scaling import h200_measurements
 
@@ -83,9 +85,15 @@ def epoch_hours(values: dict, hw: Hardware, world: int) -> tuple[float | None, s
     if row is None or not peak:
         return None, "no estimate (no measurement for these settings, or an unknown GPU)"
     tok_s = row["tokens_per_second"] * peak / ref["peak_tflops"] * world
+    assumes = ["speed in proportion to peak TFLOPS"]
+    if peak == ref["peak_tflops"] and ref["device"].lower() not in (hw.gpu_name or "").lower():
+        assumes[0] += f" alone (this GPU's peak is the {ref['device']}'s, so its estimate is the H200's measurement)"
+    if world > 1:
+        assumes.append(f"perfect scaling over {world} GPUs ({world} x one GPU's speed)")
     basis = (
         f"estimate: the H200's {row['tokens_per_second']:,} tokens/s for '{row['variant']}' x {peak:.0f}/"
-        f"{ref['peak_tflops']:.0f} peak TFLOPS x {world} GPU(s) = {tok_s:,.0f} tokens/s"
+        f"{ref['peak_tflops']:.0f} peak TFLOPS x {world} GPU(s) = {tok_s:,.0f} tokens/s; assumes "
+        + " and ".join(assumes)
     )
     return ULTRACHAT_TOKENS / tok_s / 3600, basis
 
@@ -143,7 +151,8 @@ def print_plan(result: dict) -> None:
         print(f"Memory: ~{e['memory_gib']} GiB per GPU of {e['gpu_memory_gib']} GiB: {verdict} ({e['memory_basis']})")
     if e["epoch_hours"]:
         print(f"One epoch of ultrachat_200k (~{e['epoch_tokens'] / 1e6:.0f}M tokens): ~{e['epoch_hours']:,} hours")
-        print(f"  ({e['epoch_basis']})")
+        how, _, assumed = e["epoch_basis"].partition("; assumes ")
+        print(f"  ({how})" + (f"\n  assumes {assumed}" if assumed else ""))
 
 
 def _world(result: dict) -> int:
@@ -196,7 +205,7 @@ def markdown_table(plans: dict[str, dict]) -> str:
     """One row per GPU shape: what the profile chose and what the run would take."""
     head = (
         "| --gpu | profile | compute dtype | mixed precision | attention | checkpointing | batch | trainable weights "
-        "| memory (GiB) | one epoch |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "| memory (GiB) | one epoch (estimate) |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for name, p in plans.items():

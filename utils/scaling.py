@@ -24,7 +24,8 @@ MISTRAL_7B = dict(params=7_241_732_096, layers=32, hidden=4096, vocab=32_000)
 STRATEGIES = ("ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp")
 RESERVE_GIB = 2.5  # CUDA context, NCCL buffers, allocator fragmentation
 # ultrachat_200k's train_sft (~300.7M tokens) packed into 2,048-token sequences: an offline estimate from its published
-# size and the sample's characters per token (docs/card_era.md, "ultrachat_200k (offline estimate)").
+# size and the sample's characters per token (docs/card_era.md, "ultrachat_200k (offline estimate)"), 5% over the
+# card's size. Only a check of that method: the collection's reference is utils.hardware.ULTRACHAT_PACKED_ROWS.
 ULTRACHAT_PACKED_ESTIMATE = 146_735
 
 
@@ -103,12 +104,16 @@ def activation_bytes(
     return kept + (block if checkpointing else 0) + logits
 
 
+# The GPU that stands for each size class (utils.hardware.SHAPES: what torch reports for it, in GiB).
+GPU_CLASSES = {16: "t4", 24: "l4", 40: "a100-40gb", 80: "h100"}
+
+
 def usable_gib(gpu_gb: int) -> float:
-    """The GiB a GPU sold as ``gpu_gb`` GB reports to PyTorch (a T4's "16 GB" are 14.7 GiB) (``SHAPES``)."""
+    """The GiB a GPU sold as ``gpu_gb`` GB reports to PyTorch (a T4's "16 GB" are 14.7 GiB): the memory of the
+    ``GPU_CLASSES`` shape of that size in ``utils.hardware.SHAPES``."""
     from utils.hardware import SHAPES
 
-    card = {16: "t4", 24: "l4", 40: "a100-40gb", 80: "h100"}[gpu_gb]
-    return SHAPES[card].memory_gib
+    return SHAPES[GPU_CLASSES[gpu_gb]].memory_gib
 
 
 def estimate(
@@ -150,6 +155,86 @@ def fit_table(per_device_batch: int = 8, gpu_counts=(1, 2, 4, 8, 16), gpu_sizes=
             )
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+PARTS = {  # the parts of a full fine-tune's memory per GPU, as fit_table's columns, and their colours
+    "weights": "#4C72B0",
+    "gradients": "#DD8452",
+    "optimizer": "#55A868",
+    "activations": "#C44E52",
+    "reserve": "#8C8C8C",
+}
+
+
+def plot_full_memory(per_device_batch: int = 8, gpus: int = 8, gpu_sizes=(16, 24, 40, 80)):
+    """Notebook 03's figure of ``fit_table(per_device_batch)``: left, a stacked bar per strategy on ``gpus`` GPUs,
+    every part of its estimate (the CUDA reserve too, so a bar's length is what must fit); right, the total per GPU
+    against the GPU count. Dotted lines: what a GPU of each size class reports, in GiB (``usable_gib``), labelled
+    with both."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    from utils.hardware import SHAPES
+
+    fit = fit_table(per_device_batch, gpu_sizes=gpu_sizes)
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1.1, 1]})
+    rows = fit[fit.gpus == gpus].set_index("strategy")
+    left = pd.Series(0.0, index=rows.index)
+    for part, color in PARTS.items():
+        label = f"CUDA reserve ({RESERVE_GIB} GiB)" if part == "reserve" else part
+        bars.barh(rows.index, rows[part], left=left, color=color, label=label)
+        left += rows[part]
+    capacity = {size: usable_gib(size) for size in gpu_sizes}
+    for gib in capacity.values():
+        bars.axvline(gib, color="grey", linestyle=":", linewidth=0.8)
+    guides = bars.secondary_xaxis("top")  # the GPU sizes, labelled above the bars they cut through
+    guides.set_xticks(list(capacity.values()), [f"{gib}" for gib in capacity.values()])
+    guides.set_xlabel("GiB that a " + ", ".join(f"{size}" for size in capacity) + " GB GPU reports", fontsize=8)
+    guides.tick_params(labelsize=8, colors="grey")
+    guides.xaxis.label.set_color("grey")
+    bars.invert_yaxis()
+    bars.set_xlabel(f"GiB per GPU ({gpus} GPUs, batch {per_device_batch} per device)")
+    bars.set_xlim(0, 130)
+    bars.legend(fontsize=8, loc="lower right")
+    bars.set_title(f"Where each engine's memory goes, on {gpus} GPUs", pad=8)
+    styles = {"ddp": "o-", "zero2": "s--", "zero2_offload": "^-.", "zero3": "D-", "zero3_offload": "v:", "fsdp": "x--"}
+    for strategy, style in styles.items():
+        sub = fit[fit.strategy == strategy]
+        lines.plot(
+            sub.gpus,
+            sub["GiB per GPU"],
+            style,
+            label=strategy + (" (= zero3)" if strategy == "fsdp" else ""),
+            markersize=7 if strategy != "fsdp" else 10,
+            alpha=0.9,
+        )
+    for size, gib in capacity.items():
+        lines.axhline(gib, color="grey", linewidth=0.6, linestyle=":")
+        lines.text(18.5, gib, f"{size} GB:\n{gib} GiB", va="center", fontsize=7, color="grey")
+    lines.set_xscale("log", base=2)
+    lines.set_yscale("log")
+    lines.xaxis.set_major_locator(FixedLocator(sorted(set(fit.gpus))))
+    lines.xaxis.set_major_formatter(ScalarFormatter())
+    lines.yaxis.set_major_locator(FixedLocator([10, 20, 40, 80, 120]))
+    lines.yaxis.set_major_formatter(ScalarFormatter())
+    lines.yaxis.set_minor_formatter(NullFormatter())
+    lines.set_xlim(0.8, 28)
+    lines.set_ylim(5.5, 150)  # room under the lowest line for the legend
+    lines.set_xlabel("GPUs")
+    lines.set_ylabel("GiB per GPU (every part, the reserve too)")
+    lines.set_title(f"Mistral-7B full fine-tune, batch {per_device_batch} per device: total per GPU")
+    lines.legend(ncol=2, fontsize=8, loc="lower left")
+    names = ", ".join(f"{SHAPES[GPU_CLASSES[size]].name}: {capacity[size]}" for size in gpu_sizes)
+    fig.text(
+        0.01,
+        0.01,
+        f"Dotted lines: the GiB torch reports for each size class (utils.hardware.SHAPES: {names})",
+        fontsize=7,
+        color="grey",
+    )
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
 
 
 # --- QLoRA on one GPU ------------------------------------------------------------------------------------------------
