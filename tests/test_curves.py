@@ -204,3 +204,10 @@ def test_a_plots_folder_that_is_a_file_is_one_line(runs_dir, tmp_path, capsys):
     assert curves.main(["--runs", str(runs_dir), "--out", str(blocker)]) == 2
     assert capsys.readouterr().err == f"error: {blocker} is a file, so the plots cannot be saved under {blocker}\n"
     assert blocker.read_text() == "my notes"
+
+
+def test_a_runs_folder_that_does_not_exist_is_one_line_and_no_plot_is_written(tmp_path, capsys):
+    plots = tmp_path / "plots"
+    assert curves.main(["--runs", str(tmp_path / "typo"), "--out", str(plots)]) == 2
+    assert capsys.readouterr().err == f"error: --runs {tmp_path / 'typo'}: no such folder\n"
+    assert not plots.exists()  # the plots of the real runs are not replaced by an empty one

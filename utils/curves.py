@@ -389,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.smoothing < 1:
         parser.exit(2, f"error: --smoothing must be in [0, 1), got {args.smoothing}\n")
+    if not Path(args.runs).is_dir():
+        print(f"error: --runs {args.runs}: no such folder", file=sys.stderr)
+        return 2
     runs = find_runs(Path(args.runs))
     if not runs:
         print(f"No training runs under {args.runs} yet: run notebook 02 (QLoRA) or 03 (full fine-tune) first.")
