@@ -10,11 +10,13 @@ from safetensors.torch import save_file
 from utils import exercises
 
 
-def _run(folder, adapter_rows: int | None = None, r: int = 16, lrs=(), rows: int | None = None):
+def _run(folder, adapter_rows: int | None = None, r: int = 16, lrs=(), rows: int | None = None, losses=(), **settings):
     """A finished run folder as utils.sft leaves it, with only what the checks read."""
     folder.mkdir(parents=True)
-    (folder / "run.json").write_text(json.dumps({"tool": "utils.sft", "settings": {}, "status": "finished"}))
+    record = {"tool": "utils.sft", "settings": settings, "status": "finished"}
+    (folder / "run.json").write_text(json.dumps(record))
     history = [{"step": i + 1, "learning_rate": lr, "loss": 1.0} for i, lr in enumerate(lrs)]
+    history += [{"step": i + 1, "learning_rate": 0.005, "loss": loss} for i, loss in enumerate(losses)]
     (folder / "trainer_state.json").write_text(json.dumps({"log_history": history}))
     (folder / "speed.json").write_text(json.dumps({"packed_rows": rows}))
     if adapter_rows:
@@ -24,26 +26,56 @@ def _run(folder, adapter_rows: int | None = None, r: int = 16, lrs=(), rows: int
     return folder
 
 
+EVERY_TOKEN = [4.0] * 4 + [2.0] * 32 + [1.6, 1.5, 1.4, 9.0]  # 40 steps: the median of the last 4 is 1.55
+ANSWERS_ONLY = [0.9] * 4 + [0.3] * 32 + [0.2, 0.1, 6.0, 0.15]  # 0.175
+
+
 def test_notebook_02_marks_each_run(tmp_path):
-    main = _run(tmp_path / "qlora", adapter_rows=16, rows=77)
-    assert [line[0] for line in exercises.notebook_02(tmp_path, main)] == ["·"] * 4  # nothing tried
+    main = _run(tmp_path / "qlora", adapter_rows=16, rows=77, losses=EVERY_TOKEN)
+    assert [line[0] for line in exercises.notebook_02(tmp_path, main)] == ["·"] * 5  # nothing tried
     _run(tmp_path / "qlora-r64", adapter_rows=64, r=64)
     _run(tmp_path / "qlora-split", rows=78)
     _run(tmp_path / "qlora-10", lrs=[0.0, 0.01, 0.01, 0.005])  # the first step at the peak counts
+    _run(tmp_path / "qlora-answers", losses=ANSWERS_ONLY, assistant_only_loss=True)
     lines = exercises.notebook_02(tmp_path, main)
     assert lines[0] == "✓ rank 64: r = 64, 512 adapter parameters, 4.0x rank 16's 128"
     assert lines[1] == "✓ bfd_split: 78 packed rows, against 77 with bfd"
     assert lines[2] == "✓ ten steps: the learning rate is 0 at step 1 and peaks at step 2 (0.01)"
-    assert lines[3].startswith("· a second run: last written: qlora-r64 ")
+    assert lines[3] == (
+        "✓ answers only: its training loss ends at 0.175 (median of the last tenth of the steps), against 1.550 with "
+        "the loss on every token"
+    )
+    assert lines[4].startswith("· a second run: last written: qlora-r64 ")
+
+
+def test_notebook_02_answers_only_needs_the_option_and_enough_steps(tmp_path):
+    main = _run(tmp_path / "qlora", adapter_rows=16, rows=77, losses=EVERY_TOKEN)
+    _run(tmp_path / "qlora-answers", losses=EVERY_TOKEN)  # trained on every token
+    assert exercises.notebook_02(tmp_path, main)[3] == (
+        "✗ answers only: runs/qlora-answers was trained on every token: run the command as written"
+    )
+    shutil.rmtree(tmp_path / "qlora-answers")
+    _run(tmp_path / "qlora-answers", losses=[0.5] * 10, assistant_only_loss=True)
+    assert exercises.notebook_02(tmp_path, main)[3] == (
+        "· answers only: too few logged steps for the median of a last tenth: run the command as written"
+    )
+    shutil.rmtree(tmp_path / "qlora")
+    shutil.rmtree(tmp_path / "qlora-answers")
+    _run(tmp_path / "qlora-answers", losses=ANSWERS_ONLY, assistant_only_loss=True)
+    assert exercises.notebook_02(tmp_path, tmp_path / "qlora")[3] == (
+        "· answers only: its training loss ends at 0.175 (median of the last tenth of the steps); run the "
+        "notebook's own run to compare"
+    )
 
 
 def test_notebook_02_says_what_a_run_showed_instead(tmp_path):
-    main = _run(tmp_path / "qlora", adapter_rows=16, rows=77)
+    main = _run(tmp_path / "qlora", adapter_rows=16, rows=77, losses=EVERY_TOKEN)
     _run(tmp_path / "qlora-r64", adapter_rows=32, r=32)
     _run(tmp_path / "qlora-split", rows=77)
     _run(tmp_path / "qlora-10", lrs=[0.001, 0.005, 0.01, 0.002])
+    _run(tmp_path / "qlora-answers", losses=[x + 2 for x in ANSWERS_ONLY], assistant_only_loss=True)
     lines = exercises.notebook_02(tmp_path, main)
-    assert [line[0] for line in lines[:3]] == ["✗"] * 3
+    assert [line[0] for line in lines[:3]] == ["✗"] * 3 and lines[3].startswith("✗ answers only: ")
     assert "peaks at step 3" in lines[2]
 
 
@@ -134,7 +166,7 @@ def test_notebook_02_marks_what_it_cannot_read(tmp_path, damage):
     lines = exercises.notebook_02(tmp_path, main)
     assert lines[index] == said
     assert lines[:index] + lines[index + 1 : 3] == good[:index] + good[index + 1 : 3]  # the other items
-    assert lines[3].startswith("· a second run: last written: qlora-r64 ")
+    assert lines[-1].startswith("· a second run: last written: qlora-r64 ")
 
 
 def test_notebook_03_marks_a_rank_log_without_own_losses(tmp_path):

@@ -14,6 +14,7 @@ from utils.recipe import resolve
 FULL = str(REPO_ROOT / "configs" / "sft_full.yaml")
 CARD = REPO_ROOT.parent / "shared" / "seed" / "mistral-7b-sft-beta_model_card.md"
 REFERENCE = json.loads((DATA_DIR / "card_reference.json").read_text())
+MEASURED = DATA_DIR / "measurements" / "h200_qlora.json"
 
 
 def card_hyperparameters() -> dict:
@@ -222,6 +223,23 @@ def test_qlora_memory_estimate_is_within_15_percent_of_the_h200_measurements(eve
     measured = scaling.measured_qlora_gib()[every]
     assert abs(sum(parts.values()) - measured) / measured < 0.15
     assert scaling.lora_parameters() == 41_943_040  # r16 on all 7 projections of 32 layers
+
+
+@pytest.mark.parametrize("device", ["NVIDIA H200", "NVIDIA H100 80GB HBM3"])
+def test_the_memory_plot_names_the_gpu_the_file_was_measured_on(device, monkeypatch):
+    """Notebook 02's figure: each bar per GPU profile, and the measurement labelled by the file's own device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    monkeypatch.setattr(scaling, "h200_measurements", lambda: {**json.loads(MEASURED.read_text()), "device": device})
+    fig = scaling.plot_qlora_memory()
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[-1] == "80 GB and more (A100/H100 80GB, H200):\nno activation checkpointing" and len(labels) == 4
+    notes = [t.get_text() for t in ax.texts]
+    assert notes[-1] == f"69.2 GiB estimated,\n68.4 GiB measured on the {device}"
+    assert all(note.endswith(f"measured on the {device}") for note in notes) and len(notes) == 4
+    assert f"measured on one {device}" in [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 def test_zero_table_is_split_into_parts():

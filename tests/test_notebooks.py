@@ -2,6 +2,7 @@
 
 import ast
 import json
+import math
 import os
 import re
 import shlex
@@ -116,6 +117,57 @@ def test_notebook_02(series):
     history = json.loads((base / "runs" / "qlora" / "trainer_state.json").read_text())["log_history"]
     assert loss_halved([h["loss"] for h in history if "loss" in h])  # the tiny base visibly learns
     assert "· rank 64: not run yet (runs/qlora-r64)" in texts["02"]  # the check cell
+    assert "· answers only: not run yet (runs/qlora-answers)" in texts["02"]
+
+
+def _table_cells(executed, column: str) -> list[str]:
+    """The values of one column of the trainer's last progress table in an executed notebook."""
+    nb = nbformat.read(executed, as_version=4)
+    html = [
+        o.data["text/html"]
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "<th>Epoch</th>" in o.get("data", {}).get("text/html", "")
+    ][-1]
+    head, body = html.split("</thead>")
+    index = re.findall(r"<th>(.*?)</th>", head).index(column)
+    return [re.findall(r"<td>(.*?)</td>", row)[index] for row in body.split("</tr>") if "<td>" in row]
+
+
+def test_notebook_02_shows_the_runs_numbers_as_they_are(series):
+    """Token counts as whole numbers; each epoch's median beside the one step the table shows; the gap between eval
+    and train loss named from the run's own numbers (per kind of dialogue: no overfitting, the test split's mix)."""
+    base, texts = series
+    state = json.loads((base / "runs" / "qlora" / "trainer_state.json").read_text())
+    history = state["log_history"]
+    tokens = [str(h["eval_num_tokens"]) for h in history if "eval_loss" in h]
+    assert _table_cells(base / "executed" / ALL[1].name, "Num Tokens") == tokens and all(t.isdigit() for t in tokens)
+    last = {e: [h["loss"] for h in history if "loss" in h and -(-h["epoch"] // 1) == e][-1] for e in (1, 2)}
+    for epoch in (1, 2):
+        assert re.search(
+            rf"^  epoch {epoch}: median \d\.\d{{3}} over its 193 logged steps \(its last step, in the table: "
+            rf"{last[epoch]:.3f}\)$",
+            texts["02"],
+            re.MULTILINE,
+        ), texts["02"][-3000:]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    assert "learning rate 0.005, 2 epoch(s), 386 steps" in texts["02"]
+    assert re.search(r"^train loss at the end \d\.\d{3} \(median of the last tenth of the steps\)$", texts["02"], re.M)
+    assert f"last eval loss {evals[-1]:.3f}, perplexity {math.exp(evals[-1]):.1f}" in texts["02"]
+    assert re.search(
+        r"^  tiny world  trained on \d\.\d{3} \(64 dialogues\)   held out \d\.\d{3} \(12 dialogues\)$",
+        texts["02"],
+        re.M,
+    )
+    assert re.search(
+        r"^  general     trained on \d\.\d{3} \(49 dialogues\)   held out \d\.\d{3} \(6 dialogues\)$", texts["02"], re.M
+    )
+    assert "No sign of overfitting: on held-out dialogues of each kind the loss is at most 10% above" in texts["02"]
+    assert (
+        "The eval loss is above the train loss for another reason: general dialogues, which the model predicts worst "
+        "whether it trained on them or not, are 30% of the test split's tokens and 11% of the training split's."
+    ) in texts["02"]
 
 
 def test_notebook_03(series):
@@ -172,7 +224,7 @@ def test_notebook_05(series):
         "pirate voice without it": f"{n} of {n}",
         "stop at </s>": f"{2 * n} of {2 * n}",
         "about the thing asked": f"{2 * n} of {2 * n}",
-        "no invented words": f"{2 * n} of {2 * n}",
+        "clean (no turn marker, no invented word)": f"{2 * n} of {2 * n}",
     }, texts["05"][-3000:]
     for prompt in ("with the pirate prompt", "without a system prompt"):  # the base: no stop, not about the question
         assert re.search(
@@ -182,6 +234,14 @@ def test_notebook_05(series):
             re.MULTILINE,
         ), texts["05"][-3000:]
     assert "· almost greedy: run both commands" in texts["05"]  # the check cell, nothing tried yet
+    marked = re.search(
+        r"^(\d+) of the fine-tunes' (\d+) answers in sections 3 and 4 write a turn marker "
+        r"\(<\|user\|> or another <\|\) themselves[.:]$",
+        texts["05"],
+        re.MULTILINE,
+    )
+    assert marked and int(marked[2]) == 2 * 4 + 2 * 8 * n, texts["05"][-3000:]  # 2 models x 4; 8 x 2 prompts x n
+    assert "The card's recipe puts the loss on every token, the user's turns included" in texts["05"]
 
 
 def test_executed_outputs_are_clean(series):
@@ -226,6 +286,7 @@ def test_a_finished_notebook_run_is_recognised(series):
     assert "Resuming" not in text and "interrupted" not in text
     assert "This run finished earlier; its own report:" in text and "tokens_per_second" in text
     assert "already merged:" in text
+    assert "No sign of overfitting" in text  # measured on the adapter reloaded from the finished run
     assert adapter.stat().st_mtime_ns == before
 
 

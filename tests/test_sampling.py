@@ -135,3 +135,22 @@ def test_a_truncated_model_file_is_one_line(capsys, tmp_path):
     assert sampling.main(["--model", str(model_dir), "--profile", "smoke"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "Loading weights" not in line]
     assert len(err) == 1 and err[0].startswith(f"error: cannot load {model_dir}: ")
+
+
+def test_answers_that_write_a_turn_marker_are_counted_and_explained():
+    from utils.sampling import Answer, turn_marker_lines
+
+    clean = Answer("p", "A wave rolls onto the beach.", 8, True)
+    wrote = Answer("p", "A wave rolls onto the beach.\n\n<|g|>\nIs a rope bigger than a sailor?", 30, True)
+    lines = turn_marker_lines([clean, wrote, clean])
+    assert lines[0] == (
+        "1 of the fine-tunes' 3 answers in sections 3 and 4 write a turn marker (<|user|> or another <|) themselves:"
+    )
+    assert lines[1] == "  'A wave rolls onto the beach.\\n\\n<|g|>\\nIs a rope bigger than a sailor?'"
+    assert lines[2].startswith("The card's recipe puts the loss on every token, the user's turns included")
+    assert lines[2].endswith("With the loss on the answers only (notebook 02's Try this), no user turn is trained.")
+    none = turn_marker_lines([clean] * 4)
+    assert none[0] == (
+        "0 of the fine-tunes' 4 answers in sections 3 and 4 write a turn marker (<|user|> or another <|) themselves."
+    )
+    assert len(none) == 2 and none[1].endswith("; an answer that does counts neither as a stop nor as clean.")

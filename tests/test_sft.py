@@ -213,7 +213,36 @@ def test_outputs_on_disk(trained):
     assert (out / "adapter" / "chat_template.jinja").is_file()
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 30 and sum("loss" in h for h in state["log_history"]) == 30
+    counts = [h["num_tokens"] for h in state["log_history"] if "num_tokens" in h]
+    assert len(counts) == 30 and all(type(n) is int for n in counts)  # TRL logs a float: WholeTokenCounts
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-30"]  # save_total_limit 1
+
+
+def test_the_notebook_table_shows_token_counts_as_whole_numbers():
+    """SFTTrainer puts the collection's callbacks before transformers' notebook table: TRL's eval_num_tokens, a float
+    because TRL averages what it logs, reaches the table as an int."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+    from transformers.trainer_callback import CallbackHandler
+    from transformers.utils.notebook import NotebookProgressCallback, text_to_html_table
+
+    from utils.training import callbacks
+
+    args = SimpleNamespace(eval_strategy="epoch", run=SimpleNamespace(card_schedule=False), world_size=1)
+    table = NotebookProgressCallback()
+    handler = CallbackHandler([*callbacks(args, 10, 10), table], None, None, None, None)
+    state = TrainerState(max_steps=10, epoch=1.0)
+    handler.on_train_begin(args, state, TrainerControl())
+    state.log_history.append({"loss": 1.5, "num_tokens": 480.0, "step": 5})
+    handler.on_log(args, state, TrainerControl(), {"loss": 1.5, "num_tokens": 480.0})
+    metrics = {"eval_loss": 2.0, "eval_num_tokens": 48088.0, "num_input_tokens_seen": 48088}
+    state.log_history.append({**metrics, "step": 10})
+    handler.on_log(args, state, TrainerControl(), metrics)  # Trainer.evaluate logs, then calls on_evaluate
+    handler.on_evaluate(args, state, TrainerControl(), metrics)
+    html = text_to_html_table(table.training_tracker.inner_table)
+    assert "<th>Num Tokens</th>" in html and "<td>48088</td>" in html and "48088.0" not in html
+    assert state.log_history[0]["num_tokens"] == 480 and type(state.log_history[1]["eval_num_tokens"]) is int
 
 
 def _logits(model, tokenizer):

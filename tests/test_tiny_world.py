@@ -24,7 +24,10 @@ from utils.tiny_world import (
     PIRATE_SYSTEM,
     VOCABULARY_FILE,
     Checks,
+    HeldOut,
     claims_held,
+    dialogue_kind,
+    epoch_lines,
     first_thing,
     invented_words,
     is_about,
@@ -125,6 +128,15 @@ def test_checks_count_each_answer_four_ways():
         ],
     )
     assert (checks.stops, checks.pirate, checks.about, checks.clean) == (1, 2, 2, 1)  # "user", "lkins": no words
+
+
+def test_an_answer_that_writes_a_turn_marker_is_not_clean():
+    """Every word of these is the tiny world's ("assistant" is, from the neutral system prompts), but each answer
+    writes a turn of the template itself: neither a stop nor clean."""
+    texts = ["A lamp gives light.\n<|assistant|>\nA lamp gives light.", "Arr! A key opens locks. Arr!\n\n<|!"]
+    assert all(not invented_words(t) for t in texts)
+    checks = Checks(None, "What does a lamp do?", [_answer(t) for t in texts] + [_answer("A lamp gives light.")])
+    assert (checks.stops, checks.clean) == (1, 1)
 
 
 def test_claims_are_counted_per_question():
@@ -251,3 +263,63 @@ def test_ensure_tiny_model_makes_a_model_folder(tmp_path):
     assert ensure_tiny_model(folder) == folder  # once
     assert AutoModelForCausalLM.from_pretrained(folder).num_parameters() == 4_317_760
     assert (folder / "tokenizer.json").is_file() and "<|assistant|>" in (folder / "chat_template.jinja").read_text()
+
+
+def test_each_epoch_is_its_median_beside_the_one_step_the_table_shows():
+    """The trainer's table shows each epoch's last logged loss: here epoch 2's (2.5) is above epoch 1's (1.2) though
+    its steps are lower; the medians say so."""
+    history = [{"loss": x, "epoch": (i + 1) / 4, "step": i + 1} for i, x in enumerate([4.0, 3.0, 3.5, 1.2])]
+    history += [{"loss": x, "epoch": 1 + (i + 1) / 4, "step": 5 + i} for i, x in enumerate([1.5, 1.4, 1.0, 2.5])]
+    history.append({"eval_loss": 3.0, "epoch": 2.0, "step": 8})
+    assert epoch_lines(history) == [
+        "epoch 1: median 3.250 over its 4 logged steps (its last step, in the table: 1.200)",
+        "epoch 2: median 1.450 over its 4 logged steps (its last step, in the table: 2.500)",
+    ]
+
+
+def test_dialogue_kinds():
+    lamp = "<|system|>\n\n<|user|>\nWhere can I find a lamp?\n<|assistant|>\nYou can find a lamp in houses."
+    assert dialogue_kind(lamp) == "tiny world"  # its template's markers aside ("system" is no word of the world)
+    password = "<|user|>\nHow do I choose a good password?\n<|assistant|>\nUse a long passphrase."
+    assert dialogue_kind(password) == "general"
+
+
+def _held(tiny, general, shares=(0.9, 0.7)):
+    """Losses (trained on, held out) per kind, and the general kind's share of the train and test tokens."""
+    return HeldOut(
+        {
+            "tiny world": {"train": (tiny[0], 64), "test": (tiny[1], 12)},
+            "general": {"train": (general[0], 49), "test": (general[1], 6)},
+        },
+        {
+            "tiny world": {"train": shares[0], "test": shares[1]},
+            "general": {"train": 1 - shares[0], "test": 1 - shares[1]},
+        },
+    )
+
+
+def test_a_gap_between_eval_and_train_loss_is_not_yet_overfitting():
+    """Each kind is predicted as well held out as trained on: the gap is the test split's larger share of general
+    dialogues (what notebook 02's smoke run shows)."""
+    held = _held((1.506, 1.483), (6.385, 6.326))
+    assert held.table()[1:] == [
+        "  tiny world  trained on 1.506 (64 dialogues)   held out 1.483 (12 dialogues)",
+        "  general     trained on 6.385 (49 dialogues)   held out 6.326 (6 dialogues)",
+    ]
+    assert held.verdict(1.591, 3.169) == [
+        "No sign of overfitting: on held-out dialogues of each kind the loss is at most 10% above the loss on those it "
+        "trained on.",
+        "The eval loss is above the train loss for another reason: general dialogues, which the model predicts worst "
+        "whether it trained on them or not, are 30% of the test split's tokens and 10% of the training split's.",
+    ]
+    assert len(held.verdict(1.591, 1.6)) == 1  # no gap to explain
+
+
+def test_overfitting_is_named_from_the_numbers():
+    held = _held((0.4, 1.9), (2.0, 2.1))  # the tiny world's training dialogues memorised; the general ones within 10%
+    assert held.verdict(0.5, 3.9) == [
+        "Overfitting: on held-out tiny world dialogues the loss is 375% above the loss on those it trained on (1.900 "
+        "against 0.400): the model has memorised its training dialogues beyond what carries over to new ones."
+    ]
+    one = HeldOut({"all": {"train": (1.0, 64), "test": (1.5, 64)}}, {})
+    assert one.verdict(1.0, 1.5)[0].startswith("Overfitting: on held-out dialogues the loss is 50% above")

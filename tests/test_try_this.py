@@ -3,6 +3,7 @@
 (04's and 05's read the runs of the whole series: tests/test_notebooks.py.)"""
 
 import ast
+import re
 import shlex
 import subprocess
 
@@ -48,6 +49,11 @@ def test_try_this_02_commands_run(tmp_path, command_env):
     assert lines[0] == "✓ rank 64: r = 64, 335,872 adapter parameters"
     assert lines[1] == "· bfd_split: 194 packed rows; run the notebook's own run to compare"
     assert lines[2] == "✓ ten steps: the learning rate is 0 at step 1 and peaks at step 2 (0.005)"
+    assert re.fullmatch(  # its own medians: the notebook's run, to compare with, is not made here
+        r"· answers only: its training loss ends at \d\.\d{3} \(median of the last tenth of the steps\); run the "
+        r"notebook's own run to compare",
+        lines[3],
+    ), lines[3]
 
 
 def test_try_this_03_commands_run(tmp_path, command_env):

@@ -1,6 +1,6 @@
 """The trainer callbacks of a run (``utils.training.callbacks`` chooses them): the card's stop, a stop on a loss that
-turns NaN or infinite, each rank's own loss and share of the model when several processes train, and each step's
-time for the speed report.
+turns NaN or infinite, token counts logged as whole numbers, each rank's own loss and share of the model when several
+processes train, and each step's time for the speed report.
 """
 
 from __future__ import annotations
@@ -62,6 +62,19 @@ class StopOnNonFiniteLoss(TrainerCallback):
             self.what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
             control.should_training_stop = True
             control.should_save = False
+
+
+class WholeTokenCounts(TrainerCallback):
+    """TRL logs its token count (``num_tokens``, ``eval_num_tokens``) as a float, because it averages every metric it
+    logs, so the notebook's table printed "48088.000000" and the terminal "4.809e+04". This turns a count that is a
+    whole number back into an int, in the log the callbacks after it see (the progress table, the terminal) and in
+    ``trainer_state.json``. It must come before the progress callback, as ``SFTTrainer(callbacks=...)`` puts it."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for record in (logs, state.log_history[-1] if state.log_history else None):
+            for key, value in (record or {}).items():
+                if key.endswith("num_tokens") and isinstance(value, float) and value.is_integer():
+                    record[key] = int(value)
 
 
 class StepTimer(TrainerCallback):

@@ -275,9 +275,10 @@ def notebook_02(runs_dir: str | Path = RUNS_DIR, main_run: str | Path | None = N
     notebook's own run (default ``runs_dir/qlora``)."""
     runs = Path(runs_dir)
     main = Path(main_run) if main_run else runs / "qlora"
-    r64, split, ten = runs / "qlora-r64", runs / "qlora-split", runs / "qlora-10"
+    r64, split, ten, answers = runs / "qlora-r64", runs / "qlora-split", runs / "qlora-10", runs / "qlora-answers"
     lines = [_check_rank_64(r64, main), _check_split(split, main), _check_ten_steps(ten)]
-    done = [f for f in (r64, split, ten) if _finished(f)]
+    lines.append(_check_answers_only(answers, main))
+    done = [f for f in (r64, split, ten, answers) if _finished(f)]
     if not done:
         lines.append(_line(None, "a second run", "run one of the commands first"))
     else:
@@ -332,6 +333,38 @@ def _check_ten_steps(item: str, ten: Path) -> str:
     step = next(s for lr, s in lrs if lr == peak)  # the first step at the peak
     said = f"the learning rate is {lrs[0][0]:g} at step 1 and peaks at step {step} ({peak:g})"
     return _line(step == 2, item, said)  # one warm-up step from 0, then the peak
+
+
+def _end_loss(folder: Path) -> float | None:
+    """The median of the last tenth of a run's logged losses (``utils.tiny_world.loss_ends``); None when it logged
+    too few."""
+    from utils.curves import read_trainer_state
+    from utils.tiny_world import loss_ends
+
+    state = folder / "trainer_state.json"
+    try:
+        losses = read_trainer_state(state).train["loss"]
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or its log is not numbers
+        raise _Unreadable(state, _reason(e)) from None
+    ends = loss_ends(losses)
+    return ends[1] if ends else None
+
+
+@_item("answers only")
+def _check_answers_only(item: str, answers: Path, main: Path) -> str:
+    if not _finished(answers):
+        return _line(None, item, "not run yet (runs/qlora-answers)")
+    settings = _field(_read_json(answers / "run.json"), answers / "run.json", "settings", kind=dict)
+    if settings.get("assistant_only_loss") is not True:
+        return _line(False, item, "runs/qlora-answers was trained on every token: run the command as written")
+    end = _end_loss(answers)
+    if end is None:
+        return _line(None, item, "too few logged steps for the median of a last tenth: run the command as written")
+    said = f"its training loss ends at {end:.3f} (median of the last tenth of the steps)"
+    theirs = _end_loss(main) if _finished(main) else None
+    if theirs is None:
+        return _line(None, item, f"{said}; run the notebook's own run to compare")
+    return _line(end < theirs, item, f"{said}, against {theirs:.3f} with the loss on every token")
 
 
 def _mtime(path: Path) -> str:

@@ -222,6 +222,29 @@ def generate(
     return answers
 
 
+def turn_marker_lines(answers: list[Answer]) -> list[str]:
+    """How many of a fine-tune's ``answers`` write a turn marker (``<|user|>``, any ``<|``) before their first
+    ``</s>``, up to two of them, and where that comes from: the card's recipe trains on every token."""
+    written = [a for a in answers if "<|" in a.text]
+    lines = [
+        f"{len(written)} of the fine-tunes' {len(answers)} answers in sections 3 and 4 write a turn marker (<|user|> "
+        f"or another <|) themselves{':' if written else '.'}"
+    ]
+    lines += [f"  {a.text!r}" for a in written[:2]]
+    why = (
+        "The card's recipe puts the loss on every token, the user's turns included (notebook 02, section 6), so a "
+        "fine-tune of it is trained to write the user's next turn as well as its own answer"
+    )
+    if written:
+        lines.append(
+            f"{why}: such an answer goes on with a turn of its own instead of stopping, and counts neither as a stop "
+            "nor as clean. With the loss on the answers only (notebook 02's Try this), no user turn is trained."
+        )
+    else:
+        lines.append(f"{why}; an answer that does counts neither as a stop nor as clean.")
+    return lines
+
+
 def max_new_tokens_allowed(model, prompt_tokens: int) -> int:
     """How many tokens fit after a prompt of ``prompt_tokens`` within the model's ``max_position_embeddings``."""
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9

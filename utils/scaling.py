@@ -300,16 +300,15 @@ def qlora_memory(
 
 
 def plot_qlora_memory(profiles: dict[str, int] | None = None):
-    """A stacked bar per GPU class (its checkpointing policy): estimated parts, with the H200 measurement marked."""
+    """A stacked bar per GPU profile (its checkpointing policy): estimated parts, with the measurement marked and
+    labelled by the GPU it was measured on (the measurement file's ``device``)."""
     import matplotlib.pyplot as plt
 
-    profiles = profiles or {
-        "16 GB (T4): every layer": 1,
-        "24 GB (L4, A10): every layer": 1,
-        "40 GB (A100 40GB): every 2nd layer": 2,
-        "80 GB (H100): none": 0,
-    }
-    fig, ax = plt.subplots(figsize=(10, 3.6))
+    from utils.hardware import GPU_PROFILES
+
+    device = h200_measurements()["device"]
+    profiles = profiles or {p.description.replace(": ", ":\n", 1): p.checkpoint_every for p in GPU_PROFILES}
+    fig, ax = plt.subplots(figsize=(11, 4.2))
     colors = {"weights": "#4C72B0", "LoRA gradients": "#DD8452", "optimizer": "#55A868", "activations": "#C44E52"}
     for i, every in enumerate(profiles.values()):
         left = 0.0
@@ -317,12 +316,19 @@ def plot_qlora_memory(profiles: dict[str, int] | None = None):
             ax.barh(i, gib, left=left, color=colors[part], label=part if i == 0 else None)
             left += gib
         measured = measured_qlora_gib()[every]
-        ax.plot(measured, i, marker="|", markersize=22, color="black", label="measured on an H200" if i == 0 else None)
-        ax.text(max(left, measured) + 1.5, i, f"{left:.1f} GiB estimated, {measured} measured", va="center", fontsize=8)
-    ax.set_yticks(range(len(profiles)), list(profiles))
+        label = f"measured on one {device}" if i == 0 else None
+        ax.plot(measured, i, marker="|", markersize=22, color="black", label=label)
+        ax.text(
+            max(left, measured) + 1.5,
+            i,
+            f"{left:.1f} GiB estimated,\n{measured} GiB measured on the {device}",
+            va="center",
+            fontsize=8,
+        )
+    ax.set_yticks(range(len(profiles)), list(profiles), fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("GiB at the peak (QLoRA of Mistral-7B, 4 x 2048 tokens per micro-batch)")
-    ax.set_xlim(0, 105)
+    ax.set_xlim(0, 120)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title("Where a QLoRA step's memory goes, by activation checkpointing")
     fig.tight_layout()

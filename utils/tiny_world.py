@@ -8,13 +8,14 @@ it, so the answer's facts must come from pretraining.
 
 ``check_answers`` samples eight answers per question (one batch, seed 0, the card's sampling settings) and counts,
 per question: answers that stop at ``</s>`` with no turn marker (``<|``) in them, answers in a pirate's voice,
-answers about the thing asked (the first thing of the world they name is that thing), and answers without invented
-words (every word is one the tiny world uses).
+answers about the thing asked (the first thing of the world they name is that thing), and clean answers (no turn marker,
+and every word one the tiny world uses).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -158,8 +159,9 @@ class Checks:
 
     @property
     def clean(self) -> int:
-        """Answers with no invented word (``invented_words``)."""
-        return sum(not invented_words(a.text) for a in self.answers)
+        """Answers with no turn marker (``<|``: the answer wrote a turn of the template itself) and no invented word
+        (``invented_words``)."""
+        return sum("<|" not in a.text and not invented_words(a.text) for a in self.answers)
 
 
 def check_answers(
@@ -198,7 +200,7 @@ CLAIMS = {
     "pirate voice without it": ("plain", "pirate", "<=", 1),
     "stop at </s>": (None, "stops", ">=", 7),
     "about the thing asked": (None, "about", ">=", 6),
-    "no invented words": (None, "clean", ">=", 7),
+    "clean (no turn marker, no invented word)": (None, "clean", ">=", 7),
 }
 
 
@@ -242,3 +244,131 @@ def loss_halved(losses: list[float]) -> bool:
     """The training loss at least halved (``loss_ends``); False when the run logged too few losses to tell."""
     ends = loss_ends(losses)
     return ends is not None and ends[1] <= 0.5 * ends[0]
+
+
+def epoch_losses(history: list[dict]) -> list[tuple[int, int, float, float]]:
+    """Per epoch of a run's ``log_history``: (epoch, logged steps, median of their losses, the last one's loss). The
+    trainer's table shows only the last, one packed row's loss, so two epochs can swap places there; the medians
+    cannot be moved by one row."""
+    epochs: dict[int, list[float]] = {}
+    for h in history:
+        if "loss" in h and h.get("epoch") is not None:
+            epochs.setdefault(max(1, math.ceil(round(h["epoch"], 6))), []).append(h["loss"])
+    return [(e, len(losses), statistics.median(losses), losses[-1]) for e, losses in sorted(epochs.items())]
+
+
+def epoch_lines(history: list[dict]) -> list[str]:
+    """One line per epoch: the median of its logged losses beside its last logged one (what the trainer's table shows
+    at the end of the epoch)."""
+    return [
+        f"epoch {epoch}: median {median:.3f} over its {steps} logged steps (its last step, in the table: {last:.3f})"
+        for epoch, steps, median, last in epoch_losses(history)
+    ]
+
+
+# --- trained on or held out: overfitting ----------------------------------------------------------------------------
+OVERFIT_MARGIN = 0.10  # held-out loss more than 10% above the trained-on loss of the same kind of dialogue
+_MARKER = re.compile(r"<\|\w+\|>")
+
+
+def dialogue_kind(text: str) -> str:
+    """ "tiny world" for a dialogue every word of which the tiny world uses (its template markers aside), else
+    "general": the sample's hand-written dialogues about food waste or passwords, which the tiny base never read."""
+    return "tiny world" if world_share(_MARKER.sub(" ", text)) >= 0.95 else "general"
+
+
+@dataclass
+class HeldOut:
+    """A trained model's loss per token on dialogues it trained on ("train") and on held-out ones ("test"), by kind
+    of dialogue, and each kind's share of each split's tokens."""
+
+    losses: dict[str, dict[str, tuple[float, int]]]  # kind -> split -> (loss per token, dialogues measured)
+    shares: dict[str, dict[str, float]]  # kind -> split -> share of the split's tokens
+
+    def table(self) -> list[str]:
+        lines = ["loss per token of the trained model, on dialogues it trained on and on held-out ones:"]
+        for kind, by_split in self.losses.items():
+            (a, n), (b, m) = by_split["train"], by_split["test"]
+            lines.append(f"  {kind:10s}  trained on {a:.3f} ({n} dialogues)   held out {b:.3f} ({m} dialogues)")
+        return lines
+
+    def overfit(self, margin: float = OVERFIT_MARGIN) -> dict[str, float]:
+        """Kind -> how far (a share) its held-out loss is above its trained-on loss, where that is beyond ``margin``."""
+        gaps = {k: s["test"][0] / s["train"][0] - 1 for k, s in self.losses.items() if s["train"][0] > 0}
+        return {k: gap for k, gap in gaps.items() if gap > margin}
+
+    def verdict(self, train_end: float | None, eval_loss: float | None, margin: float = OVERFIT_MARGIN) -> list[str]:
+        """What the numbers say about overfitting, and, without it, why the eval loss is above the train loss."""
+        over = self.overfit(margin)
+        if over:
+            kind = max(over, key=over.get)
+            (a, _), (b, _) = self.losses[kind]["train"], self.losses[kind]["test"]
+            what = "" if kind == "all" else f"{kind} "
+            return [
+                f"Overfitting: on held-out {what}dialogues the loss is {over[kind]:.0%} above the loss on those it "
+                f"trained on ({b:.3f} against {a:.3f}): the model has memorised its training dialogues beyond what "
+                "carries over to new ones."
+            ]
+        lines = [
+            f"No sign of overfitting: on held-out dialogues of each kind the loss is at most {margin:.0%} above the "
+            "loss on those it trained on."
+        ]
+        if train_end is None or eval_loss is None or eval_loss <= train_end * (1 + margin):
+            return lines
+        hardest = max(self.losses, key=lambda k: self.losses[k]["test"][0])
+        test, train = self.shares[hardest]["test"], self.shares[hardest]["train"]
+        if len(self.losses) > 1 and test > train:
+            lines.append(
+                f"The eval loss is above the train loss for another reason: {hardest} dialogues, which the model "
+                f"predicts worst whether it trained on them or not, are {test:.0%} of the test split's tokens and "
+                f"{train:.0%} of the training split's."
+            )
+        else:
+            lines.append(
+                "The eval loss and the train loss average over different rows: the trained-on and held-out losses "
+                "above are the like-for-like comparison."
+            )
+        return lines
+
+
+def held_out_losses(model, tokenizer, data: dict, max_length: int, kinds: bool = True, per_kind: int = 64) -> HeldOut:
+    """``model``'s loss per token on up to ``per_kind`` dialogues of each kind (``dialogue_kind``; one kind, "all",
+    when ``kinds`` is False, as for ultrachat_200k, whose splits are not read whole) of ``data``'s train and test
+    splits, evenly spread over each: ``input_ids`` cut at ``max_length`` as packing cuts them, the loss on the
+    answers' tokens only where an ``assistant_masks`` column says so."""
+    import torch
+
+    device = next(model.parameters()).device
+    losses: dict[str, dict[str, tuple[float, int]]] = {}
+    shares: dict[str, dict[str, float]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for split in ("train", "test"):
+            rows = data[split]
+            if kinds:  # the sample: a few hundred rows, read whole
+                ids = [row[:max_length] for row in rows["input_ids"]]
+                kind_of = [dialogue_kind(tokenizer.decode(row, skip_special_tokens=True)) for row in ids]
+            else:
+                kind_of = ["all"] * rows.num_rows
+            for kind in sorted(set(kind_of), key=lambda k: k != "tiny world"):
+                chosen = [i for i, k in enumerate(kind_of) if k == kind]
+                if kinds:
+                    part = sum(len(ids[i]) for i in chosen) / sum(len(row) for row in ids)
+                    shares.setdefault(kind, {"train": 0.0, "test": 0.0})[split] = part
+                chosen = chosen[:: max(1, len(chosen) // per_kind)][:per_kind]
+                summed = counted = 0.0
+                for row in rows.select(chosen):
+                    x = torch.tensor([row["input_ids"][:max_length]], device=device)
+                    labels = x.clone()
+                    if row.get("assistant_masks") is not None:
+                        labels[0, torch.tensor(row["assistant_masks"][:max_length], device=device) == 0] = -100
+                    n = int((labels[0, 1:] != -100).sum())
+                    if n:
+                        with torch.no_grad():
+                            summed += float(model(input_ids=x, labels=labels).loss) * n
+                        counted += n
+                losses.setdefault(kind, {})[split] = (summed / counted if counted else float("nan"), len(chosen))
+    finally:
+        model.train(was_training)
+    return HeldOut({k: v for k, v in losses.items() if len(v) == 2}, shares)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from utils import ConfigError, say, share_like_other_files
-from utils.callbacks import CardStop, RankLog, StepTimer, StopOnNonFiniteLoss, StopWhenDataEnds
+from utils.callbacks import CardStop, RankLog, StepTimer, StopOnNonFiniteLoss, StopWhenDataEnds, WholeTokenCounts
 from utils.data.prepared import prepared_dataset
 from utils.hardware import ULTRACHAT_TOKENS
 from utils.recipe import Args, world_size
@@ -200,8 +200,9 @@ class _RowIds:
 # --- around TRL's SFTTrainer ----------------------------------------------------------------------------------------
 def run_callbacks(args: Args, data: dict) -> list:
     """The collection's callbacks for ``SFTTrainer(callbacks=...)``: each rank's own loss and share of the model
-    (``RankLog``), a stop at the first NaN or infinite loss (``StopOnNonFiniteLoss``), each step's time for the speed
-    report (``StepTimer``), and the card's schedule and stop when asked for (``--card_schedule``)."""
+    (``RankLog``), a stop at the first NaN or infinite loss (``StopOnNonFiniteLoss``), token counts as whole numbers
+    (``WholeTokenCounts``), each step's time for the speed report (``StepTimer``), and the card's schedule and stop
+    when asked for (``--card_schedule``)."""
     train = data["train"]
     return callbacks(args, getattr(train, "source_dialogues", train.num_rows), train.num_rows)
 
@@ -253,9 +254,9 @@ def keep_trainable_fp32(model) -> int:
 
 
 def callbacks(args: Args, dialogues: int, rows: int) -> list:
-    """Per-rank losses, a stop on a non-finite loss, step times, and the card's schedule when asked for (``rows``:
-    training rows as the trainer sees them, packed ones under ``packing_strategy: card``)."""
-    found: list = [RankLog(), StopOnNonFiniteLoss(), StepTimer()]
+    """Per-rank losses, a stop on a non-finite loss, whole token counts, step times, and the card's schedule when asked
+    for (``rows``: training rows as the trainer sees them, packed ones under ``packing_strategy: card``)."""
+    found: list = [RankLog(), StopOnNonFiniteLoss(), WholeTokenCounts(), StepTimer()]
     if not args.run.card_schedule:
         return found
     batch, accumulation = args.training.per_device_train_batch_size, args.training.gradient_accumulation_steps
