@@ -39,15 +39,15 @@ class RunLog:
         from utils.tiny_world import loss_ends
 
         last = lambda series: series[-1] if series else "–"  # noqa: E731
-        ends = loss_ends(self.train.get("loss", [])) or ("–", "–")
+        ends = tuple(round(v, 3) for v in loss_ends(self.train.get("loss", [])) or ()) or ("–", "–")
         return {
             "run": self.name,
             "train loss, start": ends[0],
             "train loss, end": ends[1],
-            "final eval loss": last(self.eval.get("loss", [])),
+            "final eval loss": round(self.eval["loss"][-1], 3) if self.eval.get("loss") else "–",
             "steps": last(self.train.get("step", [])),
             "tokens": last(self.train.get("tokens", [])),
-            "runtime (s)": self.runtime_s if self.runtime_s is not None else "–",
+            "runtime (s)": round(self.runtime_s, 1) if self.runtime_s is not None else "–",
             "from": self.source,
         }
 
