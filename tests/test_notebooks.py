@@ -224,7 +224,7 @@ def test_notebook_05(series):
         "pirate voice without it": f"{n} of {n}",
         "stop at </s>": f"{2 * n} of {2 * n}",
         "about the thing asked": f"{2 * n} of {2 * n}",
-        "clean (no turn marker, no invented word)": f"{2 * n} of {2 * n}",
+        "no invented words": f"{2 * n} of {2 * n}",
     }, texts["05"][-3000:]
     for prompt in ("with the pirate prompt", "without a system prompt"):  # the base: no stop, not about the question
         assert re.search(

@@ -130,13 +130,13 @@ def test_checks_count_each_answer_four_ways():
     assert (checks.stops, checks.pirate, checks.about, checks.clean) == (1, 2, 2, 1)  # "user", "lkins": no words
 
 
-def test_an_answer_that_writes_a_turn_marker_is_not_clean():
+def test_an_answer_that_writes_a_turn_marker_is_not_a_stop():
     """Every word of these is the tiny world's ("assistant" is, from the neutral system prompts), but each answer
-    writes a turn of the template itself: neither a stop nor clean."""
+    writes a turn of the template itself: it is not a stop, though it invents no word (counted once, as no stop)."""
     texts = ["A lamp gives light.\n<|assistant|>\nA lamp gives light.", "Arr! A key opens locks. Arr!\n\n<|!"]
     assert all(not invented_words(t) for t in texts)
     checks = Checks(None, "What does a lamp do?", [_answer(t) for t in texts] + [_answer("A lamp gives light.")])
-    assert (checks.stops, checks.clean) == (1, 1)
+    assert (checks.stops, checks.clean) == (1, 3)
 
 
 def test_claims_are_counted_per_question():

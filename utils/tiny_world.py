@@ -8,8 +8,8 @@ it, so the answer's facts must come from pretraining.
 
 ``check_answers`` samples eight answers per question (one batch, seed 0, the card's sampling settings) and counts,
 per question: answers that stop at ``</s>`` with no turn marker (``<|``) in them, answers in a pirate's voice,
-answers about the thing asked (the first thing of the world they name is that thing), and clean answers (no turn marker,
-and every word one the tiny world uses).
+answers about the thing asked (the first thing of the world they name is that thing), and answers without invented
+words (every word is one the tiny world uses). An answer that writes a turn marker is counted once, as no stop.
 """
 
 from __future__ import annotations
@@ -159,9 +159,9 @@ class Checks:
 
     @property
     def clean(self) -> int:
-        """Answers with no turn marker (``<|``: the answer wrote a turn of the template itself) and no invented word
-        (``invented_words``)."""
-        return sum("<|" not in a.text and not invented_words(a.text) for a in self.answers)
+        """Answers with no invented word (``invented_words``). One that writes a turn marker (``<|``) is counted by
+        ``stops``: it is not a stop, whatever its words."""
+        return sum(not invented_words(a.text) for a in self.answers)
 
 
 def check_answers(
@@ -200,7 +200,7 @@ CLAIMS = {
     "pirate voice without it": ("plain", "pirate", "<=", 1),
     "stop at </s>": (None, "stops", ">=", 7),
     "about the thing asked": (None, "about", ">=", 6),
-    "clean (no turn marker, no invented word)": (None, "clean", ">=", 7),
+    "no invented words": (None, "clean", ">=", 7),
 }
 
 
