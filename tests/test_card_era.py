@@ -2,6 +2,8 @@
 
 import json
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,65 @@ CARD_HI += [2, 28705, 13, 28789, 28766, 489, 11143, 28766, 28767, 13, 16230, 2, 
 HI = [SYSTEM, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
 
+# --- moved from utils.card_era: only these tests use them ------------------------------------------------------
+def read_rows(path):
+    """The ``messages`` of each JSON line of ``path`` whose messages are a list of role/content string dicts (for
+    checks on the shipped sample without the preparation pipeline)."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            messages = json.loads(line).get("messages")
+        except (ValueError, AttributeError):
+            continue
+        if (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
+                for m in messages
+            )
+        ):
+            rows.append(messages)
+    return rows
+
+
+def sentencepiece_reference(text, model_file=None, bos=1, eos=2):
+    """What Mistral's sentencepiece model gives the legacy way: BOS, then each piece between the special tokens
+    ``<unk>``, ``<s>``, ``</s>`` encoded on its own (with sentencepiece's dummy-prefix ``▁``), each special token
+    as its id."""
+    from utils.assets import sentencepiece_file, sentencepiece_processor
+
+    sp = sentencepiece_processor(model_file or str(sentencepiece_file()))
+    control = {"<unk>": 0, "<s>": bos, "</s>": eos}
+    ids = [bos]
+    for piece in re.split("(<unk>|<s>|</s>)", text):
+        ids += [control[piece]] if piece in control else sp.encode(piece) if piece else []
+    return ids
+
+
+def count_constant_length(
+    num_tokens,
+    char_lengths,
+    seq_length=ce.SEQ_LENGTH,
+    num_of_sequences=ce.NUM_OF_SEQUENCES,
+    chars_per_token=ce.CHARS_PER_TOKEN,
+):
+    """``(chunks, buffers, tokens dropped)`` of ``pack_constant_length`` from row lengths alone (tokens per row
+    including BOS and the separator EOS)."""
+    tokens = np.asarray(num_tokens, dtype=np.int64)
+    spans = ce.buffer_spans(char_lengths, ce.max_buffer_size(seq_length, num_of_sequences, chars_per_token))
+    per_buffer = [int(tokens[start:end].sum()) for start, end in spans]
+    chunks = sum(t // seq_length for t in per_buffer)
+    return chunks, len(spans), sum(t % seq_length for t in per_buffer)
+
+
+def chunk_range_for_steps(steps, processes=16, per_device_batch=8, accumulation=4):
+    """The chunk counts (inclusive range) for which a run stops at ``steps`` optimizer steps (when that is below
+    the planned number): 272 on 16 x 8 x 4 needs 139,137 to 139,648 chunks."""
+    per_step = per_device_batch * processes
+    return (steps * accumulation - 1) * per_step + 1, (steps * accumulation + accumulation - 1) * per_step
+
+
 @pytest.fixture(scope="module")
 def tok():
     from utils.assets import load_tokenizer
@@ -26,8 +87,8 @@ def tok():
 
 @pytest.fixture(scope="module")
 def sample():
-    rows = [*ce.read_rows(SAMPLE_DIR / "ultrachat_200k/train_sft.jsonl")]
-    rows += ce.read_rows(SAMPLE_DIR / "ultrachat_200k/test_sft.jsonl")
+    rows = [*read_rows(SAMPLE_DIR / "ultrachat_200k/train_sft.jsonl")]
+    rows += read_rows(SAMPLE_DIR / "ultrachat_200k/test_sft.jsonl")
     return [m if m[0]["role"] == "system" else [SYSTEM, *m] for m in rows]
 
 
@@ -69,7 +130,7 @@ def test_runs_of_spaces_split_as_sentencepiece_did(tok, tmp_path):
 
 def test_card_ids_equal_sentencepiece_on_every_sample_dialogue(tok, sample):
     card = ce.tokenize_dialogues(tok, sample)
-    reference = [ce.sentencepiece_reference(ce.render_text(m) + "</s>") for m in sample]
+    reference = [sentencepiece_reference(ce.render_text(m) + "</s>") for m in sample]
     assert len(sample) == 61
     assert sum(a == b for a, b in zip(card, reference, strict=True)) == 61
     today = ce.tokenize_dialogues(tok, sample, "today")
@@ -88,21 +149,21 @@ def test_special_token_text_in_a_message_became_control_tokens_in_the_card(tok):
     assert card[16:22] == [28735, 339, 28705, 2, 28705, 4665]  # S ay ▁ </s> ▁ ▁please
     assert card.count(2) == 5  # the template's three, the separator, and the one typed in the message
     for said in (SAID, SAID_ALL):  # <s> (1) and <unk> (0) too: sentencepiece between every special token
-        assert ce.tokenize_dialogues(tok, [said])[0] == ce.sentencepiece_reference(ce.render_text(said) + "</s>")
+        assert ce.tokenize_dialogues(tok, [said])[0] == sentencepiece_reference(ce.render_text(said) + "</s>")
     assert ce.tokenize_dialogues(tok, [SAID_ALL])[0].count(1) == 3 and 0 in ce.tokenize_dialogues(tok, [SAID_ALL])[0]
 
 
 def test_the_embedded_tokenizer_called_on_text_gives_the_card_ids(tok):
     """Built legacy (the "▁" after </s>) with its merges in sentencepiece-score order, as the Hub's tokenizer.json of
     2023 (transformers 5.x's own conversion of tokenizer.model orders them by id: "a  b" was ▁a ▁▁ b)."""
-    rows = [m for path in sorted(SAMPLE_DIR.glob("*/*.jsonl")) for m in ce.read_rows(path)]
+    rows = [m for path in sorted(SAMPLE_DIR.glob("*/*.jsonl")) for m in read_rows(path)]
     rows = [m if m[0]["role"] == "system" else [SYSTEM, *m] for m in rows]
     loaded = [tok(ce.render_text(m) + "</s>")["input_ids"] for m in rows]
     assert sum(a == b for a, b in zip(ce.tokenize_dialogues(tok, rows), loaded, strict=True)) == len(rows) == 589
     assert tok("a  b")["input_ids"] == [1, 264, 28705, 287]  # ▁a ▁ ▁b, as sentencepiece
     # Not equal: a piece that starts with a space gets no second "▁" (today's Metaspace, not 2023's Prepend): text
     # that starts with spaces, or follows special-token text typed in a message
-    assert tok("    if x:")["input_ids"] == [1, 2287, 513, 1318, 28747] != ce.sentencepiece_reference("    if x:")
+    assert tok("    if x:")["input_ids"] == [1, 2287, 513, 1318, 28747] != sentencepiece_reference("    if x:")
     card = ce.tokenize_dialogues(tok, [SAID])[0]
     assert tok(ce.render_text(SAID) + "</s>")["input_ids"] == card[:20] + card[21:]  # ▁ </s> ▁please
 
@@ -197,7 +258,7 @@ def test_packing_by_hand_without_shuffle():
     ]
     assert packed.buffer.tolist() == [0, 0, 0, 1, 1]  # buffer 1 drops "54, 2", buffer 2 ("1, 60, 2") yields nothing
     assert packed.position_ids.tolist() == [[0, 1, 2, 3]] * 5
-    assert ce.count_constant_length([len(r) for r in ROWS], CHARS, **SMALL) == (5, 3, 5)
+    assert count_constant_length([len(r) for r in ROWS], CHARS, **SMALL) == (5, 3, 5)
 
 
 @pytest.mark.parametrize("seed", [0, 42, 7])
@@ -210,7 +271,7 @@ def test_packing_equals_trl_constant_length_dataset(seed):
     small = dict(seq_length=16, num_of_sequences=8, chars_per_token=3.6)
     expected = trl_constant_length(rows, chars, seed=seed, **small)
     assert ce.pack_constant_length(rows, chars, seed=seed, **small).input_ids.tolist() == expected
-    assert ce.count_constant_length([len(r) for r in rows], chars, **small)[0] == len(expected)
+    assert count_constant_length([len(r) for r in rows], chars, **small)[0] == len(expected)
 
 
 def test_packing_seed_42_order():
@@ -238,7 +299,7 @@ def test_sample_packs_into_three_card_rows(tok, sample):
     ids = ce.tokenize_dialogues(tok, sample)
     chars = [ce.text_length(m) for m in sample]
     assert (sum(map(len, ids)), sum(chars)) == (6214, 20010)
-    assert ce.count_constant_length([len(i) for i in ids], chars) == (3, 1, 70)
+    assert count_constant_length([len(i) for i in ids], chars) == (3, 1, 70)
 
 
 # --- the stop ----------------------------------------------------------------------------------------------------
@@ -249,7 +310,7 @@ def test_the_cards_run_stops_at_272_of_406():
     assert ce.card_run(139_648, 207_865).optimizer_steps == 272  # 1,091 batches: 3 trailing ones never stepped
     assert ce.card_run(139_136, 207_865).optimizer_steps == 271
     assert ce.card_run(139_649, 207_865).optimizer_steps == 273
-    assert ce.chunk_range_for_steps(272) == (139_137, 139_648)
+    assert chunk_range_for_steps(272) == (139_137, 139_648)
 
 
 def test_other_shapes_of_the_run():
