@@ -1,8 +1,5 @@
-"""The row filters and the truecasing fix of notebook 01, one small function each.
-
-Every filter answers with a drop *reason* (a short string) or ``None`` for "keep". The reasons are the keys of
-``report.json``'s ``dropped`` table, so their names are part of the output format.
-"""
+"""The row filters and the truecasing fix of notebook 01. A filter answers with a drop reason or ``None`` (keep):
+the reasons are the keys of ``report.json``'s ``dropped`` table, part of the output format."""
 
 from __future__ import annotations
 
@@ -14,18 +11,14 @@ from typing import Any
 from utils import CONFIGS_DIR
 
 ROLES = ("system", "user", "assistant")
-MESSAGE_KEYS = ("role", "content")
 DISCLAIMERS_FILE = CONFIGS_DIR / "disclaimers.txt"
 ABBREVIATIONS_FILE = CONFIGS_DIR / "abbreviations.txt"
 
 
 def structure_problem(messages: Any) -> str | None:
-    """Why ``messages`` is not a well-formed dialogue, or ``None`` when it is.
-
-    Well-formed: a list of ``{"role", "content"}`` dicts (any other key null); an optional system message first; then
-    user and assistant strictly alternating, starting with user and ending with assistant; every content a non-empty
-    string.
-    """
+    """Why ``messages`` is not a well-formed dialogue, or ``None``: well-formed is a list of ``{"role", "content"}``
+    dicts (any other key null), an optional system message first, then user and assistant alternating from user to
+    assistant, every content a non-empty string."""
     if not isinstance(messages, list):
         return "structure:not_a_list"
     if not messages:
@@ -34,11 +27,9 @@ def structure_problem(messages: Any) -> str | None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             return "structure:bad_message"
-        # A key beyond role and content ("name", "tool_calls", ...) is dropped with its row rather than kept or
-        # stripped: the Zephyr template renders only role and content, so the model would train on a dialogue
-        # without what that key says, and the output's schema (ultrachat_200k's) has no place for it. A key whose
-        # value is null says nothing (Parquet and Arrow sources give every message every field of the struct).
-        if len(message) > 2 and any(v is not None for k, v in message.items() if k not in MESSAGE_KEYS):
+        # Another key ("name", "tool_calls") drops the row: the template renders only role and content, so the model
+        # would train without what it says. A null one says nothing (Parquet gives every message every field).
+        if len(message) > 2 and any(v is not None for k, v in message.items() if k not in ("role", "content")):
             return "structure:unexpected_key"
         role, content = message["role"], message["content"]
         if role not in ROLES:
@@ -69,26 +60,27 @@ def content_problem(messages: list[dict], max_chars: int) -> str | None:
     if sum(len(m["content"]) for m in messages) > max_chars:
         return "too_large"
     try:
-        for m in messages:
-            m["content"].encode("utf-8")
+        "".join(m["content"] for m in messages).encode("utf-8")
     except UnicodeEncodeError:
         return "invalid_unicode"
     return None
 
 
-def load_disclaimers(path: str | Path = DISCLAIMERS_FILE) -> list[str]:
-    """Read one disclaimer phrase per line (``#`` starts a comment), normalised for matching.
-
-    Raises ValueError, in one line, for a file that is not UTF-8 text.
-    """
+def _phrases(path: str | Path) -> list[str]:
+    """The lines of a phrase file, stripped and lowercased, without blank lines and ``#`` comments; ValueError, in
+    one line, for a file that is not UTF-8 text."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a UTF-8 text file") from None
     if "\0" in text:
         raise ValueError(f"{path} is not a text file (it holds NUL bytes)")
-    lines = text.splitlines()
-    return [normalise_apostrophes(line.strip()).lower() for line in lines if line.strip() and not line.startswith("#")]
+    return [line.strip().lower() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def load_disclaimers(path: str | Path = DISCLAIMERS_FILE) -> list[str]:
+    """One disclaimer phrase per line of ``path``, normalised for matching."""
+    return [normalise_apostrophes(phrase) for phrase in _phrases(path)]
 
 
 def normalise_apostrophes(text: str) -> str:
@@ -101,9 +93,7 @@ def disclaimer_in(messages: list[dict], phrases: Iterable[str]) -> str | None:
     for message in messages:
         if message["role"] != "assistant":
             continue
-        text = message["content"].lower()
-        if "\u2019" in text or "\u2018" in text:
-            text = normalise_apostrophes(text)
+        text = normalise_apostrophes(message["content"].lower())
         for phrase in phrases:
             if phrase in text:
                 return phrase
@@ -111,26 +101,22 @@ def disclaimer_in(messages: list[dict], phrases: Iterable[str]) -> str | None:
 
 
 # --- truecasing ----------------------------------------------------------------------------------------------------
-# Protected spans are matched first and returned unchanged: fenced code, inline code, URLs (without the
-# punctuation that ends their sentence).
-# Otherwise: a token ending in . ! or ?, white space, then an all-lowercase word -> capitalise the word. (The token
-# is the rest of the run of non-space characters, taken whole, then checked to end in . ! or ?: the same matches as
-# \S*[.!?] without its backtracking.)
+# Fenced code, inline code and URLs (without the punctuation ending their sentence) are matched first and kept.
+# Otherwise a token ending in . ! or ?, white space, then an all-lowercase word: the word is capitalised. (The token
+# is taken whole, then checked to end in . ! or ?: the matches of \S*[.!?] without its backtracking.)
 _TRUECASE = re.compile(
     r"(?P<keep>```.*?(?:```|\Z)|`[^`\n]*`|(?:https?://|www\.)\S*[^\s.,!?;:'\")\]])"
     r"|(?P<end>\S++(?<=[.!?]))(?P<space>\s+)(?P<word>[a-z][a-z']*\b)",
     re.DOTALL,
 )
-# A quick pre-check that lets the texts with nothing to fix skip the full scan: ``[.!?]\s+[a-z]`` as three patterns,
-# each starting with a literal character, which the regex engine finds with a fast search instead of trying every
-# position.
+# A pre-check that lets texts with nothing to fix skip the scan: ``[.!?]\s+[a-z]`` as three patterns, each starting
+# with a literal character, which the regex engine finds by a fast search instead of trying every position.
 _MAYBE = tuple(re.compile(rf"{re.escape(end)}\s+[a-z]") for end in ".!?")
 
 
 def load_abbreviations(path: str | Path = ABBREVIATIONS_FILE) -> frozenset[str]:
-    """Read one abbreviation per line (``#`` starts a comment), lowercased: ``configs/abbreviations.txt``."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return frozenset(line.strip().lower() for line in lines if line.strip() and not line.startswith("#"))
+    """One abbreviation per line of ``path`` (``configs/abbreviations.txt``), lowercased."""
+    return frozenset(_phrases(path))
 
 
 # Tokens after which a lowercase word is correct ("U.S. and", "e.g. the"), so they never count as a sentence end.
@@ -159,14 +145,6 @@ def truecase(text: str) -> str:
 
 
 def truecase_messages(messages: list[dict]) -> tuple[list[dict], int]:
-    """Truecase every message; return the (possibly new) list and how many messages changed."""
-    changed = 0
-    out = messages
-    for i, message in enumerate(messages):
-        fixed = truecase(message["content"])
-        if fixed != message["content"]:
-            if out is messages:
-                out = list(messages)
-            out[i] = {**message, "content": fixed}
-            changed += 1
-    return out, changed
+    """Every message truecased (a new dict for each one changed, the input left alone) and how many changed."""
+    fixed = [{**m, "content": text} if (text := truecase(m["content"])) != m["content"] else m for m in messages]
+    return fixed, sum(new is not old for new, old in zip(fixed, messages, strict=True))
