@@ -1,8 +1,7 @@
 """Reading a source as numbered rows, streamed: JSON Lines, JSON, Parquet, a Hub dataset or a folder in its layout.
 
-A row is ``(number, object, None)``, or ``(number, None, reason)`` for a line that cannot be a row (the reason is
-its drop reason). Nothing here holds more than a batch of rows in memory, except a ``.json`` array, which is parsed
-whole.
+A row is ``(number, object, None)``, or ``(number, None, drop reason)`` for a line that cannot be a row. Nothing
+here holds more than a batch of rows in memory, except a ``.json`` array, which is parsed whole.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +46,8 @@ class Split:
 
 # --- files ---------------------------------------------------------------------------------------------------------
 def read_jsonl(path: Path, max_chars: int = MAX_CHARS) -> Iterator[Row]:
-    """Yield ``(line_no, obj, None)`` per JSON object line; a bad line yields ``(line_no, None, reason)``.
-
-    Reasons: ``invalid_utf8``, ``too_large`` (over ``max_chars``), ``invalid_json`` (including nesting too deep to
-    parse), ``not_an_object``. A UTF-8 byte-order mark before the first line is accepted.
-    """
+    """The rows of a JSON Lines file; a bad line's reason is ``invalid_utf8``, ``too_large`` (over ``max_chars``),
+    ``invalid_json`` (nesting too deep included) or ``not_an_object``. A UTF-8 byte-order mark is accepted."""
     try:
         handle = path.open("rb")
     except OSError as exc:
@@ -78,15 +74,12 @@ def read_jsonl(path: Path, max_chars: int = MAX_CHARS) -> Iterator[Row]:
             if len(line) > max_chars:
                 yield line_no, None, "too_large"
                 continue
-            yield _parse(line_no, line)
-
-
-def _parse(line_no: int, line: str) -> Row:
-    try:
-        obj = json.loads(line)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack allows
-        return line_no, None, "invalid_json"
-    return (line_no, obj, None) if isinstance(obj, dict) else (line_no, None, "not_an_object")
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack allows
+                yield line_no, None, "invalid_json"
+                continue
+            yield (line_no, obj, None) if isinstance(obj, dict) else (line_no, None, "not_an_object")
 
 
 def read_json(path: Path, max_chars: int = MAX_CHARS) -> Iterator[Row]:
@@ -119,7 +112,7 @@ def _parquet_file(path: Path):
 
 
 def read_parquet(path: Path) -> Iterator[Row]:
-    """Yield the rows of a Parquet file, numbered from 1, a batch at a time."""
+    """The rows of a Parquet file, a batch at a time."""
     number = 0
     try:
         for batch in _parquet_file(path).iter_batches(batch_size=BATCH_ROWS):
@@ -149,8 +142,7 @@ def local_path(source: str) -> Path | None:
 
 
 def hub_layout(folder: Path) -> bool:
-    """True for a folder laid out like a Hub dataset repository: no data files of its own, Parquet shards under
-    ``data/`` (``data/train_sft-00000-of-00003.parquet``, ...)."""
+    """A folder laid out like a Hub dataset repository: no data files of its own, Parquet shards under ``data/``."""
     data = folder / "data"
     return not _data_files(folder) and data.is_dir() and any(p.suffix == ".parquet" for p in data.iterdir())
 
@@ -160,13 +152,11 @@ def _data_files(folder: Path) -> list[Path]:
 
 
 def open_source(source: str, max_chars: int = MAX_CHARS, revision: str | None = None) -> dict[str, Split]:
-    """Map each split of ``source`` (a folder, a file or a Hub dataset id) to its rows.
+    """Each split of ``source`` (a folder, a file or a Hub dataset id, at ``revision``) and its rows.
 
-    A folder contributes one split per ``.jsonl``/``.json``/``.parquet`` file (named by the file: ``train_sft``,
-    ``test_sft``, ...; shards ``train_sft-00000-of-00003`` join one split); a single file is one split called
-    ``train``. A Hub id, or a folder in the Hub's layout, is loaded with ``datasets.load_dataset`` (only the splits
-    named in ``SPLIT_NAMES``). Damaged Parquet files are found here, before any work; ``revision`` pins a Hub
-    dataset's commit.
+    A folder has one split per data file, named by it (shards ``train_sft-00000-of-00003`` join one split); a file
+    is the split ``train``; a Hub id or a folder in its layout goes through ``datasets.load_dataset`` (the splits
+    of ``SPLIT_NAMES`` only). Damaged Parquet files are found here, before any work.
     """
     path = local_path(source)
     if path is not None and path.is_dir():
@@ -198,16 +188,16 @@ def open_source(source: str, max_chars: int = MAX_CHARS, revision: str | None = 
 
 
 def _open_datasets(name: str, revision: str | None) -> dict[str, Split]:
-    """The SFT splits ``datasets.load_dataset`` maps from disk for a Hub id or a local folder in the Hub's layout.
-
-    Where the files follow the Hub's layout, only the SFT splits' files are loaded (ultrachat_200k also has
-    ``train_gen``/``test_gen``, larger than the SFT splits, which we never read); otherwise the whole dataset.
-    """
+    """The SFT splits of a Hub id or a local folder in the Hub's layout, as ``datasets.load_dataset`` maps them."""
     import datasets
+    from huggingface_hub import HfApi
 
     path = local_path(name)
     try:
-        files = [str(p.relative_to(path)) for p in (path / "data").iterdir()] if path else _hub_files(name, revision)
+        if path:
+            files = [str(p.relative_to(path)) for p in (path / "data").iterdir()]
+        else:
+            files = HfApi().list_repo_files(name, repo_type="dataset", revision=revision)
         loaded = datasets.load_dataset(name, data_files=sft_data_files(files), revision=revision)
     except Exception as exc:  # noqa: BLE001 - one line for any Hub/loader failure
         where = "the Hub" if path is None else "its folder"
@@ -220,8 +210,8 @@ def _open_datasets(name: str, revision: str | None) -> dict[str, Split]:
 
 
 def sft_data_files(files: list[str]) -> dict[str, list[str]] | None:
-    """The Parquet shards of the SFT splits among a dataset's files (``data/train_sft-00000-of-00003.parquet``, ...),
-    by split, for ``load_dataset(data_files=...)``; None when there are none (then the dataset loads whole)."""
+    """The Parquet shards of the SFT splits among a dataset's files, by split, for ``load_dataset(data_files=...)``;
+    None when there are none (the dataset loads whole). ultrachat_200k's larger ``*_gen`` splits are never read."""
     found: dict[str, list[str]] = {}
     for file in sorted(files):
         folder, _, name = file.rpartition("/")
@@ -231,15 +221,9 @@ def sft_data_files(files: list[str]) -> dict[str, list[str]] | None:
     return found or None
 
 
-def _hub_files(dataset_id: str, revision: str | None) -> list[str]:
-    from huggingface_hub import HfApi
-
-    return HfApi().list_repo_files(dataset_id, repo_type="dataset", revision=revision)
-
-
 def _release_freed_memory() -> None:
-    """Hand back to the system what converting a dataset to Arrow freed but the allocators kept: the conversion's
-    buffers grow with the shards' size, and kept they would stay in this process's memory for the whole run."""
+    """Hand back to the system what converting a dataset to Arrow freed but the allocators kept (buffers that grow
+    with the shards' size and would stay in this process for the whole run)."""
     import ctypes
     import sys
 
@@ -252,11 +236,8 @@ def _release_freed_memory() -> None:
 
 
 def read_dataset(dataset) -> Iterator[Row]:
-    """The rows of a ``datasets.Dataset`` that ``load_dataset`` mapped from its Arrow cache files, numbered from 1.
-
-    The files are read as a stream, a batch at a time, rather than through the dataset's memory map, whose pages
-    would stay resident until the end: the whole dataset would count in this process's memory.
-    """
+    """The rows of a dataset ``load_dataset`` mapped, streamed from its Arrow cache files a batch at a time: pages of
+    its memory map would stay resident, and the whole dataset count in this process's memory."""
     import pyarrow as pa
 
     number = 0
@@ -286,44 +267,28 @@ def datasets_progress(shown: bool):
 
 # --- fingerprint ---------------------------------------------------------------------------------------------------
 def source_fingerprint(source: str, revision: str | None = None) -> str:
-    """A hex digest that changes when the source changes.
-
-    A local file or folder: its resolved path and the names and bytes of its data files (streamed). A Hub id: the id
-    and the revision, resolved to a commit hash when the Hub answers (never waited on: offline, the revision as
-    given, ``main`` by default).
-    """
+    """A hex digest that changes with the source: a local one's resolved path and its data files' names and bytes; a
+    Hub id's id and revision, resolved to a commit when the Hub answers (offline: as given, ``main`` by default)."""
     digest = hashlib.sha256()
     path = local_path(source)
     if path is None:
-        digest.update(f"hub:{source}@{_hub_commit(source, revision)}".encode())
+        from huggingface_hub import HfApi
+
+        from utils.hardware import hub_reachable
+
+        commit = revision or "main"
+        if hub_reachable():
+            with contextlib.suppress(Exception):  # gated, missing or slow: the revision as given
+                commit = HfApi().dataset_info(source, revision=revision, timeout=10).sha or commit
+        digest.update(f"hub:{source}@{commit}".encode())
         return digest.hexdigest()
     root = path.resolve()
     digest.update(f"local:{root}\0".encode())
-    for file in _source_files(root):
+    files = [root] if root.is_file() else _data_files(root / "data" if hub_layout(root) else root)
+    for file in files:
         digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}\0".encode())
         with file.open("rb") as handle:
             while block := handle.read(1 << 20):
                 digest.update(block)
         digest.update(b"\0")
     return digest.hexdigest()
-
-
-def _source_files(path: Path) -> Iterable[Path]:
-    if path.is_file():
-        return [path]
-    if hub_layout(path):
-        return _data_files(path / "data")
-    return _data_files(path)
-
-
-def _hub_commit(dataset_id: str, revision: str | None) -> str:
-    from utils.hardware import hub_reachable
-
-    if hub_reachable():
-        try:
-            from huggingface_hub import HfApi
-
-            return HfApi().dataset_info(dataset_id, revision=revision, timeout=10).sha or revision or "main"
-        except Exception:  # noqa: BLE001 - gated, missing or slow: the revision as given
-            pass
-    return revision or "main"

@@ -1,9 +1,7 @@
-"""Token statistics of a prepared split and what each packing strategy would make of it, and their histogram.
+"""Token statistics of a prepared split, the packed-sequence counts of each packing strategy, and their histogram.
 
-The packed-sequence counts are those TRL 1.x's ``pack_dataset`` makes of the split as written: ``bfd`` and
-``bfd_split`` pack each ``datasets.map`` batch of ``PACK_BATCH_ROWS`` rows on its own, in the split's order (the
-trainer does not shuffle before packing unless ``shuffle_dataset`` is set). ``tests/test_data_stats.py`` checks the
-bins, row for row, against ``trl.pack_dataset``.
+The bfd counts are those of TRL 1.x's ``pack_dataset`` on the split as written: it packs each ``datasets.map`` batch
+on its own, in the split's order (``tests/test_data_stats.py`` checks the bins, row for row, against it).
 """
 
 from __future__ import annotations
@@ -24,17 +22,9 @@ def token_stats(lengths: Sequence[int] | np.ndarray, max_length: int = MAX_LENGT
     """Dialogue count, token totals and percentiles, the share over ``max_length`` and packed-sequence counts."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size == 0:
-        return {
-            "dialogues": 0,
-            "total_tokens": 0,
-            "share_over_max_length": 0.0,
-            "dialogues_truncated_by_bfd": 0,
-            "tokens_truncated_by_bfd": 0,
-            "packed_sequences_wrapped": 0,
-            "packed_sequences_bfd": 0,
-            "packed_sequences_bfd_split": 0,
-            "max_length": max_length,
-        }
+        keys = """dialogues total_tokens share_over_max_length dialogues_truncated_by_bfd tokens_truncated_by_bfd
+            packed_sequences_wrapped packed_sequences_bfd packed_sequences_bfd_split""".split()
+        return {**dict.fromkeys(keys, 0), "share_over_max_length": 0.0, "max_length": max_length}
     over = np.maximum(lengths - max_length, 0)
     return {
         "dialogues": int(lengths.size),
@@ -57,11 +47,9 @@ def token_stats(lengths: Sequence[int] | np.ndarray, max_length: int = MAX_LENGT
 
 
 def packed_sequences(lengths: np.ndarray, max_length: int, split: bool) -> int:
-    """How many rows TRL's ``pack_dataset`` makes with ``bfd`` (``split=False``: longer dialogues truncated) or
-    ``bfd_split`` (cut into ``max_length`` pieces), batch by batch.
-
-    A piece of exactly ``max_length`` tokens fills a row of its own, so those are counted, not packed: memory and
-    time depend on the number of dialogues only, never on ``max_length``.
+    """How many rows TRL's ``pack_dataset`` makes with ``bfd`` (longer dialogues truncated) or, with ``split``,
+    ``bfd_split`` (cut into ``max_length`` pieces). Full pieces are counted, not packed: memory and time grow with
+    the number of dialogues only, never with ``max_length`` (TRL's own segment tree has ``max_length`` leaves).
     """
     total = 0
     for start in range(0, len(lengths), PACK_BATCH_ROWS):
@@ -75,12 +63,9 @@ def packed_sequences(lengths: np.ndarray, max_length: int, split: bool) -> int:
 
 
 def bfd_bins(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit-decreasing packing of one batch, as TRL's ``_pack_bfd`` does it: the indices of ``lengths`` in each
-    row, rows in the order they are opened (a length over ``capacity`` counts as ``capacity``: truncated).
-
-    Longest first (ties in input order), each goes to the open row with the least room that still fits it (the row
-    opened first among equals), else opens a row. The free sizes present are kept sorted, so memory is linear in
-    ``len(lengths)`` whatever ``capacity`` is (TRL's segment tree has ``capacity`` leaves).
+    """Best-fit-decreasing packing of one batch as TRL's ``_pack_bfd``: the indices of ``lengths`` in each row, rows in
+    the order opened (a length over ``capacity`` counts as ``capacity``). Longest first (ties in input order), each
+    to the open row with the least room that fits it (the first opened among equals), else to a new row.
     """
     order = sorted(range(len(lengths)), key=lambda i: -min(lengths[i], capacity))
     sizes: list[int] = []  # sorted distinct free sizes of open rows
