@@ -40,8 +40,9 @@ _BACKENDS: dict[tuple, tuple] = {}  # key -> (tokenizer, backend): holding the t
 
 
 def era_backend(tokenizer, scheme: str = "card", text_specials: bool = False, first: bool = True):
-    """A copy of ``tokenizer``'s Rust backend with the card's pipeline (for Mistral's v1 vocabulary, its merges too)
-    or today's (``"never"`` prepend unless ``first``), whatever its flags; ``text_specials`` encodes them as text."""
+    """A copy of ``tokenizer``'s Rust backend with the card's pipeline (for Mistral's v1 vocabulary, merges by score)
+    or today's (prepend ``"first"``, ``"never"`` unless ``first``), whatever the tokenizer's flags; with
+    ``text_specials``, special-token text is encoded as text."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     key = (id(tokenizer), scheme, text_specials, first)

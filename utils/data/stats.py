@@ -100,11 +100,9 @@ def plot_token_histogram(lengths: dict[str, np.ndarray], max_length: int = MAX_L
     fig, axes = plt.subplots(
         len(splits) or 1, 1, figsize=(8, 1.6 + 1.4 * max(1, len(splits))), sharex=True, squeeze=False
     )
-    longest = max((int(n.max()) for _, n in splits), default=max_length)
-    right = longest * 1.05 if longest < max_length else max(longest, max_length) * 1.05
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (i, (name, n)) in zip(axes[:, 0], enumerate(splits), strict=False):  # no splits: one empty panel
-        ax.hist(n, bins=40, range=(0, right), color=colors[i], label=f"{name}: {len(n)} dialogues")
+    right = 1.05 * max((int(n.max()) for _, n in splits), default=max_length)
+    for i, (ax, (name, n)) in enumerate(zip(axes[:, 0], splits, strict=False)):  # no splits: one empty panel
+        ax.hist(n, bins=40, range=(0, right), color=f"C{i}", label=f"{name}: {len(n)} dialogues")
         if max_length <= right:
             ax.axvline(max_length, color="black", linestyle="--", label=f"max_length {max_length}")
         ax.set_ylabel("dialogues")
