@@ -25,6 +25,23 @@ class OutputError(ConfigError):
     """An output folder this tool must not write into: one line for the user, before any work."""
 
 
+def features():
+    """The output's columns and types: ultrachat_200k's, plus the token ids and counts. (A ``Value`` per column:
+    the fingerprint datasets writes in state.json hashes their pickle, in which a shared one differs.)"""
+    import datasets
+
+    return datasets.Features(
+        {
+            "prompt": datasets.Value("string"),
+            "prompt_id": datasets.Value("string"),
+            "messages": datasets.List({"content": datasets.Value("string"), "role": datasets.Value("string")}),
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "num_tokens": datasets.Value("int32"),
+            "num_turns": datasets.Value("int32"),
+        }
+    )
+
+
 def is_own_output(folder: Path) -> bool:
     """True for a folder this tool wrote: it holds the marker file (a real folder, not a link to one)."""
     return not Path(folder).is_symlink() and (Path(folder) / MARKER).is_file()
@@ -157,8 +174,6 @@ class OutputWriter:
     metadata, ``report.json`` and the marker and swaps the folder into place, ``discard`` removes it."""
 
     def __init__(self, out: Path):
-        import datasets
-
         out.parent.mkdir(parents=True, exist_ok=True)
         self.out, self.lock = out, take_lock(out)  # released by commit and discard
         try:
@@ -167,19 +182,7 @@ class OutputWriter:
             self.lock.unlink()
             raise
         self.writers: dict = {}
-        # ultrachat_200k's columns, plus the token ids and counts (an instance per column: the fingerprint datasets
-        # writes in state.json hashes the features' pickle, where shared instances would differ)
-        text, int32 = (lambda: datasets.Value("string")), (lambda: datasets.Value("int32"))
-        self.features = datasets.Features(
-            {
-                "prompt": text(),
-                "prompt_id": text(),
-                "messages": datasets.List({"content": text(), "role": text()}),
-                "input_ids": datasets.List(int32()),
-                "num_tokens": int32(),
-                "num_turns": int32(),
-            }
-        )
+        self.features = features()
 
     def write(self, split: str, columns: dict[str, list]) -> None:
         """Append rows (one list, or Arrow array, per column) to ``split``."""

@@ -88,17 +88,11 @@ class SplitReport:
     examples: dict[str, Any] = field(default_factory=dict)  # reason -> {"where": "split:line", "row": ...}
     audit_examples: dict[str, Any] = field(default_factory=dict)
 
-    def drop(self, reason: str, where: str, obj: Any) -> None:
-        self.dropped[reason] += 1
-        self.examples.setdefault(reason, {"where": where, "row": obj})
-
-    def audit(self, name: str, where: str, obj: Any) -> None:
-        self.audited[name] += 1
-        self.audit_examples.setdefault(name, {"where": where, "row": obj})
-
-    def caught(self, name: str, where: str, obj: Any, applied: bool) -> bool:
-        """Filter ``name`` caught the row: dropped when the filter is applied (True), else an audit finding."""
-        (self.drop if applied else self.audit)(name, where, obj)
+    def drop(self, reason: str, where: str, obj: Any, applied: bool = True) -> bool:
+        """Count the row dropped for ``reason``, or, when that filter is only audited, as kept but caught by it."""
+        counts, examples = (self.dropped, self.examples) if applied else (self.audited, self.audit_examples)
+        counts[reason] += 1
+        examples.setdefault(reason, {"where": where, "row": obj})
         return applied
 
     def to_json(self) -> dict:
@@ -176,12 +170,12 @@ class _Run:
         if full:
             messages = fixed_messages
         elif fixed:
-            report.audit("truecase", where, obj)
-        if disclaimer_in(fixed_messages, self.phrases) and report.caught("disclaimer", where, obj, full):
+            report.drop("truecase", where, obj, applied=False)
+        if disclaimer_in(fixed_messages, self.phrases) and report.drop("disclaimer", where, obj, full):
             return None
         prompt = next(m["content"] for m in messages if m["role"] == "user")
         digest = hashlib.sha256(prompt.encode("utf-8")).digest()
-        if digest[:16] in self.seen and report.caught("duplicate_prompt", where, obj, full):
+        if digest[:16] in self.seen and report.drop("duplicate_prompt", where, obj, full):
             return None
         self.seen.add(digest[:16])
         if full and fixed:
@@ -261,13 +255,9 @@ def prepare(
     progress: bool = False,
     **options: Any,
 ) -> Prepared:
-    """Run the filters, truecasing, template and tokenizer over ``splits`` (from ``open_source``), streaming.
-
-    ``options`` are the fields of ``Options``. With ``out_dir``, the kept rows are written as a ``DatasetDict``
-    (``train``, and ``test`` when it has rows) with ``report.json`` into a temporary sibling, swapped into place when
-    complete (``OutputError`` when no training row was kept: nothing is written). Without it, only the report.
-    A source with a single split gets a deterministic ``test_fraction`` held out by prompt hash.
-    """
+    """Run the filters, truecasing, template and tokenizer over ``splits`` (from ``open_source``) with ``options``
+    (``Options``' fields). With ``out_dir``, the kept rows go to ``train`` and ``test`` (a single-split source holds
+    out ``test_fraction`` by prompt hash), swapped into place when complete; OutputError if no training row was kept."""
     opts = Options(**options)
     out = check_output(out_dir, source or None) if out_dir is not None else None
     fingerprint = source_fingerprint(source, revision) if source else None
@@ -301,12 +291,8 @@ def prepare_source(
     progress: bool = False,
     **options: Any,
 ) -> dict:
-    """Open ``source`` (a file, a folder or a Hub id), prepare it into ``out_dir``; return the report.
-
-    Raises ``SourceError`` for a source that cannot be read, ``OutputError`` for an ``out_dir`` this tool must not
-    write (or when no training row was kept), ``OptionError`` for an option out of range: all before any work but the
-    last.
-    """
+    """Open ``source`` (a file, a folder or a Hub id), prepare it into ``out_dir``; return the report. OptionError,
+    OutputError and SourceError come before any work (but OutputError when no training row was kept)."""
     max_chars = Options(**options).max_chars
     check_output(out_dir, source)
     with datasets_progress(progress):
