@@ -148,11 +148,9 @@ class _Run:
             if chunk:
                 self.tokenize(chunk, report)
             self.collect()
-        total = report.kept + sum(report.dropped.values())
-        if total != report.input_rows:
-            raise AssertionError(
-                f"{name}: kept {report.kept} + dropped {total - report.kept} != input {report.input_rows}"
-            )
+        dropped = sum(report.dropped.values())
+        if report.kept + dropped != report.input_rows:
+            raise AssertionError(f"{name}: kept {report.kept} + dropped {dropped} != input {report.input_rows}")
         return report
 
     def admit(self, report: SplitReport, target: str | None, where: str, obj: dict) -> tuple | None:
@@ -203,22 +201,21 @@ class _Run:
         low, high = self.options.min_tokens, self.options.max_tokens
         kept = []
         for (dest, where, row), ids in zip(chunk, job.result(), strict=True):
-            if low is not None and len(ids) < low:
-                report.drop("too_short", where, {"messages": row["messages"], "num_tokens": len(ids)})
-            elif high is not None and len(ids) > high:
-                report.drop("too_long", where, {"messages": row["messages"], "num_tokens": len(ids)})
+            reason = "too_short" if low and len(ids) < low else "too_long" if high and len(ids) > high else None
+            if reason:
+                report.drop(reason, where, {"messages": row["messages"], "num_tokens": len(ids)})
             else:
                 kept.append((dest, row, ids))
         report.kept += len(kept)
         for dest in OUTPUT_SPLITS:
-            rows, ids = [row for d, row, _ in kept if d == dest], [ids for d, _, ids in kept if d == dest]
-            self.lengths[dest].extend(map(len, ids))
+            rows, tokens = [row for d, row, _ in kept if d == dest], [ids for d, _, ids in kept if d == dest]
+            self.lengths[dest].extend(map(len, tokens))
             if rows and self.output is not None:
                 import pyarrow as pa
 
                 columns = {key: [row[key] for row in rows] for key in rows[0]}
-                input_ids = pa.array(ids, type=pa.list_(pa.int32()))  # faster than datasets' typing of the lists
-                self.output.write(dest, {**columns, "input_ids": input_ids, "num_tokens": [len(x) for x in ids]})
+                input_ids = pa.array(tokens, type=pa.list_(pa.int32()))  # faster than datasets' typing of the lists
+                self.output.write(dest, {**columns, "input_ids": input_ids, "num_tokens": list(map(len, tokens))})
 
     def report(self, reports: dict[str, SplitReport], lengths: dict[str, np.ndarray], source: str, fingerprint) -> dict:
         """The content of ``report.json``: totals, per-split accounting and token statistics."""
