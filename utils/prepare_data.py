@@ -3,89 +3,73 @@
     python -m utils.prepare_data --source data/sample/ultrachat_200k --out data/processed/ultrachat
     python -m utils.prepare_data --source HuggingFaceH4/ultrachat_200k --out data/processed/ultrachat_200k
 
-Every input row ends *kept* or *dropped* with exactly one reason, and ``kept + dropped == input`` is checked for
-every split. Rows in the ultrachat_200k schema were already filtered and truecased by its authors: by default they
-only pass the structure check, and the other filters run as an *audit* (counted, not applied). Raw UltraChat rows
-get the whole chain. The output is a ``datasets.DatasetDict`` (``train``, and ``test`` when it has rows) plus
-``report.json``, streamed to a temporary folder and swapped into place only once complete, into a folder that holds
-nothing but this tool's output. The stages live in ``utils.data``.
+Every row is kept or dropped with one reason (``utils.data.pipeline``). The output, a ``datasets.DatasetDict`` with
+``report.json``, replaces ``--out`` only once complete, and only a folder this tool wrote (``utils.data.output``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from utils.data.filters import load_disclaimers
-from utils.data.output import OutputError, check_output
+from utils.data.output import check_output
 from utils.data.pipeline import FILTER_MODES, TEST_FRACTION, OptionError, Options, prepare
-from utils.data.sources import MAX_CHARS, SourceError, datasets_progress, open_source
+from utils.data.sources import MAX_CHARS, datasets_progress, open_source
 from utils.data.stats import MAX_LENGTH
 from utils.data.template import TOKENIZATIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m utils.prepare_data", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--source",
         default="data/sample/ultrachat_200k",
         help="folder or file of JSON Lines/JSON/Parquet (either UltraChat schema), or a Hub dataset id",
     )
-    parser.add_argument("--revision", default=None, help="Hub dataset commit or tag to load (default: main)")
-    parser.add_argument(
+    add("--revision", default=None, help="Hub dataset commit or tag to load (default: main)")
+    add(
         "--out",
         default="data/processed/ultrachat",
         help="output folder: new, empty, or written by this tool before (then replaced when complete)",
     )
-    parser.add_argument(
-        "--tokenizer", default=None, help="Hub id of the tokenizer; default: the embedded Mistral-7B tokenizer"
-    )
-    parser.add_argument(
+    add("--tokenizer", default=None, help="Hub id of the tokenizer; default: the embedded Mistral-7B tokenizer")
+    add(
         "--filters",
         default="auto",
         choices=FILTER_MODES,
-        help="auto: the whole chain on raw UltraChat, an audit on ultrachat_200k rows; all: apply "
-        "every filter to every row; structure: audit the chain everywhere",
+        help="auto: the whole chain on raw UltraChat, an audit on ultrachat_200k rows; all: apply every filter to "
+        "every row; structure: audit the chain everywhere",
     )
-    parser.add_argument(
+    add(
         "--no-system-turn",
-        action="store_true",
+        dest="system_turn",
+        action="store_false",
         help="do not insert the empty system turn the card's recipe put before every dialogue",
     )
-    parser.add_argument(
+    add(
         "--tokenization",
         default="card",
         choices=TOKENIZATIONS,
-        help="card: the token ids the card trained on (the 2023 tokenizer put '▁', id 28705, after every </s>, and "
-        "made </s>, <s>, <unk> typed in a message control tokens); card-text: the same, with such text kept as text; "
-        "today: what transformers 5.x gives (such text kept as text)",
+        help="card: the card's ids (the 2023 tokenizer put '▁', id 28705, after every </s>, and made </s>, <s>, <unk> "
+        "typed in a message control tokens); card-text: the same, such text kept as text; today: transformers 5.x's",
     )
-    parser.add_argument("--disclaimers", default=None, help="file of disclaimer phrases, one per line")
-    parser.add_argument("--min-tokens", type=int, default=None, help="drop dialogues shorter than this")
-    parser.add_argument("--max-tokens", type=int, default=None, help="drop dialogues longer than this")
-    parser.add_argument("--max-chars", type=int, default=MAX_CHARS, help="drop rows with more characters (too_large)")
-    parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="training length for the statistics")
-    parser.add_argument(
-        "--test-fraction", type=float, default=TEST_FRACTION, help="held-out share for single-split sources"
-    )
-    parser.add_argument("--max-rows", type=int, default=None, help="read at most this many rows per split")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add("--disclaimers", default=None, help="file of disclaimer phrases, one per line")
+    add("--min-tokens", type=int, default=None, help="drop dialogues shorter than this")
+    add("--max-tokens", type=int, default=None, help="drop dialogues longer than this")
+    add("--max-chars", type=int, default=MAX_CHARS, help="drop rows with more characters (too_large)")
+    add("--max-length", type=int, default=MAX_LENGTH, help="training length for the statistics")
+    add("--test-fraction", type=float, default=TEST_FRACTION, help="held-out share for single-split sources")
+    add("--max-rows", type=int, default=None, help="read at most this many rows per split")
+    add("--no-progress", action="store_true", help="hide the progress bars")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    options = dict(
-        filters=args.filters,
-        system_turn=not args.no_system_turn,
-        tokenization=args.tokenization,
-        min_tokens=args.min_tokens,
-        max_tokens=args.max_tokens,
-        max_length=args.max_length,
-        test_fraction=args.test_fraction,
-        max_rows=args.max_rows,
-        max_chars=args.max_chars,
-    )
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(Options) if f.name != "disclaimers"}
     try:  # every mistake a user can make is one line here, before the tokenizer loads or a row is read
         Options(**options)
         check_output(args.out, args.source)
@@ -95,20 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             splits = open_source(args.source, args.max_chars, args.revision)
         from utils.assets import load_tokenizer
 
-        tokenizer = load_tokenizer(args.tokenizer)
-        report = prepare(
-            splits,
-            tokenizer,
-            args.out,
-            source=args.source,
-            revision=args.revision,
-            progress=not args.no_progress,
-            **options,
-        ).report
+        run = dict(source=args.source, revision=args.revision, progress=not args.no_progress, **options)
+        report = prepare(splits, load_tokenizer(args.tokenizer), args.out, **run).report
     except OptionError as exc:
         print(f"error: --{exc.name.replace('_', '-')} {exc.detail}", file=sys.stderr)
         return 2
-    except (SourceError, OutputError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: ConfigError, whose kinds SourceError and OutputError are
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_report(report, args.out)

@@ -18,7 +18,6 @@ MARKER = ".prepared-by-utils.prepare_data"  # identifies a folder this tool wrot
 # report.json's "format": 2 added the empty system turn, 3 the card's token ids, 4 special-token text in messages as
 # control tokens in them; older outputs are prepared again
 FORMAT = 4
-COLUMNS = ("prompt", "prompt_id", "messages", "input_ids", "num_tokens", "num_turns")
 SHARD = "data-00000-of-00001.arrow"  # one shard per split, named as datasets names a single shard
 
 
@@ -27,7 +26,8 @@ class OutputError(ConfigError):
 
 
 def features():
-    """The output's columns and types: ultrachat_200k's, plus the token ids and counts."""
+    """The output's columns and types: ultrachat_200k's, plus the token ids and counts. (A ``Value`` per column:
+    the fingerprint datasets writes in state.json hashes their pickle, in which a shared one differs.)"""
     import datasets
 
     return datasets.Features(
@@ -42,16 +42,9 @@ def features():
     )
 
 
-# --- whose folder is it --------------------------------------------------------------------------------------------
 def is_own_output(folder: Path) -> bool:
     """True for a folder this tool wrote: it holds the marker file (a real folder, not a link to one)."""
-    folder = Path(folder)
-    return not folder.is_symlink() and (folder / MARKER).is_file()
-
-
-def is_whole(folder: Path) -> bool:
-    """True for this tool's output with every file it wrote: the marker, the report, and every split's data."""
-    return not Path(folder).is_symlink() and not missing_files(folder)
+    return not Path(folder).is_symlink() and (Path(folder) / MARKER).is_file()
 
 
 def missing_files(folder: Path) -> list[str]:
@@ -66,18 +59,23 @@ def missing_files(folder: Path) -> list[str]:
     return [name for name in (MARKER, "report.json", *files) if not (folder / name).is_file()]
 
 
+def is_whole(folder: Path) -> bool:
+    """True for this tool's output with every file it wrote."""
+    return not Path(folder).is_symlink() and not missing_files(folder)
+
+
 def is_current(folder: Path) -> bool:
     """True for this tool's whole output in the current format (reusable as a cache)."""
     try:
-        return is_whole(Path(folder)) and json.loads((Path(folder) / "report.json").read_text()).get("format") == FORMAT
+        return is_whole(folder) and json.loads((Path(folder) / "report.json").read_text()).get("format") == FORMAT
     except (OSError, ValueError):
         return False
 
 
 def check_output(out_dir: str | Path, source: str | None = None) -> Path:
-    """Refuse, with one line, an output this tool must not write: a file, a link, a folder under a file, a
-    non-empty folder it did not write, the source itself (or a folder holding it), or a place it cannot write to.
-    Called before any work; first finishes or cleans up what a killed run left (``recover``)."""
+    """Refuse, in one line, an output this tool must not write: a link, a file or a folder under one, a non-empty
+    folder it did not write, the source (or a folder holding it), a place it cannot write to. First finishes or
+    cleans up what a killed run left (``recover``)."""
     from utils.data.sources import local_path
 
     out = Path(out_dir)
@@ -102,9 +100,8 @@ def check_output(out_dir: str | Path, source: str | None = None) -> Path:
     return out
 
 
-# --- one run at a time on one output --------------------------------------------------------------------------------
 def _lock(out: Path) -> Path:
-    """The lock file of ``out`` (beside it), which holds the process id of the run writing it."""
+    """``out``'s lock file (beside it): the process id of the one run writing it."""
     return out.with_name(f".{out.name}.lock")
 
 
@@ -121,7 +118,7 @@ def check_unlocked(out: Path) -> None:
 
 
 def take_lock(out: Path) -> Path:
-    """Create ``out``'s lock (OutputError when a run alive holds it; a dead run's lock is taken over)."""
+    """Create ``out``'s lock, taking over a dead run's (OutputError when a run alive holds it)."""
     lock = _lock(out)
     for _ in range(2):
         try:
@@ -137,7 +134,6 @@ def take_lock(out: Path) -> Path:
     raise OutputError(f"--out {out}: could not take its lock {lock}")
 
 
-# --- what a killed run leaves --------------------------------------------------------------------------------------
 def recover(out: Path) -> None:
     """Finish what killed runs left beside ``out``: restore ``out`` from its ``.old`` copy when a run was killed
     between its two renames; once ``out`` is whole, delete the ``.old`` copies (this tool's: they hold the marker,
@@ -165,25 +161,21 @@ def recover(out: Path) -> None:
 def remove_output(folder: Path) -> None:
     """Delete a folder this tool wrote, its marker last: a deletion cut short leaves a folder still marked as ours."""
     for child in folder.iterdir():
-        if child.name == MARKER:
-            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
-        else:
+        elif child.name != MARKER:
             child.unlink()
     (folder / MARKER).unlink(missing_ok=True)
     folder.rmdir()
 
 
-# --- writing -------------------------------------------------------------------------------------------------------
 class OutputWriter:
     """Rows streamed into one Arrow file per split inside a temporary sibling of ``out``; ``commit`` adds the
     metadata, ``report.json`` and the marker and swaps the folder into place, ``discard`` removes it."""
 
     def __init__(self, out: Path):
         out.parent.mkdir(parents=True, exist_ok=True)
-        self.out = out
-        self.lock = take_lock(out)  # released by commit and discard
+        self.out, self.lock = out, take_lock(out)  # released by commit and discard
         try:
             self.tmp = temporary_folder(out.parent, f".{out.name}.tmp-{os.getpid()}-")
         except BaseException:
@@ -193,7 +185,7 @@ class OutputWriter:
         self.features = features()
 
     def write(self, split: str, columns: dict[str, list]) -> None:
-        """Append rows (one list per column of ``COLUMNS``) to ``split``."""
+        """Append rows (one list, or Arrow array, per column) to ``split``."""
         from datasets.arrow_writer import ArrowWriter
 
         if split not in self.writers:
@@ -212,16 +204,16 @@ class OutputWriter:
             writer.close()
         written = [split for split, n in rows.items() if n]
         # datasets writes the folder's metadata (dataset_dict.json, state.json, dataset_info.json) for a one-row
-        # stand-in of each split; the streamed shard then replaces the stand-in's.
-        stand_in = {c: [v] for c, v in zip(COLUMNS, ("", "", [], [], 0, 0), strict=True)}
+        # stand-in of each split (none for no rows); the streamed shard then replaces the stand-in's.
+        stand_in = {"prompt": [""], "prompt_id": [""], "messages": [[]], "input_ids": [[]], "num_tokens": [0]}
+        stand_in = datasets.Dataset.from_dict({**stand_in, "num_turns": [0]}, features=self.features)
         with datasets_progress(False):
-            datasets.DatasetDict(
-                {split: datasets.Dataset.from_dict(stand_in, features=self.features) for split in written}
-            ).save_to_disk(str(self.tmp))
-        for split in written:
-            os.replace(self.tmp / f".{split}.arrow", self.tmp / split / SHARD)
-        for split in set(rows) - set(written):
-            (self.tmp / f".{split}.arrow").unlink()
+            datasets.DatasetDict(dict.fromkeys(written, stand_in)).save_to_disk(str(self.tmp))
+        for split in rows:
+            if split in written:
+                os.replace(self.tmp / f".{split}.arrow", self.tmp / split / SHARD)
+            else:
+                (self.tmp / f".{split}.arrow").unlink()
         loaded = datasets.load_from_disk(str(self.tmp))  # reads the metadata; the data stays on disk
         if {s: loaded[s].num_rows for s in loaded} != {s: rows[s] for s in written}:
             raise RuntimeError(f"{self.tmp} does not reload with the rows written: {rows}")

@@ -13,8 +13,8 @@ import dataclasses
 import hashlib
 import itertools
 from array import array
-from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,6 @@ from utils.data.template import TOKENIZATIONS, to_messages, tokenize_dialogues
 
 TEST_FRACTION = 0.1  # for sources with a single split (raw UltraChat): ultrachat_200k holds out about 10%
 CHUNK_ROWS = 500  # rows tokenized per batch (in a worker thread, while the next chunk is filtered)
-IN_FLIGHT = 1  # chunks tokenized or waiting for the tokenizer while the next is filtered
 FILTER_CHAIN = ("truecase", "disclaimer", "duplicate_prompt")  # after the structure check, which always applies
 FILTER_MODES = ("auto", "all", "structure")
 OUTPUT_SPLITS = ("train", "test")
@@ -78,41 +77,28 @@ class Options:
 
 @dataclass
 class SplitReport:
-    """Accounting for one input split."""
+    """Accounting for one input split, with the first row of each drop reason and audit finding (for the notebook)."""
 
     input_rows: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     truecased: int = 0  # kept rows with at least one message fixed
     truecased_messages: int = 0
-    examples: dict[str, Any] = field(default_factory=dict)  # reason -> first dropped row (for the notebook)
     audited: Counter = field(default_factory=Counter)  # filter -> kept rows it would have dropped (or changed)
+    examples: dict[str, Any] = field(default_factory=dict)  # reason -> {"where": "split:line", "row": ...}
     audit_examples: dict[str, Any] = field(default_factory=dict)
-    applied: set = field(default_factory=set)  # filters applied to at least one row
-    audit_only: set = field(default_factory=set)  # filters only audited on at least one row
 
-    def drop(self, reason: str, where: str, obj: Any) -> None:
-        self.dropped[reason] += 1
-        self.examples.setdefault(reason, {"where": where, "row": obj})
-
-    def audit(self, name: str, where: str, obj: Any) -> None:
-        self.audited[name] += 1
-        self.audit_examples.setdefault(name, {"where": where, "row": obj})
-
-    def check(self, split: str) -> None:
-        total = self.kept + sum(self.dropped.values())
-        if total != self.input_rows:
-            raise AssertionError(f"{split}: kept {self.kept} + dropped {total - self.kept} != input {self.input_rows}")
+    def drop(self, reason: str, where: str, obj: Any, applied: bool = True) -> bool:
+        """Count the row dropped for ``reason``, or, when that filter is only audited, as kept but caught by it."""
+        counts, examples = (self.dropped, self.examples) if applied else (self.audited, self.audit_examples)
+        counts[reason] += 1
+        examples.setdefault(reason, {"where": where, "row": obj})
+        return applied
 
     def to_json(self) -> dict:
-        return {
-            "input_rows": self.input_rows,
-            "kept": self.kept,
-            "dropped": dict(sorted(self.dropped.items())),
-            "truecased": self.truecased,
-            "truecased_messages": self.truecased_messages,
-            "audited": dict(sorted(self.audited.items())),
-        }
+        keys = ("input_rows", "kept", "dropped", "truecased", "truecased_messages", "audited")
+        values = {key: getattr(self, key) for key in keys}
+        return {k: dict(sorted(v.items())) if isinstance(v, Counter) else v for k, v in values.items()}
 
 
 @dataclass
@@ -125,31 +111,50 @@ class Prepared:
     lengths: dict[str, np.ndarray]
 
 
-@dataclass(slots=True)
-class _Candidate:
-    """A row that passed the filters, on its way to the tokenizer."""
-
-    dest: str
-    prompt: str
-    prompt_id: str
-    messages: list[dict]
-    where: str
-
-
-class _Filters:
-    """The filter chain of one run: the structure and content checks, truecasing, disclaimers, duplicate prompts.
+class _Run:
+    """One preparation: the filter chain, then the tokenizer in a worker thread (the Rust tokenizer releases the GIL
+    and uses every core) on one chunk while the next is filtered, then the token bounds and the writer.
 
     The duplicate check remembers 16 bytes of each prompt's SHA-256 (computed anyway for ``prompt_id``), the first
     occurrence winning (train splits are read first).
     """
 
-    def __init__(self, options: Options):
-        self.options = options
+    def __init__(self, tokenizer, options: Options, output: OutputWriter | None, pool: ThreadPoolExecutor):
+        self.tokenizer, self.options, self.output, self.pool = tokenizer, options, output, pool
         self.phrases = load_disclaimers() if options.disclaimers is None else [p.lower() for p in options.disclaimers]
         self.seen: set[bytes] = set()
+        self.chain_applied = self.chain_audited = False  # on at least one row
+        self.lengths = {name: array("i") for name in OUTPUT_SPLITS}
+        self.job = None  # (chunk, its tokenization's future, its split's report)
 
-    def admit(self, report: SplitReport, target: str | None, where: str, obj: dict) -> _Candidate | None:
-        """The row as a candidate for the output split ``target`` (None: by prompt hash), or None when dropped."""
+    def split(self, name: str, rows: Split, target: str | None, progress: bool) -> SplitReport:
+        """Read, judge and write one input split into ``target`` (None: by prompt hash)."""
+        from tqdm.auto import tqdm
+
+        report, chunk, max_rows = SplitReport(), [], self.options.max_rows
+        total = rows.num_rows if max_rows is None or rows.num_rows is None else min(rows.num_rows, max_rows)
+        with tqdm(desc=name, total=total, unit=" rows", disable=not progress, mininterval=1.0) as bar:
+            for line_no, obj, error in itertools.islice(rows, max_rows):
+                report.input_rows += 1
+                bar.update()
+                where = f"{name}:{line_no}"
+                if error:
+                    report.drop(error, where, None)
+                elif (candidate := self.admit(report, target, where, obj)) is not None:
+                    chunk.append(candidate)
+                    if len(chunk) >= CHUNK_ROWS:
+                        self.tokenize(chunk, report)
+                        chunk = []
+            if chunk:
+                self.tokenize(chunk, report)
+            self.collect()
+        dropped = sum(report.dropped.values())
+        if report.kept + dropped != report.input_rows:
+            raise AssertionError(f"{name}: kept {report.kept} + dropped {dropped} != input {report.input_rows}")
+        return report
+
+    def admit(self, report: SplitReport, target: str | None, where: str, obj: dict) -> tuple | None:
+        """``(output split, where, row)`` for a row that passes the filters, or None when dropped."""
         options = self.options
         messages, reason = to_messages(obj)
         reason = reason or structure_problem(messages) or content_problem(messages, options.max_chars)
@@ -157,140 +162,84 @@ class _Filters:
             report.drop(reason, where, obj if reason != "too_large" else None)
             return None
         full = options.filters == "all" or (options.filters == "auto" and "messages" not in obj)
-        (report.applied if full else report.audit_only).update(FILTER_CHAIN)
+        self.chain_applied |= full
+        self.chain_audited |= not full
         fixed_messages, fixed = truecase_messages(messages)
         if full:
             messages = fixed_messages
         elif fixed:
-            report.audit("truecase", where, obj)
-            fixed = 0
-        if disclaimer_in(fixed_messages, self.phrases):
-            if full:
-                report.drop("disclaimer", where, obj)
-                return None
-            report.audit("disclaimer", where, obj)
+            report.drop("truecase", where, obj, applied=False)
+        if disclaimer_in(fixed_messages, self.phrases) and report.drop("disclaimer", where, obj, full):
+            return None
         prompt = next(m["content"] for m in messages if m["role"] == "user")
         digest = hashlib.sha256(prompt.encode("utf-8")).digest()
-        if digest[:16] in self.seen:
-            if full:
-                report.drop("duplicate_prompt", where, obj)
-                return None
-            report.audit("duplicate_prompt", where, obj)
+        if digest[:16] in self.seen and report.drop("duplicate_prompt", where, obj, full):
+            return None
         self.seen.add(digest[:16])
-        if fixed:
+        if full and fixed:
             report.truecased += 1
             report.truecased_messages += fixed
         if target is None:
             target = "test" if int.from_bytes(digest[:4], "big") % 10_000 < options.test_fraction * 10_000 else "train"
         messages = [{"content": m["content"], "role": m["role"]} for m in messages]  # null extra keys left out
-        return _Candidate(target, prompt, digest.hex(), messages, where)
+        turns = sum(m["role"] == "user" for m in messages)
+        return target, where, {"prompt": prompt, "prompt_id": digest.hex(), "messages": messages, "num_turns": turns}
 
+    def tokenize(self, chunk: list[tuple], report: SplitReport) -> None:
+        """Queue ``chunk`` for the tokenizer, then collect the chunk before it: the tokenizer never waits for Python."""
+        dialogues = [row["messages"] for _, _, row in chunk]
+        options = self.options
+        job = self.pool.submit(tokenize_dialogues, self.tokenizer, dialogues, options.system_turn, options.tokenization)
+        self.collect()
+        self.job = chunk, job, report
 
-class _Writer:
-    """Kept rows to their output split: token counts always, Arrow files when there is an output folder."""
-
-    def __init__(self, output: OutputWriter | None):
-        self.output = output
-        self.lengths = {name: array("i") for name in OUTPUT_SPLITS}
-
-    def write(self, rows: list[tuple[_Candidate, list[int]]]) -> None:
-        for dest in OUTPUT_SPLITS:
-            mine = [(c, ids) for c, ids in rows if c.dest == dest]
-            if not mine:
-                continue
-            self.lengths[dest].extend(len(ids) for _, ids in mine)
-            if self.output is not None:
-                self.output.write(
-                    dest,
-                    {
-                        "prompt": [c.prompt for c, _ in mine],
-                        "prompt_id": [c.prompt_id for c, _ in mine],
-                        "messages": [c.messages for c, _ in mine],
-                        "input_ids": _int32_lists([ids for _, ids in mine]),
-                        "num_tokens": [len(ids) for _, ids in mine],
-                        "num_turns": [sum(m["role"] == "user" for m in c.messages) for c, _ in mine],
-                    },
-                )
-
-
-def _int32_lists(lists: list[list[int]]):
-    """An Arrow list<int32> array of ``lists``, built through numpy (faster than from the Python lists)."""
-    import pyarrow as pa
-
-    lengths = np.fromiter(map(len, lists), dtype=np.int32, count=len(lists))
-    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
-class _Tokenizer:
-    """Tokenizes chunks in a worker thread (the Rust tokenizer releases the GIL, and uses every core) while the next
-    ones are filtered, then applies the token bounds and hands the kept rows to the writer, in order. Up to
-    ``IN_FLIGHT`` chunks wait for the tokenizer, so that it never waits for Python."""
-
-    def __init__(self, tokenizer, options: Options, writer: _Writer, pool: ThreadPoolExecutor):
-        self.tokenizer, self.options, self.writer, self.pool = tokenizer, options, writer, pool
-        self.in_flight: deque[tuple[list[_Candidate], Future, SplitReport]] = deque()
-
-    def submit(self, chunk: list[_Candidate], report: SplitReport) -> None:
-        dialogues = [c.messages for c in chunk]
-        job = self.pool.submit(
-            tokenize_dialogues, self.tokenizer, dialogues, self.options.system_turn, self.options.tokenization
-        )
-        self.in_flight.append((chunk, job, report))
-        while len(self.in_flight) > IN_FLIGHT:
-            self._collect()
-
-    def drain(self) -> None:
-        while self.in_flight:
-            self._collect()
-
-    def _collect(self) -> None:
-        chunk, job, report = self.in_flight.popleft()
+    def collect(self) -> None:
+        """Apply the token bounds to the queued chunk and write its kept rows to their output splits."""
+        if self.job is None:
+            return
+        (chunk, job, report), self.job = self.job, None
         low, high = self.options.min_tokens, self.options.max_tokens
         kept = []
-        for candidate, ids in zip(chunk, job.result(), strict=True):
-            n = len(ids)
-            if low is not None and n < low:
-                report.drop("too_short", candidate.where, {"messages": candidate.messages, "num_tokens": n})
-            elif high is not None and n > high:
-                report.drop("too_long", candidate.where, {"messages": candidate.messages, "num_tokens": n})
+        for (dest, where, row), ids in zip(chunk, job.result(), strict=True):
+            reason = "too_short" if low and len(ids) < low else "too_long" if high and len(ids) > high else None
+            if reason:
+                report.drop(reason, where, {"messages": row["messages"], "num_tokens": len(ids)})
             else:
-                kept.append((candidate, ids))
+                kept.append((dest, row, ids))
         report.kept += len(kept)
-        self.writer.write(kept)
+        for dest in OUTPUT_SPLITS:
+            rows, tokens = [row for d, row, _ in kept if d == dest], [ids for d, _, ids in kept if d == dest]
+            self.lengths[dest].extend(map(len, tokens))
+            if rows and self.output is not None:
+                import pyarrow as pa
 
+                columns = {key: [row[key] for row in rows] for key in rows[0]}
+                input_ids = pa.array(tokens, type=pa.list_(pa.int32()))  # faster than datasets' typing of the lists
+                self.output.write(dest, {**columns, "input_ids": input_ids, "num_tokens": list(map(len, tokens))})
 
-def _prepare_split(name: str, rows: Split, single: bool, filters: _Filters, tokens: _Tokenizer, progress: bool):
-    from tqdm.auto import tqdm
-
-    report = SplitReport()
-    max_rows = filters.options.max_rows
-    target = None if single else SPLIT_NAMES.get(name, "train")
-    total = rows.num_rows if max_rows is None or rows.num_rows is None else min(rows.num_rows, max_rows)
-    pending: list[_Candidate] = []
-    with tqdm(desc=name, total=total, unit=" rows", disable=not progress, mininterval=1.0) as bar:
-        for line_no, obj, error in rows:
-            if max_rows is not None and report.input_rows >= max_rows:
-                break
-            report.input_rows += 1
-            bar.update()
-            where = f"{name}:{line_no}"
-            if error:
-                report.drop(error, where, None)
-                continue
-            candidate = filters.admit(report, target, where, obj)
-            if candidate is not None:
-                pending.append(candidate)
-                if len(pending) >= CHUNK_ROWS:
-                    tokens.submit(pending, report)
-                    pending = []
-        if pending:
-            tokens.submit(pending, report)
-        tokens.drain()
-    report.check(name)
-    return report
+    def report(self, reports: dict[str, SplitReport], lengths: dict[str, np.ndarray], source: str, fingerprint) -> dict:
+        """The content of ``report.json``: totals, per-split accounting and token statistics."""
+        options, rs = self.options, reports.values()
+        return {
+            "format": FORMAT,
+            "source": source,
+            "source_fingerprint": fingerprint,
+            "input_rows": sum(r.input_rows for r in rs),
+            "kept": sum(r.kept for r in rs),
+            "dropped": dict(sorted(sum((r.dropped for r in rs), Counter()).items())),
+            "truecased": sum(r.truecased for r in rs),
+            "truecased_messages": sum(r.truecased_messages for r in rs),
+            "filters_applied": ["structure", *(FILTER_CHAIN if self.chain_applied else ())],
+            "filters_audited": list(FILTER_CHAIN if self.chain_audited else ()),
+            "audited": dict(sorted(sum((r.audited for r in rs), Counter()).items())),
+            "system_turn": options.system_turn,
+            "tokenization": options.tokenization,
+            "options": dataclasses.asdict(options),  # all of them: a later release prepares the folder again with these
+            "splits": {name: r.to_json() for name, r in reports.items()},
+            "outputs": {name: token_stats(n, options.max_length) for name, n in lengths.items()},
+            "empty_splits_not_written": [name for name, n in lengths.items() if not len(n)],
+            "tokenizer": tokenizer_name(self.tokenizer),  # which one made the ids (a Hub id may fall back offline)
+        }
 
 
 def prepare(
@@ -303,30 +252,22 @@ def prepare(
     progress: bool = False,
     **options: Any,
 ) -> Prepared:
-    """Run the filters, truecasing, template and tokenizer over ``splits`` (from ``open_source``), streaming.
-
-    ``options`` are the fields of ``Options``. With ``out_dir``, the kept rows are written as a ``DatasetDict``
-    (``train``, and ``test`` when it has rows) with ``report.json`` into a temporary sibling, swapped into place when
-    complete (``OutputError`` when no training row was kept: nothing is written). Without it, only the report.
-    Output splits are ``train`` and ``test``; a source with a single split gets a deterministic ``test_fraction``
-    held out by prompt hash.
-    """
+    """Run the filters, truecasing, template and tokenizer over ``splits`` (from ``open_source``) with ``options``
+    (``Options``' fields). With ``out_dir``, the kept rows go to ``train`` and ``test`` (a single-split source holds
+    out ``test_fraction`` by prompt hash), swapped into place when complete; OutputError if no training row was kept."""
     opts = Options(**options)
     out = check_output(out_dir, source or None) if out_dir is not None else None
     fingerprint = source_fingerprint(source, revision) if source else None
     output = OutputWriter(out) if out is not None else None
     try:
-        writer = _Writer(output)
-        filters = _Filters(opts)
-        ordered = sorted(splits, key=lambda s: (SPLIT_NAMES.get(s, "train") != "train", s))  # train first
-        reports = {}
         with ThreadPoolExecutor(max_workers=1) as pool:
-            tokens = _Tokenizer(tokenizer, opts, writer, pool)
-            for name in ordered:
-                reports[name] = _prepare_split(name, splits[name], len(splits) == 1, filters, tokens, progress)
-        lengths = {name: np.frombuffer(values, dtype=np.int32) for name, values in writer.lengths.items()}
-        report = build_report(reports, lengths, opts, source, fingerprint)
-        report["tokenizer"] = tokenizer_name(tokenizer)  # which one made the ids (a Hub id may fall back offline)
+            run = _Run(tokenizer, opts, output, pool)
+            reports = {}
+            for name in sorted(splits, key=lambda s: (SPLIT_NAMES.get(s, "train") != "train", s)):  # train first
+                target = None if len(splits) == 1 else SPLIT_NAMES.get(name, "train")
+                reports[name] = run.split(name, splits[name], target, progress)
+        lengths = {name: np.frombuffer(values, dtype=np.int32) for name, values in run.lengths.items()}
+        report = run.report(reports, lengths, source, fingerprint)
         if output is not None:
             if not len(lengths["train"]):
                 raise OutputError(f"no training rows were kept from {source or 'the source'}; nothing written to {out}")
@@ -338,36 +279,6 @@ def prepare(
     return Prepared(report, reports, lengths)
 
 
-def build_report(
-    reports: dict[str, SplitReport], lengths: dict[str, np.ndarray], options: Options, source: str, fingerprint
-) -> dict:
-    """The content of ``report.json``: totals, per-split accounting and token statistics."""
-    dropped: Counter = Counter()
-    audited: Counter = Counter()
-    for r in reports.values():
-        dropped.update(r.dropped)
-        audited.update(r.audited)
-    return {
-        "format": FORMAT,
-        "source": source,
-        "source_fingerprint": fingerprint,
-        "input_rows": sum(r.input_rows for r in reports.values()),
-        "kept": sum(r.kept for r in reports.values()),
-        "dropped": dict(sorted(dropped.items())),
-        "truecased": sum(r.truecased for r in reports.values()),
-        "truecased_messages": sum(r.truecased_messages for r in reports.values()),
-        "filters_applied": ["structure", *(f for f in FILTER_CHAIN if any(f in r.applied for r in reports.values()))],
-        "filters_audited": [f for f in FILTER_CHAIN if any(f in r.audit_only for r in reports.values())],
-        "audited": dict(sorted(audited.items())),
-        "system_turn": options.system_turn,
-        "tokenization": options.tokenization,
-        "options": dataclasses.asdict(options),  # all of them: a later release prepares the folder again with these
-        "splits": {name: r.to_json() for name, r in reports.items()},
-        "outputs": {name: token_stats(n, options.max_length) for name, n in lengths.items()},
-        "empty_splits_not_written": [name for name, n in lengths.items() if not len(n)],
-    }
-
-
 def prepare_source(
     source: str,
     out_dir: str | Path,
@@ -377,15 +288,10 @@ def prepare_source(
     progress: bool = False,
     **options: Any,
 ) -> dict:
-    """Open ``source`` (a file, a folder or a Hub id), prepare it streaming and write it atomically to ``out_dir``;
-    return the report (``report.json``'s content).
-
-    ``options`` are the fields of ``Options``. Raises ``SourceError`` for a source that cannot be read,
-    ``OutputError`` for an ``out_dir`` this tool must not write (or when no training row was kept), ``OptionError``
-    (a ValueError) for an option out of range: all before any work but the last.
-    """
-    opts = Options(**options)
+    """Open ``source`` (a file, a folder or a Hub id), prepare it into ``out_dir``; return the report. OptionError,
+    OutputError and SourceError come before any work (but OutputError when no training row was kept)."""
+    max_chars = Options(**options).max_chars
     check_output(out_dir, source)
     with datasets_progress(progress):
-        splits = open_source(source, opts.max_chars, revision)
+        splits = open_source(source, max_chars, revision)
     return prepare(splits, tokenizer, out_dir, source=source, revision=revision, progress=progress, **options).report

@@ -17,9 +17,9 @@ DATA_CACHE = RUNS_DIR / "data"
 
 
 def prepared_dataset(source: str, tokenizer, revision: str | None = None) -> Path:
-    """The prepared folder to train on: ``source`` itself when notebook 01 wrote it, else its copy prepared by
-    notebook 01's pipeline under ``runs/data/``, keyed by the source's content (or Hub id and revision) and the
-    tokenizer. A changed source is prepared again, and the line printed says so."""
+    """The prepared folder to train on: ``source`` itself when notebook 01 wrote it, else its copy under
+    ``runs/data/``, keyed by the source's content (or Hub id and revision) and the tokenizer; prepared again, saying
+    so, when the source changed."""
     from utils.data.output import is_current
     from utils.data.pipeline import prepare_source
     from utils.data.sources import local_path, source_fingerprint
@@ -52,11 +52,9 @@ def check_cache() -> None:
 
 
 def _prepared_again(folder: Path, tokenizer) -> Path:
-    """A folder notebook 01 wrote with an earlier release (another format: no card ids, say), or in today's format
-    with files missing: prepared again, in place, from the source its report names, with every option its report
-    recorded; ConfigError, saying which of the two, when that cannot be done (not this tool's folder: no marker file;
-    its source is gone; or its options were not all recorded: a preparation with others would change what the user
-    chose)."""
+    """A folder notebook 01 wrote in an earlier format, or in today's with files missing, prepared again in place
+    from the source its report names with the options it recorded. ConfigError, saying which, when that cannot be
+    done: not this tool's folder, its source gone, or options not all recorded (others would change the user's data)."""
     from utils.data.output import FORMAT, is_own_output, missing_files
     from utils.data.pipeline import Options, prepare_source
     from utils.data.sources import local_path
@@ -90,9 +88,8 @@ def _prepared_again(folder: Path, tokenizer) -> Path:
 
 
 def _options_of_an_earlier_release(report: dict, source: str, tokenizer) -> dict | None:
-    """The options of a report written before reports recorded them all: the ones it names (system turn,
-    tokenization) and the defaults for the rest, if a dry run of those on the source keeps and drops exactly the rows
-    the report counted (else None: another filter or row limit was chosen, which only the user knows)."""
+    """The options of a report that did not record them all: those it names and the defaults, if a dry run of them
+    keeps and drops exactly the rows it counted (else None: the user chose others, which only they know)."""
     from utils.data.pipeline import prepare
     from utils.data.sources import open_source
 
