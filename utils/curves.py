@@ -20,14 +20,11 @@ PLOTS_DIR = RUNS_DIR / "plots"
 CARD_FILE = DATA_DIR / "card_reference.json"
 CARD_SEQUENCE_LENGTH = 2048
 AXES = {"step": "optimizer step", "tokens": "tokens seen", "epoch": "epoch"}
-# TensorBoard's scalar tags, as the names trainer_state.json's log history gives them
-TAGS = {
-    "train/loss": "loss",
-    "eval/loss": "eval_loss",
-    "train/epoch": "epoch",
-    "train/num_input_tokens_seen": "num_input_tokens_seen",
-    "train/learning_rate": "learning_rate",
-}
+# TensorBoard's scalar tags, as the keys of trainer_state.json's log history
+TAGS = {"train/loss": "loss", "eval/loss": "eval_loss"}
+TAGS |= {f"train/{key}": key for key in ("epoch", "learning_rate", "num_input_tokens_seen")}
+# A RunLog's series besides the loss, and the log history's keys they come from
+SERIES = {"step": "step", "epoch": "epoch", "tokens": "num_input_tokens_seen", "learning_rate": "learning_rate"}
 
 
 @dataclass
@@ -68,13 +65,7 @@ def _series(entries: list[dict], key: str) -> dict[str, list]:
         for name in ("step", key):
             if isinstance(e.get(name), bool) or not isinstance(e.get(name), int | float):
                 raise ValueError(f"its {name} at step {e.get('step')!r} is {e.get(name)!r}, not a number")
-    return {
-        "step": [e["step"] for e in rows],
-        "loss": [e[key] for e in rows],
-        "epoch": [e.get("epoch") for e in rows],
-        "tokens": [e.get("num_input_tokens_seen") for e in rows],
-        "learning_rate": [e.get("learning_rate") for e in rows],
-    }
+    return {"loss": [e[key] for e in rows]} | {name: [e.get(k) for e in rows] for name, k in SERIES.items()}
 
 
 def read_trainer_state(path: Path) -> RunLog:
@@ -171,9 +162,8 @@ def plot_runs(runs: list[RunLog], reference: dict | None = None, smoothing: floa
     grid = fig.add_gridspec(2, 2, width_ratios=[2.3, 1], height_ratios=[3, 1.4])
     loss_ax = fig.add_subplot(grid[0, 0])
     lr_ax = fig.add_subplot(grid[1, 0], sharex=loss_ax)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
-        _plot_run(loss_ax, lr_ax, run, colors[i % len(colors)], smoothing, x)
+        _plot_run(loss_ax, lr_ax, run, f"C{i}", smoothing, x)  # the i-th colour of the style's cycle
     loss_ax.set_title(f"your runs: loss vs {AXES[x]}" if runs else "your runs: none yet (run notebook 02 or 03)")
     loss_ax.set_ylabel("loss (cross-entropy per token)")
     lr_ax.set_ylabel("learning rate")
@@ -281,9 +271,8 @@ def plot_side_by_side(runs: list[RunLog], smoothing: float = 0.9):
     fig, axes = plt.subplots(
         2, len(runs), figsize=(4.3 * len(runs), 5), sharex=True, squeeze=False, gridspec_kw={"height_ratios": [3, 1.3]}
     )
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
-        _plot_run(axes[0, i], axes[1, i], run, colors[i % len(colors)], smoothing, "step")
+        _plot_run(axes[0, i], axes[1, i], run, f"C{i}", smoothing, "step")
         axes[0, i].set_title(run.name)
         axes[0, i].legend(fontsize=7, loc="upper right")
         axes[1, i].set_xlabel("optimizer step")

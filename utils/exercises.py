@@ -43,47 +43,38 @@ def _check(item: str, check, *args) -> str:
 
 def _reason(error: Exception) -> str:
     """Why a file could not be read, in a few words."""
-    if isinstance(error, FileNotFoundError):
-        return "there is no such file"
-    if isinstance(error, IsADirectoryError):
-        return "it is a folder"
     if isinstance(error, json.JSONDecodeError):
         return f"it is not JSON ({error.msg} at line {error.lineno})"
-    if isinstance(error, UnicodeDecodeError):
-        return "it is not UTF-8 text"
-    return (error.strerror if isinstance(error, OSError) else None) or str(error)
+    words = {
+        FileNotFoundError: "there is no such file",
+        IsADirectoryError: "it is a folder",
+        UnicodeDecodeError: "it is not UTF-8 text",
+    }
+    return words.get(type(error)) or getattr(error, "strerror", None) or str(error)
 
 
-_WANTED = {int: "a whole number", dict: "a JSON object", list: "a list"}  # what a check wants of a field
+_WANTED = {int: "a whole number", dict: "a JSON object", list: "a list"}  # what a check wants of a value
 _KINDS = {**_WANTED, int: "a number", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
-
-
-def _read_json(path: Path) -> dict:
-    """The JSON object in ``path``, or _Unreadable with the reason."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise _Unreadable(path, _reason(e)) from None
-    if not isinstance(data, dict):
-        raise _Unreadable(path, f"it holds {_KINDS[type(data)]}, not a JSON object")
-    return data
-
-
 _REQUIRED = object()
 
 
-def _field(data: dict, path: Path, *keys: str, kind: type = int, default=_REQUIRED):
-    """``data[keys[0]][keys[1]]...`` (read from ``path``) when it is a ``kind``; ``default`` where a key is missing,
-    if one is given; _Unreadable otherwise."""
-    value, name = data, ".".join(keys)
+def _json(path: Path, *keys: str, kind: type = int, default=_REQUIRED):
+    """The JSON object in ``path`` (with ``kind=dict``), or its ``[keys[0]][keys[1]]...`` when that is a ``kind``;
+    ``default`` where a key is missing, if one is given; otherwise _Unreadable with the reason."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise _Unreadable(path, _reason(e)) from None
+    if not isinstance(value, dict):
+        raise _Unreadable(path, f"it holds {_KINDS[type(value)]}, not a JSON object")
     for key in keys:
         if not isinstance(value, dict) or key not in value:
             if default is not _REQUIRED:
                 return default
-            raise _Unreadable(path, f"it has no {name}")
+            raise _Unreadable(path, f"it has no {'.'.join(keys)}")
         value = value[key]
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise _Unreadable(path, f"its {name} is {_KINDS[type(value)]}, not {_WANTED[kind]}")
+        raise _Unreadable(path, f"its {'.'.join(keys)} is {_KINDS[type(value)]}, not {_WANTED[kind]}")
     return value
 
 
@@ -100,19 +91,19 @@ def notebook_01(out: str | Path, filters: str, system_turn: bool, source: str, h
     if not path.exists():
         return [_line(False, "notebook 01", f"no report.json in {out}: run the notebook's cells first")]
     try:
-        report = _read_json(path)
+        _json(path, kind=dict)
     except _Unreadable as e:
         return [_line(False, "notebook 01", f"{e}: run the notebook's cells again")]
     sample = str(source).rstrip("/").endswith("sample/ultrachat_200k")
     return [
-        _check('FILTERS = "all"', _filters, report, path, filters, sample),
-        _check("SYSTEM_TURN = False", _system_turn, out, report, filters, system_turn, source, history_dir),
-        _check('SOURCE = "data/sample/ultrachat_raw/ultrachat_raw.jsonl"', _raw, report, path, source),
+        _check('FILTERS = "all"', _filters, path, filters, sample),
+        _check("SYSTEM_TURN = False", _system_turn, path, filters, system_turn, source, history_dir),
+        _check('SOURCE = "data/sample/ultrachat_raw/ultrachat_raw.jsonl"', _raw, path, source),
     ]
 
 
-def _filters(report: dict, path: Path, filters: str, sample: bool):
-    dropped = _field(report, path, "dropped", kind=dict)
+def _filters(path: Path, filters: str, sample: bool):
+    dropped = _json(path, "dropped", kind=dict)
     if not all(_is_number(n) for n in dropped.values()):
         raise _Unreadable(path, "its dropped counts are not all numbers")
     structure = sum(n for reason, n in dropped.items() if reason not in ("disclaimer", "duplicate_prompt"))
@@ -125,14 +116,14 @@ def _filters(report: dict, path: Path, filters: str, sample: bool):
     return ok, said + ("" if ok else " (the answer says 16: 11 + 3 + 2)")
 
 
-def _system_turn(out: Path, report: dict, filters: str, system_turn: bool, source: str, history_dir: Path):
+def _system_turn(path: Path, filters: str, system_turn: bool, source: str, history_dir: Path):
     seen = {
         "source": str(source),
         "filters": filters,
         "system_turn": system_turn,
-        "tokenization": report.get("tokenization"),
-        "train_tokens": _field(report, out / "report.json", "outputs", "train", "total_tokens"),
-        "without_own_system": _without_own_system(out),
+        "tokenization": _json(path, kind=dict).get("tokenization"),
+        "train_tokens": _json(path, "outputs", "train", "total_tokens"),
+        "without_own_system": _without_own_system(path.parent),
     }
     history, trouble = _remember(seen, history_dir)
     also = f"; {trouble}" if trouble else ""
@@ -169,7 +160,7 @@ def _remember(seen: dict, folder: Path) -> tuple[list[dict], str | None]:
         left = "the file is left as it is: move it away"
         return [seen], f"{folder} is a file, not a folder, so this run is not remembered; {left}"
     try:
-        runs = _field(_read_json(file), file, "runs", kind=list, default=[]) if file.exists() else []
+        runs = _json(file, "runs", kind=list, default=[]) if file.exists() else []
         if not all(isinstance(h, dict) for h in runs):
             raise _Unreadable(file, "its runs are not all JSON objects")
     except _Unreadable as e:
@@ -186,11 +177,11 @@ def _remember(seen: dict, folder: Path) -> tuple[list[dict], str | None]:
     return history, None
 
 
-def _raw(report: dict, path: Path, source: str):
+def _raw(path: Path, source: str):
     if "ultrachat_raw" not in str(source):
         return None, "not tried (this run read ultrachat_200k, which has its own test split)"
-    test = _field(report, path, "outputs", "test", "dialogues", default=0)
-    return test == 1, f"{test} test dialogue(s) of {_field(report, path, 'kept')} kept, held out by prompt hash"
+    test = _json(path, "outputs", "test", "dialogues", default=0)
+    return test == 1, f"{test} test dialogue(s) of {_json(path, 'kept')} kept, held out by prompt hash"
 
 
 # --- notebook 02 ------------------------------------------------------------------------------------------------------
@@ -247,7 +238,7 @@ def adapter_parameters(adapter: Path) -> int:
 def _rank_64(r64: Path, main: Path):
     n64 = adapter_parameters(r64 / "adapter")
     config = r64 / "adapter" / "adapter_config.json"
-    r = _field(_read_json(config), config, "r")
+    r = _json(config, "r")
     n16 = adapter_parameters(main / "adapter") if (main / "adapter" / "adapter_model.safetensors").exists() else None
     than = f", {n64 / n16:.1f}x rank 16's {n16:,}" if n16 else ""
     return r == 64 and (n16 is None or n64 == 4 * n16), f"r = {r}, {n64:,} adapter parameters{than}"
@@ -256,10 +247,10 @@ def _rank_64(r64: Path, main: Path):
 def _split(split: Path, main: Path):
     from utils.runs import REPORT_FILE
 
-    rows = _field(_read_json(split / REPORT_FILE), split / REPORT_FILE, "packed_rows")
+    rows = _json(split / REPORT_FILE, "packed_rows")
     if not (main / REPORT_FILE).exists():
         return None, f"{rows} packed rows; run the notebook's own run to compare"
-    bfd = _field(_read_json(main / REPORT_FILE), main / REPORT_FILE, "packed_rows")
+    bfd = _json(main / REPORT_FILE, "packed_rows")
     return rows > bfd, f"{rows} packed rows, against {bfd} with bfd"
 
 
@@ -294,7 +285,7 @@ def _end_loss(folder: Path) -> float | None:
 
 
 def _answers_only(answers: Path, main: Path):
-    settings = _field(_read_json(answers / "run.json"), answers / "run.json", "settings", kind=dict)
+    settings = _json(answers / "run.json", "settings", kind=dict)
     if settings.get("assistant_only_loss") is not True:
         return False, "runs/qlora-answers was trained on every token: run the command as written"
     end = _end_loss(answers)
@@ -316,15 +307,9 @@ def notebook_03(predictions: dict, runs_dir: str | Path = RUNS_DIR) -> list[str]
     lines = []
     for item, (gpus, per_device) in {"accumulation, 16 GPUs x 4": (16, 4), "accumulation, 4 GPUs x 2": (4, 2)}.items():
         truth, guess = accumulation_for(512, gpus, per_device), predictions.get(item)
-        lines.append(
-            _predicted(item, guess, truth, f"you said {guess}, it is {truth} ({per_device} x {gpus} x {truth} = 512)")
-        )
-    folder = Path(runs_dir) / "full-bs1"
-    files = [folder / "rank_logs" / f"rank{r}.json" for r in (0, 1)]
-    if not _finished(folder) or not all(f.exists() for f in files):
-        lines.append(_line(None, "1 sequence per device", "not run yet (runs/full-bs1)"))
-    else:
-        lines.append(_check("1 sequence per device", _ranks, files))
+        said = f"you said {guess}, it is {truth} ({per_device} x {gpus} x {truth} = 512)"
+        lines.append(_predicted(item, guess, truth, said))
+    lines.append(_check_run("1 sequence per device", _ranks, Path(runs_dir) / "full-bs1"))
     fsdp, zero3 = (estimate(s, 8, 80).total for s in ("fsdp", "zero3"))
     truth = "same" if abs(fsdp - zero3) < 0.05 else "fsdp" if fsdp < zero3 else "zero3"
     guess = predictions.get("less memory per GPU on 8 GPUs: fsdp, zero3 or same")
@@ -336,7 +321,10 @@ def _predicted(item: str, guess, truth, said: str) -> str:
     return _line(None, item, "no prediction yet") if guess is None else _line(guess == truth, item, said)
 
 
-def _ranks(files: list[Path]):
+def _ranks(folder: Path):
+    files = [folder / "rank_logs" / f"rank{r}.json" for r in (0, 1)]
+    if not all(f.exists() for f in files):
+        return None, "not run yet (runs/full-bs1)"
     (own0, logged0), (own1, logged1) = (_rank_losses(f) for f in files)
     means = [statistics.mean(pair) for pair in zip(own0, own1, strict=False)]
     differ = sum(abs(a - b) > 1e-6 for a, b in zip(own0, own1, strict=False))
@@ -347,8 +335,7 @@ def _ranks(files: list[Path]):
 
 def _rank_losses(file: Path) -> tuple[list, list]:
     """A rank's own losses and the losses it logged (the mean over ranks), from its ``rank_logs/rankN.json``."""
-    log = _read_json(file)
-    own, logged = (_field(log, file, key, kind=list) for key in ("own_losses", "losses"))
+    own, logged = (_json(file, key, kind=list) for key in ("own_losses", "losses"))
     if not all(_is_number(x) for x in own + logged):
         raise _Unreadable(file, "its losses are not all numbers")
     return own, logged
