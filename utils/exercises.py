@@ -276,26 +276,20 @@ def _ten_steps(ten: Path):
     return step == 2, said  # one warm-up step from 0, then the peak
 
 
-def _end_loss(folder: Path) -> float | None:
-    """The median of the last tenth of a run's logged losses (``utils.tiny_world.loss_ends``); None for too few."""
-    from utils.tiny_world import loss_ends
-
-    ends = loss_ends(_logged(folder)["loss"])
-    return ends[1] if ends else None
-
-
 def _answers_only(answers: Path, main: Path):
+    from utils.tiny_world import loss_ends  # the medians of the first and the last tenth of the logged losses
+
     settings = _json(answers / "run.json", "settings", kind=dict)
     if settings.get("assistant_only_loss") is not True:
         return False, "runs/qlora-answers was trained on every token: run the command as written"
-    end = _end_loss(answers)
-    if end is None:
+    ends = loss_ends(_logged(answers)["loss"])
+    if ends is None:
         return None, "too few logged steps for the median of a last tenth: run the command as written"
-    said = f"its training loss ends at {end:.3f} (median of the last tenth of the steps)"
-    theirs = _end_loss(main) if _finished(main) else None
+    said = f"its training loss ends at {ends[1]:.3f} (median of the last tenth of the steps)"
+    theirs = loss_ends(_logged(main)["loss"]) if _finished(main) else None
     if theirs is None:
         return None, f"{said}; run the notebook's own run to compare"
-    return end < theirs, f"{said}, against {theirs:.3f} with the loss on every token"
+    return ends[1] < theirs[1], f"{said}, against {theirs[1]:.3f} with the loss on every token"
 
 
 # --- notebook 03 ------------------------------------------------------------------------------------------------------
