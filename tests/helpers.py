@@ -54,3 +54,15 @@ def read_only(folder):
         yield "Read-only file system"
     finally:
         subprocess.run(["umount", folder], check=True)
+
+
+def try_this_items(notebook) -> tuple[list[tuple[str, str]], list[str]]:
+    """A notebook's Try this items, as written in backticks: (parameter assignments as (name, value), commands)."""
+    import re
+
+    import nbformat
+
+    text = next(c.source for c in nbformat.read(notebook, as_version=4).cells if "## Try this" in c.source)
+    params = re.findall(r"`([A-Z_]+) = ([^`]+)`", text)
+    commands = re.findall(r"`((?:python -m|torchrun) [^`]+)`", text)
+    return params, commands

@@ -11,7 +11,7 @@ import sys
 
 import nbformat
 import pytest
-from helpers import cpu_path_env
+from helpers import cpu_path_env, try_this_items
 
 from tools.notebook_runner import notebooks, printed_text, run_notebook
 from tools.setup_cell import SETUP_CELL
@@ -295,7 +295,7 @@ def test_try_this_04_parameters_run(series, tmp_path):
     """Notebook 04's items on the series' runs (01's are in test_try_this.py)."""
     base, _ = series
     path = next(p for p in ALL if p.name.startswith("04"))
-    params, commands = exercises.try_this_items(path)
+    params, commands = try_this_items(path)
     assert len(params) >= 3 and not commands
     for name, value in params:
         text = printed_text(
@@ -317,7 +317,7 @@ def test_try_this_04_parameters_run(series, tmp_path):
 def test_try_this_05_commands_run(series, tmp_path, command_env):
     """Notebook 05's commands sample the series' models (02's and 03's are in test_try_this.py)."""
     base, _ = series
-    _, commands = exercises.try_this_items(next(p for p in ALL if p.name.startswith("05")))
+    _, commands = try_this_items(next(p for p in ALL if p.name.startswith("05")))
     assert len(commands) >= 3
     env = {**command_env, "MISTRAL_SFT_RUNS": str(base / "runs")}  # sampling logs its answers there too
     for command in commands:

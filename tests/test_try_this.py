@@ -7,6 +7,8 @@ import re
 import shlex
 import subprocess
 
+from helpers import try_this_items
+
 from tools.notebook_runner import notebooks, printed_text, run_notebook
 from utils import REPO_ROOT, exercises
 
@@ -14,7 +16,7 @@ from utils import REPO_ROOT, exercises
 def test_try_this_01_parameters_run(tmp_path, monkeypatch):
     monkeypatch.setenv("MISTRAL_SFT_RUNS", str(tmp_path / "runs"))  # the check cell's record of earlier runs
     path = notebooks(["01"])[0]
-    params, commands = exercises.try_this_items(path)
+    params, commands = try_this_items(path)
     assert len(params) == 3 and not commands
     run_notebook(path, "smoke", out_dir=tmp_path / "executed", progress_bar=False, OUT=str(tmp_path / "default"))
     for name, value in params:  # SYSTEM_TURN = False compares with the default run just made
@@ -31,7 +33,7 @@ def test_try_this_01_parameters_run(tmp_path, monkeypatch):
 
 
 def _run_commands(number: str, cwd, env) -> list[str]:
-    _, commands = exercises.try_this_items(notebooks([number])[0])
+    _, commands = try_this_items(notebooks([number])[0])
     assert len(commands) >= 3
     for name in ("configs", "data"):  # the commands name these relative to the collection
         (cwd / name).symlink_to(REPO_ROOT / name)

@@ -19,6 +19,12 @@ from utils import DATA_DIR, RUNS_DIR
 PLOTS_DIR = RUNS_DIR / "plots"
 CARD_FILE = DATA_DIR / "card_reference.json"
 CARD_SEQUENCE_LENGTH = 2048
+AXES = {"step": "optimizer step", "tokens": "tokens seen", "epoch": "epoch"}
+# TensorBoard's scalar tags, as the keys of trainer_state.json's log history
+TAGS = {"train/loss": "loss", "eval/loss": "eval_loss"}
+TAGS |= {f"train/{key}": key for key in ("epoch", "learning_rate", "num_input_tokens_seen")}
+# A RunLog's series besides the loss, and the log history's keys they come from
+SERIES = {"step": "step", "epoch": "epoch", "tokens": "num_input_tokens_seen", "learning_rate": "learning_rate"}
 
 
 @dataclass
@@ -33,17 +39,16 @@ class RunLog:
     runtime_s: float | None = None
 
     def summary(self) -> dict:
-        """One row of the summary table: where the train loss started and ended (``tiny_world.loss_ends``: medians of
-        the first and last tenth of the logged losses, the one definition of a run's loss in this collection; "–"
-        for a run with too few steps), the last evaluation, steps, tokens and runtime ("–" where not logged)."""
+        """A row of the summary table. The train loss's start and end are ``tiny_world.loss_ends`` (medians of the
+        first and last tenth of the logged losses, the collection's one definition); "–" where not logged."""
         from utils.tiny_world import loss_ends
 
+        ends = loss_ends(self.train.get("loss", []))
         last = lambda series: series[-1] if series else "–"  # noqa: E731
-        ends = tuple(round(v, 3) for v in loss_ends(self.train.get("loss", [])) or ()) or ("–", "–")
         return {
             "run": self.name,
-            "train loss, start": ends[0],
-            "train loss, end": ends[1],
+            "train loss, start": round(ends[0], 3) if ends else "–",
+            "train loss, end": round(ends[1], 3) if ends else "–",
             "final eval loss": round(self.eval["loss"][-1], 3) if self.eval.get("loss") else "–",
             "steps": last(self.train.get("step", [])),
             "tokens": last(self.train.get("tokens", [])),
@@ -60,13 +65,7 @@ def _series(entries: list[dict], key: str) -> dict[str, list]:
         for name in ("step", key):
             if isinstance(e.get(name), bool) or not isinstance(e.get(name), int | float):
                 raise ValueError(f"its {name} at step {e.get('step')!r} is {e.get(name)!r}, not a number")
-    return {
-        "step": [e["step"] for e in rows],
-        "loss": [e[key] for e in rows],
-        "epoch": [e.get("epoch") for e in rows],
-        "tokens": [e.get("num_input_tokens_seen") for e in rows],
-        "learning_rate": [e.get("learning_rate") for e in rows],
-    }
+    return {"loss": [e[key] for e in rows]} | {name: [e.get(k) for e in rows] for name, k in SERIES.items()}
 
 
 def read_trainer_state(path: Path) -> RunLog:
@@ -75,42 +74,24 @@ def read_trainer_state(path: Path) -> RunLog:
     history = state.get("log_history", []) if isinstance(state, dict) else None
     if not isinstance(history, list):
         raise ValueError("it has no log_history list")
-    end = next((e for e in reversed(history) if "train_runtime" in e), {})
-    return RunLog(
-        path.parent.name,
-        path.parent,
-        "trainer_state.json",
-        _series(history, "loss"),
-        _series(history, "eval_loss"),
-        end.get("train_runtime"),
-    )
+    runtime = next((e["train_runtime"] for e in reversed(history) if "train_runtime" in e), None)
+    train, evals = _series(history, "loss"), _series(history, "eval_loss")
+    return RunLog(path.parent.name, path.parent, "trainer_state.json", train, evals, runtime)
 
 
-def read_tensorboard(folder: Path) -> RunLog | None:
-    """A RunLog from TensorBoard scalars (``train/loss``, ``eval/loss``, ``train/learning_rate``, ``train/epoch``)."""
+def read_tensorboard(folder: Path) -> RunLog:
+    """A RunLog from the TensorBoard scalars under ``folder`` (``TAGS``), a later file's value winning at a step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = sorted(folder.rglob("events.out.tfevents.*"))
-    if not events:
-        return None
-    scalars: dict[str, dict[int, float]] = {}
-    for file in events:
+    steps: dict[int, dict] = {}  # a log history: the values logged at each step
+    for file in sorted(folder.rglob("events.out.tfevents.*")):
         acc = EventAccumulator(str(file), size_guidance={"scalars": 0})
         acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            scalars.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-
-    def series(tag: str) -> dict[str, list]:
-        points = sorted(scalars.get(tag, {}).items())
-        return {
-            "step": [s for s, _ in points],
-            "loss": [v for _, v in points],
-            "epoch": [scalars.get("train/epoch", {}).get(s) for s, _ in points],
-            "tokens": [scalars.get("train/num_input_tokens_seen", {}).get(s) for s, _ in points],
-            "learning_rate": [scalars.get("train/learning_rate", {}).get(s) for s, _ in points],
-        }
-
-    return RunLog(folder.name, folder, "tensorboard", series("train/loss"), series("eval/loss"))
+        for tag in set(acc.Tags()["scalars"]) & TAGS.keys():
+            for event in acc.Scalars(tag):
+                steps.setdefault(event.step, {"step": event.step})[TAGS[tag]] = event.value
+    history = [steps[s] for s in sorted(steps)]
+    return RunLog(folder.name, folder, "tensorboard", _series(history, "loss"), _series(history, "eval_loss"))
 
 
 def find_runs(runs_dir: Path = RUNS_DIR) -> list[RunLog]:
@@ -128,36 +109,32 @@ def find_runs(runs_dir: Path = RUNS_DIR) -> list[RunLog]:
                 print(f"skipped {state}: unreadable ({why})")
     for event in sorted(runs_dir.rglob("events.out.tfevents.*")):
         run_dir = next((p for p in event.parents if p.parent == runs_dir), event.parent)  # its top-level folder
-        if run_dir not in found and not any(run_dir.is_relative_to(p) for p in found):
+        if not any(run_dir.is_relative_to(p) for p in found):
             run = read_tensorboard(run_dir)
-            if run and run.train.get("step"):
+            if run.train["step"]:
                 found[run_dir] = run
     return [found[p] for p in sorted(found)]
 
 
 def ema(values: list[float], weight: float = 0.9) -> list[float]:
-    """Exponential moving average with TensorBoard's debiasing (the first points are not pulled towards 0)."""
-    out, last, norm = [], 0.0, 0.0
-    for v in values:
-        last = weight * last + (1 - weight) * v
-        norm = weight * norm + (1 - weight)
-        out.append(last / norm)
-    return out
+    """TensorBoard's smoothing: an exponential moving average debiased so that the first points are not pulled
+    towards 0, which is pandas' (adjusted) ``ewm``."""
+    import pandas as pd
+
+    return pd.Series(values, dtype=float).ewm(alpha=1 - weight).mean().tolist()
 
 
 def card_reference(path: Path = CARD_FILE) -> dict:
     """The card's numbers (data/card_reference.json) with the tokens seen at the logged step."""
     ref = json.loads(Path(path).read_text())
-    point = ref["training_results"][0]
-    global_batch = ref["hyperparameters"]["total_train_batch_size"]
-    schedule = ref["schedule"]
+    point, schedule = ref["training_results"][0], ref["schedule"]
     return {
         "step": point["step"],
         "epoch": point["epoch"],
         "train_loss": point["training_loss"],
         "eval_loss": point["validation_loss"],
         "final_eval_loss": ref["final_eval_loss"],
-        "tokens": point["step"] * global_batch * CARD_SEQUENCE_LENGTH,
+        "tokens": point["step"] * ref["hyperparameters"]["total_train_batch_size"] * CARD_SEQUENCE_LENGTH,
         "planned_steps": schedule["planned_steps"],
         "warmup_steps": schedule["warmup_steps"],
         "peak_lr": ref["hyperparameters"]["learning_rate"],
@@ -173,17 +150,10 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-AXES = {"step": "optimizer step", "tokens": "tokens seen", "epoch": "epoch"}
-
-
 def plot_runs(runs: list[RunLog], reference: dict | None = None, smoothing: float = 0.9, x: str = "step"):
-    """Your runs on the left, loss above and learning rate below; the card's run in a narrow panel on the right.
-
-    Left: each run's training loss (thin: raw, thick: EMA-smoothed) and evaluation loss (circles) against ``x``
-    ("step", "tokens" or "epoch"), and its learning rate with, on steps, the cosine it should follow (dashed).
-    Right: the card's learning rate as planned (406 steps) and as run (stopped at 272), with its logged losses
-    written in the panel: one logged point does not need an axis of its own. Every line carries a label.
-    """
+    """Your runs on the left, loss above and learning rate below, against ``x`` ("step", "tokens" or "epoch"); the
+    card's run in a narrow panel on the right: its schedule as planned (406 steps) and as run (stopped at 272), with
+    its logged losses written beside it (one logged point needs no axis of its own)."""
     import matplotlib.pyplot as plt
 
     if x not in AXES:
@@ -192,9 +162,8 @@ def plot_runs(runs: list[RunLog], reference: dict | None = None, smoothing: floa
     grid = fig.add_gridspec(2, 2, width_ratios=[2.3, 1], height_ratios=[3, 1.4])
     loss_ax = fig.add_subplot(grid[0, 0])
     lr_ax = fig.add_subplot(grid[1, 0], sharex=loss_ax)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
-        _plot_run(loss_ax, lr_ax, run, colors[i % len(colors)], smoothing, x)
+        _plot_run(loss_ax, lr_ax, run, f"C{i}", smoothing, x)  # the i-th colour of the style's cycle
     loss_ax.set_title(f"your runs: loss vs {AXES[x]}" if runs else "your runs: none yet (run notebook 02 or 03)")
     loss_ax.set_ylabel("loss (cross-entropy per token)")
     lr_ax.set_ylabel("learning rate")
@@ -209,28 +178,23 @@ def plot_runs(runs: list[RunLog], reference: dict | None = None, smoothing: floa
 
 
 def _plot_run(loss_ax, lr_ax, run: RunLog, color: str, smoothing: float, x: str) -> None:
+    """Training loss (thin: raw, thick: smoothed), evaluation loss (circles) and learning rate, with on steps the
+    cosine it should follow (dashed); only series logged at every point of ``x``."""
+    logged = lambda values: bool(values) and all(v is not None for v in values)  # noqa: E731
     xs = run.train.get(x, [])
-    if xs and all(v is not None for v in xs):
-        losses = run.train["loss"]
+    if logged(xs):
+        losses, lrs = run.train["loss"], run.train.get("learning_rate", [])
         loss_ax.plot(xs, losses, color=color, alpha=0.3, linewidth=1, label=f"{run.name} train")
         loss_ax.plot(xs, ema(losses, smoothing), color=color, linewidth=2, label=f"{run.name} train (EMA)")
-        lrs = run.train.get("learning_rate", [])
-        if lrs and all(v is not None for v in lrs):
+        if logged(lrs):
             lr_ax.plot(xs, lrs, color=color, marker=".", label=f"{run.name} lr")
-            if x == "step":
-                total, peak = max(xs), max(lrs)
-                steps = list(range(1, total + 1))  # the rate logged at step s is the one step s used: lr(s - 1)
-                lr_ax.plot(
-                    steps,
-                    [cosine_lr(s - 1, total, math.ceil(0.1 * total), peak) for s in steps],
-                    color=color,
-                    linestyle="--",
-                    linewidth=1,
-                    label=f"{run.name} cosine, 10% warm-up",
-                )
-    exs = run.eval.get(x, [])
-    if exs and all(v is not None for v in exs):
-        loss_ax.plot(exs, run.eval["loss"], color=color, marker="o", linestyle="--", label=f"{run.name} eval")
+        if logged(lrs) and x == "step":
+            total, peak = max(xs), max(lrs)
+            steps = list(range(1, total + 1))  # the rate logged at step s is the one step s used: lr(s - 1)
+            cosine = [cosine_lr(s - 1, total, math.ceil(0.1 * total), peak) for s in steps]
+            lr_ax.plot(steps, cosine, color=color, linestyle="--", linewidth=1, label=f"{run.name} cosine, 10% warm-up")
+    if logged(run.eval.get(x, [])):
+        loss_ax.plot(run.eval[x], run.eval["loss"], color=color, marker="o", linestyle="--", label=f"{run.name} eval")
 
 
 def _plot_card(ax, ref: dict) -> None:
@@ -249,10 +213,8 @@ def _plot_card(ax, ref: dict) -> None:
         fontsize=8,
         arrowprops={"arrowstyle": "->", "color": "crimson"},
     )
-    ax.set_title(
-        f"the card's run (16 GPUs, full fine-tune):\nits data ended at step {ref['step']} of {ref['planned_steps']}",
-        fontsize=10,
-    )
+    title = f"the card's run (16 GPUs, full fine-tune):\nits data ended at step {ref['step']} of {ref['planned_steps']}"
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
     ax.set_xlim(0, ref["planned_steps"] + 10)
@@ -261,48 +223,44 @@ def _plot_card(ax, ref: dict) -> None:
 
 # --- planted runs, for diagnosing a curve ---------------------------------------------------------------------------
 PLANTED_TRUTH = {"A": "learning rate x10", "B": "overfitting", "C": "no warm-up"}
+HINTS = {  # what to look at, per problem, for a wrong answer
+    "learning rate x10": "look at how high its learning rate goes, against the other two",
+    "overfitting": "look at its evaluation circles against its training line late in the run",
+    "no warm-up": "look at where its learning rate starts",
+}
 
 
 def planted_runs(steps: int = 60, seed: int = 0) -> list[RunLog]:
     """Three synthetic runs (made by this function, not trained) with the symptoms a learner should recognise:
-    ``PLANTED_TRUTH`` says which is which. Each logs training loss and learning rate every step and an evaluation
-    loss every 6 steps, like a trainer_state.json."""
+    ``PLANTED_TRUTH`` says which is which. Each logs like a trainer_state.json: training loss and learning rate every
+    step, evaluation loss every 6 steps."""
     import random
 
     rng = random.Random(seed)
     peak, warm = 2e-4, math.ceil(0.1 * steps)
-    shapes = {
-        "A": (
-            10 * peak,
-            warm,
-            lambda t: 1.2 + 0.9 * math.exp(-12 * t) + 1.6 * max(0.0, t - 0.25),
-            lambda t, v: v + 0.1,
-        ),
-        "B": (
-            peak,
-            warm,
-            lambda t: 1.1 + 1.4 * math.exp(-5 * t) - 0.6 * t,
-            lambda t, v: max(v + 0.05, 1.2 + (t - 0.3) ** 2),
-        ),
-        "C": (peak, 0, lambda t: 1.3 + 1.2 * math.exp(-4 * t) + 0.8 * math.exp(-((t - 0.06) ** 2) / 0.002), None),
+    schedule = {"A": (10 * peak, warm), "B": (peak, warm), "C": (peak, 0)}  # the peak learning rate, warm-up steps
+    train = {
+        "A": lambda t: 1.2 + 0.9 * math.exp(-12 * t) + 1.6 * max(0.0, t - 0.25),
+        "B": lambda t: 1.1 + 1.4 * math.exp(-5 * t) - 0.6 * t,
+        "C": lambda t: 1.3 + 1.2 * math.exp(-4 * t) + 0.8 * math.exp(-((t - 0.06) ** 2) / 0.002),
+    }
+    evaluate = {  # the evaluation loss, from the training loss without noise
+        "A": lambda t, loss: loss + 0.1,
+        "B": lambda t, loss: max(loss + 0.05, 1.2 + (t - 0.3) ** 2),
+        "C": lambda t, loss: loss + 0.08,
     }
     runs = []
-    for name, (top, warmup, train, evaluate) in shapes.items():
-        log: dict[str, list] = {"step": [], "loss": [], "epoch": [], "tokens": [], "learning_rate": []}
-        evals: dict[str, list] = {k: [] for k in log}
+    for name, (top, warmup) in schedule.items():
+        history = []
         for step in range(1, steps + 1):
             t = step / steps
-            log["step"].append(step)
-            log["loss"].append(train(t) + rng.gauss(0, 0.03))
-            log["epoch"].append(3 * t)
-            log["tokens"].append(step * 4096)
-            log["learning_rate"].append(cosine_lr(step - 1, steps, warmup, top))
+            logged = {"step": step, "epoch": 3 * t, "num_input_tokens_seen": step * 4096}
+            lr = cosine_lr(step - 1, steps, warmup, top)
+            history.append({**logged, "loss": train[name](t) + rng.gauss(0, 0.03), "learning_rate": lr})
             if step % 6 == 0:
-                value = evaluate(t, train(t)) if evaluate else train(t) + 0.08
-                for key, v in (("step", step), ("loss", value), ("epoch", 3 * t), ("tokens", step * 4096)):
-                    evals[key].append(v)
-                evals["learning_rate"].append(None)
-        runs.append(RunLog(f"planted {name}", Path("planted") / name, "planted", log, evals))
+                history.append({**logged, "eval_loss": evaluate[name](t, train[name](t))})
+        train_log, eval_log = _series(history, "loss"), _series(history, "eval_loss")
+        runs.append(RunLog(f"planted {name}", Path("planted") / name, "planted", train_log, eval_log))
     return runs
 
 
@@ -313,9 +271,8 @@ def plot_side_by_side(runs: list[RunLog], smoothing: float = 0.9):
     fig, axes = plt.subplots(
         2, len(runs), figsize=(4.3 * len(runs), 5), sharex=True, squeeze=False, gridspec_kw={"height_ratios": [3, 1.3]}
     )
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
-        _plot_run(axes[0, i], axes[1, i], run, colors[i % len(colors)], smoothing, "step")
+        _plot_run(axes[0, i], axes[1, i], run, f"C{i}", smoothing, "step")
         axes[0, i].set_title(run.name)
         axes[0, i].legend(fontsize=7, loc="upper right")
         axes[1, i].set_xlabel("optimizer step")
@@ -323,13 +280,6 @@ def plot_side_by_side(runs: list[RunLog], smoothing: float = 0.9):
     axes[1, 0].set_ylabel("learning rate")
     fig.tight_layout()
     return fig
-
-
-HINTS = {  # what to look at, per problem, for a wrong answer
-    "learning rate x10": "look at how high its learning rate goes, against the other two",
-    "overfitting": "look at its evaluation circles against its training line late in the run",
-    "no warm-up": "look at where its learning rate starts",
-}
 
 
 def diagnosis_of(answer: str) -> str | None:
@@ -348,19 +298,18 @@ def diagnosis_of(answer: str) -> str | None:
 
 def diagnosis_feedback(diagnosis: dict[str, str]) -> list[str]:
     """A line per planted run: right, wrong (with a hint of where to look), or not tried yet."""
+    choices = ", ".join(sorted(PLANTED_TRUTH.values()))
     lines = []
     for name, truth in PLANTED_TRUTH.items():
         guess = (diagnosis or {}).get(name)
+        named = None if guess is None else diagnosis_of(guess)
         if guess is None:
-            lines.append(f"planted {name}: no diagnosis yet (choose from: {', '.join(sorted(PLANTED_TRUTH.values()))})")
-        elif diagnosis_of(guess) == truth:
+            lines.append(f"planted {name}: no diagnosis yet (choose from: {choices})")
+        elif named == truth:
             lines.append(f"planted {name}: right, {truth}")
-        elif diagnosis_of(guess) is None:
-            lines.append(
-                f"planted {name}: {guess!r} is none of {', '.join(sorted(PLANTED_TRUTH.values()))}; {HINTS[truth]}"
-            )
         else:
-            lines.append(f"planted {name}: not {diagnosis_of(guess)}; {HINTS[truth]}")
+            wrong = f"{guess!r} is none of {choices}" if named is None else f"not {named}"
+            lines.append(f"planted {name}: {wrong}; {HINTS[truth]}")
     return lines
 
 

@@ -1,18 +1,10 @@
-"""The check cells under each notebook's "Try this": what the learner's own runs showed, item by item.
-
-Each ``notebook_NN`` function reads what the runs left (the notebook's prepared data, the folders the Try this
-commands write, ``runs/sampling/answers.jsonl``) and returns one line per item:
-
-    ✓  the run showed what the folded answer says
-    ✗  the run showed something else (and what)
-    ·  not tried yet, and how to try it
-
-Nothing here trains or samples: a check only reads.
-"""
+"""The check cells under each notebook's "Try this": ``notebook_NN`` reads what the learner's runs left and returns a
+line per item: ✓ the run showed what the folded answer says, ✗ it showed something else (and what), · not tried yet
+(and how). A check only reads; a file it cannot read marks its item with the reason instead of failing."""
 
 from __future__ import annotations
 
-import functools
+import datetime
 import json
 import math
 import statistics
@@ -23,25 +15,13 @@ from utils import RUNS_DIR
 HISTORY_DIR = RUNS_DIR / "exercises"  # notebook 01 compares a run with an earlier one of other settings
 
 
-def try_this_items(notebook: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """A notebook's Try this items, as written in backticks: (parameter assignments as (name, value), commands)."""
-    import re
-
-    import nbformat
-
-    text = next(c.source for c in nbformat.read(notebook, as_version=4).cells if "## Try this" in c.source)
-    params = re.findall(r"`([A-Z_]+) = ([^`]+)`", text)
-    commands = re.findall(r"`((?:python -m|torchrun) [^`]+)`", text)
-    return params, commands
+def show(lines: list[str]) -> None:
+    """Print the check's lines."""
+    print("\n".join(lines))
 
 
 def _line(ok: bool | None, item: str, text: str) -> str:
     return f"{'·' if ok is None else '✓' if ok else '✗'} {item}: {text}"
-
-
-def show(lines: list[str]) -> None:
-    """Print the check's lines."""
-    print("\n".join(lines))
 
 
 class _Unreadable(Exception):
@@ -52,73 +32,49 @@ class _Unreadable(Exception):
         self.reason = reason
 
 
-def _item(name: str):
-    """A check of one item: it gets the item's name first; a file it cannot read marks the item instead of failing."""
-
-    def decorate(check):
-        @functools.wraps(check)
-        def marked(*args):
-            try:
-                return check(name, *args)
-            except _Unreadable as e:
-                return _line(None, name, str(e))
-
-        return marked
-
-    return decorate
+def _check(item: str, check, *args) -> str:
+    """The item's line from ``check(*args)``'s (ok, text), or, for a file it cannot read, the file and why."""
+    try:
+        ok, text = check(*args)
+    except _Unreadable as e:
+        ok, text = None, str(e)
+    return _line(ok, item, text)
 
 
 def _reason(error: Exception) -> str:
     """Why a file could not be read, in a few words."""
-    if isinstance(error, FileNotFoundError):
-        return "there is no such file"
-    if isinstance(error, IsADirectoryError):
-        return "it is a folder"
     if isinstance(error, json.JSONDecodeError):
         return f"it is not JSON ({error.msg} at line {error.lineno})"
-    if isinstance(error, UnicodeDecodeError):
-        return "it is not UTF-8 text"
-    return (error.strerror if isinstance(error, OSError) else None) or str(error)
+    words = {
+        FileNotFoundError: "there is no such file",
+        IsADirectoryError: "it is a folder",
+        UnicodeDecodeError: "it is not UTF-8 text",
+    }
+    return words.get(type(error)) or getattr(error, "strerror", None) or str(error)
 
 
-_KINDS = {  # what a JSON value is, in words
-    dict: "a JSON object",
-    list: "a list",
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    bool: "true or false",
-    type(None): "null",
-}
-_WANTED = {**_KINDS, int: "a whole number"}  # what a check wants of a field
-
-
-def _read_json(path: Path) -> dict:
-    """The JSON object in ``path``, or _Unreadable with the reason."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise _Unreadable(path, _reason(e)) from None
-    if not isinstance(data, dict):
-        raise _Unreadable(path, f"it holds {_KINDS[type(data)]}, not a JSON object")
-    return data
-
-
+_WANTED = {int: "a whole number", dict: "a JSON object", list: "a list"}  # what a check wants of a value
+_KINDS = {**_WANTED, int: "a number", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
 _REQUIRED = object()
 
 
-def _field(data: dict, path: Path, *keys: str, kind: type = int, default=_REQUIRED):
-    """``data[keys[0]][keys[1]]...`` (read from ``path``) when it is a ``kind``; ``default`` where a key is missing,
-    if one is given; _Unreadable otherwise."""
-    value, name = data, ".".join(keys)
+def _json(path: Path, *keys: str, kind: type = int, default=_REQUIRED):
+    """The JSON object in ``path`` (with ``kind=dict``), or its ``[keys[0]][keys[1]]...`` when that is a ``kind``;
+    ``default`` where a key is missing, if one is given; otherwise _Unreadable with the reason."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise _Unreadable(path, _reason(e)) from None
+    if not isinstance(value, dict):
+        raise _Unreadable(path, f"it holds {_KINDS[type(value)]}, not a JSON object")
     for key in keys:
         if not isinstance(value, dict) or key not in value:
             if default is not _REQUIRED:
                 return default
-            raise _Unreadable(path, f"it has no {name}")
+            raise _Unreadable(path, f"it has no {'.'.join(keys)}")
         value = value[key]
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise _Unreadable(path, f"its {name} is {_KINDS[type(value)]}, not {_WANTED[kind]}")
+        raise _Unreadable(path, f"its {'.'.join(keys)} is {_KINDS[type(value)]}, not {_WANTED[kind]}")
     return value
 
 
@@ -135,68 +91,54 @@ def notebook_01(out: str | Path, filters: str, system_turn: bool, source: str, h
     if not path.exists():
         return [_line(False, "notebook 01", f"no report.json in {out}: run the notebook's cells first")]
     try:
-        report = _read_json(path)
+        _json(path, kind=dict)
     except _Unreadable as e:
         return [_line(False, "notebook 01", f"{e}: run the notebook's cells again")]
     sample = str(source).rstrip("/").endswith("sample/ultrachat_200k")
     return [
-        _check_filters(report, path, filters, sample),
-        _check_system_turn(out, report, filters, system_turn, source, history_dir),
-        _check_raw(report, path, source),
+        _check('FILTERS = "all"', _filters, path, filters, sample),
+        _check("SYSTEM_TURN = False", _system_turn, path, filters, system_turn, source, history_dir),
+        _check('SOURCE = "data/sample/ultrachat_raw/ultrachat_raw.jsonl"', _raw, path, source),
     ]
 
 
-@_item('FILTERS = "all"')
-def _check_filters(item: str, report: dict, path: Path, filters: str, sample: bool) -> str:
-    dropped = _field(report, path, "dropped", kind=dict)
+def _filters(path: Path, filters: str, sample: bool):
+    dropped = _json(path, "dropped", kind=dict)
     if not all(_is_number(n) for n in dropped.values()):
         raise _Unreadable(path, "its dropped counts are not all numbers")
     structure = sum(n for reason, n in dropped.items() if reason not in ("disclaimer", "duplicate_prompt"))
-    said = (
-        f"{sum(dropped.values())} rows dropped: {structure} for their structure, "
-        f"{dropped.get('disclaimer', 0)} disclaimers, {dropped.get('duplicate_prompt', 0)} duplicate prompts"
-    )
+    disclaimers, duplicates = dropped.get("disclaimer", 0), dropped.get("duplicate_prompt", 0)
+    said = f"{sum(dropped.values())} rows dropped: {structure} for their structure, {disclaimers} disclaimers, "
+    said += f"{duplicates} duplicate prompts"
     if filters != "all" or not sample:
-        return _line(None, item, f"not tried (this run: FILTERS = {filters!r}, {said})")
-    ok = sum(dropped.values()) == 16 and dropped.get("disclaimer") == 3 and dropped.get("duplicate_prompt") == 2
-    return _line(ok, item, said + ("" if ok else " (the answer says 16: 11 + 3 + 2)"))
+        return None, f"not tried (this run: FILTERS = {filters!r}, {said})"
+    ok = (sum(dropped.values()), disclaimers, duplicates) == (16, 3, 2)
+    return ok, said + ("" if ok else " (the answer says 16: 11 + 3 + 2)")
 
 
-@_item("SYSTEM_TURN = False")
-def _check_system_turn(
-    item: str, out: Path, report: dict, filters: str, system_turn: bool, source: str, history_dir: Path
-) -> str:
+def _system_turn(path: Path, filters: str, system_turn: bool, source: str, history_dir: Path):
     seen = {
         "source": str(source),
         "filters": filters,
         "system_turn": system_turn,
-        "tokenization": report.get("tokenization"),
-        "train_tokens": _field(report, out / "report.json", "outputs", "train", "total_tokens"),
-        "without_own_system": _without_own_system(out),
+        "tokenization": _json(path, kind=dict).get("tokenization"),
+        "train_tokens": _json(path, "outputs", "train", "total_tokens"),
+        "without_own_system": _without_own_system(path.parent),
     }
     history, trouble = _remember(seen, history_dir)
     also = f"; {trouble}" if trouble else ""
     if system_turn:
-        return _line(None, item, f"not tried (this run's train split: {seen['train_tokens']:,} tokens){also}")
-    key = ("source", "filters", "tokenization")
-    same = [
-        h
-        for h in history
-        if h.get("system_turn") is True and _is_number(h.get("train_tokens")) and all(h.get(k) == seen[k] for k in key)
-    ]
+        return None, f"not tried (this run's train split: {seen['train_tokens']:,} tokens){also}"
+    earlier = [h for h in history if h.get("system_turn") is True and _is_number(h.get("train_tokens"))]
+    same = [h for h in earlier if all(h.get(k) == seen[k] for k in ("source", "filters", "tokenization"))]
     if not same:
         if trouble:
-            return _line(None, item, f"cannot compare with an earlier run: {trouble}")
-        return _line(None, item, "run the notebook once with SYSTEM_TURN = True as well, then this cell again")
-    lost = same[-1]["train_tokens"] - seen["train_tokens"]
-    n = seen["without_own_system"]
-    per = lost / n if n else float("nan")
-    return _line(
-        lost == 9 * n,
-        item,
-        f"{lost:,} tokens fewer ({same[-1]['train_tokens']:,} -> {seen['train_tokens']:,}) over the {n} dialogues "
-        f"without a system prompt of their own: {per:.1f} each{also}",
-    )
+            return None, f"cannot compare with an earlier run: {trouble}"
+        return None, "run the notebook once with SYSTEM_TURN = True as well, then this cell again"
+    before, after, n = same[-1]["train_tokens"], seen["train_tokens"], seen["without_own_system"]
+    per = (before - after) / n if n else float("nan")
+    said = f"{before - after:,} tokens fewer ({before:,} -> {after:,}) over the {n} dialogues without a system prompt"
+    return before - after == 9 * n, f"{said} of their own: {per:.1f} each{also}"
 
 
 def _without_own_system(out: Path) -> int:
@@ -211,22 +153,19 @@ def _without_own_system(out: Path) -> int:
 
 
 def _remember(seen: dict, folder: Path) -> tuple[list[dict], str | None]:
-    """The runs notebook 01 remembers in ``folder/01.json``, ``seen`` last, and why ``seen`` could not be added, if
-    so: a damaged file, or a file where the folder goes, is left as it is (it may hold the learner's own data)."""
+    """The runs remembered in ``folder/01.json``, ``seen`` last, and why ``seen`` could not be added, if so: a
+    damaged file, or a file where the folder goes, is left as it is (it may hold the learner's own data)."""
     file = folder / "01.json"
     if folder.exists() and not folder.is_dir():
-        return [seen], (
-            f"{folder} is a file, not a folder, so this run is not remembered; the file is left as it is: move it away"
-        )
+        left = "the file is left as it is: move it away"
+        return [seen], f"{folder} is a file, not a folder, so this run is not remembered; {left}"
     try:
-        runs = _field(_read_json(file), file, "runs", kind=list, default=[]) if file.exists() else []
+        runs = _json(file, "runs", kind=list, default=[]) if file.exists() else []
         if not all(isinstance(h, dict) for h in runs):
             raise _Unreadable(file, "its runs are not all JSON objects")
     except _Unreadable as e:
-        return [seen], (
-            f"{file} is damaged ({e.reason}), so this run is not remembered; the file is left as it is: repair or "
-            "remove it"
-        )
+        left = "the file is left as it is: repair or remove it"
+        return [seen], f"{file} is damaged ({e.reason}), so this run is not remembered; {left}"
     history = [h for h in runs if h != seen] + [seen]
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -238,17 +177,52 @@ def _remember(seen: dict, folder: Path) -> tuple[list[dict], str | None]:
     return history, None
 
 
-@_item('SOURCE = "data/sample/ultrachat_raw/ultrachat_raw.jsonl"')
-def _check_raw(item: str, report: dict, path: Path, source: str) -> str:
+def _raw(path: Path, source: str):
     if "ultrachat_raw" not in str(source):
-        return _line(None, item, "not tried (this run read ultrachat_200k, which has its own test split)")
-    test = _field(report, path, "outputs", "test", "dialogues", default=0)
-    return _line(
-        test == 1, item, f"{test} test dialogue(s) of {_field(report, path, 'kept')} kept, held out by prompt hash"
-    )
+        return None, "not tried (this run read ultrachat_200k, which has its own test split)"
+    test = _json(path, "outputs", "test", "dialogues", default=0)
+    return test == 1, f"{test} test dialogue(s) of {_json(path, 'kept')} kept, held out by prompt hash"
 
 
 # --- notebook 02 ------------------------------------------------------------------------------------------------------
+def notebook_02(runs_dir: str | Path = RUNS_DIR, main_run: str | Path | None = None) -> list[str]:
+    """The items of notebook 02, read from the folders its commands write under ``runs_dir``; ``main_run`` is the
+    notebook's own run (default ``runs_dir/qlora``)."""
+    runs = Path(runs_dir)
+    main = Path(main_run) if main_run else runs / "qlora"
+    r64, split, ten, answers = (runs / f"qlora-{name}" for name in ("r64", "split", "10", "answers"))
+    lines = [
+        _check_run("rank 64", _rank_64, r64, main),
+        _check_run("bfd_split", _split, split, main),
+        _check_run("ten steps", _ten_steps, ten),
+        _check_run("answers only", _answers_only, answers, main),
+    ]
+    done = [f for f in (r64, split, ten, answers) if _finished(f)]
+    times = ", ".join(f"{f.name} {_mtime(f / 'trainer_state.json')}" for f in done)
+    said = f"last written: {times}; run a command again, then this cell: the times stay"
+    return [*lines, _line(None, "a second run", said if done else "run one of the commands first")]
+
+
+def _finished(folder: Path) -> bool:
+    from utils.runs import RunError, read_record
+
+    try:
+        return read_record(folder).get("status") == "finished"
+    except RunError:  # damaged, or not written by utils.sft: not a finished run of ours
+        return False
+
+
+def _check_run(item: str, check, folder: Path, *args) -> str:
+    """``_check`` on a run folder a Try this command writes; "not run yet" until its run has finished."""
+    if not _finished(folder):
+        return _line(None, item, f"not run yet (runs/{folder.name})")
+    return _check(item, check, folder, *args)
+
+
+def _mtime(path: Path) -> str:
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%H:%M:%S") if path.exists() else "never"
+
+
 def adapter_parameters(adapter: Path) -> int:
     """How many numbers an adapter folder's ``adapter_model.safetensors`` holds (_Unreadable when it cannot say)."""
     from safetensors import SafetensorError, safe_open
@@ -261,116 +235,61 @@ def adapter_parameters(adapter: Path) -> int:
         raise _Unreadable(weights, _reason(e)) from None
 
 
-def _finished(folder: Path) -> bool:
-    from utils.runs import RunError, read_record
-
-    try:
-        return read_record(folder).get("status") == "finished"
-    except RunError:  # damaged, or not written by utils.sft: not a finished run of ours
-        return False
-
-
-def notebook_02(runs_dir: str | Path = RUNS_DIR, main_run: str | Path | None = None) -> list[str]:
-    """The items of notebook 02, read from the folders its commands write under ``runs_dir``; ``main_run`` is the
-    notebook's own run (default ``runs_dir/qlora``)."""
-    runs = Path(runs_dir)
-    main = Path(main_run) if main_run else runs / "qlora"
-    r64, split, ten, answers = runs / "qlora-r64", runs / "qlora-split", runs / "qlora-10", runs / "qlora-answers"
-    lines = [_check_rank_64(r64, main), _check_split(split, main), _check_ten_steps(ten)]
-    lines.append(_check_answers_only(answers, main))
-    done = [f for f in (r64, split, ten, answers) if _finished(f)]
-    if not done:
-        lines.append(_line(None, "a second run", "run one of the commands first"))
-    else:
-        times = ", ".join(f"{f.name} {_mtime(f / 'trainer_state.json')}" for f in done)
-        lines.append(
-            _line(None, "a second run", f"last written: {times}; run a command again, then this cell: the times stay")
-        )
-    return lines
-
-
-@_item("rank 64")
-def _check_rank_64(item: str, r64: Path, main: Path) -> str:
-    if not _finished(r64):
-        return _line(None, item, "not run yet (runs/qlora-r64)")
+def _rank_64(r64: Path, main: Path):
     n64 = adapter_parameters(r64 / "adapter")
     config = r64 / "adapter" / "adapter_config.json"
-    r = _field(_read_json(config), config, "r")
+    r = _json(config, "r")
     n16 = adapter_parameters(main / "adapter") if (main / "adapter" / "adapter_model.safetensors").exists() else None
-    ok = r == 64 and (n16 is None or n64 == 4 * n16)
     than = f", {n64 / n16:.1f}x rank 16's {n16:,}" if n16 else ""
-    return _line(ok, item, f"r = {r}, {n64:,} adapter parameters{than}")
+    return r == 64 and (n16 is None or n64 == 4 * n16), f"r = {r}, {n64:,} adapter parameters{than}"
 
 
-@_item("bfd_split")
-def _check_split(item: str, split: Path, main: Path) -> str:
+def _split(split: Path, main: Path):
     from utils.runs import REPORT_FILE
 
-    if not _finished(split):
-        return _line(None, item, "not run yet (runs/qlora-split)")
-    rows = _field(_read_json(split / REPORT_FILE), split / REPORT_FILE, "packed_rows")
+    rows = _json(split / REPORT_FILE, "packed_rows")
     if not (main / REPORT_FILE).exists():
-        return _line(None, item, f"{rows} packed rows; run the notebook's own run to compare")
-    bfd = _field(_read_json(main / REPORT_FILE), main / REPORT_FILE, "packed_rows")
-    return _line(rows > bfd, item, f"{rows} packed rows, against {bfd} with bfd")
+        return None, f"{rows} packed rows; run the notebook's own run to compare"
+    bfd = _json(main / REPORT_FILE, "packed_rows")
+    return rows > bfd, f"{rows} packed rows, against {bfd} with bfd"
 
 
-@_item("ten steps")
-def _check_ten_steps(item: str, ten: Path) -> str:
+def _logged(folder: Path) -> dict[str, list]:
+    """A run's logged training series (``utils.curves.read_trainer_state``), or _Unreadable."""
     from utils.curves import read_trainer_state
-
-    if not _finished(ten):
-        return _line(None, item, "not run yet (runs/qlora-10)")
-    state = ten / "trainer_state.json"
-    try:
-        logged = read_trainer_state(state).train
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or its log is not numbers
-        raise _Unreadable(state, _reason(e)) from None
-    lrs = [(lr, s) for lr, s in zip(logged["learning_rate"], logged["step"], strict=True) if _is_number(lr)]
-    if not lrs:
-        raise _Unreadable(state, "it logged no learning rate")
-    peak = max(lr for lr, _ in lrs)
-    step = next(s for lr, s in lrs if lr == peak)  # the first step at the peak
-    said = f"the learning rate is {lrs[0][0]:g} at step 1 and peaks at step {step} ({peak:g})"
-    return _line(step == 2, item, said)  # one warm-up step from 0, then the peak
-
-
-def _end_loss(folder: Path) -> float | None:
-    """The median of the last tenth of a run's logged losses (``utils.tiny_world.loss_ends``); None when it logged
-    too few."""
-    from utils.curves import read_trainer_state
-    from utils.tiny_world import loss_ends
 
     state = folder / "trainer_state.json"
     try:
-        losses = read_trainer_state(state).train["loss"]
+        return read_trainer_state(state).train
     except (OSError, ValueError) as e:  # ValueError: not JSON, or its log is not numbers
         raise _Unreadable(state, _reason(e)) from None
-    ends = loss_ends(losses)
-    return ends[1] if ends else None
 
 
-@_item("answers only")
-def _check_answers_only(item: str, answers: Path, main: Path) -> str:
-    if not _finished(answers):
-        return _line(None, item, "not run yet (runs/qlora-answers)")
-    settings = _field(_read_json(answers / "run.json"), answers / "run.json", "settings", kind=dict)
+def _ten_steps(ten: Path):
+    logged = _logged(ten)
+    lrs = [(lr, s) for lr, s in zip(logged["learning_rate"], logged["step"], strict=True) if _is_number(lr)]
+    if not lrs:
+        raise _Unreadable(ten / "trainer_state.json", "it logged no learning rate")
+    peak = max(lr for lr, _ in lrs)
+    step = next(s for lr, s in lrs if lr == peak)  # the first step at the peak
+    said = f"the learning rate is {lrs[0][0]:g} at step 1 and peaks at step {step} ({peak:g})"
+    return step == 2, said  # one warm-up step from 0, then the peak
+
+
+def _answers_only(answers: Path, main: Path):
+    from utils.tiny_world import loss_ends  # the medians of the first and the last tenth of the logged losses
+
+    settings = _json(answers / "run.json", "settings", kind=dict)
     if settings.get("assistant_only_loss") is not True:
-        return _line(False, item, "runs/qlora-answers was trained on every token: run the command as written")
-    end = _end_loss(answers)
-    if end is None:
-        return _line(None, item, "too few logged steps for the median of a last tenth: run the command as written")
-    said = f"its training loss ends at {end:.3f} (median of the last tenth of the steps)"
-    theirs = _end_loss(main) if _finished(main) else None
+        return False, "runs/qlora-answers was trained on every token: run the command as written"
+    ends = loss_ends(_logged(answers)["loss"])
+    if ends is None:
+        return None, "too few logged steps for the median of a last tenth: run the command as written"
+    said = f"its training loss ends at {ends[1]:.3f} (median of the last tenth of the steps)"
+    theirs = loss_ends(_logged(main)["loss"]) if _finished(main) else None
     if theirs is None:
-        return _line(None, item, f"{said}; run the notebook's own run to compare")
-    return _line(end < theirs, item, f"{said}, against {theirs:.3f} with the loss on every token")
-
-
-def _mtime(path: Path) -> str:
-    import datetime
-
-    return datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%H:%M:%S") if path.exists() else "never"
+        return None, f"{said}; run the notebook's own run to compare"
+    return ends[1] < theirs[1], f"{said}, against {theirs[1]:.3f} with the loss on every token"
 
 
 # --- notebook 03 ------------------------------------------------------------------------------------------------------
@@ -380,99 +299,40 @@ def notebook_03(predictions: dict, runs_dir: str | Path = RUNS_DIR) -> list[str]
     from utils.scaling import accumulation_for, estimate
 
     lines = []
-    for key, (gpus, per_device) in {"accumulation, 16 GPUs x 4": (16, 4), "accumulation, 4 GPUs x 2": (4, 2)}.items():
-        truth, guess = accumulation_for(512, gpus, per_device), predictions.get(key)
+    for item, (gpus, per_device) in {"accumulation, 16 GPUs x 4": (16, 4), "accumulation, 4 GPUs x 2": (4, 2)}.items():
+        truth, guess = accumulation_for(512, gpus, per_device), predictions.get(item)
         said = f"you said {guess}, it is {truth} ({per_device} x {gpus} x {truth} = 512)"
-        lines.append(_line(None, key, "no prediction yet") if guess is None else _line(guess == truth, key, said))
-    lines.append(_check_ranks(Path(runs_dir) / "full-bs1"))
+        lines.append(_predicted(item, guess, truth, said))
+    lines.append(_check_run("1 sequence per device", _ranks, Path(runs_dir) / "full-bs1"))
     fsdp, zero3 = (estimate(s, 8, 80).total for s in ("fsdp", "zero3"))
     truth = "same" if abs(fsdp - zero3) < 0.05 else "fsdp" if fsdp < zero3 else "zero3"
     guess = predictions.get("less memory per GPU on 8 GPUs: fsdp, zero3 or same")
     said = f"you said {guess}, the estimate says {truth} ({fsdp:.1f} vs {zero3:.1f} GiB per GPU)"
-    lines.append(
-        _line(None, "fsdp or zero3", "no prediction yet")
-        if guess is None
-        else _line(guess == truth, "fsdp or zero3", said)
-    )
-    return lines
+    return [*lines, _predicted("fsdp or zero3", guess, truth, said)]
 
 
-@_item("1 sequence per device")
-def _check_ranks(item: str, folder: Path) -> str:
+def _predicted(item: str, guess, truth, said: str) -> str:
+    return _line(None, item, "no prediction yet") if guess is None else _line(guess == truth, item, said)
+
+
+def _ranks(folder: Path):
     files = [folder / "rank_logs" / f"rank{r}.json" for r in (0, 1)]
-    if not _finished(folder) or not all(f.exists() for f in files):
-        return _line(None, item, "not run yet (runs/full-bs1)")
+    if not all(f.exists() for f in files):
+        return None, "not run yet (runs/full-bs1)"
     (own0, logged0), (own1, logged1) = (_rank_losses(f) for f in files)
     means = [statistics.mean(pair) for pair in zip(own0, own1, strict=False)]
     differ = sum(abs(a - b) > 1e-6 for a, b in zip(own0, own1, strict=False))
     same = all(abs(a - b) <= 1e-3 * abs(b) + 1e-4 for a, b in zip(logged0, means, strict=False))
-    return _line(
-        differ > 0 and same and logged0 == logged1,
-        item,
-        f"own losses differ at {differ} of {len(own0)} steps; the logged loss is their mean at "
-        f"{'every' if same else 'not every'} step, on both ranks",
-    )
+    said = f"the logged loss is their mean at {'every' if same else 'not every'} step, on both ranks"
+    return differ > 0 and same and logged0 == logged1, f"own losses differ at {differ} of {len(own0)} steps; {said}"
 
 
 def _rank_losses(file: Path) -> tuple[list, list]:
     """A rank's own losses and the losses it logged (the mean over ranks), from its ``rank_logs/rankN.json``."""
-    log = _read_json(file)
-    own, logged = (_field(log, file, key, kind=list) for key in ("own_losses", "losses"))
+    own, logged = (_json(file, key, kind=list) for key in ("own_losses", "losses"))
     if not all(_is_number(x) for x in own + logged):
         raise _Unreadable(file, "its losses are not all numbers")
     return own, logged
-
-
-# --- notebook 05 ------------------------------------------------------------------------------------------------------
-def notebook_05(answers: list[dict]) -> list[str]:
-    """The items of notebook 05, read from the answers ``python -m utils.sampling`` logged. The hot-sampling item
-    counts the tiny world's words (``utils.tiny_world.world_share``): it speaks of the smoke models."""
-    from utils.tiny_world import is_pirate, world_share
-
-    lines = []
-    sampled, odd = [], []  # answers to the card's prompt, with and without a number for their temperature
-    for a in answers:
-        if a.get("prompt") is None:
-            (sampled if _is_number(a.get("temperature")) else odd).append(a)
-    cold = [a for a in sampled if a["temperature"] <= 0.05]
-    pairs = {}
-    for a in cold:
-        pairs.setdefault(a["model"], {})[repr(a.get("seed"))] = a["text"]
-    compared = {m: len(set(s.values())) == 1 for m, s in pairs.items() if len(s) >= 2}
-    if not compared:
-        lines.append(_line(None, "almost greedy", "run both commands (seeds 1 and 2 at temperature 0.01)"))
-    else:
-        same = sum(compared.values())
-        lines.append(
-            _line(
-                same == len(compared),
-                "almost greedy",
-                f"{same} of {len(compared)} models gave the same answer for every seed",
-            )
-        )
-    plain = [a for a in answers if a.get("prompt") and not a.get("system") and a["model"] != "base"]
-    if not plain:
-        lines.append(_line(None, "without the system message", "run the command with --prompt"))
-    else:
-        pirates = sum(is_pirate(a["text"]) for a in plain)
-        lines.append(
-            _line(
-                pirates <= len(plain) / 2,
-                "without the system message",
-                f"{pirates} of {len(plain)} fine-tuned answers talk like a pirate",
-            )
-        )
-    hot = [a for a in sampled if a["temperature"] >= 1.5]
-    if not hot or not cold:
-        lines.append(_line(None, "hot sampling", "run the temperature 1.5 command (and the 0.01 ones to compare)"))
-    else:
-        h, c = (statistics.mean(world_share(a["text"]) for a in group) for group in (hot, cold))
-        lines.append(_line(h < c, "hot sampling", f"{h:.0%} of the words at 1.5 are the tiny world's, {c:.0%} at 0.01"))
-    if odd:
-        values = " or ".join(sorted({repr(a.get("temperature")) for a in odd}))
-        said = f"{len(odd)} answer{'s' if len(odd) > 1 else ''} logged with temperature {values}, not a number"
-        lines.append(_line(None, "answer log", f"{said}: left out of almost greedy and hot sampling"))
-    return lines
 
 
 # --- notebook 04 ------------------------------------------------------------------------------------------------------
@@ -488,39 +348,27 @@ def notebook_04(runs: list, smoothing: float, x_axis: str, diagnosis: dict) -> l
     }
     noisiest = max(jumps, key=jumps.get)
     said = f"raw, the noisiest curve is {noisiest}'s (its loss jumps {jumps[noisiest]:.2f} per logged step)"
-    lines = [_line(True if smoothing == 0 else None, "SMOOTHING = 0", said if smoothing == 0 else "not tried")]
+    items = {"SMOOTHING = 0": (True, said) if smoothing == 0 else (None, "not tried")}
     longest = max(curves, key=lambda name: len(curves[name]))
     loss = curves[longest]
     lag = [s - raw for s, raw in zip(ema(loss, 0.99), loss, strict=True)]
     worst = max(range(len(lag)), key=lambda i: lag[i])
-    lines.append(
-        _line(
-            worst < len(loss) / 2 if smoothing == 0.99 else None,
-            "SMOOTHING = 0.99",
-            f"on {longest}, the smoothed line is furthest above the raw one at logged step {worst + 1} of {len(loss)}"
-            if smoothing == 0.99
-            else "not tried",
-        )
-    )
+    said = f"on {longest}, the smoothed line is furthest above the raw one at logged step {worst + 1} of {len(loss)}"
+    items["SMOOTHING = 0.99"] = (worst < len(loss) / 2, said) if smoothing == 0.99 else (None, "not tried")
     per_step = {r.name: _tokens_per_step(r) for r in runs if r.name in curves}
+    silent = ", ".join(name for name, n in per_step.items() if not n)
+    text = ", ".join(f"{name} {n:,.0f}" for name, n in per_step.items())
     if x_axis != "tokens":
-        lines.append(_line(None, 'X_AXIS = "tokens"', "not tried"))
-    elif not all(per_step.values()):
-        silent = ", ".join(name for name, n in per_step.items() if not n)
-        lines.append(_line(None, 'X_AXIS = "tokens"', f"no token counts logged by {silent}"))
+        items['X_AXIS = "tokens"'] = None, "not tried"
+    elif silent:
+        items['X_AXIS = "tokens"'] = None, f"no token counts logged by {silent}"
     else:
         differ = max(per_step.values()) > 1.1 * min(per_step.values())
-        text = ", ".join(f"{name} {n:,.0f}" for name, n in per_step.items())
-        lines.append(_line(differ or len(per_step) == 1, 'X_AXIS = "tokens"', f"tokens per step: {text}"))
+        items['X_AXIS = "tokens"'] = differ or len(per_step) == 1, f"tokens per step: {text}"
     right = sum(diagnosis_of((diagnosis or {}).get(k) or "") == v for k, v in PLANTED_TRUTH.items())
-    lines.append(
-        _line(
-            None if not diagnosis else right == len(PLANTED_TRUTH),
-            "DIAGNOSIS",
-            f"{right} of {len(PLANTED_TRUTH)} planted runs diagnosed right" if diagnosis else "not made yet",
-        )
-    )
-    return lines
+    said = f"{right} of {len(PLANTED_TRUTH)} planted runs diagnosed right"
+    items["DIAGNOSIS"] = (right == len(PLANTED_TRUTH), said) if diagnosis else (None, "not made yet")
+    return [_line(ok, item, text) for item, (ok, text) in items.items()]
 
 
 def _tokens_per_step(run) -> float:
@@ -528,3 +376,37 @@ def _tokens_per_step(run) -> float:
     logged = zip(run.train.get("tokens", []), run.train.get("step", []), strict=False)
     counts = [(n, step) for n, step in logged if _is_number(n) and _is_number(step) and step > 0]
     return counts[-1][0] / counts[-1][1] if counts else 0
+
+
+# --- notebook 05 ------------------------------------------------------------------------------------------------------
+def notebook_05(answers: list[dict]) -> list[str]:
+    """The items of notebook 05, read from the answers ``python -m utils.sampling`` logged. The hot-sampling item
+    counts the tiny world's words (``utils.tiny_world.world_share``): it speaks of the smoke models."""
+    from utils.tiny_world import is_pirate, world_share
+
+    card = [a for a in answers if a.get("prompt") is None]  # answers to the card's prompt
+    sampled = [a for a in card if _is_number(a.get("temperature"))]
+    odd = [a for a in card if not _is_number(a.get("temperature"))]  # left out of the items on temperature
+    cold, hot = [a for a in sampled if a["temperature"] <= 0.05], [a for a in sampled if a["temperature"] >= 1.5]
+    seeds = {}
+    for a in cold:
+        seeds.setdefault(a["model"], {})[repr(a.get("seed"))] = a["text"]
+    compared = {model: len(set(texts.values())) == 1 for model, texts in seeds.items() if len(texts) >= 2}
+    same = sum(compared.values())
+    said = f"{same} of {len(compared)} models gave the same answer for every seed"
+    how = "run both commands (seeds 1 and 2 at temperature 0.01)"
+    items = {"almost greedy": (same == len(compared), said) if compared else (None, how)}
+    plain = [a for a in answers if a.get("prompt") and not a.get("system") and a["model"] != "base"]
+    pirates = sum(is_pirate(a["text"]) for a in plain)
+    said = f"{pirates} of {len(plain)} fine-tuned answers talk like a pirate"
+    how = "run the command with --prompt"
+    items["without the system message"] = (pirates <= len(plain) / 2, said) if plain else (None, how)
+    items["hot sampling"] = None, "run the temperature 1.5 command (and the 0.01 ones to compare)"
+    if hot and cold:
+        h, c = (statistics.mean(world_share(a["text"]) for a in group) for group in (hot, cold))
+        items["hot sampling"] = h < c, f"{h:.0%} of the words at 1.5 are the tiny world's, {c:.0%} at 0.01"
+    if odd:
+        values = " or ".join(sorted({repr(a.get("temperature")) for a in odd}))
+        said = f"{len(odd)} answer{'s' if len(odd) > 1 else ''} logged with temperature {values}, not a number"
+        items["answer log"] = None, f"{said}: left out of almost greedy and hot sampling"
+    return [_line(ok, item, text) for item, (ok, text) in items.items()]
