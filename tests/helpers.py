@@ -54,3 +54,11 @@ def read_only(folder):
         yield "Read-only file system"
     finally:
         subprocess.run(["umount", folder], check=True)
+
+
+def loss_halved(losses: list[float]) -> bool:
+    """The training loss at least halved (``utils.tiny_world.loss_ends``); False when too few losses were logged."""
+    from utils.tiny_world import loss_ends
+
+    ends = loss_ends(losses)
+    return ends is not None and ends[1] <= 0.5 * ends[0]
