@@ -7,6 +7,7 @@ once to a fast tokenizer, and a tiny pretrained ``MistralForCausalLM`` (same arc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -122,12 +123,9 @@ def ensure_tiny_model(out_dir: Path = TINY_MODEL_DIR, source: Path = TINY_BASE_D
     loads like a Hub model; copied again when the shipped weights change (``source.json`` holds their SHA-256)."""
     digest = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
     stamp = {"source": str(source.name), "model.safetensors sha256": digest, "tokenizer legacy, merges by score": True}
-    try:
+    with contextlib.suppress(OSError, ValueError):  # not built yet, or built from something else: (re)build
         if json.loads((out_dir / "source.json").read_text()) == stamp and (out_dir / "tokenizer.json").is_file():
             return out_dir
-    except (OSError, ValueError):
-        pass  # not built yet, or built from something else: (re)build
-
     tokenizer = load_tokenizer(None)
 
     def fill(folder: Path) -> None:

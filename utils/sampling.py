@@ -220,11 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     from utils.hardware import choose_profile, hub_reachable
 
     parser = argparse.ArgumentParser(prog="python -m utils.sampling", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model",
-        action="append",
-        help="model folder, adapter folder or Hub id (repeatable); default: every model found under runs/",
-    )
+    model_help = "model folder, adapter folder or Hub id (repeatable); default: every model found under runs/"
+    parser.add_argument("--model", action="append", help=model_help)
     parser.add_argument("--prompt", default=None, help="a user message; default: the card's pirate prompt")
     parser.add_argument("--system", default=None, help="a system message for --prompt")
     parser.add_argument("--max_new_tokens", type=int, default=CARD_SAMPLING["max_new_tokens"])
