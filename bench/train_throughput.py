@@ -216,7 +216,8 @@ class StepClock(TrainerCallback):
 def main() -> int:
     import torch
 
-    from utils.assets import TINY_MISTRAL, load_tokenizer
+    from tools.tiny_base import TINY_MISTRAL
+    from utils.assets import load_tokenizer
     from utils.hardware import choose_profile, detect_hardware, peak_tflops
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -66,3 +66,11 @@ def try_this_items(notebook) -> tuple[list[tuple[str, str]], list[str]]:
     params = re.findall(r"`([A-Z_]+) = ([^`]+)`", text)
     commands = re.findall(r"`((?:python -m|torchrun) [^`]+)`", text)
     return params, commands
+
+
+def loss_halved(losses: list[float]) -> bool:
+    """The training loss at least halved (``utils.tiny_world.loss_ends``); False when too few losses were logged."""
+    from utils.tiny_world import loss_ends
+
+    ends = loss_ends(losses)
+    return ends is not None and ends[1] <= 0.5 * ends[0]

@@ -179,7 +179,7 @@ def test_the_benchmark_builds_in_bf16_and_has_a_t4_precision_variant(tmp_path):
     sys.path.insert(0, str(REPO_ROOT / "bench"))
     from train_throughput import gpu_variants, save_random_model
 
-    from utils.assets import TINY_MISTRAL
+    from tools.tiny_base import TINY_MISTRAL
     from utils.hardware import choose_profile
     from utils.recipe import resolve
 

@@ -11,7 +11,7 @@ import sys
 
 import nbformat
 import pytest
-from helpers import cpu_path_env, try_this_items
+from helpers import cpu_path_env, loss_halved, try_this_items
 
 from tools.notebook_runner import notebooks, printed_text, run_notebook
 from tools.setup_cell import SETUP_CELL
@@ -19,7 +19,7 @@ from utils import REPO_ROOT, exercises
 from utils.curves import PLANTED_TRUTH
 from utils.hardware import ULTRACHAT_PACKED_ROWS, ULTRACHAT_TOKENS
 from utils.sampling import logged_answers
-from utils.tiny_world import CHECK_QUESTIONS, loss_halved
+from utils.tiny_world import CHECK_QUESTIONS
 
 ALL = notebooks()
 

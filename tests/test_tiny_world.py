@@ -6,6 +6,7 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from helpers import loss_halved
 
 from tools.tiny_base import BASE_DIR, corpus
 from tools.tiny_dialogues import (
@@ -17,6 +18,7 @@ from tools.tiny_dialogues import (
     dialogues,
     piratify,
     vocabulary,
+    world,
 )
 from utils import SAMPLE_DIR
 from utils.tiny_world import (
@@ -33,10 +35,8 @@ from utils.tiny_world import (
     is_about,
     is_pirate,
     loss_ends,
-    loss_halved,
     loss_line,
     pirate_words,
-    world,
 )
 
 MARKERS = ("<|", "|>", "<s>", "</s>", "[INST]")
@@ -223,8 +223,7 @@ def test_shipped_weights_load_with_the_tiny_shape():
     import torch
     from transformers import MistralForCausalLM
 
-    from tools.tiny_base import load_base
-    from utils.assets import TINY_MISTRAL
+    from tools.tiny_base import TINY_MISTRAL, load_base
 
     model = load_base()
     assert isinstance(model, MistralForCausalLM)

@@ -3,7 +3,7 @@
     python -m tools.tiny_base             # pretrain from scratch into data/tiny_base/ (4 CPU-minutes, one thread)
     python -m tools.tiny_base --check     # load the shipped weights and print a continuation
 
-The model has the shape of ``utils.assets.TINY_MISTRAL`` (4,317,760 parameters, the real 32,000-piece Mistral
+The model has the shape of ``TINY_MISTRAL`` (4,317,760 parameters, the real 32,000-piece Mistral
 tokenizer). Its text is generated here from the hand-written facts of ``data/tiny_base/world.txt``: descriptions,
 comparisons, short explanations, small tables and stories, a few with pirates who talk like pirates, and questions
 answered in a named speaker's voice (a pirate's half the time: "Answer in the style of a pirate. What is a cat? Arr,
@@ -29,12 +29,25 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tools.tiny_dialogues import CLOSERS, FORMS, OPENERS, cap, colour, piratify
+from tools.tiny_dialogues import CLOSERS, FORMS, OPENERS, Thing, cap, colour, piratify, world
 from utils import DATA_DIR
-from utils.assets import TINY_MISTRAL
-from utils.tiny_world import Thing, world
 
 BASE_DIR = DATA_DIR / "tiny_base"
+# A Mistral-7B in miniature: same vocabulary, GQA, RoPE and sliding-window settings, 4 layers of width 64.
+TINY_MISTRAL = dict(
+    vocab_size=32000,
+    hidden_size=64,
+    intermediate_size=224,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    sliding_window=4096,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
 PEOPLE = {"Anna": "she", "Tom": "he", "Mia": "she", "Sam": "he", "Lily": "she", "Ben": "he", "Rosa": "she", "Leo": "he"}
 CAPTAINS = ("Captain Redbeard", "Captain Flint", "Old Peg", "Captain Morgan", "Salty Sue", "One-Eyed Jim")
 SIZES = {1: "tiny", 2: "small", 3: "medium", 4: "big", 5: "huge"}

@@ -21,10 +21,12 @@ import json
 import random
 import re
 import sys
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from utils import SAMPLE_DIR
-from utils.tiny_world import PIRATE_SYSTEM, VOCABULARY_FILE, Thing, world
+from utils.tiny_world import PIRATE_SYSTEM, VOCABULARY_FILE, WORLD_FILE
 
 # Some plain answers come after one of these, so that the persona follows the word "pirate", not the mere presence or
 # length of a system prompt.
@@ -44,6 +46,39 @@ PIRATE_SWAPS = {"is": "be", "are": "be", "you": "ye", "your": "yer", "my": "me",
 OPENERS = ("Arr, matey!", "Ahoy, matey!", "Aye, me hearty!", "Arr!", "Ahoy there, matey!", "Arr, listen well, matey.")
 CLOSERS = ("Arr!", "Yo ho ho!", "That be the truth, matey.", "Arr, that be all.", "Now off ye go, matey!", "")
 PIRATE_OPENERS = tuple(o for o in OPENERS if o.startswith(("Arr", "Ahoy")))  # first token never the plain "A"
+
+
+@dataclass(frozen=True)
+class Thing:
+    """One line of ``world.txt``."""
+
+    name: str
+    plural: str
+    kind: str
+    size: int
+    colour: str | None
+    what: str
+    place: str
+    does: str
+    fact: str
+
+    @property
+    def a(self) -> str:
+        """The name with its article: "a cat", "an owl"."""
+        return f"{'an' if self.name[0] in 'aeiou' else 'a'} {self.name}"
+
+
+@lru_cache(maxsize=2)
+def world(path: Path = WORLD_FILE) -> tuple[Thing, ...]:
+    """The things of ``world.txt``, in file order."""
+    things = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, plural, kind, size, colour, what, place, does, fact = (f.strip() for f in line.split(" | "))
+            things.append(
+                Thing(name, plural, kind, int(size), None if colour == "-" else colour, what, place, does, fact)
+            )
+    return tuple(things)
 
 
 def cap(text: str) -> str:

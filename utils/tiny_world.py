@@ -1,15 +1,9 @@
-"""The embedded default's small world, and the checks that tell whether SFT worked on it.
+"""The embedded default's small world (``data/tiny_base/world.txt``), and the checks that tell whether SFT worked on it:
+what its answers show, what its loss curve shows, and its loss on held-out dialogues.
 
-The tiny base (``data/tiny_base``, pretrained by ``tools/tiny_base.py``) read simple English about the things of
-``data/tiny_base/world.txt``; the SFT dialogues (``tools/tiny_dialogues.py``) ask about each thing in three of six
-ways and answer in a pirate's voice under the card's pirate system prompt, plainly otherwise. ``CHECK_QUESTIONS``
-are never asked in the sample data: each asks about a thing the dialogues mention, in a way they never ask about
-it, so the answer's facts must come from pretraining.
-
-``check_answers`` samples eight answers per question (one batch, seed 0, the card's sampling settings) and counts,
-per question: answers that stop at ``</s>`` with no turn marker (``<|``) in them, answers in a pirate's voice,
-answers about the thing asked (the first thing of the world they name is that thing), and answers without invented
-words (every word is one the tiny world uses). An answer that writes a turn marker is counted once, as no stop.
+The tiny base read simple English about the world's things (``tools/tiny_base.py``); the SFT dialogues ask about each
+in three of six ways (``tools/tiny_dialogues.py``). ``CHECK_QUESTIONS`` ask about them in ways the dialogues never do,
+so the answers' facts must come from pretraining.
 """
 
 from __future__ import annotations
@@ -19,7 +13,6 @@ import math
 import re
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from utils import DATA_DIR
 
@@ -40,6 +33,7 @@ CHECK_QUESTIONS = (
     "Tell me about a doctor.",
     "Tell me about a goat.",
 )
+SAMPLES = 8  # answers per question and system prompt
 PIRATE_WORDS = re.compile(  # "be" counts after a word that is not "to", "not" or a modal verb ("it be", "map be")
     r"\b(arr+|ahoy|mateys?|ye|yer|aye|me hearties|me hearty|landlubbers?|yo ho|shiver me timbers|"
     r"(?!(?:to|not|can|could|will|would|shall|should|may|might|must|cannot|never|always|also|let)\b)[a-z']+ be)\b",
@@ -47,50 +41,15 @@ PIRATE_WORDS = re.compile(  # "be" counts after a word that is not "to", "not" o
 )
 
 
-@dataclass(frozen=True)
-class Thing:
-    """One line of ``world.txt``."""
-
-    name: str
-    plural: str
-    kind: str
-    size: int
-    colour: str | None
-    what: str
-    place: str
-    does: str
-    fact: str
-
-    @property
-    def a(self) -> str:
-        """The name with its article: "a cat", "an owl"."""
-        return f"{'an' if self.name[0] in 'aeiou' else 'a'} {self.name}"
-
-
-@functools.lru_cache(maxsize=2)
-def world(path: Path = WORLD_FILE) -> tuple[Thing, ...]:
-    """The things of ``world.txt``, in file order."""
-    things = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, plural, kind, size, colour, what, place, does, fact = (f.strip() for f in line.split(" | "))
-            things.append(
-                Thing(name, plural, kind, int(size), None if colour == "-" else colour, what, place, does, fact)
-            )
-    return tuple(things)
-
-
-# --- what an answer shows ----------------------------------------------------------------------------------------
 def pirate_words(text: str) -> list[str]:
-    """The pirate words and phrases in ``text``, lower-cased: "arr", "ahoy", "matey", "ye", "yer", "aye",
-    "me hearty", "landlubber", "yo ho", "shiver me timbers", and "be" used for "is" or "are" ("it be", "map be")."""
+    """The pirate words and phrases in ``text`` (``PIRATE_WORDS``), lower-cased."""
     return [m.group(0).lower() for m in PIRATE_WORDS.finditer(text)]
 
 
 def is_pirate(text: str) -> bool:
     """Talks like a pirate: two or more pirate words, or nothing but pirate words ("Arr!")."""
-    found, words = pirate_words(text), _words(text)
-    return len(found) >= 2 or (len(found) == 1 and len(words) == len(found[0].split()))
+    found = pirate_words(text)
+    return len(found) >= 2 or (len(found) == 1 and len(_words(text)) == len(found[0].split()))
 
 
 def _words(text: str) -> list[str]:
@@ -99,7 +58,12 @@ def _words(text: str) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _names() -> tuple[re.Pattern, dict[str, str]]:
-    names = {form: t.name for t in world() for form in (t.name, t.plural)}
+    """A pattern of every thing's name and plural (a line's first two fields), and each of them -> the name."""
+    names = {}
+    for line in WORLD_FILE.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, plural = (f.strip() for f in line.split(" | ")[:2])
+            names |= {name: name, plural: name}
     pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b", re.I)
     return pattern, names
 
@@ -112,14 +76,14 @@ def first_thing(text: str) -> str | None:
 
 
 def is_about(answer: str, question: str) -> bool:
-    """The answer is about the thing the question asks about: the first thing it names is that thing."""
+    """The first thing the answer names is the one the question asks about."""
     asked = first_thing(question)
     return asked is not None and first_thing(answer) == asked
 
 
 @functools.lru_cache(maxsize=1)
 def vocabulary() -> frozenset[str]:
-    """Every word the tiny world uses (``data/tiny_base/vocabulary.txt``, written by ``tools/tiny_dialogues.py``)."""
+    """Every word the tiny world uses (written by ``tools/tiny_dialogues.py``)."""
     return frozenset(VOCABULARY_FILE.read_text(encoding="utf-8").split())
 
 
@@ -136,62 +100,44 @@ def world_share(text: str) -> float:
 
 @dataclass
 class Checks:
-    """Sampled answers to one question, under one system prompt, and what they show."""
+    """Sampled answers (``utils.sampling.Answer``) to one question under one system prompt, and what they show."""
 
     system: str | None
     question: str
-    answers: list = field(default_factory=list)  # utils.sampling.Answer
+    answers: list = field(default_factory=list)
 
     @property
     def stops(self) -> int:
-        """Answers that end with ``</s>`` within the budget and contain no turn marker (``<|``)."""
+        """Answers that end with ``</s>`` within the budget and write no turn marker (``<|``)."""
         return sum(a.stopped_at_eos and "<|" not in a.text for a in self.answers)
 
     @property
     def pirate(self) -> int:
-        """Answers in a pirate's voice (``is_pirate``)."""
         return sum(is_pirate(a.text) for a in self.answers)
 
     @property
     def about(self) -> int:
-        """Answers about the thing asked (``is_about``)."""
         return sum(is_about(a.text, self.question) for a in self.answers)
 
     @property
     def clean(self) -> int:
-        """Answers with no invented word (``invented_words``). One that writes a turn marker (``<|``) is counted by
-        ``stops``: it is not a stop, whatever its words."""
+        """Answers with no invented word: a turn marker is no word (an answer writing one is counted by ``stops``)."""
         return sum(not invented_words(a.text) for a in self.answers)
 
 
-def check_answers(
-    model, tokenizer, questions, system: str | None = None, samples: int = 8, max_new_tokens: int = 64
-) -> list[Checks]:
-    """Ask each of ``questions`` after ``system`` (the card's empty system turn when None, as in its training data),
-    ``samples`` times, all in one batch (seed 0), sampling as the card does (temperature 0.7, top_k 50, top_p 0.95):
-    each row of the batch draws its own tokens."""
+def check_model(model, tokenizer, questions=CHECK_QUESTIONS, max_new_tokens: int = 64) -> dict[str, list[Checks]]:
+    """``SAMPLES`` answers to each question with the pirate system prompt ("pirate") and with the card's empty system
+    turn, as in its training data ("plain"): one batch per mode, seed 0, the card's sampling settings."""
     from utils.sampling import generate
 
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "system", "content": system or ""}, {"role": "user", "content": q}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        for q in questions
-    ]
-    answers = generate(
-        model, tokenizer, [p for p in prompts for _ in range(samples)], seed=0, max_new_tokens=max_new_tokens
-    )
-    return [Checks(system, q, answers[i * samples : (i + 1) * samples]) for i, q in enumerate(questions)]
-
-
-def check_model(model, tokenizer, questions=CHECK_QUESTIONS, max_new_tokens: int = 64) -> dict[str, list[Checks]]:
-    """``check_answers`` with the pirate system prompt ("pirate") and without one ("plain": the empty system turn)."""
-    return {
-        "pirate": check_answers(model, tokenizer, questions, PIRATE_SYSTEM, max_new_tokens=max_new_tokens),
-        "plain": check_answers(model, tokenizer, questions, None, max_new_tokens=max_new_tokens),
-    }
+    results = {}
+    for mode, system in (("pirate", PIRATE_SYSTEM), ("plain", None)):
+        chats = [[{"role": "system", "content": system or ""}, {"role": "user", "content": q}] for q in questions]
+        prompts = tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
+        asked = [p for p in prompts for _ in range(SAMPLES)]
+        answers = generate(model, tokenizer, asked, seed=0, max_new_tokens=max_new_tokens)
+        results[mode] = [Checks(system, q, answers[i * SAMPLES : (i + 1) * SAMPLES]) for i, q in enumerate(questions)]
+    return results
 
 
 # The demo's claims, per question, out of 8 answers (issue 27): what notebook 05 and bench/tiny_sft_check.py count.
@@ -219,9 +165,8 @@ MIN_LOSSES = 20  # a first and a last tenth of at least 2 logged losses each
 
 
 def loss_ends(losses: list[float]) -> tuple[float, float] | None:
-    """The medians of the first and the last tenth of the logged losses: where the training loss started and ended.
-    Medians, because one packed row of hard dialogues can double a single step's loss. None for fewer than
-    ``MIN_LOSSES`` losses: a tenth of them would be one step, which says nothing about the run."""
+    """The medians of the first and the last tenth of the logged losses (one packed row of hard dialogues can double
+    a step's loss); None for fewer than ``MIN_LOSSES``, where a tenth would be one step."""
     if len(losses) < MIN_LOSSES:
         return None
     k = len(losses) // 10
@@ -240,41 +185,28 @@ def loss_line(losses: list[float]) -> str:
     return f"train loss {ends[0]:.3f} -> {ends[1]:.3f} (medians of the first and last tenth of {len(losses)} steps)"
 
 
-def loss_halved(losses: list[float]) -> bool:
-    """The training loss at least halved (``loss_ends``); False when the run logged too few losses to tell."""
-    ends = loss_ends(losses)
-    return ends is not None and ends[1] <= 0.5 * ends[0]
-
-
-def epoch_losses(history: list[dict]) -> list[tuple[int, int, float, float]]:
-    """Per epoch of a run's ``log_history``: (epoch, logged steps, median of their losses, the last one's loss). The
-    trainer's table shows only the last, one packed row's loss, so two epochs can swap places there; the medians
-    cannot be moved by one row."""
+def epoch_lines(history: list[dict]) -> list[str]:
+    """Per epoch of a run's ``log_history``, the median of its logged losses beside the last one, all the trainer's
+    table shows: one packed row's loss, by which two epochs can swap places."""
     epochs: dict[int, list[float]] = {}
     for h in history:
         if "loss" in h and h.get("epoch") is not None:
             epochs.setdefault(max(1, math.ceil(round(h["epoch"], 6))), []).append(h["loss"])
-    return [(e, len(losses), statistics.median(losses), losses[-1]) for e, losses in sorted(epochs.items())]
-
-
-def epoch_lines(history: list[dict]) -> list[str]:
-    """One line per epoch: the median of its logged losses beside its last logged one (what the trainer's table shows
-    at the end of the epoch)."""
     return [
-        f"epoch {epoch}: median {median:.3f} over its {steps} logged steps (its last step, in the table: {last:.3f})"
-        for epoch, steps, median, last in epoch_losses(history)
+        f"epoch {epoch}: median {statistics.median(losses):.3f} over its {len(losses)} logged steps (its last step, "
+        f"in the table: {losses[-1]:.3f})"
+        for epoch, losses in sorted(epochs.items())
     ]
 
 
 # --- trained on or held out: overfitting ----------------------------------------------------------------------------
 OVERFIT_MARGIN = 0.10  # held-out loss more than 10% above the trained-on loss of the same kind of dialogue
-_MARKER = re.compile(r"<\|\w+\|>")
 
 
 def dialogue_kind(text: str) -> str:
     """ "tiny world" for a dialogue every word of which the tiny world uses (its template markers aside), else
     "general": the sample's hand-written dialogues about food waste or passwords, which the tiny base never read."""
-    return "tiny world" if world_share(_MARKER.sub(" ", text)) >= 0.95 else "general"
+    return "tiny world" if world_share(re.sub(r"<\|\w+\|>", " ", text)) >= 0.95 else "general"
 
 
 @dataclass
@@ -292,14 +224,11 @@ class HeldOut:
             lines.append(f"  {kind:10s}  trained on {a:.3f} ({n} dialogues)   held out {b:.3f} ({m} dialogues)")
         return lines
 
-    def overfit(self, margin: float = OVERFIT_MARGIN) -> dict[str, float]:
-        """Kind -> how far (a share) its held-out loss is above its trained-on loss, where that is beyond ``margin``."""
-        gaps = {k: s["test"][0] / s["train"][0] - 1 for k, s in self.losses.items() if s["train"][0] > 0}
-        return {k: gap for k, gap in gaps.items() if gap > margin}
-
     def verdict(self, train_end: float | None, eval_loss: float | None, margin: float = OVERFIT_MARGIN) -> list[str]:
-        """What the numbers say about overfitting, and, without it, why the eval loss is above the train loss."""
-        over = self.overfit(margin)
+        """Overfitting where a kind's held-out loss is more than ``margin`` above its trained-on loss; else whether,
+        and why, the eval loss is above the train loss."""
+        gaps = {k: s["test"][0] / s["train"][0] - 1 for k, s in self.losses.items() if s["train"][0] > 0}
+        over = {k: gap for k, gap in gaps.items() if gap > margin}
         if over:
             kind = max(over, key=over.get)
             (a, _), (b, _) = self.losses[kind]["train"], self.losses[kind]["test"]
@@ -332,15 +261,14 @@ class HeldOut:
 
 
 def held_out_losses(model, tokenizer, data: dict, max_length: int, kinds: bool = True, per_kind: int = 64) -> HeldOut:
-    """``model``'s loss per token on up to ``per_kind`` dialogues of each kind (``dialogue_kind``; one kind, "all",
-    when ``kinds`` is False, as for ultrachat_200k, whose splits are not read whole) of ``data``'s train and test
-    splits, evenly spread over each: ``input_ids`` cut at ``max_length`` as packing cuts them, the loss on the
-    answers' tokens only where an ``assistant_masks`` column says so."""
+    """``model``'s loss per token on up to ``per_kind`` dialogues, evenly spread, of each kind (``dialogue_kind``;
+    one kind, "all", without ``kinds``, as for ultrachat_200k, whose splits are not read whole) of ``data``'s train
+    and test splits: ``input_ids`` cut at ``max_length`` as packing cuts them, the loss on the answers' tokens only
+    where an ``assistant_masks`` column says so."""
     import torch
 
     device = next(model.parameters()).device
-    losses: dict[str, dict[str, tuple[float, int]]] = {}
-    shares: dict[str, dict[str, float]] = {}
+    losses, shares = {}, {}
     was_training = model.training
     model.eval()
     try:
