@@ -273,28 +273,23 @@ def detect_hardware(check_hub: bool = True) -> Hardware:
 def local_model(model: str | None) -> str | None:
     """``model`` when it can load without the network: a folder with ``config.json``, or a Hub id already in the
     Hugging Face cache (used with ``HF_HUB_OFFLINE=1``). None otherwise."""
-    if not model:
-        return None
-    if (Path(model) / "config.json").is_file():
+    if model and (Path(model) / "config.json").is_file():
         return model
-    if model.count("/") == 1 and not Path(model).exists():
-        try:
-            from huggingface_hub import try_to_load_from_cache
+    if not model or model.count("/") != 1 or Path(model).exists():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
 
-            return model if isinstance(try_to_load_from_cache(model, "config.json"), str) else None
-        except Exception:  # noqa: BLE001 - an unreadable cache is the same as none
-            return None
-    return None
+        return model if isinstance(try_to_load_from_cache(model, "config.json"), str) else None
+    except Exception:  # noqa: BLE001 - an unreadable cache is the same as none
+        return None
 
 
 def choose_profile(
     requested: str = "auto", hardware: Hardware | None = None, verbose: bool = True, model: str | None = None
 ) -> Profile:
-    """Resolve ``requested`` ("auto" or a profile name) to a Profile and print the choice with its reason.
-
-    ``model`` is a local folder or Hub id to train instead of Mistral-7B from the Hub: a GPU with such a model on
-    disk gets its GPU profile even without the Hub (then with the shipped sample dialogues as data).
-    """
+    """Resolve ``requested`` ("auto" or a profile name) to a Profile and print the choice with its reason. ``model``
+    (a folder or Hub id to train instead of Mistral-7B) on disk gets a GPU profile even without the Hub."""
     if requested != "auto" and requested not in PROFILES:
         raise ValueError(f"unknown profile {requested!r}; choose one of: auto, {', '.join(PROFILES)}")
     hw = hardware or detect_hardware(check_hub=requested != "smoke")

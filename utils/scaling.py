@@ -163,8 +163,7 @@ def plot_full_memory(per_device_batch: int = 8, gpus: int = 8, gpu_sizes=(16, 24
     guides.tick_params(labelsize=8, colors="grey")
     guides.xaxis.label.set_color("grey")
     bars.invert_yaxis()
-    bars.set_xlabel(f"GiB per GPU ({gpus} GPUs, batch {per_device_batch} per device)")
-    bars.set_xlim(0, 130)
+    bars.set(xlabel=f"GiB per GPU ({gpus} GPUs, batch {per_device_batch} per device)", xlim=(0, 130))
     bars.legend(fontsize=8, loc="lower right")
     bars.set_title(f"Where each engine's memory goes, on {gpus} GPUs", pad=8)
     styles = {"ddp": "o-", "zero2": "s--", "zero2_offload": "^-.", "zero3": "D-", "zero3_offload": "v:", "fsdp": "x--"}
@@ -182,10 +181,8 @@ def plot_full_memory(per_device_batch: int = 8, gpus: int = 8, gpu_sizes=(16, 24
     lines.yaxis.set_major_locator(FixedLocator([10, 20, 40, 80, 120]))
     lines.yaxis.set_major_formatter(ScalarFormatter())
     lines.yaxis.set_minor_formatter(NullFormatter())
-    lines.set_xlim(0.8, 28)
-    lines.set_ylim(5.5, 150)  # room under the lowest line for the legend
-    lines.set_xlabel("GPUs")
-    lines.set_ylabel("GiB per GPU (every part, the reserve too)")
+    # ylim: room under the lowest line for the legend
+    lines.set(xlim=(0.8, 28), ylim=(5.5, 150), xlabel="GPUs", ylabel="GiB per GPU (every part, the reserve too)")
     lines.set_title(f"Mistral-7B full fine-tune, batch {per_device_batch} per device: total per GPU")
     lines.legend(ncol=2, fontsize=8, loc="lower left")
     names = ", ".join(f"{SHAPES[GPU_CLASSES[size]].name}: {capacity[size]}" for size in gpu_sizes)
@@ -270,17 +267,15 @@ def plot_qlora_memory(profiles: dict[str, int] | None = None):
             ax.barh(i, gib, left=left, color=colors[part], label=part if i == 0 else None)
             left += gib
         measured = measured_qlora_gib()[every]
-        ax.plot(
-            measured, i, marker="|", markersize=22, color="black", label=f"measured on one {device}" if i == 0 else None
-        )
+        label = f"measured on one {device}" if i == 0 else None
+        ax.plot(measured, i, marker="|", markersize=22, color="black", label=label)
         note = f"{left:.1f} GiB estimated,\n{measured} GiB measured on the {device}"
         ax.text(max(left, measured) + 1.5, i, note, va="center", fontsize=8)
     ax.set_yticks(range(len(profiles)), list(profiles), fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("GiB at the peak (QLoRA of Mistral-7B, 4 x 2048 tokens per micro-batch)")
-    ax.set_xlim(0, 120)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.set(xlabel="GiB at the peak (QLoRA of Mistral-7B, 4 x 2048 tokens per micro-batch)", xlim=(0, 120))
     ax.set_title("Where a QLoRA step's memory goes, by activation checkpointing")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     return fig
 
