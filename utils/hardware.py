@@ -1,8 +1,7 @@
 """What machine is this, and which profile should the notebooks use on it?
 
-``choose_profile("auto")`` looks at the GPU, where the model can come from (the Hub, or a folder or the HF cache on
-disk) and prints its choice with the reasons. A profile holds every setting that depends on the hardware
-(``Profile.settings``); ``utils.recipe`` layers it under the recipe and the command line.
+``choose_profile("auto")`` looks at the GPU and where the model can come from (the Hub, or a folder or the HF cache
+on disk), and prints its choice with the reasons. ``utils.recipe`` layers ``Profile.settings()`` under the recipe.
 
     python -m utils.hardware                 # this machine
     python -m utils.hardware --gpu t4        # a Colab T4, planned from here (``SHAPES`` below lists them)
@@ -11,19 +10,21 @@ disk) and prints its choice with the reasons. A profile holds every setting that
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 # torch.cuda.is_available() asks the driver through cuInit unless this is set, and a process that did cannot fork
 # CUDA workers any more (accelerate's notebook_launcher on Kaggle's 2 x T4). NVML answers without that side effect.
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
-HUB_HOST = "huggingface.co"
 BASE_MODEL_ID = "mistralai/Mistral-7B-v0.1"
 HUB_DATASET = "HuggingFaceH4/ultrachat_200k"
 SAMPLE_DATASET = "data/sample/ultrachat_200k"
@@ -82,7 +83,6 @@ class Profile:
 
     def settings(self) -> dict[str, Any]:
         """Every setting this profile gives a run, by its TRL/transformers field name."""
-        gpu = self.compute_dtype != "float32"
         values: dict[str, Any] = {
             "dtype": self.compute_dtype,
             "attn_implementation": self.attn_implementation,
@@ -93,33 +93,15 @@ class Profile:
         }
         if self.checkpoint_every > 1:
             values["activation_checkpointing_kwargs"] = {"every_n_layers": self.checkpoint_every}
-        if not gpu:
+        if self.compute_dtype == "float32":
             values["use_cpu"] = True
         return values
 
 
-# Every GPU profile trains 4 x 2 sequences of 2,048 tokens per optimizer step and GPU, as the recipe does; memory is
-# the business of activation checkpointing (docs/benchmarks.md, "QLoRA on an H200").
-GPU_TRAINING: dict[str, Any] = dict(
-    per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2, packing_strategy="bfd"
-)
 # The embedded default stands in for the recipe's 7B model and 200k dialogues, so it also sets the run's scale: short
 # sequences (the sample's dialogues are short), one dialogue-packed row per step, two epochs, and a learning rate
 # for a tiny model. With these, the tiny base learns the template and the pirate's voice, and keeps answering what
 # was asked, in every seed tried and on both CPU paths (bench/tiny_sft_check.py, docs/benchmarks.md).
-SMOKE_TRAINING: dict[str, Any] = dict(
-    per_device_train_batch_size=1,
-    per_device_eval_batch_size=2,
-    gradient_accumulation_steps=1,
-    global_batch_size=None,
-    max_length=256,
-    logging_steps=1,
-    save_steps=50,
-    num_train_epochs=2,
-    learning_rate=5e-3,
-    packing_strategy="bfd",
-    report_to=[],
-)
 SMOKE = Profile(
     name="smoke",
     description="embedded default: real Mistral tokenizer, tiny pretrained Mistral, shipped sample dialogues",
@@ -128,26 +110,41 @@ SMOKE = Profile(
     compute_dtype="float32",
     attn_implementation="sdpa",
     checkpoint_every=0,
-    training=SMOKE_TRAINING,
+    training=dict(
+        per_device_train_batch_size=1,
+        per_device_eval_batch_size=2,
+        gradient_accumulation_steps=1,
+        global_batch_size=None,
+        max_length=256,
+        logging_steps=1,
+        save_steps=50,
+        num_train_epochs=2,
+        learning_rate=5e-3,
+        packing_strategy="bfd",
+        report_to=[],
+    ),
+)
+# Every GPU profile trains 4 x 2 sequences of 2,048 tokens per optimizer step and GPU, as the recipe does; memory is
+# the business of activation checkpointing (docs/benchmarks.md, "QLoRA on an H200").
+GPU_TRAINING: dict[str, Any] = dict(
+    per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2, packing_strategy="bfd"
 )
 # Real-GPU profiles, smallest first; `auto` takes the last one whose needs the GPU meets.
 GPU_PROFILES = tuple(
-    Profile(name, description, BASE_MODEL_ID, HUB_DATASET, dtype, "sdpa", gib, every, GPU_TRAINING)
-    for name, description, dtype, gib, every in (
-        ("gpu-16gb", "16 GB class (T4, V100, RTX 4080): checkpointing every layer", "bfloat16", 14.0, 1),
-        ("gpu-24gb", "24 GB class (L4, A10, RTX 3090/4090): checkpointing every layer", "bfloat16", 22.0, 1),
-        ("gpu-40gb", "40 GB class (A100 40GB, L40S, A6000): checkpointing every 2nd layer", "bfloat16", 38.0, 2),
-        ("gpu-80gb", "80 GB and more (A100/H100 80GB, H200): no activation checkpointing", "bfloat16", 75.0, 0),
+    Profile(name, description, BASE_MODEL_ID, HUB_DATASET, "bfloat16", "sdpa", gib, every, GPU_TRAINING)
+    for name, description, gib, every in (
+        ("gpu-16gb", "16 GB class (T4, V100, RTX 4080): checkpointing every layer", 14.0, 1),
+        ("gpu-24gb", "24 GB class (L4, A10, RTX 3090/4090): checkpointing every layer", 22.0, 1),
+        ("gpu-40gb", "40 GB class (A100 40GB, L40S, A6000): checkpointing every 2nd layer", 38.0, 2),
+        ("gpu-80gb", "80 GB and more (A100/H100 80GB, H200): no activation checkpointing", 75.0, 0),
     )
 )
 PROFILES = {p.name: p for p in (SMOKE, *GPU_PROFILES)}
 
 
 # --- the GPUs the collection plans for, without having them ---------------------------------------------------------
-# ``python -m utils.hardware --gpu t4`` and ``python -m utils.sft --config FILE --gpu t4 --plan`` read these shapes:
-# an instructor prepares a workshop for the room's GPUs on a laptop. Memory is what
-# ``torch.cuda.get_device_properties(0).total_memory`` reports (GiB, a little under the GB on the box); peak TFLOPS are
-# the dense 16-bit tensor-core figures of the vendors' data sheets (fp16 on a T4, bf16 elsewhere).
+# An instructor prepares a workshop for the room's GPUs on a laptop (``--gpu t4``). Memory is what
+# ``torch.cuda.get_device_properties(0).total_memory`` reports (GiB, a little under the GB on the box).
 @dataclass(frozen=True)
 class GpuShape:
     """One GPU model as the profile choice sees it, and how many of them a machine has."""
@@ -158,33 +155,16 @@ class GpuShape:
     count: int = 1
     platform: str = "local"
 
-    @property
-    def bf16(self) -> bool:
-        return self.compute_capability >= (8, 0)
-
-    @property
-    def peak_tflops(self) -> float:
-        return peak_tflops(self.name) or 0.0
-
     def hardware(self) -> Hardware:
-        """The ``Hardware`` facts of a machine with this GPU, the Hub reachable and Triton with a C compiler (as on
-        Colab, Kaggle and the usual CUDA images); flash-attn is not assumed installed."""
-        return Hardware(
-            cuda=True,
-            gpu_name=self.name,
-            gpu_count=self.count,
-            gpu_memory_gib=self.memory_gib,
-            compute_capability=self.compute_capability,
-            bf16=self.bf16,
-            flash_attn=False,
-            platform=self.platform,
-            hub=True,
-            triton=True,
-            compiler=True,
-        )
+        """A machine with this GPU, the Hub reachable and Triton with a C compiler (as on Colab, Kaggle and the usual
+        CUDA images); flash-attn is not assumed installed."""
+        gpu = dict(gpu_name=self.name, gpu_count=self.count, gpu_memory_gib=self.memory_gib, platform=self.platform)
+        cc = self.compute_capability
+        return Hardware(True, compute_capability=cc, bf16=cc >= (8, 0), hub=True, triton=True, compiler=True, **gpu)
 
 
-# Dense 16-bit tensor TFLOPS by name fragment (fp16 on GPUs without bf16; fp32 accumulation on GeForce cards).
+# Dense 16-bit tensor TFLOPS from the vendors' data sheets, by name fragment (fp16 on GPUs without bf16; fp32
+# accumulation on GeForce cards).
 PEAK_TFLOPS = {
     "H200": 989.0,
     "H100": 989.0,
@@ -209,14 +189,11 @@ SHAPES: dict[str, GpuShape] = {
     "h100": GpuShape("NVIDIA H100 80GB HBM3", 79.1, (9, 0)),
     "h200": GpuShape("NVIDIA H200", 139.8, (9, 0)),
 }
-
-
 MAX_GPUS = 1024  # the most GPUs a plan is made for (the card trained on 16)
 
 
 def shape(name: str) -> GpuShape:
-    """The shape called ``name`` (case-insensitive), or ``N x`` one of them (``16xa100-80gb``: the card's 16 GPUs,
-    N from 1 to ``MAX_GPUS``); ValueError naming the known ones otherwise."""
+    """The shape called ``name`` (case-insensitive), or N of them (``16xa100-80gb``, N up to ``MAX_GPUS``)."""
     key = name.lower()
     if key in SHAPES:
         return SHAPES[key]
@@ -229,8 +206,7 @@ def shape(name: str) -> GpuShape:
 
 
 def peak_tflops(gpu_name: str) -> float | None:
-    """Dense 16-bit peak of a GPU from its device name, or None. Longer fragments are tried first, so that an
-    "A100" is not taken for an "A10" nor an "L40S" for an "L4"."""
+    """Dense 16-bit peak of a GPU from its device name, or None. Longer fragments first: an "A100" is no "A10"."""
     for fragment in sorted(PEAK_TFLOPS, key=len, reverse=True):
         if fragment.lower() in gpu_name.lower():
             return PEAK_TFLOPS[fragment]
@@ -252,7 +228,7 @@ def hub_reachable(timeout: float = 2.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
             return True
     except OSError:
         return False
@@ -266,76 +242,54 @@ def c_compiler() -> str | None:
     return None
 
 
-@lru_cache(maxsize=2)
-def detect_hardware(check_hub: bool = True) -> Hardware:
-    """Read the GPU (through torch, without initialising CUDA), the platform, the tools flex_attention needs and,
-    unless ``check_hub`` is False, the Hub's reachability."""
-    import torch
-
-    platform = detect_platform()
-    hub = hub_reachable() if check_hub else False
-    tools = dict(triton=importlib.util.find_spec("triton") is not None, compiler=c_compiler() is not None)
-    flash_attn = importlib.util.find_spec("flash_attn") is not None
-    if not torch.cuda.is_available():  # NVML-based (see PYTORCH_NVML_BASED_CUDA_CHECK above): CUDA stays untouched
-        return Hardware(cuda=False, platform=platform, hub=hub, flash_attn=flash_attn, **tools)
-    gpu = _gpu_properties()
-    return Hardware(
-        cuda=True,
-        gpu_name=gpu["name"],
-        gpu_count=gpu["count"],
-        gpu_memory_gib=gpu["memory"] / 2**30,
-        compute_capability=(gpu["major"], gpu["minor"]),
-        bf16=gpu["major"] >= 8,
-        flash_attn=flash_attn and gpu["major"] >= 8,
-        platform=platform,
-        hub=hub,
-        **tools,
-    )
-
-
 _GPU_QUERY = """import json, torch
 p = torch.cuda.get_device_properties(0)
 print(json.dumps({"name": p.name, "count": torch.cuda.device_count(), "memory": p.total_memory,
                   "major": p.major, "minor": p.minor}))"""
 
 
-def _gpu_properties() -> dict:
-    """GPU 0's properties, read in a child process so this one never initialises CUDA (which would stop
-    ``accelerate.notebook_launcher`` from forking the training processes later)."""
-    import json
-    import subprocess
+@lru_cache(maxsize=2)
+def detect_hardware(check_hub: bool = True) -> Hardware:
+    """The GPU, the platform, the tools flex_attention needs and, unless ``check_hub`` is False, the Hub."""
+    import torch
 
+    facts = dict(
+        platform=detect_platform(),
+        hub=hub_reachable() if check_hub else False,
+        triton=importlib.util.find_spec("triton") is not None,
+        compiler=c_compiler() is not None,
+    )
+    flash_attn = importlib.util.find_spec("flash_attn") is not None
+    if not torch.cuda.is_available():  # NVML-based (see PYTORCH_NVML_BASED_CUDA_CHECK above): CUDA stays untouched
+        return Hardware(cuda=False, flash_attn=flash_attn, **facts)
+    # GPU 0, read in a child process: one that initialised CUDA could no longer fork notebook_launcher's processes
     out = subprocess.run([sys.executable, "-c", _GPU_QUERY], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    gpu = json.loads(out.stdout.strip().splitlines()[-1])
+    cc = (gpu["major"], gpu["minor"])
+    found = GpuShape(gpu["name"], gpu["memory"] / 2**30, cc, gpu["count"]).hardware()
+    return replace(found, flash_attn=flash_attn and cc >= (8, 0), **facts)
 
 
 def local_model(model: str | None) -> str | None:
     """``model`` when it can load without the network: a folder with ``config.json``, or a Hub id already in the
     Hugging Face cache (used with ``HF_HUB_OFFLINE=1``). None otherwise."""
-    if not model:
-        return None
-    from pathlib import Path
-
-    if (Path(model) / "config.json").is_file():
+    if model and (Path(model) / "config.json").is_file():
         return model
-    if model.count("/") == 1 and not Path(model).exists():
-        try:
-            from huggingface_hub import try_to_load_from_cache
+    if not model or model.count("/") != 1 or Path(model).exists():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
 
-            return model if isinstance(try_to_load_from_cache(model, "config.json"), str) else None
-        except Exception:  # noqa: BLE001 - an unreadable cache is the same as none
-            return None
-    return None
+        return model if isinstance(try_to_load_from_cache(model, "config.json"), str) else None
+    except Exception:  # noqa: BLE001 - an unreadable cache is the same as none
+        return None
 
 
 def choose_profile(
     requested: str = "auto", hardware: Hardware | None = None, verbose: bool = True, model: str | None = None
 ) -> Profile:
-    """Resolve ``requested`` ("auto" or a profile name) to a Profile and print the choice with its reason.
-
-    ``model`` is a local folder or Hub id to train instead of Mistral-7B from the Hub: a GPU with such a model on
-    disk gets its GPU profile even without the Hub (then with the shipped sample dialogues as data).
-    """
+    """Resolve ``requested`` ("auto" or a profile name) to a Profile and print the choice with its reason. ``model``
+    (a folder or Hub id to train instead of Mistral-7B) on disk gets a GPU profile even without the Hub."""
     if requested != "auto" and requested not in PROFILES:
         raise ValueError(f"unknown profile {requested!r}; choose one of: auto, {', '.join(PROFILES)}")
     hw = hardware or detect_hardware(check_hub=requested != "smoke")
@@ -359,72 +313,67 @@ def _pick(requested: str, hw: Hardware, model: str | None = None) -> tuple[Profi
             "folder), so the embedded default is used"
         )
     fitting = [p for p in GPU_PROFILES if hw.gpu_memory_gib >= p.min_gpu_memory_gib]
-    if requested != "auto":
-        profile = PROFILES[requested]
-        if profile not in fitting:
-            raise RuntimeError(
-                f"profile {requested!r} needs {profile.min_gpu_memory_gib:.0f} GiB of GPU memory; this "
-                f"{hw.gpu_name} has {hw.gpu_memory_gib:.0f} GiB. Use PROFILE='auto' or a smaller profile."
-            )
-        reason = "asked for explicitly"
-    else:
-        if not fitting:
-            raise RuntimeError(
-                f"{hw.gpu_name} has {hw.gpu_memory_gib:.1f} GiB; QLoRA of a 7B model at length 2048 needs a 16 GB "
-                "GPU. Use a larger GPU (Colab T4 or better) or PROFILE='smoke' to run the embedded default."
-            )
-        profile = fitting[-1]
-        reason = f"{hw.gpu_memory_gib:.0f} GiB GPU fits {profile.description}"
+    if requested == "auto" and not fitting:
+        raise RuntimeError(
+            f"{hw.gpu_name} has {hw.gpu_memory_gib:.1f} GiB; QLoRA of a 7B model at length 2048 needs a 16 GB "
+            "GPU. Use a larger GPU (Colab T4 or better) or PROFILE='smoke' to run the embedded default."
+        )
+    profile = fitting[-1] if requested == "auto" else PROFILES[requested]
+    if profile not in fitting:
+        raise RuntimeError(
+            f"profile {requested!r} needs {profile.min_gpu_memory_gib:.0f} GiB of GPU memory; this "
+            f"{hw.gpu_name} has {hw.gpu_memory_gib:.0f} GiB. Use PROFILE='auto' or a smaller profile."
+        )
+    reason = (
+        f"{hw.gpu_memory_gib:.0f} GiB GPU fits {profile.description}" if requested == "auto" else "asked for explicitly"
+    )
     source = {"model_id": local or wanted}
     if hw.hub:
         reason += f"; {source['model_id']} {'from disk' if local else 'from the Hub'}"
     else:
         source["dataset"] = SAMPLE_DATASET
         reason += f"; the Hub is unreachable: {local} from disk, the shipped sample dialogues as data"
-    return _for_gpu(replace(profile, **source), hw), reason
+    dtype = profile.compute_dtype if hw.bf16 else "float16"
+    attn, why = choose_attention(hw, dtype)
+    every = profile.checkpoint_every
+    checkpointing = {0: "no activation checkpointing", 1: "activation checkpointing on every layer"}.get(
+        every, f"activation checkpointing on every {every}nd layer"
+    )
+    chosen = replace(profile, **source, compute_dtype=dtype, attn_implementation=attn, reasons=(why, checkpointing))
+    return chosen, reason
+
+
+def _flex_problem(hw: Hardware) -> str | None:
+    """Why flex_attention cannot run on ``hw``, or None. Its Triton kernels are written for sm80+ (their tiles need
+    more shared memory than a T4's 64 KB per block), and Triton compiles a small C launcher when it first runs."""
+    cc = hw.compute_capability or (0, 0)
+    if cc < (8, 0):
+        return f"flex_attention's Triton kernels need compute capability 8.0+, this GPU is {cc[0]}.{cc[1]}"
+    if not hw.triton:
+        return "flex_attention needs Triton, which is not installed"
+    if not hw.compiler:
+        return "flex_attention's Triton kernels need a C compiler (cc, gcc or clang), none was found"
+    return None
 
 
 def choose_attention(hw: Hardware, dtype: str) -> tuple[str, str]:
-    """The attention kernel for packed, padding-free QLoRA batches on this GPU, and why.
-
-    flash-attention 2 where it is installed (Ampere or newer, 16-bit); else ``flex_attention`` on compute capability
-    8.0 and newer, where PyTorch compiles it with Triton and it skips the masked blocks between packed dialogues;
-    else ``sdpa``. FlexAttention's Triton kernels are written for sm80+ (their tiles need more shared memory than a
-    T4's 64 KB per block), and Triton compiles a small C launcher when it first runs, so it needs a C compiler.
-    """
-    cc = hw.compute_capability or (0, 0)
+    """The attention kernel for packed, padding-free QLoRA batches on this GPU, and why: flash-attention 2 where it
+    is installed (Ampere or newer, 16-bit); else ``flex_attention``, which skips the masked blocks between packed
+    dialogues, where it can run; else ``sdpa``."""
     if hw.flash_attn and dtype == "bfloat16":
         return "flash_attention_2", "flash-attn 2 is installed"
-    if cc < (8, 0):
-        return (
-            "sdpa",
-            f"sdpa: flex_attention's Triton kernels need compute capability 8.0+, this GPU is {cc[0]}.{cc[1]}",
-        )
-    if not hw.triton:
-        return "sdpa", "sdpa: flex_attention needs Triton, which is not installed"
-    if not hw.compiler:
-        return "sdpa", "sdpa: flex_attention's Triton kernels need a C compiler (cc, gcc or clang), none was found"
+    problem = _flex_problem(hw)
+    if problem:
+        return "sdpa", f"sdpa: {problem}"
+    cc = hw.compute_capability
     return "flex_attention", f"flex_attention on sm {cc[0]}{cc[1]}: skips the blocks between packed dialogues"
 
 
 def attention_problem(attn: str, hw: Hardware) -> str | None:
     """Why ``attn`` cannot run on ``hw`` (a value the user set), or None."""
-    cc = hw.compute_capability or (0, 0)
     if attn == "flash_attention_2" and not hw.flash_attn:
         return "flash_attention_2 needs the flash_attn package and a GPU of compute capability 8.0+"
-    if attn == "flex_attention" and hw.cuda and (cc < (8, 0) or not hw.triton or not hw.compiler):
-        return choose_attention(replace(hw, flash_attn=False), "float16")[1].removeprefix("sdpa: ")
-    return None
-
-
-def _for_gpu(profile: Profile, hw: Hardware) -> Profile:
-    """fp16 on GPUs without bf16; the attention kernel for this GPU; the reasons for the printed line."""
-    dtype = profile.compute_dtype if hw.bf16 else "float16"
-    attn, why = choose_attention(hw, dtype)
-    checkpointing = {0: "no activation checkpointing", 1: "activation checkpointing on every layer"}.get(
-        profile.checkpoint_every, f"activation checkpointing on every {profile.checkpoint_every}nd layer"
-    )
-    return replace(profile, compute_dtype=dtype, attn_implementation=attn, reasons=(why, checkpointing))
+    return _flex_problem(hw) if attn == "flex_attention" and hw.cuda else None
 
 
 def launcher_problems() -> list[str]:
@@ -449,10 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", default=None, help="plan for this GPU instead of this machine (utils.hardware.SHAPES)")
     args = parser.parse_args(argv)
     try:
-        hardware = None
-        if args.gpu is not None:
-            hardware = shape(args.gpu).hardware()
-        profile = choose_profile(args.profile, hardware)
+        profile = choose_profile(args.profile, None if args.gpu is None else shape(args.gpu).hardware())
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,9 +3,8 @@
     python -m utils.sft --config configs/sft_qlora.yaml --gpu t4 --plan [--json plan.json]
 
 The plan shows the profile and why, every setting the profile or the user changed with where it came from, the
-dtype of each part of the model, attention, checkpointing, the batch, the memory estimate against the GPU, and the
-time for one epoch of ultrachat_200k scaled from the H200 measurements (an estimate). An instructor prepares a
-workshop for the room's GPUs with it; the tests check every GPU shape's choices with it.
+dtype of each part of the model, the batch, the memory estimate against the GPU, and the time for one epoch of
+ultrachat_200k scaled from the H200 measurements (an estimate). The tests check every GPU shape's choices with it.
 """
 
 from __future__ import annotations
@@ -13,11 +12,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from utils import REPO_ROOT
-from utils.hardware import ULTRACHAT_TOKENS, Hardware
+from utils import REPO_ROOT, scaling
+from utils.hardware import SHAPES, ULTRACHAT_TOKENS, Hardware, choose_profile, peak_tflops
 from utils.recipe import CLI, PROFILE, RECIPE, Settings
 
 
@@ -28,13 +28,17 @@ def checkpoint_every(values: dict) -> int:
     return int((values.get("activation_checkpointing_kwargs") or {}).get("every_n_layers", 1))
 
 
+def _qlora(values: dict) -> bool:
+    return bool(values["load_in_4bit"] and values["use_peft"])
+
+
 def part_dtypes(values: dict) -> dict[str, str]:
     """The dtype of each part of the run, as the code paths of TRL, peft and bitsandbytes set them."""
-    dtype, quantized, peft = values["dtype"], values["load_in_4bit"], values["use_peft"]
+    dtype, quantized = values["dtype"], values["load_in_4bit"]
     autocast = "bfloat16" if values["bf16"] else "float16 (with a gradient scaler)" if values["fp16"] else "none"
-    if quantized and peft:
+    if _qlora(values):
         trainable = "float32 (with_additions keeps them so under fp16)" if values["fp16"] else "bfloat16 (TRL's cast)"
-    elif peft:
+    elif values["use_peft"]:
         trainable = "float32 (peft upcasts adapter weights)"
     else:
         trainable = f"{dtype} (every weight; the sharding engine keeps float32 master copies)"
@@ -49,34 +53,27 @@ def part_dtypes(values: dict) -> dict[str, str]:
 
 
 def memory_gib(values: dict, world: int) -> tuple[float, str]:
-    """Estimated peak GPU memory per GPU and how it was estimated (``utils.scaling``)."""
-    from utils import scaling
-
+    """Estimated peak GPU memory per GPU and how it was estimated."""
     batch, length = values["per_device_train_batch_size"], values["max_length"]
-    if values["load_in_4bit"] and values["use_peft"]:
-        every = checkpoint_every(values)
-        estimate = sum(scaling.qlora_memory(every, batch, length, values["lora_r"]).values())
-        reference = sum(scaling.qlora_memory(every).values())  # the measured setting: 4 x 2048 tokens, r 16
-        measured_gib = scaling.measured_qlora_gib()[every]
-        return estimate * measured_gib / reference, (
-            f"scaling.qlora_memory, calibrated on the {measured_gib} GiB measured on an H200 at 4 x 2048 tokens"
-        )
-    strategy = "zero3" if world > 1 else "ddp"
-    est = scaling.estimate(strategy, world, 0, batch, length)
-    return est.total, f"scaling.estimate: full fine-tune, {strategy} on {world} GPU(s)"
+    if not _qlora(values):
+        strategy = "zero3" if world > 1 else "ddp"
+        total = scaling.estimate(strategy, world, 0, batch, length).total
+        return total, f"scaling.estimate: full fine-tune, {strategy} on {world} GPU(s)"
+    every = checkpoint_every(values)
+    estimate = sum(scaling.qlora_memory(every, batch, length, values["lora_r"]).values())
+    reference = sum(scaling.qlora_memory(every).values())  # the measured setting: 4 x 2048 tokens, r 16
+    measured = scaling.measured_qlora_gib()[every]
+    how = f"scaling.qlora_memory, calibrated on the {measured} GiB measured on an H200 at 4 x 2048 tokens"
+    return estimate * measured / reference, how
 
 
 def epoch_hours(values: dict, hw: Hardware, world: int) -> tuple[float | None, str]:
-    """Hours for one epoch of ultrachat_200k: the H200's measured tokens/s for this attention and checkpointing,
-    scaled by the GPU's peak TFLOPS and the number of GPUs. An estimate; QLoRA only. Its basis names the two
-    assumptions: speed in proportion to peak TFLOPS alone (so a GPU with the H200's peak, an H100, gets the H200's
-    time: memory bandwidth and size are not modelled), and perfect scaling over GPUs (N GPUs, N times one's speed)."""
-    from utils.hardware import peak_tflops
-    from utils.scaling import h200_measurements
-
-    if not hw.cuda or not (values["load_in_4bit"] and values["use_peft"]):
+    """Hours for one epoch of ultrachat_200k (QLoRA only): the H200's measured tokens/s for this attention and
+    checkpointing, in proportion to the GPU's peak TFLOPS alone (memory bandwidth and size are not modelled) and
+    scaled perfectly over GPUs. The basis it returns names both assumptions."""
+    if not hw.cuda or not _qlora(values):
         return None, "no estimate (QLoRA on a GPU only)"
-    ref = h200_measurements()
+    ref = scaling.h200_measurements()
     every, attn = checkpoint_every(values), values["attn_implementation"]
     attn = "flex_attention" if attn == "flash_attention_2" else attn  # both skip the blocks between dialogues
     rows = [r for r in ref["rows"] if r["packed"] and r["checkpoint_every"] == every]
@@ -141,7 +138,7 @@ def print_plan(result: dict) -> None:
     for part, dtype in result["parts"].items():
         print(f"  {part:<18} {dtype}")
     per, acc = s["per_device_train_batch_size"]["value"], s["gradient_accumulation_steps"]["value"]
-    world = _world(result)
+    world = int(result.get("world_size") or 1)
     print(
         f"Batch: {per} per device x {acc} accumulation x {world} process(es) = {per * acc * world} sequences of "
         f"{s['max_length']['value']} tokens per optimizer step"
@@ -155,16 +152,10 @@ def print_plan(result: dict) -> None:
         print(f"  ({how})" + (f"\n  assumes {assumed}" if assumed else ""))
 
 
-def _world(result: dict) -> int:
-    return int(result.get("world_size") or 1)
-
-
 def plan_in_child(argv: list[str], gpu: str | None = None) -> dict:
     """``plan`` computed by ``python -m utils.sft ... --plan`` in a child process, so that this process never
     imports TRL (which imports bitsandbytes, which initialises CUDA): notebook 03 shows the recipe this way and
     its ``notebook_launcher`` cell can still fork."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "plan.json"
         command = [sys.executable, "-m", "utils.sft", *argv, "--plan", "--json", str(out)]
@@ -188,7 +179,6 @@ def shape_plans(config: str = "configs/sft_qlora.yaml") -> dict[str, dict]:
     import contextlib
     import io
 
-    from utils.hardware import SHAPES, choose_profile
     from utils.recipe import check, resolve
 
     plans = {}
@@ -202,7 +192,7 @@ def shape_plans(config: str = "configs/sft_qlora.yaml") -> dict[str, dict]:
 
 
 def markdown_table(plans: dict[str, dict]) -> str:
-    """One row per GPU shape: what the profile chose and what the run would take."""
+    """One row per GPU shape (docs/gpu_plans.md): what the profile chose and what the run would take."""
     head = (
         "| --gpu | profile | compute dtype | mixed precision | attention | checkpointing | batch | trainable weights "
         "| memory (GiB) | one epoch (estimate) |\n|---|---|---|---|---|---|---|---|---|---|\n"

@@ -5,9 +5,9 @@
 
 Memory model (per GPU, bytes), after the ZeRO paper (Rajbhandari et al., 2020, Fig. 1): mixed-precision Adam keeps
 2 bytes/parameter of bf16 weights, 2 of bf16 gradients and K = 12 of fp32 optimizer states (master weights,
-momentum, variance): 16 bytes/parameter in all, divided by the number of GPUs for what each strategy shards. Plus
-activations with gradient checkpointing (Korthikanti et al., 2022: a block's input per layer kept, one block
-recomputed at a time) and the fp32 logits of the loss, plus a fixed reserve for the CUDA context and fragmentation.
+momentum, variance), divided by the number of GPUs for what each strategy shards. Plus activations with gradient
+checkpointing (Korthikanti et al., 2022: a block's input per layer kept, one block recomputed at a time), the fp32
+logits of the loss, and a fixed reserve for the CUDA context and fragmentation.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 GIB = 2**30
 
 # Mistral-7B-v0.1 (MistralConfig defaults)
-MISTRAL_7B = dict(params=7_241_732_096, layers=32, hidden=4096, vocab=32_000)
+MISTRAL_7B = dict(params=7_241_732_096, layers=32, hidden=4096, kv=1024, intermediate=14_336, vocab=32_000)
 STRATEGIES = ("ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp")
 RESERVE_GIB = 2.5  # CUDA context, NCCL buffers, allocator fragmentation
 # ultrachat_200k's train_sft (~300.7M tokens) packed into 2,048-token sequences: an offline estimate from its published
@@ -71,37 +71,19 @@ class Estimate:
 
 
 def model_states_bytes(params: int, strategy: str, gpus: int) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer states) bytes per GPU under ``strategy`` with mixed-precision Adam (K=12)."""
+    """(weights, gradients, optimizer states) bytes per GPU under ``strategy`` with mixed-precision Adam (K=12).
+    ZeRO stage 1 shards the optimizer states, stage 2 the gradients too, stage 3 (and FSDP) the weights too; offload
+    moves the optimizer states to the CPU."""
+    if strategy not in (*STRATEGIES, "zero1"):
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     w, g, o = 2.0 * params, 2.0 * params, 12.0 * params
-    if strategy == "ddp":
-        return w, g, o
-    if strategy == "zero1":
-        return w, g, o / gpus
-    if strategy == "zero2":
-        return w, g / gpus, o / gpus
-    if strategy == "zero2_offload":
-        return w, g / gpus, 0.0
-    if strategy in ("zero3", "fsdp"):
-        return w / gpus, g / gpus, o / gpus
-    if strategy == "zero3_offload":
-        return w / gpus, g / gpus, 0.0
-    raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-
-
-def activation_bytes(
-    per_device_batch: int,
-    seq_len: int = 2048,
-    layers: int = 32,
-    hidden: int = 4096,
-    vocab: int = 32_000,
-    checkpointing: bool = True,
-) -> float:
-    """Activation memory of one micro-batch: checkpointed block inputs + one block's working set + fp32 logits."""
-    tokens = per_device_batch * seq_len
-    block = 34 * tokens * hidden  # one transformer block with flash/sdpa attention (no s^2 term), bf16
-    kept = layers * 2 * tokens * hidden if checkpointing else layers * block
-    logits = 2 * 4 * tokens * vocab  # fp32 logits and their gradient
-    return kept + (block if checkpointing else 0) + logits
+    if strategy.startswith(("zero3", "fsdp")):
+        w /= gpus
+    if strategy.startswith(("zero2", "zero3", "fsdp")):
+        g /= gpus
+    if strategy != "ddp":
+        o = 0.0 if strategy.endswith("offload") else o / gpus
+    return w, g, o
 
 
 # The GPU that stands for each size class (utils.hardware.SHAPES: what torch reports for it, in GiB).
@@ -109,8 +91,7 @@ GPU_CLASSES = {16: "t4", 24: "l4", 40: "a100-40gb", 80: "h100"}
 
 
 def usable_gib(gpu_gb: int) -> float:
-    """The GiB a GPU sold as ``gpu_gb`` GB reports to PyTorch (a T4's "16 GB" are 14.7 GiB): the memory of the
-    ``GPU_CLASSES`` shape of that size in ``utils.hardware.SHAPES``."""
+    """The GiB a GPU sold as ``gpu_gb`` GB reports to PyTorch (a T4's "16 GB" are 14.7 GiB)."""
     from utils.hardware import SHAPES
 
     return SHAPES[GPU_CLASSES[gpu_gb]].memory_gib
@@ -122,39 +103,12 @@ def estimate(
     """Per-GPU memory of a full fine-tune of ``model`` (default Mistral-7B) with gradient checkpointing, on GPUs sold
     as ``gpu_gb`` GB (16, 24, 40 or 80; 0 for no verdict)."""
     w, g, o = model_states_bytes(model["params"], strategy, gpus)
-    act = activation_bytes(per_device_batch, seq_len, model["layers"], model["hidden"], model["vocab"])
+    tokens, hidden = per_device_batch * seq_len, model["hidden"]
+    block = 34 * tokens * hidden  # one transformer block with flash/sdpa attention (no s^2 term), bf16
+    # each layer's checkpointed input, one block recomputed at a time, and the fp32 logits with their gradient
+    act = model["layers"] * 2 * tokens * hidden + block + 2 * 4 * tokens * model["vocab"]
     usable = usable_gib(gpu_gb) if gpu_gb else 0.0
     return Estimate(strategy, gpus, usable, per_device_batch, w / GIB, g / GIB, o / GIB, act / GIB, RESERVE_GIB)
-
-
-def fit_table(per_device_batch: int = 8, gpu_counts=(1, 2, 4, 8, 16), gpu_sizes=(16, 24, 40, 80)):
-    """A pandas DataFrame: per-GPU GiB for each strategy and GPU count, split into weights, gradients, optimizer
-    states, activations and the CUDA reserve, with a fits/does-not-fit mark per GPU size (against what such a GPU
-    reports, in GiB)."""
-    import pandas as pd
-
-    rows = []
-    for strategy in STRATEGIES:
-        for n in gpu_counts:
-            e = estimate(strategy, n, 0, per_device_batch)
-            row = {
-                "strategy": strategy,
-                "gpus": n,
-                "weights": round(e.weights, 1),
-                "gradients": round(e.gradients, 1),
-                "optimizer": round(e.optimizer, 1),
-                "activations": round(e.activations, 1),
-                "reserve": round(e.reserve, 1),
-                "GiB per GPU": round(e.total, 1),
-            }
-            row.update(
-                {
-                    f"{size} GB ({usable_gib(size)} GiB)": "fits" if e.total <= usable_gib(size) else "-"
-                    for size in gpu_sizes
-                }
-            )
-            rows.append(row)
-    return pd.DataFrame(rows)
 
 
 PARTS = {  # the parts of a full fine-tune's memory per GPU, as fit_table's columns, and their colours
@@ -166,13 +120,28 @@ PARTS = {  # the parts of a full fine-tune's memory per GPU, as fit_table's colu
 }
 
 
-def plot_full_memory(per_device_batch: int = 8, gpus: int = 8, gpu_sizes=(16, 24, 40, 80)):
-    """Notebook 03's figure of ``fit_table(per_device_batch)``: left, a stacked bar per strategy on ``gpus`` GPUs,
-    every part of its estimate (the CUDA reserve too, so a bar's length is what must fit); right, the total per GPU
-    against the GPU count. Dotted lines: what a GPU of each size class reports, in GiB (``usable_gib``), labelled
-    with both."""
-    import matplotlib.pyplot as plt
+def fit_table(per_device_batch: int = 8, gpu_counts=(1, 2, 4, 8, 16), gpu_sizes=(16, 24, 40, 80)):
+    """A pandas DataFrame: per-GPU GiB of each strategy and GPU count by part, and whether it fits a GPU of each
+    size (against what such a GPU reports, in GiB)."""
     import pandas as pd
+
+    rows = []
+    for strategy in STRATEGIES:
+        for n in gpu_counts:
+            e = estimate(strategy, n, 0, per_device_batch)
+            row = {"strategy": strategy, "gpus": n, **{part: round(getattr(e, part), 1) for part in PARTS}}
+            row["GiB per GPU"] = round(e.total, 1)
+            for size in gpu_sizes:
+                row[f"{size} GB ({usable_gib(size)} GiB)"] = "fits" if e.total <= usable_gib(size) else "-"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_full_memory(per_device_batch: int = 8, gpus: int = 8, gpu_sizes=(16, 24, 40, 80)):
+    """Notebook 03's figure of ``fit_table``: left, every part of each strategy's estimate on ``gpus`` GPUs (the CUDA
+    reserve too, so a bar's length is what must fit); right, the total per GPU against the GPU count. Dotted lines:
+    what a GPU of each size class reports, in GiB."""
+    import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     from utils.hardware import SHAPES
@@ -180,11 +149,11 @@ def plot_full_memory(per_device_batch: int = 8, gpus: int = 8, gpu_sizes=(16, 24
     fit = fit_table(per_device_batch, gpu_sizes=gpu_sizes)
     fig, (bars, lines) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1.1, 1]})
     rows = fit[fit.gpus == gpus].set_index("strategy")
-    left = pd.Series(0.0, index=rows.index)
+    left = 0.0
     for part, color in PARTS.items():
         label = f"CUDA reserve ({RESERVE_GIB} GiB)" if part == "reserve" else part
         bars.barh(rows.index, rows[part], left=left, color=color, label=label)
-        left += rows[part]
+        left = left + rows[part]
     capacity = {size: usable_gib(size) for size in gpu_sizes}
     for gib in capacity.values():
         bars.axvline(gib, color="grey", linestyle=":", linewidth=0.8)
@@ -194,21 +163,14 @@ def plot_full_memory(per_device_batch: int = 8, gpus: int = 8, gpu_sizes=(16, 24
     guides.tick_params(labelsize=8, colors="grey")
     guides.xaxis.label.set_color("grey")
     bars.invert_yaxis()
-    bars.set_xlabel(f"GiB per GPU ({gpus} GPUs, batch {per_device_batch} per device)")
-    bars.set_xlim(0, 130)
+    bars.set(xlabel=f"GiB per GPU ({gpus} GPUs, batch {per_device_batch} per device)", xlim=(0, 130))
     bars.legend(fontsize=8, loc="lower right")
     bars.set_title(f"Where each engine's memory goes, on {gpus} GPUs", pad=8)
     styles = {"ddp": "o-", "zero2": "s--", "zero2_offload": "^-.", "zero3": "D-", "zero3_offload": "v:", "fsdp": "x--"}
     for strategy, style in styles.items():
-        sub = fit[fit.strategy == strategy]
-        lines.plot(
-            sub.gpus,
-            sub["GiB per GPU"],
-            style,
-            label=strategy + (" (= zero3)" if strategy == "fsdp" else ""),
-            markersize=7 if strategy != "fsdp" else 10,
-            alpha=0.9,
-        )
+        sub, fsdp = fit[fit.strategy == strategy], strategy == "fsdp"
+        label = strategy + (" (= zero3)" if fsdp else "")
+        lines.plot(sub.gpus, sub["GiB per GPU"], style, label=label, markersize=10 if fsdp else 7, alpha=0.9)
     for size, gib in capacity.items():
         lines.axhline(gib, color="grey", linewidth=0.6, linestyle=":")
         lines.text(18.5, gib, f"{size} GB:\n{gib} GiB", va="center", fontsize=7, color="grey")
@@ -219,20 +181,13 @@ def plot_full_memory(per_device_batch: int = 8, gpus: int = 8, gpu_sizes=(16, 24
     lines.yaxis.set_major_locator(FixedLocator([10, 20, 40, 80, 120]))
     lines.yaxis.set_major_formatter(ScalarFormatter())
     lines.yaxis.set_minor_formatter(NullFormatter())
-    lines.set_xlim(0.8, 28)
-    lines.set_ylim(5.5, 150)  # room under the lowest line for the legend
-    lines.set_xlabel("GPUs")
-    lines.set_ylabel("GiB per GPU (every part, the reserve too)")
+    # ylim: room under the lowest line for the legend
+    lines.set(xlim=(0.8, 28), ylim=(5.5, 150), xlabel="GPUs", ylabel="GiB per GPU (every part, the reserve too)")
     lines.set_title(f"Mistral-7B full fine-tune, batch {per_device_batch} per device: total per GPU")
     lines.legend(ncol=2, fontsize=8, loc="lower left")
     names = ", ".join(f"{SHAPES[GPU_CLASSES[size]].name}: {capacity[size]}" for size in gpu_sizes)
-    fig.text(
-        0.01,
-        0.01,
-        f"Dotted lines: the GiB torch reports for each size class (utils.hardware.SHAPES: {names})",
-        fontsize=7,
-        color="grey",
-    )
+    note = f"Dotted lines: the GiB torch reports for each size class (utils.hardware.SHAPES: {names})"
+    fig.text(0.01, 0.01, note, fontsize=7, color="grey")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
 
@@ -249,9 +204,8 @@ def h200_measurements() -> dict:
 
 
 def measured_qlora_gib() -> dict[int, float]:
-    """Peak reserved GiB measured for QLoRA of the Mistral-7B shape at 4 x 2,048 tokens on an H200, by
-    checkpoint_every (1: every layer, 2: every 2nd, 0: none), flex_attention where measured
-    (``data/measurements/h200_qlora.json``)."""
+    """Peak reserved GiB measured for QLoRA of Mistral-7B at 4 x 2,048 tokens on an H200, by checkpoint_every (1:
+    every layer, 2: every 2nd, 0: none), flex_attention where measured."""
     rows = sorted(h200_measurements()["rows"], key=lambda r: r["attn"] != "flex_attention")  # flex_attention first
     found: dict[int, float] = {}
     for row in rows:
@@ -260,10 +214,7 @@ def measured_qlora_gib() -> dict[int, float]:
     return found
 
 
-MISTRAL_7B_SHAPE = dict(layers=32, hidden=4096, kv=1024, intermediate=14_336, vocab=32_000)
-
-
-def lora_parameters(r: int = 16, shape: dict = MISTRAL_7B_SHAPE) -> int:
+def lora_parameters(r: int = 16, shape: dict = MISTRAL_7B) -> int:
     """LoRA parameters on q, k, v, o, gate, up and down: r x (in + out) per matrix, per layer."""
     h, kv, ff = shape["hidden"], shape["kv"], shape["intermediate"]
     per_layer = r * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + ff) + (ff + h))
@@ -271,7 +222,7 @@ def lora_parameters(r: int = 16, shape: dict = MISTRAL_7B_SHAPE) -> int:
 
 
 def qlora_memory(
-    checkpoint_every: int = 1, batch: int = 4, seq_len: int = 2048, r: int = 16, shape: dict = MISTRAL_7B_SHAPE
+    checkpoint_every: int = 1, batch: int = 4, seq_len: int = 2048, r: int = 16, shape: dict = MISTRAL_7B
 ) -> dict[str, float]:
     """Peak GPU memory of QLoRA training, in GiB, by part: weights, LoRA gradients, optimizer, activations.
 
@@ -318,19 +269,13 @@ def plot_qlora_memory(profiles: dict[str, int] | None = None):
         measured = measured_qlora_gib()[every]
         label = f"measured on one {device}" if i == 0 else None
         ax.plot(measured, i, marker="|", markersize=22, color="black", label=label)
-        ax.text(
-            max(left, measured) + 1.5,
-            i,
-            f"{left:.1f} GiB estimated,\n{measured} GiB measured on the {device}",
-            va="center",
-            fontsize=8,
-        )
+        note = f"{left:.1f} GiB estimated,\n{measured} GiB measured on the {device}"
+        ax.text(max(left, measured) + 1.5, i, note, va="center", fontsize=8)
     ax.set_yticks(range(len(profiles)), list(profiles), fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("GiB at the peak (QLoRA of Mistral-7B, 4 x 2048 tokens per micro-batch)")
-    ax.set_xlim(0, 120)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.set(xlabel="GiB at the peak (QLoRA of Mistral-7B, 4 x 2048 tokens per micro-batch)", xlim=(0, 120))
     ax.set_title("Where a QLoRA step's memory goes, by activation checkpointing")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     return fig
 
