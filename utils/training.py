@@ -179,23 +179,23 @@ def callbacks(args: Args, dialogues: int, rows: int) -> list:
     if not args.run.card_schedule:
         return found
     batch, accumulation = args.training.per_device_train_batch_size, args.training.gradient_accumulation_steps
-    if args.training.packing_strategy == "card":
-        count = card_run(rows, dialogues, world_size(), batch, accumulation)
-        args.training.max_steps = count.planned_steps
+    card = args.training.packing_strategy == "card"  # then the stop is exact: ``rows`` are the card's chunks
+    # TRL 0.7.x's ConstantLengthDataset reported the dialogues as its length, and transformers 4.35 planned the epoch
+    # as len(dataloader) // accumulation steps (406 on 16 x 8 x 4) while the packed stream ran out earlier (step 272)
+    count = card_run(rows if card else 0, dialogues, world_size(), batch, accumulation)
+    args.training.max_steps = count.planned_steps
+    if card:
         say(
             f"card schedule: cosine planned over {count.planned_steps} steps ({dialogues} dialogues, as TRL 0.7.x "
             f"counted them); the {rows} packed rows end at step {count.optimizer_steps} (epoch {count.epoch:.2f})"
         )
-        return [*found, CardStop(count)]
-    # TRL 0.7.x's ConstantLengthDataset reported the dialogues as its length, and transformers 4.35 planned the epoch
-    # as len(dataloader) // accumulation steps (406 on 16 x 8 x 4) while the packed stream ran out earlier (step 272)
-    args.training.max_steps = card_run(0, dialogues, world_size(), batch, accumulation).planned_steps
-    say(
-        f"card schedule: cosine planned over {args.training.max_steps} steps (transformers 4.35's len(dataloader) // "
-        f"{accumulation} for {dialogues} dialogues in batches of {batch} on {world_size()} process(es)), stopping "
-        "when the packed data ends"
-    )
-    return [*found, CardStop()]
+    else:
+        say(
+            f"card schedule: cosine planned over {count.planned_steps} steps (transformers 4.35's len(dataloader) // "
+            f"{accumulation} for {dialogues} dialogues in batches of {batch} on {world_size()} process(es)), stopping "
+            "when the packed data ends"
+        )
+    return [*found, CardStop(count if card else None)]
 
 
 def with_additions(trainer, args: Args):
