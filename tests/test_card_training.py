@@ -124,12 +124,17 @@ def test_card_packing_stops_where_the_cards_data_ends(tokenizer, tmp_path):
     assert logged[-1]["learning_rate"] > 0  # stopped before the cosine planned over all steps reached 0
 
 
+def card_schedule_steps(dialogues: int, per_device_batch: int, accumulation: int, processes: int = 1) -> int:
+    """The steps ``--card_schedule`` plans without the card's packing (``utils.training.callbacks``)."""
+    return card_run(0, dialogues, processes, per_device_batch, accumulation).planned_steps
+
+
 def test_card_schedule_plans_the_steps_of_transformers_4_35(tmp_path):
     """Without the card's packing, ``--card_schedule`` plans what Trainer._inner_training_loop of 4.35 planned from
     the dataset's length (trainer.py 1580-1597): len(dataloader) // accumulation, at least 1, per epoch. The
     dataloader counts batches per process (ceil(ceil(dialogues / batch) / processes) under accelerate's dispatcher),
     so that is not ceil(dialogues / global batch) when batches do not fill the accumulation."""
-    from utils.training import callbacks, card_schedule_steps
+    from utils.training import callbacks
 
     argv = ["--config", "configs/sft_qlora.yaml", "--profile", "smoke", "--card_schedule", "true"]
     argv += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path)]

@@ -1,7 +1,4 @@
-"""The trainer callbacks of a run (``utils.training.callbacks`` chooses them): the card's stop, a stop on a loss that
-turns NaN or infinite, token counts logged as whole numbers, each rank's own loss and share of the model when several
-processes train, and each step's time for the speed report.
-"""
+"""The trainer callbacks of a run (``utils.training.callbacks`` chooses them)."""
 
 from __future__ import annotations
 
@@ -16,37 +13,29 @@ from utils import say
 
 
 class CardStop(TrainerCallback):
-    """The card's stop, from ``utils.card_era.card_run``: at the step where the packed rows ran out (the last,
-    partial accumulation is never stepped, as in transformers 4.35), and the epoch logged the card's way: accumulated
-    batches over the batches the trainer expected from the dialogue count (the card's 0.67 at step 272)."""
+    """The card's schedule: the trainer plans more steps than one pass over the packed data, and stops at its end.
+    With ``count`` (``utils.card_era.card_run``, for the card's packing) it stops where the packed rows ran out (the
+    last, partial accumulation is never stepped, as in transformers 4.35) and logs the epoch the card's way:
+    accumulated batches over those expected from the dialogue count (the card's 0.67 at step 272)."""
 
-    def __init__(self, count):
+    def __init__(self, count=None):
         self.count = count
 
     def on_step_end(self, args, state, control, **kwargs):
-        state.epoch = state.global_step * args.gradient_accumulation_steps / self.count.dataloader_len
-        if state.global_step >= self.count.optimizer_steps:
-            control.should_training_stop = True
+        if self.count is not None:
+            state.epoch = state.global_step * args.gradient_accumulation_steps / self.count.dataloader_len
+            if state.global_step >= self.count.optimizer_steps:
+                control.should_training_stop = True
 
     def on_epoch_end(self, args, state, control, **kwargs):
         control.should_training_stop = True  # the packed rows ended before the planned steps
 
 
-class StopWhenDataEnds(TrainerCallback):
-    """The card's schedule: the trainer plans more steps than one pass over the packed data, and stops at its end."""
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        control.should_training_stop = True
-
-
 class StopOnNonFiniteLoss(TrainerCallback):
     """Stop at the first step whose loss or gradients are NaN or infinite, save nothing from it, and remember where
-    (``utils.training.stop_if_diverged`` then fails the run in one line).
-
-    The Trainer leaves non-finite losses out of the logged average (``logging_nan_inf_filter``), so a run whose
-    weights turned NaN logs a loss of 0 with a NaN gradient norm. Under fp16 a non-finite gradient alone is the
-    gradient scaler skipping a step, which is normal; the weights then stay finite.
-    """
+    (for ``utils.training.stop_if_diverged``). The Trainer leaves non-finite losses out of the logged average
+    (``logging_nan_inf_filter``), so NaN weights log a loss of 0 with a NaN gradient norm; under fp16 a non-finite
+    gradient alone is the gradient scaler skipping a step, which is normal."""
 
     def __init__(self):
         self.step, self.what = 0, ""
@@ -65,10 +54,8 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
 
 class WholeTokenCounts(TrainerCallback):
-    """TRL logs its token count (``num_tokens``, ``eval_num_tokens``) as a float, because it averages every metric it
-    logs, so the notebook's table printed "48088.000000" and the terminal "4.809e+04". This turns a count that is a
-    whole number back into an int, in the log the callbacks after it see (the progress table, the terminal) and in
-    ``trainer_state.json``. It must come before the progress callback, as ``SFTTrainer(callbacks=...)`` puts it."""
+    """A token count TRL logs as a float (it averages every metric: "48088.000000" in the notebook's table) as an int,
+    in the log the callbacks after it see and in ``trainer_state.json``; so it comes before the progress callback."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for record in (logs, state.log_history[-1] if state.log_history else None):
@@ -78,12 +65,9 @@ class WholeTokenCounts(TrainerCallback):
 
 
 class StepTimer(TrainerCallback):
-    """Each optimizer step's wall time (from its first forward pass to its optimizer step) and the tokens it saw.
-
-    ``steady()`` leaves out the first step (kernel compilation, memory pools) and, by timing steps alone, the
-    evaluation, checkpoint saving and logging between them: what an epoch of ultrachat_200k would run at. A short
-    run's ``train_runtime`` counts all of that (on an H200, 30 steps of Mistral-7B took 4.2 s each by the runtime).
-    """
+    """Each optimizer step's wall time and tokens. ``steady()`` leaves out the first step (compiling, memory pools)
+    and, timing steps alone, the evaluation and saving between them, which a short run's ``train_runtime`` counts
+    (on an H200, 30 steps of Mistral-7B took 4.2 s each by the runtime)."""
 
     def __init__(self):
         self.steps: list[tuple[float, int]] = []  # (seconds, tokens) per optimizer step
@@ -101,8 +85,7 @@ class StepTimer(TrainerCallback):
             self._start = None
 
     def steady(self) -> tuple[float, float] | None:
-        """Seconds per step and tokens per second over the steps after the first; None when the run took fewer than
-        two steps (the first step's time is mostly compiling and warming up, no speed to go by)."""
+        """Seconds per step and tokens per second over the steps after the first; None with fewer than two steps."""
         timed = self.steps[1:]
         seconds, tokens = sum(s for s, _ in timed), sum(n for _, n in timed)
         return (seconds / len(timed), tokens / seconds) if timed and seconds > 0 else None
@@ -117,13 +100,9 @@ def _synchronize() -> None:
 
 
 class RankLog(TrainerCallback):
-    """With several processes: print how much of the model each rank holds, each rank's own loss beside the logged
-    one, and write ``rank_logs/rank<N>.json``.
-
-    Each rank computes the loss of its own share of the batch; the Trainer logs the mean of the ranks' values, so
-    every rank prints the same logged loss while their own losses differ. ``watch`` records the own loss from the
-    trainer's ``training_step`` (summed over gradient accumulation).
-    """
+    """With several processes: each rank's share of the model, its own loss beside the logged one (the mean of the
+    ranks' own), and ``rank_logs/rank<N>.json``. ``watch`` records the own loss from the trainer's
+    ``training_step`` (summed over gradient accumulation)."""
 
     def __init__(self):
         self.micro: list[float] = []  # this rank's losses since the last optimizer step
@@ -143,7 +122,11 @@ class RankLog(TrainerCallback):
         self.own.append(sum(self.micro))
         self.micro = []
         if state.global_step == 1 and args.world_size > 1 and model is not None:  # wrapped (and sharded) by now
-            held, total = parameters_held(model)
+            from utils.model import parameter_count  # a 4-bit weight by its real shape
+
+            params = list(model.parameters())
+            total = sum(parameter_count(p) for p in params)
+            held = sum(p.to_local().numel() if hasattr(p, "to_local") else parameter_count(p) for p in params)
             say(
                 f"[rank {args.process_index}/{args.world_size}] this rank holds {held:,} of {total:,} parameters "
                 f"({100 * held / total:.0f}%: {'sharded' if held < total else 'a full replica'})"
@@ -168,15 +151,3 @@ class RankLog(TrainerCallback):
             "own_losses": self.own,
         }
         (folder / f"rank{args.process_index}.json").write_text(json.dumps(record) + "\n")
-
-
-def parameters_held(model) -> tuple[int, int]:
-    """(parameters stored on this rank, parameters of the whole model): they differ when FSDP shards the model. A
-    4-bit weight counts by its real shape (``utils.model.parameter_count``)."""
-    from utils.model import parameter_count
-
-    held = total = 0
-    for param in model.parameters():
-        total += parameter_count(param)
-        held += param.to_local().numel() if hasattr(param, "to_local") else parameter_count(param)
-    return held, total

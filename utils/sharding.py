@@ -2,31 +2,22 @@
 
     torchrun --nproc_per_node 2 -m utils.sharding [--steps 3]
 
-Notebook 03's 2-process runs through the Trainer are DDP: every rank holds 100% of the parameters. FSDP through
-the Trainer needs a GPU: accelerate switches FSDP on only for accelerator devices (in ``accelerate/state.py`` the
-FSDP switch sits in the branch for MULTI_GPU, MULTI_NPU, MULTI_XPU and the like, not MULTI_CPU), so on CPU processes
-an FSDP config is silently ignored. torch's own ``fully_shard`` (FSDP2, what accelerate calls on GPUs) does work
-over gloo on the CPU: this script applies it to the embedded tiny Mistral, one shard unit per decoder layer as
-``configs/accelerate/fsdp.yaml`` does, trains a few steps on the sample dialogues, and gathers the full weights on
-rank 0 as a save would.
+Notebook 03's 2-process runs through the Trainer are DDP: every rank holds 100% of the parameters. accelerate switches
+FSDP on only for accelerator devices (``accelerate/state.py``: MULTI_GPU, MULTI_NPU, ..., not MULTI_CPU), so on CPU
+processes an FSDP config is silently ignored. torch's own ``fully_shard`` (FSDP2, what accelerate calls on GPUs) works
+over gloo: this shards the embedded tiny Mistral, one unit per decoder layer as ``configs/accelerate/fsdp.yaml`` does,
+trains a few steps on the sample dialogues, and gathers the full weights on rank 0 as a save would.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from utils import ConfigError, say
 
-
-def shard(model) -> None:
-    """FSDP2: each decoder layer, then the whole model, split across the ranks (what accelerate's FSDP plugin does
-    with ``fsdp_transformer_layer_cls_to_wrap: MistralDecoderLayer``)."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+ROWS = 2  # rows per batch on each rank
 
 
 def prepared_sample() -> str:
@@ -38,14 +29,10 @@ def prepared_sample() -> str:
     return str(prepared_dataset(SMOKE.dataset, load_tokenizer(None)))
 
 
-ROWS = 2  # rows per batch on each rank
-
-
 def batches(folder: str, rank: int, world: int, length: int = 128) -> list:
-    """This rank's batches of the prepared data, cut or padded to ``length`` tokens: each rank its own share, and
-    every share as long (the rows left over are left out): a rank that stepped once more would wait in FSDP's
-    all-gather while the others gather the weights for saving, and gloo would abort them all. ConfigError when there
-    are too few rows for one batch a rank."""
+    """This rank's batches of the prepared rows, cut or padded to ``length`` tokens, every rank as many (the rows left
+    over are left out): a rank that stepped once more would wait in FSDP's all-gather while the others gather the
+    weights for saving, and gloo would abort them all. ConfigError when there are too few rows for one batch a rank."""
     import datasets
     import torch
 
@@ -67,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
 
     from utils.assets import ensure_tiny_model
 
-    if "RANK" not in __import__("os").environ:
+    if "RANK" not in os.environ:
         print("error: start it with torchrun --nproc_per_node 2 -m utils.sharding", file=sys.stderr)
         return 2
     dist.init_process_group("gloo")
@@ -91,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     total = sum(p.numel() for p in model.parameters())
-    shard(model)
+    for layer in model.model.layers:  # as accelerate's FSDP plugin with MistralDecoderLayer as the unit to wrap
+        fully_shard(layer)
+    fully_shard(model)
     held = sum(p.to_local().numel() for p in model.parameters())
     say(f"[rank {rank}/{world}] holds {held:,} of {total:,} parameters ({100 * held / total:.0f}%)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -1,10 +1,9 @@
-"""What the collection adds around TRL's ``SFTTrainer``, each a small function named where it is used. Notebook 02,
-notebook 03's launched function and ``python -m utils.sft`` make the same calls:
+"""What the collection adds around TRL's ``SFTTrainer``. Notebook 02, notebook 03's launched function and
+``python -m utils.sft`` make the same calls:
 
     run = start_run(args)                               # the run folder: new, resumed, or finished (then stop)
     data = load_training_data(args, tokenizer)          # the prepared token ids, packed as the run asks
-    trainer = SFTTrainer(model=..., args=args.training, train_dataset=data["train"], ...,
-                         callbacks=run_callbacks(args, data))
+    trainer = SFTTrainer(..., train_dataset=data["train"], callbacks=run_callbacks(args, data))
     with_additions(trainer, args)                       # fp32 LoRA under fp16; each rank's own loss
     trainer.train(resume_from_checkpoint=run.resume_from)
     stop_if_diverged(trainer, run)                      # a NaN loss: one line naming the last good checkpoint
@@ -21,15 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from utils import ConfigError, say, share_like_other_files
-from utils.callbacks import CardStop, RankLog, StepTimer, StopOnNonFiniteLoss, StopWhenDataEnds, WholeTokenCounts
+from utils.callbacks import CardStop, RankLog, StepTimer, StopOnNonFiniteLoss, WholeTokenCounts
+from utils.card_era import card_run
 from utils.data.prepared import prepared_dataset
 from utils.hardware import ULTRACHAT_TOKENS
 from utils.recipe import Args, world_size
-from utils.runs import Run, RunError, open_run, run_settings
+from utils.runs import Run, RunError, checkpoint_problem, checkpoint_steps, open_run, run_settings
 
 
 def start_run(args: Args) -> Run:
-    """Open ``output_dir`` for this run (``utils.runs.open_run``) and print what happens there; before any weights."""
+    """Open ``output_dir`` for this run (``utils.runs.open_run``) and say what happens there; before any weights."""
     from accelerate import PartialState
 
     settings = run_settings(args.script, args.training, args.model, world_size(), args.run.card_schedule)
@@ -42,12 +42,10 @@ def start_run(args: Args) -> Run:
 
 # --- data ----------------------------------------------------------------------------------------------------------
 def load_training_data(args: Args, tokenizer) -> dict:
-    """The prepared splits (notebook 01's pipeline), ``input_ids`` only: TRL then trains on our token ids as they are.
-
-    And the settings of ``args.training`` that go with these rows: under ``packing_strategy: card``, rows packed
-    already, in order (no packing by TRL, a sequential sampler); with ``assistant_only_loss``, an ``assistant_masks``
-    column, and TRL's own switch off (it wants ``messages``; the run record keeps the setting); evaluation off, with a
-    note, when there is no held-out split."""
+    """The prepared splits (notebook 01's), ``input_ids`` only: TRL trains on our token ids as they are. And
+    ``args.training`` set to match: card packing is done here, in order (no TRL packing, a sequential sampler);
+    ``assistant_only_loss`` becomes an ``assistant_masks`` column (TRL's own switch wants ``messages``; the run record
+    keeps the setting); evaluation is off, with a note, without a held-out split."""
     import datasets
 
     folder = prepared_dataset(args.script.dataset_name, tokenizer, args.run.dataset_revision)
@@ -63,14 +61,14 @@ def load_training_data(args: Args, tokenizer) -> dict:
         data = with_assistant_masks(data, tokenizer, folder)
     args.training.assistant_only_loss = False  # the assistant_masks column does the masking
     columns = ["input_ids", "assistant_masks"] if "assistant_masks" in data["train"].column_names else ["input_ids"]
-    if card_packing(args):
+    card = args.training.packing_strategy == "card"
+    if card:  # packed already, in order: TRL pads nothing and the sampler keeps the order
         data = pack_like_the_card(data, folder, args.training.max_length, args.training.seed, columns)
+        args.training.packing, args.training.train_sampling_strategy = False, "sequential"
     else:
         data = {split: rows.select_columns(columns) for split, rows in data.items()}
-    if card_packing(args):  # packed already, in order: TRL pads nothing and the sampler keeps the order
-        args.training.packing, args.training.train_sampling_strategy = False, "sequential"
-    if "test" not in data and evaluating(args.training):
-        why = "no held-out rows" if not card_packing(args) else "too few held-out tokens for one packed row"
+    if "test" not in data and args.training.eval_strategy != "no":  # a str enum once SFTConfig has checked it
+        why = "too few held-out tokens for one packed row" if card else "no held-out rows"
         say(f"Note: {args.script.dataset_name} has {why}, so evaluation is off (eval_strategy no).")
         args.training.eval_strategy = "no"
     return data
@@ -85,14 +83,10 @@ def assistant_header(tokenizer) -> list[int]:
 
 
 def assistant_mask(ids: list[int], header: list[int], eos: int) -> list[int]:
-    """1 from each ``<|assistant|>\n`` found in ``ids`` to the EOS after it: what ``assistant_only_loss`` keeps, read
-    back from ids alone (for a packed row's display, where the dialogues are gone). It trusts text: a message that
-    holds the marker's text fools it, so training builds its masks from the message boundaries instead
+    """1 from each ``header`` in ``ids`` to the EOS after it, read from ids alone (for a packed row's display). A
+    message holding the marker's text fools it, so training masks from the message boundaries instead
     (``with_assistant_masks``). A row cut inside an answer starts masked until the first header."""
-    return _assistant_mask_array(np.asarray(ids), np.asarray(header), eos).tolist()
-
-
-def _assistant_mask_array(ids: np.ndarray, header: np.ndarray, eos: int) -> np.ndarray:
+    ids, header = np.asarray(ids), np.asarray(header)
     n, length = len(header), len(ids)
     delta = np.zeros(length + 2, dtype=np.int32)
     if length >= n:
@@ -100,16 +94,13 @@ def _assistant_mask_array(ids: np.ndarray, header: np.ndarray, eos: int) -> np.n
         eos_at = np.append(np.flatnonzero(ids == eos), length)  # past the row's end: an answer that never ends
         np.add.at(delta, starts, 1)
         np.add.at(delta, eos_at[np.searchsorted(eos_at, starts)] + 1, -1)
-    return (np.cumsum(delta[:length]) > 0).astype(np.int8)
+    return (np.cumsum(delta[:length]) > 0).astype(np.int8).tolist()
 
 
 def with_assistant_masks(data: dict, tokenizer, folder: Path) -> dict:
-    """``data`` with an ``assistant_masks`` column, from which TRL builds labels of -100 on every token but the
-    assistant's answers and the EOS ending each. TRL's own ``assistant_only_loss`` works on ``messages`` through a
-    template with ``{% generation %}`` markers; here each row's messages are tokenized again as notebook 01 did
-    (the folder's report says how) with the answers placed from the message boundaries
-    (``utils.data.template.tokenize_dialogues(answers=True)``), and the ids must equal the prepared ones. A thousand
-    rows at a time, into an int8 column held in memory beside the prepared (memory-mapped) rows."""
+    """``data`` with an ``assistant_masks`` column (TRL's labels: -100 but on the answers and their EOS). Each row's
+    messages are tokenized again as notebook 01 did (``tokenize_dialogues(answers=True)``: the answers placed from
+    the message boundaries) and must give the prepared ids; an int8 column in memory beside the memory-mapped rows."""
     import datasets
 
     from utils.data.template import tokenize_dialogues
@@ -141,17 +132,10 @@ def with_assistant_masks(data: dict, tokenizer, folder: Path) -> dict:
     return masked
 
 
-def card_packing(args: Args) -> bool:
-    """Whether the run packs as the card's TRL 0.7.x did (``packing_strategy: card``)."""
-    return args.training.packing_strategy == "card"
-
-
 def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int, columns=("input_ids",)) -> dict:
-    """The prepared splits packed by TRL 0.7.x's ``ConstantLengthDataset`` (``utils.card_era``): each split's rows
-    in the handbook's order (train and test both shuffled with seed 42 by a0b8d49's ``mix_datasets``), each buffer
-    of text joined with EOS, cut into ``seq_length`` chunks that start mid-dialogue (the remainder dropped), the
-    chunks shuffled; labels on every token, attention across the dialogues of a chunk. A split too small for one
-    chunk is left out."""
+    """The prepared splits packed by TRL 0.7.x's ``ConstantLengthDataset`` (``utils.card_era``), each in the
+    handbook's order (a0b8d49's ``mix_datasets`` shuffled train and test with seed 42): chunks that start
+    mid-dialogue, shuffled, labels on every token. A split too small for one chunk is left out."""
     import datasets
 
     from utils.card_era import handbook_order, pack_constant_length, text_length
@@ -161,19 +145,15 @@ def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int, col
     packed = {}
     for split, rows in data.items():
         order = handbook_order(rows.num_rows)
-        chars = np.fromiter(
-            (
-                text_length(with_system_turn(m) if system_turn else m)
-                for batch in rows.select_columns(["messages"]).iter(batch_size=1000)
-                for m in batch["messages"]
-            ),
-            dtype=np.int64,
-            count=rows.num_rows,
-        )[order]
-        # each column packed alike (the same buffers, cuts and shuffle): the masks stay with their tokens
-        chunks = {
-            c: pack_constant_length(_RowIds(rows, order, c), chars, seed=seed, seq_length=seq_length) for c in columns
-        }
+        messages = (m for batch in rows.select_columns(["messages"]).iter(batch_size=1000) for m in batch["messages"])
+        lengths = (text_length(with_system_turn(m) if system_turn else m) for m in messages)
+        chars = np.fromiter(lengths, dtype=np.int64, count=rows.num_rows)[order]
+        chunks = {}
+        for c in columns:  # each alike (the same buffers, cuts and shuffle): the masks stay with their tokens
+            column = rows.data.column(c).combine_chunks()  # numpy views of the memory-mapped rows, in order
+            offsets, values = column.offsets.to_numpy(), column.values.to_numpy()
+            ids = [values[offsets[i] : offsets[i + 1]] for i in order]
+            chunks[c] = pack_constant_length(ids, chars, seed=seed, seq_length=seq_length)
         if len(chunks["input_ids"].input_ids):
             packed[split] = datasets.Dataset.from_dict({c: chunk.input_ids for c, chunk in chunks.items()})
     if "train" not in packed:
@@ -185,34 +165,44 @@ def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int, col
     return packed
 
 
-class _RowIds:
-    """The ``input_ids`` of prepared rows in ``order``, as numpy views of the Arrow column (no Python lists): a slice
-    gives the rows' id arrays, which is all ``pack_constant_length`` asks of them."""
-
-    def __init__(self, rows, order: np.ndarray, name: str = "input_ids"):
-        column = rows.data.column(name).combine_chunks()
-        self.offsets, self.values, self.order = column.offsets.to_numpy(), column.values.to_numpy(), order
-
-    def __getitem__(self, span: slice) -> list[np.ndarray]:
-        return [self.values[self.offsets[i] : self.offsets[i + 1]] for i in self.order[span]]
-
-
 # --- around TRL's SFTTrainer ----------------------------------------------------------------------------------------
 def run_callbacks(args: Args, data: dict) -> list:
-    """The collection's callbacks for ``SFTTrainer(callbacks=...)``: each rank's own loss and share of the model
-    (``RankLog``), a stop at the first NaN or infinite loss (``StopOnNonFiniteLoss``), token counts as whole numbers
-    (``WholeTokenCounts``), each step's time for the speed report (``StepTimer``), and the card's schedule and stop
-    when asked for (``--card_schedule``)."""
+    """``callbacks`` for ``SFTTrainer(callbacks=...)`` over ``data``'s training rows."""
     train = data["train"]
     return callbacks(args, getattr(train, "source_dialogues", train.num_rows), train.num_rows)
 
 
+def callbacks(args: Args, dialogues: int, rows: int) -> list:
+    """Per-rank losses, a stop on a non-finite loss, whole token counts, step times, and the card's schedule when asked
+    for (``rows``: training rows as the trainer sees them, packed ones under ``packing_strategy: card``)."""
+    found: list = [RankLog(), StopOnNonFiniteLoss(), WholeTokenCounts(), StepTimer()]
+    if not args.run.card_schedule:
+        return found
+    batch, accumulation = args.training.per_device_train_batch_size, args.training.gradient_accumulation_steps
+    card = args.training.packing_strategy == "card"  # then the stop is exact: ``rows`` are the card's chunks
+    # TRL 0.7.x's ConstantLengthDataset reported the dialogues as its length, and transformers 4.35 planned the epoch
+    # as len(dataloader) // accumulation steps (406 on 16 x 8 x 4) while the packed stream ran out earlier (step 272)
+    count = card_run(rows if card else 0, dialogues, world_size(), batch, accumulation)
+    args.training.max_steps = count.planned_steps
+    if card:
+        say(
+            f"card schedule: cosine planned over {count.planned_steps} steps ({dialogues} dialogues, as TRL 0.7.x "
+            f"counted them); the {rows} packed rows end at step {count.optimizer_steps} (epoch {count.epoch:.2f})"
+        )
+    else:
+        say(
+            f"card schedule: cosine planned over {count.planned_steps} steps (transformers 4.35's len(dataloader) // "
+            f"{accumulation} for {dialogues} dialogues in batches of {batch} on {world_size()} process(es)), stopping "
+            "when the packed data ends"
+        )
+    return [*found, CardStop(count if card else None)]
+
+
 def with_additions(trainer, args: Args):
-    """What the collection adds to a built ``SFTTrainer``: under fp16 the trainable weights stay in float32 (TRL casts
-    a quantized model's adapter to bfloat16, which fp16's gradient scaler cannot unscale on CUDA:
-    "_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for 'BFloat16'), and with several processes each
-    rank records its own loss (``RankLog.watch``); the trainer counts the tokens it sees, for the speed report's
-    tokens/s. Returns the trainer."""
+    """The trainer, counting the tokens it sees (the speed report's tokens/s), with its trainable weights in float32
+    under fp16 (TRL casts a quantized model's adapter to bfloat16, which fp16's gradient scaler cannot unscale on
+    CUDA: "_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for 'BFloat16'), and with several
+    processes each rank recording its own loss (``RankLog.watch``)."""
     from utils.model import keep_standard_4bit_layout
 
     trainer.args.include_num_input_tokens_seen = "all"
@@ -224,9 +214,14 @@ def with_additions(trainer, args: Args):
     return trainer
 
 
-def evaluating(training_args) -> bool:
-    """Whether the run evaluates (``eval_strategy`` is an enum once SFTConfig has checked it)."""
-    return getattr(training_args.eval_strategy, "value", training_args.eval_strategy) != "no"
+def keep_trainable_fp32(model) -> int:
+    """Cast every trainable parameter to float32 (before the optimizer and DDP see them); return how many."""
+    import torch
+
+    cast = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
+    for param in cast:
+        param.data = param.data.float()
+    return len(cast)
 
 
 def model_id(args: Args) -> str | None:
@@ -241,57 +236,6 @@ def model_id(args: Args) -> str | None:
     return name
 
 
-def keep_trainable_fp32(model) -> int:
-    """Cast every trainable parameter to float32 (before the optimizer and DDP see them); return how many."""
-    import torch
-
-    cast = 0
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-            cast += 1
-    return cast
-
-
-def callbacks(args: Args, dialogues: int, rows: int) -> list:
-    """Per-rank losses, a stop on a non-finite loss, whole token counts, step times, and the card's schedule when asked
-    for (``rows``: training rows as the trainer sees them, packed ones under ``packing_strategy: card``)."""
-    found: list = [RankLog(), StopOnNonFiniteLoss(), WholeTokenCounts(), StepTimer()]
-    if not args.run.card_schedule:
-        return found
-    batch, accumulation = args.training.per_device_train_batch_size, args.training.gradient_accumulation_steps
-    if card_packing(args):
-        from utils.card_era import card_run
-
-        count = card_run(rows, dialogues, world_size(), batch, accumulation)
-        args.training.max_steps = count.planned_steps
-        found.append(CardStop(count))
-        say(
-            f"card schedule: cosine planned over {count.planned_steps} steps ({dialogues} dialogues, as TRL 0.7.x "
-            f"counted them); the {rows} packed rows end at step {count.optimizer_steps} (epoch {count.epoch:.2f})"
-        )
-        return found
-    args.training.max_steps = card_schedule_steps(dialogues, batch, accumulation, world_size())
-    found.append(StopWhenDataEnds())
-    say(
-        f"card schedule: cosine planned over {args.training.max_steps} steps (transformers 4.35's len(dataloader) // "
-        f"{accumulation} for {dialogues} dialogues in batches of {batch} on {world_size()} process(es)), stopping "
-        "when the packed data ends"
-    )
-    return found
-
-
-def card_schedule_steps(dialogues: int, per_device_batch: int, accumulation: int, processes: int = 1) -> int:
-    """The steps TRL 0.7.x planned: its ConstantLengthDataset reported the number of *dialogues* as its length, and
-    transformers 4.35's ``_inner_training_loop`` planned ``len(dataloader) // accumulation`` (at least 1) steps for
-    the one epoch (``utils.card_era.card_run``'s ``planned_steps``: 406 for ultrachat_200k's 207,865 on 16 x 8 x 4)
-    while the packed stream ran out earlier (the card's step 272, its "epoch 0.67"). The stop is exact only with
-    packing_strategy card."""
-    from utils.card_era import card_run
-
-    return card_run(0, dialogues, processes, per_device_batch, accumulation).planned_steps
-
-
 # --- running -------------------------------------------------------------------------------------------------------
 def finish_from_checkpoint(trainer, checkpoint: str) -> None:
     """Load a checkpoint that already holds the run's last step (its weights and state) instead of training from it:
@@ -304,12 +248,13 @@ def finish_from_checkpoint(trainer, checkpoint: str) -> None:
 
 def stop_if_diverged(trainer, run: Run) -> None:
     """RunError (one line) when a loss or gradient turned NaN or infinite: the run is marked failed, nothing of the
-    bad step was saved, and the line names the last checkpoint that is good to resume from."""
+    bad step was saved, and the line names the newest checkpoint before it that can be resumed from."""
     bad = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnNonFiniteLoss) and c.step), None)
     if bad is None:
         return
     run.fail(f"{bad.what} at step {bad.step}")
-    good = _last_good_checkpoint(trainer.args.output_dir, bad.step)
+    saved = checkpoint_steps(Path(trainer.args.output_dir))  # newest first
+    good = next((c.name for step, c in saved if step < bad.step and checkpoint_problem(c) is None), None)
     raise RunError(
         f"training diverged at step {bad.step} ({bad.what}), so it stopped; the last good checkpoint is "
         f"{good or 'none'} (lower the learning rate or check the data, then run again to resume from it)"
@@ -329,44 +274,30 @@ def finish_run(trainer, run: Run) -> dict:
     return report
 
 
-def _last_good_checkpoint(output_dir: str, bad_step: int) -> str | None:
-    """The newest checkpoint before ``bad_step`` that can be resumed from (finite weights included)."""
-    from utils.runs import checkpoint_problem, checkpoint_steps
-
-    good = [c for step, c in checkpoint_steps(Path(output_dir)) if step < bad_step and checkpoint_problem(c) is None]
-    return good[0].name if good else None
-
-
 # --- the speed report ----------------------------------------------------------------------------------------------
 def speed_report(trainer) -> dict:
-    """The training set's row count, tokens/s, seconds per step, peak GPU memory (allocated and reserved), and the
-    estimated time for one epoch of ultrachat_200k at this speed.
-
-    Speed is the steady one (``StepTimer``: the steps after the first, without evaluation and saving); the whole
-    ``train()`` call's runtime and tokens/s are reported beside it.
-
-    The epoch's token count comes from the prepared data's report when it is the real dataset, otherwise from
-    ultrachat_200k's typical 1,400 tokens per dialogue (the sample's dialogues are much shorter).
-    """
+    """Rows, tokens/s, seconds per step, peak GPU memory and the hours of one epoch of ultrachat_200k at this speed.
+    The speed is the steady one (``StepTimer``: the steps after the first, without evaluation and saving), beside the
+    whole ``train()`` call's; the epoch's tokens are the prepared data's when it is the real dataset."""
     import torch
 
     summary = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
     runtime = summary.get("train_runtime", float("nan"))
-    steps = trainer.state.global_step
-    tokens = trainer.state.num_input_tokens_seen or 0
+    steps, tokens = trainer.state.global_step, trainer.state.num_input_tokens_seen or 0
     # a resumed run's runtime is this session's: so are its steps and tokens (the checkpoint's are left out)
     session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     fast = not runtime or runtime < 0.5  # never a speed from a 0-s run
     overall = float("nan") if fast or session_tokens <= 0 else session_tokens / runtime
     timer = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer)), None)
-    steady = timer.steady() if timer else None
-    if timer is None:  # no step times (a trainer built without StepTimer): the runtime is all there is
+    if timer:
+        steady = timer.steady()  # None after one timed step: its time is mostly compiling and warming up
+    else:  # no step times (a trainer built without StepTimer): the runtime is all there is
         session_steps = steps - getattr(trainer, "_initial_global_step", 0)
         steady = (runtime / session_steps, overall) if session_steps > 0 and not fast else None
-    step_s, tok_s = steady or (None, None)  # one timed step: its time is mostly compiling and warming up
+    step_s, tok_s = steady or (None, None)
     epoch_tokens, basis = ULTRACHAT_TOKENS, "the card's ~139.4k packed rows of 2,048 tokens"
     prepared = _prepared_report(trainer)
-    if prepared.get("dialogues", 0) >= 100_000:
+    if prepared.get("dialogues", 0) >= 100_000:  # the sample's dialogues are much shorter than the real ones
         epoch_tokens, basis = prepared["total_tokens"], "the prepared data's report.json"
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     rows = trainer.train_dataset
@@ -387,14 +318,11 @@ def speed_report(trainer) -> dict:
 
 
 def _prepared_report(trainer) -> dict:
-    """The train split's statistics from the prepared data's report.json, when the trainer's data came from one."""
+    """The train split's statistics in the prepared data's report.json, when the trainer's data came from one."""
     files = getattr(trainer.train_dataset, "cache_files", None) or []
-    for file in files:
-        for folder in Path(file["filename"]).parents:
-            report = folder / "report.json"
-            if report.is_file():
-                try:
-                    return json.loads(report.read_text())["outputs"].get("train", {})
-                except (OSError, ValueError, KeyError, AttributeError):
-                    return {}
-    return {}
+    found = (f / "report.json" for file in files for f in Path(file["filename"]).parents)
+    report = next((r for r in found if r.is_file()), None)
+    try:
+        return json.loads(report.read_text())["outputs"].get("train", {}) if report else {}
+    except (OSError, ValueError, KeyError, AttributeError):
+        return {}
