@@ -69,5 +69,6 @@ def _log_handlers_on_live_streams():
         for handler in logger.handlers:
             stream = getattr(handler, "stream", None)
             if isinstance(handler, logging.StreamHandler) and getattr(stream, "closed", False):
-                handler.setStream(sys.stderr)
+                with handler.lock:  # not setStream: it flushes the old stream first, which raises once it is closed
+                    handler.stream = sys.stderr
     yield
