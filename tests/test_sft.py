@@ -15,9 +15,15 @@ from helpers import RECIPE, smoke_argv
 from utils import REPO_ROOT, sft
 from utils.hardware import PROFILES
 from utils.inspection import label_checks, print_recipe_changes, recipe_changes
-from utils.model import count_parameters, load_adapter, load_model, merge_adapter
+from utils.model import load_adapter, load_model, merge_adapter, parameter_count
 from utils.recipe import MISTRAL_LINEAR_MODULES, resolve
 from utils.training import finish_run, start_run, stop_if_diverged
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters, counting 4-bit weights by their real shape (moved here from utils.model)."""
+    counts = [(parameter_count(p), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trainable in counts if trainable), sum(n for n, _ in counts)
 
 
 def smoke_settings(output_dir, *extra):

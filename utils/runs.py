@@ -1,20 +1,16 @@
 """A training run's folder: whose it is, what settings shaped it, whether it finished, and what to resume.
 
-``open_run(output_dir, settings)`` is called before any weights load, by ``utils.sft`` and notebooks 02/03:
-
-- a folder this tool did not write (no ``run.json`` of ours) is refused, as is a file, whatever else it holds;
-- an unreadable ``run.json`` is refused with its name: never a fresh start over someone's checkpoints;
-- a folder another live run holds (``.lock``) is refused;
-- a finished run is recognised: nothing is trained or rewritten, and its saved report is reused;
-- settings that shape the checkpoints (model, LoRA, batch, length, schedule) must match the folder's, or the run
-  is refused with the difference and the way out (``fresh=True`` or another folder);
-- otherwise training resumes from the newest checkpoint that loads and holds finite numbers; damaged ones are named
-  and skipped.
+``open_run`` is called before any weights load. It refuses a file; a folder this tool did not write (no ``run.json``
+of ours), whatever else it holds: a user's files are never resumed over or removed; an unreadable ``run.json`` (never
+a fresh start over someone's checkpoints); a folder a live run holds (``.lock``); and settings that shape the
+checkpoints but differ from the folder's. A finished run is left as it is, its saved report reused. Otherwise training
+resumes from the newest checkpoint that loads and holds finite numbers; damaged ones are named and skipped.
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -29,21 +25,10 @@ TOOL = "utils.sft"
 RUN_FILE = "run.json"
 REPORT_FILE = "speed.json"
 LOCK_FILE = ".lock"
-# What a run writes, and so all that fresh=True may remove from a folder whose run.json is ours.
-OWN_OUTPUTS = (
-    "checkpoint-*",
-    "adapter",
-    "model",
-    "merged",
-    ".merged.tmp-*",  # what a killed merge left (utils.model.merge_adapter)
-    "runs",
-    "rank_logs",
-    "trainer_state.json",
-    "speed.json",
-    "torchrun.log",
-    "README.md",
-    RUN_FILE,
-)
+# What a run writes, and so all that fresh=True may remove from a folder whose run.json is ours (.merged.tmp-*: what
+# a killed merge left).
+OWN_FOLDERS = ("checkpoint-*", "adapter", "model", "merged", ".merged.tmp-*", "runs", "rank_logs")
+OWN_FILES = ("trainer_state.json", REPORT_FILE, "torchrun.log", "README.md", RUN_FILE)
 # The weights of a trained LLM (base, LoRA, norm scales) are of order 1 to 100; one beyond 1e6 multiplies activations
 # past what a layer or two of bfloat16 can hold, so a checkpoint holding one is damaged whatever its loss log says.
 WEIGHT_LIMIT = 1e6
@@ -69,10 +54,14 @@ class Run:
 
     def saved_report(self) -> dict | None:
         """The speed report the run saved when it finished (``speed.json``), or None."""
-        return saved_report(self.path)
+        try:
+            report = json.loads((self.path / REPORT_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return report if isinstance(report, dict) else None
 
     def save_report(self, report: dict) -> None:
-        """Write the run's speed report (``speed.json``), which a re-run of the finished run shows again."""
+        """Write the run's speed report, which a re-run of the finished run shows again."""
         (self.path / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
     def finish(self, global_step: int, max_steps: int) -> None:
@@ -87,15 +76,6 @@ class Run:
         if self.path.resolve() in _HELD:  # only the process holding the folder writes its record
             _write_record(self.path, {**read_record(self.path), "settings": self.settings, "status": status, **extra})
         release(self.path)
-
-
-def saved_report(path: str | Path) -> dict | None:
-    """The speed report a run saved in ``path`` (``speed.json``), or None."""
-    try:
-        report = json.loads((Path(path) / REPORT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return report if isinstance(report, dict) else None
 
 
 def run_settings(script_args, training_args, model_args, world_size: int = 1, card_schedule: bool = False) -> dict:
@@ -152,25 +132,26 @@ def open_run(output_dir: str | Path, settings: dict, fresh: bool = False, main_p
     if main_process:
         lock(path)
     try:
+        saved = record.get("settings") or {}
         if fresh and record:
-            clear(path)
+            for pattern in (*OWN_FOLDERS, *OWN_FILES):  # run.json last: a folder cleared in part is still ours
+                for item in path.glob(pattern):
+                    shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
             record = {}
-        elif record.get("settings"):
-            _check_settings(path, record["settings"], settings)
+        elif k := next((k for k in settings if k in saved and saved[k] != settings[k]), None):
+            raise RunError(
+                f"{path} holds a run with {k}={saved[k]!r}; this run asks for {k}={settings[k]!r}. Set FRESH = True "
+                "(--fresh true) to start over there, or choose another output folder"
+            )
         if record.get("status") == "finished":
             release(path)
-            return Run(
-                path,
-                settings,
-                finished=True,
-                message=(
-                    f"already trained: {record.get('global_step')}/{record.get('max_steps')} steps in {path}; "
-                    "set FRESH = True (--fresh true) or another output folder to train again"
-                ),
+            message = (
+                f"already trained: {record.get('global_step')}/{record.get('max_steps')} steps in {path}; "
+                "set FRESH = True (--fresh true) or another output folder to train again"
             )
+            return Run(path, settings, finished=True, message=message)
         run = _resume_point(path, settings)
         if main_process:
-            path.mkdir(parents=True, exist_ok=True)
             _write_record(path, {"tool": TOOL, "settings": settings, "status": "running"})
         return run
     except BaseException:
@@ -179,23 +160,11 @@ def open_run(output_dir: str | Path, settings: dict, fresh: bool = False, main_p
         raise
 
 
-def _check_settings(path: Path, saved: dict, settings: dict) -> None:
-    diff = [k for k in settings if k in saved and saved[k] != settings[k]]
-    if diff:
-        k = diff[0]
-        raise RunError(
-            f"{path} holds a run with {k}={saved[k]!r}; this run asks for {k}={settings[k]!r}. Set FRESH = True "
-            "(--fresh true) to start over there, or choose another output folder"
-        )
-
-
 def _resume_point(path: Path, settings: dict) -> Run:
     resume, skipped = newest_loadable_checkpoint(path)
     if not resume:
-        message = "Starting a new run." + (
-            " No checkpoint could be loaded, so training starts over." if skipped else ""
-        )
-        return Run(path, settings, message=message, skipped=skipped)
+        why = " No checkpoint could be loaded, so training starts over." if skipped else ""
+        return Run(path, settings, message=f"Starting a new run.{why}", skipped=skipped)
     state = json.loads((Path(resume) / "trainer_state.json").read_text())
     step, planned = state["global_step"], state["max_steps"]
     final = 0 < planned <= step
@@ -237,31 +206,21 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     missing = [k for k, kind in STATE_KEYS.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
     if missing:
         return f"trainer_state.json is incomplete (no valid {missing[0]})"
-    bad_loss = next((h for h in state["log_history"] if not _finite_number(h.get("loss", 0.0))), None)
-    if bad_loss is not None:
-        return f"its log has a non-finite loss at step {bad_loss.get('step', '?')}"
+    for logged in state["log_history"]:
+        loss = logged.get("loss", 0.0)
+        if not isinstance(loss, int | float) or not math.isfinite(loss):
+            return f"its log has a non-finite loss at step {logged.get('step', '?')}"
     weights = sorted(ckpt.glob("*.safetensors"))
     if not weights:
         return "no weights (*.safetensors)"
-    for file in weights:
-        problem = _weights_problem(file)
-        if problem:
-            return problem
-    for file in [*ckpt.glob("*.pt"), *ckpt.glob("rng_state*.pth")]:  # what resuming loads (not training_args.bin)
-        problem = _pickle_problem(file)
-        if problem:
-            return problem
-    return None
-
-
-def _finite_number(value) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
+    states = [*ckpt.glob("*.pt"), *ckpt.glob("rng_state*.pth")]  # what resuming loads (not training_args.bin)
+    problems = itertools.chain(map(_weights_problem, weights), map(_pickle_problem, states))
+    return next((p for p in problems if p), None)
 
 
 def _weights_problem(file: Path) -> str | None:
-    """Why a safetensors file cannot be trusted: unreadable, a tensor with NaN or infinite values, or one with values
-    no trained model holds (``WEIGHT_LIMIT``). Tensors are read one at a time, so a large checkpoint is checked
-    without holding it in memory."""
+    """Why a safetensors file cannot be trusted: unreadable, a tensor with NaN or infinite values, or one beyond
+    ``WEIGHT_LIMIT``. Tensors are read one at a time, so a large checkpoint is checked in little memory."""
     import torch
     from safetensors import safe_open
 
@@ -296,13 +255,6 @@ def _pickle_problem(file: Path) -> str | None:
     return None
 
 
-def clear(path: Path) -> None:
-    """Remove what a run writes (``OWN_OUTPUTS``) from ``path``, a folder whose ``run.json`` is ours; nothing else."""
-    for pattern in OWN_OUTPUTS:
-        for item in path.glob(pattern):
-            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-
-
 def lock(path: Path) -> None:
     """Hold ``path/.lock`` for this process, or raise RunError when a live run holds it."""
     path = path.resolve()
@@ -319,8 +271,8 @@ def lock(path: Path) -> None:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise RunError(
-            f"{path} is in use by another training run (pid {holder}); wait for it to end or choose "
-            "another output folder"
+            f"{path} is in use by another training run (pid {holder}); wait for it to end or choose another output "
+            "folder"
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
