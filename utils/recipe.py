@@ -309,8 +309,8 @@ def _check_hardware(settings: Settings, hw: Hardware) -> None:
     from utils.hardware import attention_problem
 
     v, s = settings.values, settings.sources
-    for name in ("bf16", "dtype") if hw.cuda and not hw.bf16 else ():
-        if v.get(name) in (True, "bfloat16"):
+    for name in ("bf16", "dtype"):
+        if hw.cuda and not hw.bf16 and v.get(name) in (True, "bfloat16"):
             raise ConfigError(
                 f"{name}={v[name]} (from the {s[name]}) needs a GPU with bfloat16 (compute capability 8.0+); "
                 f"this {hw.gpu_name} has none: use fp16 / float16, or leave it to the profile"
