@@ -36,7 +36,7 @@ def test_under_fp16_the_trainable_weights_are_float32(tmp_path):
 
 def test_the_trainer_keeps_fp32_and_leaves_bf16_as_trl_makes_it(tmp_path):
     for precision, expected in ((["--fp16", "true", "--bf16", "false"], torch.float32), ([], torch.bfloat16)):
-        settings, _ = sft.settings_for([*SMOKE, "--output_dir", str(tmp_path / "x"), *precision])
+        settings = sft.resolve([*SMOKE, "--output_dir", str(tmp_path / "x"), *precision])
         trainer = sft.trainer_for(settings.build())
         trainable = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
         assert trainable == {expected}, precision

@@ -263,7 +263,7 @@ def test_bad_values_are_one_line_without_a_usage_block(extra, message, tmp_path)
 
 
 def test_a_max_length_beyond_the_models_positions_is_capped_in_one_line(tmp_path, capsys):
-    settings, _ = sft.settings_for(smoke_argv(tmp_path / "o", "--max_length", "100000000"))
+    settings = sft.resolve(smoke_argv(tmp_path / "o", "--max_length", "100000000"))
     assert settings.values["max_length"] == 4096
     assert "max_length 100000000 is more than the model's 4096 positions: capped at 4096." in capsys.readouterr().out
 

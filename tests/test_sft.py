@@ -29,7 +29,7 @@ def count_parameters(model) -> tuple[int, int]:
 def smoke_settings(output_dir, *extra):
     """The settings of a smoke run of the recipe, as the command line resolves them."""
     argv = ["--config", RECIPE, "--profile", "smoke", "--output_dir", str(output_dir), *extra]
-    return sft.settings_for(argv)[0], argv
+    return resolve(argv), argv
 
 
 def smoke_args(output_dir, *extra):

@@ -2,9 +2,9 @@
 
 Each module is named for its stage: ``hardware`` (profiles), ``assets`` (tokenizer, chat template, tiny model),
 ``data`` and ``prepare_data`` (notebook 01), ``recipe``, ``training``, ``model`` and ``sft`` (notebooks 02 and 03),
-``card_era`` (the card's token ids, packing and stop), ``tiny_base`` and ``tiny_dialogues`` (the embedded default's
-model and data), ``sampling`` (notebook 05), ``curves`` (notebook 04), ``exercises`` (the check cells under each
-Try this), ``notebook_runner`` (``make tutorial``).
+``card_era`` (the card's token ids, packing and stop), ``tiny_world`` (the embedded default's world and checks),
+``curves`` (notebook 04), ``sampling`` (notebook 05), ``exercises`` (the check cells under each Try this). What builds
+the embedded default's model and data and runs the notebooks is in ``tools/``.
 """
 
 import logging
@@ -16,10 +16,9 @@ from pathlib import Path
 # peft 0.21 reads the model's old `is_gradient_checkpointing` attribute, which transformers 5 marks deprecated: the
 # warning is about peft's code, not ours, and says nothing a learner can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-# On a CPU with AVX512-BF16, importing bitsandbytes 0.50 tries to fetch a faster 4-bit kernel from the Hub with the
-# `kernels` package (not installed: it would download code at import) and logs that it could not, to stderr, in every
-# process. It then uses its own kernel, and this collection keeps 4-bit weights in the standard layout anyway
-# (utils.model.keep_standard_4bit_layout): the line tells a learner nothing, and it made one-line errors two lines.
+# On a CPU with AVX512-BF16, importing bitsandbytes 0.50 tries to fetch a 4-bit kernel from the Hub with `kernels` (not
+# installed: it would download code at import), logs that it could not in every process, and uses its own kernel (as
+# utils.model.keep_standard_4bit_layout wants anyway): the line tells a learner nothing, and made one-line errors two.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 )
@@ -28,9 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
 DATA_DIR = REPO_ROOT / "data"
 SAMPLE_DIR = DATA_DIR / "sample"
-# What the tools keep on their own (prepared-data cache, executed notebooks, plots, logged answers, check records) and
-# where they look for runs by default; MISTRAL_SFT_RUNS moves it (a bigger disk, /kaggle/working). A run itself goes
-# to its --output_dir. The embedded default's model stays in the checkout (utils.assets).
+# What the tools keep (prepared-data cache, executed notebooks, plots, logged answers, check records) and where they
+# look for runs; MISTRAL_SFT_RUNS moves it (a bigger disk, /kaggle/working). A run itself goes to its --output_dir.
 RUNS_DIR = Path(os.environ.get("MISTRAL_SFT_RUNS") or REPO_ROOT / "runs")
 
 

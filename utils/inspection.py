@@ -37,15 +37,10 @@ def recipe_changes(argv: list[str], settings: Settings) -> list[tuple[str, Any, 
     path, _ = split_config(argv)
     recipe = read_recipe(path) if path else {}
     changes = []
-    for name in SHOWN_FIELDS:
-        source = settings.sources.get(name)
-        if source not in (PROFILE, CLI):
-            continue
+    for name in (n for n in SHOWN_FIELDS if settings.sources.get(n) in (PROFILE, CLI)):
         value = getattr(settings.values[name], "value", settings.values[name])
-        old = recipe.get(name, "(TRL default)")
-        if name in recipe and _same(old, value):
-            continue
-        changes.append((name, old, value, source))
+        if name not in recipe or not _same(recipe[name], value):
+            changes.append((name, recipe.get(name, "(TRL default)"), value, settings.sources[name]))
     return changes
 
 
@@ -92,17 +87,13 @@ def packed_row_table(trainer, row: int = 0, start: int = 0, count: int = 48):
     ids = batch["input_ids"][0].tolist()
     labels = batch["labels"][0].tolist()
     positions = batch["position_ids"][0].tolist() if "position_ids" in batch else list(range(len(ids)))
-    dialogue, dialogues = -1, []
-    for p in positions:
-        dialogue += p == 0
-        dialogues.append(dialogue)
     table = pd.DataFrame(
         {
             "token": tokenizer.convert_ids_to_tokens(ids),
             "id": ids,
             "label": [("masked" if lab == -100 else lab) for lab in labels],
             "position id": positions,
-            "dialogue": dialogues,
+            "dialogue": (pd.Series(positions) == 0).cumsum() - 1,
         }
     )
     return table.iloc[start : start + count]
@@ -139,12 +130,10 @@ def show_packed_row(table) -> None:
     from IPython.display import display
 
     palette = ["#e8f0fe", "#fde8e8", "#e6f4ea", "#fef7e0", "#f3e8fd", "#e0f7fa"]
-    columns = list(table.columns)
     rows = []
     for index, r in table.iterrows():
         cells = [str(index)]
-        for column in columns:
-            value = r[column]
+        for column, value in r.items():
             if column == "token":
                 value = html.escape(value).replace("\n", "\\n")
                 value = f"<b>{value}</b>" if r["token"] in ("</s>", "<s>") else value
@@ -153,7 +142,7 @@ def show_packed_row(table) -> None:
             cells.append(str(value))
         colour = palette[r["dialogue"] % len(palette)]
         rows.append(f'<tr style="background:{colour}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in ("#", *columns))
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ("#", *table.columns))
     content = f'<table style="font-family:monospace;font-size:12px"><tr>{head}</tr>{"".join(rows)}</table>'
     display({"text/html": content, "text/plain": table.to_string()}, raw=True)
 

@@ -6,21 +6,22 @@ only what neither the recipe nor the command line set: a batch written in the re
 embedded default (profile ``smoke``) is the one exception: it stands in for the recipe's 7B model and its data, so
 its model, data, precision and scale replace the recipe's (the command line still wins).
 
-    settings = resolve(["--config", "configs/sft_qlora.yaml", "--max_steps", "10"], profile)
+    settings = resolve(["--config", "configs/sft_qlora.yaml", "--max_steps", "10"])
     settings.sources["learning_rate"]                    # "recipe"
     script_args, training_args, model_args, run_args = settings.build()   # TRL's dataclasses
 
-Resolving creates no TRL object and touches no GPU: ``--plan`` uses it for GPUs this machine does not have.
+Resolving creates no TRL dataclass and touches no GPU: ``--plan`` uses it for GPUs this machine does not have.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from utils import ConfigError
 from utils.hardware import HUB_DATASET, Hardware, Profile
@@ -28,6 +29,16 @@ from utils.hardware import HUB_DATASET, Hardware, Profile
 DEFAULT, PROFILE, RECIPE, CLI = "default", "profile", "recipe", "command line"
 SECRETS = ("hub_token",)  # never printed or written
 MISTRAL_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped", "card")  # TRL's, and the card's (TRL 0.7.x's, utils.card_era)
+POSITIVE = (
+    "max_length",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "logging_steps",
+    "save_steps",
+    "learning_rate",
+)
 
 
 @dataclass
@@ -51,8 +62,7 @@ class RunArguments:
     dataset_revision: str = field(default="main", metadata={"help": "Hub dataset commit or tag to prepare"})
 
 
-@dataclass
-class Args:
+class Args(NamedTuple):
     """TRL's argument objects for one run (and ours): ``script, training, model, run = args`` unpacks them."""
 
     script: Any  # trl.ScriptArguments: the dataset and its splits
@@ -60,43 +70,36 @@ class Args:
     model: Any  # trl.ModelConfig: model, 4-bit quantization, LoRA
     run: RunArguments
 
-    def __iter__(self):
-        return iter((self.script, self.training, self.model, self.run))
-
 
 @dataclass
 class Settings:
-    """A run's settings by field name, where each came from, and the profile and world size they were resolved for."""
+    """A run's settings by field name, where each came from, and the profile, world size and machine they are for."""
 
     values: dict[str, Any]
     sources: dict[str, str]
     profile: Profile | None
     world_size: int = 1
     notes: list[str] = field(default_factory=list)  # adjustments worth a line (a capped length, evaluation off)
-
-    def changed(self) -> dict[str, tuple[Any, str]]:
-        """Every setting that is not TRL's default: name -> (value, where it came from)."""
-        return {k: (self.values[k], s) for k, s in self.sources.items() if s != DEFAULT}
+    hardware: Hardware | None = None
 
     def to_json(self) -> dict:
-        """``{"profile": NAME, "settings": {FIELD: {"value": V, "from": SOURCE}}}``."""
-        secret = {k for k in SECRETS if self.values.get(k)}
+        """``{"profile": NAME, "settings": {FIELD: {"value": V, "from": SOURCE}}}``, enums by their value."""
+
+        def plain(name: str) -> Any:
+            value = getattr(self.values[name], "value", self.values[name])
+            if name in SECRETS and value:
+                return "<set>"
+            return value if isinstance(value, str | int | float | bool | list | dict | type(None)) else str(value)
+
         return {
             "profile": self.profile.name if self.profile else None,
-            "settings": {
-                k: {"value": "<set>" if k in secret else _plain(self.values[k]), "from": s}
-                for k, s in sorted(self.sources.items())
-            },
+            "settings": {k: {"value": plain(k), "from": s} for k, s in sorted(self.sources.items())},
         }
 
     def fields(self, kind) -> dict[str, Any]:
-        """The values that are fields of the dataclass ``kind`` (``SFTConfig``, ``ModelConfig``, ...): what
-        ``kind(**settings.fields(kind))`` is built from."""
+        """The values that are fields of the dataclass ``kind``, to build ``kind(**settings.fields(kind))``."""
         names = {f.name for f in dataclasses.fields(kind) if f.init}
-        values = {k: v for k, v in self.values.items() if k in names}
-        if isinstance(values.get("lora_target_modules"), str):  # ModelConfig turns a one-item list into a string
-            values["lora_target_modules"] = [values["lora_target_modules"]]
-        return values
+        return {k: v for k, v in self.values.items() if k in names}
 
     def build(self) -> Args:
         """TRL's ScriptArguments, SFTConfig and ModelConfig, and our RunArguments, from these values.
@@ -108,12 +111,6 @@ class Settings:
         if isinstance(args.model.lora_target_modules, str):  # ModelConfig turns a one-item list into a string
             args.model.lora_target_modules = [args.model.lora_target_modules]
         return args
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-friendly form of a setting's value (enums by their value)."""
-    value = getattr(value, "value", value)
-    return value if isinstance(value, str | int | float | bool | list | dict | type(None)) else str(value)
 
 
 def _argument_classes() -> tuple:
@@ -151,6 +148,15 @@ def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
     return path, rest
 
 
+def _cli_value(cli: list[str], name: str) -> str | None:
+    for i, arg in enumerate(cli):
+        if arg == f"--{name}" and i + 1 < len(cli):
+            return cli[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def read_recipe(name: str) -> dict[str, Any]:
     """The recipe file's ``field: value`` mapping, or ConfigError naming the file and what is wrong with it."""
     import yaml
@@ -171,44 +177,63 @@ def read_recipe(name: str) -> dict[str, Any]:
     return content
 
 
-def explicit_fields(argv: list[str]) -> set[str]:
-    """Names given on the command line (``--name value`` or ``--name=value``)."""
-    return {a[2:].split("=")[0] for a in argv if a.startswith("--") and len(a) > 2}
-
-
 def world_size() -> int:
     """Processes in this run, as torchrun, accelerate and notebook_launcher announce it."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun/accelerate/notebook_launcher run (from its environment), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 # --- resolving -----------------------------------------------------------------------------------------------------
 def resolve(
-    argv: list[str], profile: Profile | None, hardware: Hardware | None = None, processes: int | None = None
+    argv: list[str],
+    profile: Profile | str | None = "auto",
+    hardware: Hardware | None = None,
+    processes: int | None = None,
+    dataset: bool | None = None,
 ) -> Settings:
-    """The run's settings for ``argv`` (``--config FILE`` and ``--field value`` overrides) under ``profile``.
+    """The checked settings of ``argv`` (``--config FILE`` and ``--field value`` overrides) for ``hardware`` (default:
+    this machine) and ``processes`` (default: the world size from the environment); ConfigError (or ValueError from
+    the profile choice) in one line for anything that cannot work.
 
-    ``profile`` None gives the recipe as written, with only what the machine requires. ``hardware`` is the machine
-    the run is for (default: this one); ``processes`` the world size (default: from the environment). Raises
-    ConfigError for anything that cannot work.
+    ``profile`` is a Profile, None for the recipe as written (with only what the machine requires), or the name to
+    choose when neither ``--profile`` nor the recipe names one: a profile chosen here is announced, with the notes
+    (rank 0 alone). ``dataset``: check the dataset and its splits (default: for a chosen profile; a plan, made for a
+    machine where the data will be prepared, does not).
     """
+    from utils.hardware import choose_profile, detect_hardware
+
     path, cli = split_config(list(argv))
     recipe = read_recipe(path) if path else {}
-    given = explicit_fields(cli)
-    hw = hardware or _this_machine()
+    chosen, announce = isinstance(profile, str), isinstance(profile, str) and is_main_process()
+    if chosen:
+        profile = _cli_value(cli, "profile") or recipe.get("profile") or profile
+    hw = hardware or detect_hardware(check_hub=chosen and profile != "smoke")
+    if chosen:
+        profile = choose_profile(profile, hw, model=_cli_value(cli, "model_name_or_path"), verbose=announce)
     processes = processes or world_size()
     parser = _parser()
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(recipe) - known)
+    unknown = sorted(set(recipe) - {action.dest for action in parser._actions})
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r} (not a field of TRL's SFT scripts)")
-    suggested = {**(profile.settings() if profile else {}), **_machine_settings(hw, processes)}
+
+    suggested = dict(profile.settings()) if profile else {}
+    if not hw.cuda:  # what the machine requires: a CPU trains in fp32, and its processes talk over gloo
+        suggested.update(use_cpu=True, bf16=False, fp16=False)
+        if processes > 1:
+            suggested["ddp_backend"] = "gloo"
     standins = _standins(profile, recipe, suggested) if profile else {}
-    layered = {k: v for k, v in suggested.items() if k not in recipe}
-    layered.update(recipe)
-    layered.update(standins)
-    _merge_kwargs(layered, suggested, recipe, standins)
+    layered = {**{k: v for k, v in suggested.items() if k not in recipe}, **recipe, **standins}
+    kwargs = "activation_checkpointing_kwargs"  # merged key by key: the profile adds every_n_layers to the recipe's
+    if kwargs in suggested and isinstance(recipe.get(kwargs), dict) and kwargs not in standins:
+        layered[kwargs] = {**suggested[kwargs], **recipe[kwargs]}
     parser.set_defaults_with_config(**layered)
     values = vars(parser.parse_args(cli))
+
+    given = {a[2:].split("=")[0] for a in cli if a.startswith("--") and len(a) > 2}
     sources = {}
     for name in values:
         if name in given:
@@ -219,62 +244,21 @@ def resolve(
             sources[name] = PROFILE if layered.get(name) != recipe[name] else RECIPE
         else:
             sources[name] = DEFAULT
-    settings = Settings(values, sources, profile, processes)
+    settings = Settings(values, sources, profile, processes, hardware=hw)
     _derive(settings, given)
-    check_hardware(settings, hw)
-    return settings
-
-
-def settings_for(argv: list[str], gpu: str | None = None, plan: bool = False) -> tuple[Settings, Hardware]:
-    """The resolved and checked settings for ``argv`` on this machine, or on the GPU shape ``gpu`` (``SHAPES``).
-
-    Prints the profile line. Raises ConfigError (or ValueError/RuntimeError from the profile choice) in one line.
-    A ``plan`` does not check the dataset: it is for a machine where the data will be prepared.
-    """
-    from utils.hardware import choose_profile, detect_hardware
-
-    path, cli = split_config(argv)
-    requested = _cli_value(cli, "profile") or (read_recipe(path).get("profile") if path else None) or "auto"
-    model = _cli_value(cli, "model_name_or_path")
-    if gpu:
-        from utils.hardware import shape
-
-        target = shape(gpu)
-        hardware, processes = target.hardware(), target.count
-    else:
-        hardware, processes = detect_hardware(check_hub=requested != "smoke"), None
-    main = int(os.environ.get("RANK", "0")) == 0  # with several processes, rank 0 alone says what was chosen
-    profile = choose_profile(requested, hardware, model=model, verbose=main)
-    settings = resolve(argv, profile, hardware, processes)
-    check(settings, dataset=not plan)
-    for note in settings.notes if main else []:
+    _check_hardware(settings, hw)
+    check(settings, dataset=False)
+    positions = model_positions(values["model_name_or_path"])
+    if positions and values["max_length"] > positions:
+        settings.notes.append(
+            f"max_length {values['max_length']} is more than the model's {positions} positions: capped at {positions}."
+        )
+        values["max_length"] = positions
+    if dataset or (dataset is None and chosen):
+        _check_dataset(settings)
+    for note in settings.notes if announce else []:
         print(note)
-    return settings, hardware
-
-
-def _cli_value(cli: list[str], name: str) -> str | None:
-    for i, arg in enumerate(cli):
-        if arg == f"--{name}" and i + 1 < len(cli):
-            return cli[i + 1]
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _this_machine() -> Hardware:
-    from utils.hardware import detect_hardware
-
-    return detect_hardware(check_hub=False)
-
-
-def _machine_settings(hw: Hardware, processes: int) -> dict[str, Any]:
-    """What the machine itself requires: a CPU trains in fp32 and talks over gloo between processes."""
-    if hw.cuda:
-        return {}
-    values: dict[str, Any] = {"use_cpu": True, "bf16": False, "fp16": False}
-    if processes > 1:
-        values["ddp_backend"] = "gloo"
-    return values
+    return settings
 
 
 def _standins(profile: Profile, recipe: dict, suggested: dict) -> dict[str, Any]:
@@ -293,13 +277,6 @@ def _standins(profile: Profile, recipe: dict, suggested: dict) -> dict[str, Any]
     elif profile.model_id and recipe.get("model_name_or_path") != profile.model_id:
         standins["model_name_or_path"] = profile.model_id
     return standins
-
-
-def _merge_kwargs(layered: dict, suggested: dict, recipe: dict, standins: dict) -> None:
-    """Checkpointing kwargs are merged key by key: the profile adds ``every_n_layers`` to the recipe's own keys."""
-    name = "activation_checkpointing_kwargs"
-    if name in suggested and isinstance(recipe.get(name), dict) and name not in standins:
-        layered[name] = {**suggested[name], **recipe[name]}
 
 
 def _derive(settings: Settings, given: set[str]) -> None:
@@ -327,46 +304,28 @@ def _derive(settings: Settings, given: set[str]) -> None:
         v[old] = None
 
 
-def check_hardware(settings: Settings, hw: Hardware) -> None:
+def _check_hardware(settings: Settings, hw: Hardware) -> None:
     """ConfigError for a precision or attention kernel the machine cannot run, naming where the value came from."""
+    from utils.hardware import attention_problem
+
     v, s = settings.values, settings.sources
-    if hw.cuda and not hw.bf16:
-        for name in ("bf16", "dtype"):
-            if v.get(name) in (True, "bfloat16"):
-                raise ConfigError(
-                    f"{name}={v[name]} (from the {s[name]}) needs a GPU with bfloat16 (compute capability 8.0+); "
-                    f"this {hw.gpu_name} has none: use fp16 / float16, or leave it to the profile"
-                )
-    problem = attention_problem_for(v.get("attn_implementation"), hw)
-    if problem:
+    for name in ("bf16", "dtype"):
+        if hw.cuda and not hw.bf16 and v.get(name) in (True, "bfloat16"):
+            raise ConfigError(
+                f"{name}={v[name]} (from the {s[name]}) needs a GPU with bfloat16 (compute capability 8.0+); "
+                f"this {hw.gpu_name} has none: use fp16 / float16, or leave it to the profile"
+            )
+    if problem := attention_problem(v.get("attn_implementation"), hw):
         raise ConfigError(
             f"attn_implementation={v['attn_implementation']} (from the {s['attn_implementation']}): {problem}"
         )
 
 
-def attention_problem_for(attn: str | None, hw: Hardware) -> str | None:
-    from utils.hardware import attention_problem
-
-    return attention_problem(attn, hw) if attn else None
-
-
 # --- checks before any weights load -------------------------------------------------------------------------------
-POSITIVE = (
-    "max_length",
-    "per_device_train_batch_size",
-    "per_device_eval_batch_size",
-    "gradient_accumulation_steps",
-    "logging_steps",
-    "save_steps",
-    "learning_rate",
-)
-
-
-PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped", "card")  # TRL's, and the card's (TRL 0.7.x's, utils.card_era)
-
-
-def check_numbers(v: dict[str, Any]) -> None:
-    """ConfigError unless every number is finite and in range."""
+def check(settings: Settings, dataset: bool = True) -> None:
+    """ConfigError unless every number is finite and in range and LoRA can build an adapter on Mistral's linear
+    layers; then (unless ``dataset`` is False) the dataset and its splits."""
+    v = settings.values
     for name in POSITIVE:
         value = v.get(name)
         if value is None or not math.isfinite(value) or value <= 0:
@@ -392,46 +351,27 @@ def check_numbers(v: dict[str, Any]) -> None:
         raise ConfigError(
             f"packing_strategy must be one of {', '.join(PACKING_STRATEGIES)}, got {v.get('packing_strategy')!r}"
         )
-
-
-def check_lora(v: dict[str, Any]) -> None:
-    """ConfigError unless the LoRA settings can build an adapter on Mistral's linear layers."""
-    if not v["use_peft"]:
-        return
-    if v["lora_r"] is None or v["lora_r"] < 1:
-        raise ConfigError(f"lora_r must be a whole number of 1 or more, got {v['lora_r']}")
-    if not math.isfinite(v["lora_alpha"]) or v["lora_alpha"] <= 0:
-        raise ConfigError(f"lora_alpha must be positive, got {v['lora_alpha']}")
-    if not 0 <= v["lora_dropout"] < 1:
-        raise ConfigError(f"lora_dropout must be in [0, 1), got {v['lora_dropout']}")
-    modules = v["lora_target_modules"] or []
-    unknown = [m for m in modules if m not in MISTRAL_LINEAR_MODULES and m != "all-linear"]
-    if unknown or not modules:
-        raise ConfigError(
-            f"unknown LoRA target module(s) {', '.join(unknown) or '(none given)'}; Mistral's "
-            f"linear layers are {', '.join(MISTRAL_LINEAR_MODULES)}"
-        )
-
-
-def check(settings: Settings, dataset: bool = True) -> None:
-    """Every check that needs no weights: numbers, LoRA, the model's positions and (unless ``dataset`` is False, as
-    for a plan made for another machine) the dataset and its splits."""
-    v = settings.values
-    check_numbers(v)
-    check_lora(v)
-    positions = model_positions(v["model_name_or_path"])
-    if positions and v["max_length"] > positions:
-        settings.notes.append(
-            f"max_length {v['max_length']} is more than the model's {positions} positions: capped at {positions}."
-        )
-        v["max_length"] = positions
+    if v["use_peft"]:
+        if v["lora_r"] is None or v["lora_r"] < 1:
+            raise ConfigError(f"lora_r must be a whole number of 1 or more, got {v['lora_r']}")
+        if not math.isfinite(v["lora_alpha"]) or v["lora_alpha"] <= 0:
+            raise ConfigError(f"lora_alpha must be positive, got {v['lora_alpha']}")
+        if not 0 <= v["lora_dropout"] < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {v['lora_dropout']}")
+        modules = v["lora_target_modules"] or []
+        unknown = [m for m in modules if m not in MISTRAL_LINEAR_MODULES and m != "all-linear"]
+        if unknown or not modules:
+            raise ConfigError(
+                f"unknown LoRA target module(s) {', '.join(unknown) or '(none given)'}; Mistral's "
+                f"linear layers are {', '.join(MISTRAL_LINEAR_MODULES)}"
+            )
     if dataset:
-        check_dataset(settings)
+        _check_dataset(settings)
 
 
 def model_positions(model: str) -> int | None:
     """``max_position_embeddings`` from a local model folder's config.json (or the HF cache's), or None."""
-    import json
+    from huggingface_hub import try_to_load_from_cache
 
     from utils.hardware import local_model
 
@@ -439,21 +379,16 @@ def model_positions(model: str) -> int | None:
     if local is None:
         return None
     config = Path(local) / "config.json"
-    if not config.is_file():
-        from huggingface_hub import try_to_load_from_cache
-
-        config = Path(try_to_load_from_cache(local, "config.json"))
     try:
+        config = config if config.is_file() else Path(try_to_load_from_cache(local, "config.json"))
         return int(json.loads(config.read_text())["max_position_embeddings"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def check_dataset(settings: Settings) -> None:
+def _check_dataset(settings: Settings) -> None:
     """ConfigError for a dataset that cannot be read; evaluation turned off (with a note) where there is no test
     split to evaluate on."""
-    import json
-
     from utils.data.prepared import check_cache
     from utils.data.sources import SourceError, local_path, open_source
 
@@ -462,31 +397,26 @@ def check_dataset(settings: Settings) -> None:
     if not name:
         raise ConfigError("no dataset: set dataset_name to the folder notebook 01 wrote (data/processed/ultrachat)")
     path = local_path(name)
-    if path is not None and (path / "dataset_dict.json").is_file():
-        try:
-            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        except (OSError, ValueError, AttributeError):
-            raise ConfigError(f"dataset {path}: its dataset_dict.json is damaged; prepare it again") from None
-        if v["dataset_train_split"] not in splits:
+    if path is None or not (path / "dataset_dict.json").is_file():
+        try:  # a source notebook 01's pipeline can prepare: a .jsonl/.json/.parquet file or folder, or a Hub id
+            open_source(name)
+        except SourceError as exc:
             raise ConfigError(
-                f"dataset {path} has no {v['dataset_train_split']!r} split (it has {', '.join(splits) or 'none'})"
-            )
-        if v["dataset_test_split"] not in splits:
-            evaluation_off(settings, f"dataset {path} has no {v['dataset_test_split']!r} split")
+                f"dataset {name}: {exc}. Run notebook 01 or `python -m utils.prepare_data --out "
+                "data/processed/ultrachat` first"
+            ) from None
+        check_cache()  # where its prepared copy will go
         return
-    try:  # a source notebook 01's pipeline can prepare: a .jsonl/.json/.parquet file or folder, or a Hub id
-        open_source(name)
-    except SourceError as exc:
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    except (OSError, ValueError, AttributeError):
+        raise ConfigError(f"dataset {path}: its dataset_dict.json is damaged; prepare it again") from None
+    if v["dataset_train_split"] not in splits:
         raise ConfigError(
-            f"dataset {name}: {exc}. Run notebook 01 or `python -m utils.prepare_data --out data/processed/ultrachat` "
-            "first"
-        ) from None
-    check_cache()  # where its prepared copy will go
-
-
-def evaluation_off(settings: Settings, why: str) -> None:
-    """Turn evaluation off, with a note saying why (once)."""
-    v = settings.values
-    if str(getattr(v["eval_strategy"], "value", v["eval_strategy"])) != "no":
+            f"dataset {path} has no {v['dataset_train_split']!r} split (it has {', '.join(splits) or 'none'})"
+        )
+    if v["dataset_test_split"] not in splits and str(getattr(v["eval_strategy"], "value", v["eval_strategy"])) != "no":
         v["eval_strategy"] = "no"
-        settings.notes.append(f"Note: {why}, so evaluation is off (eval_strategy no).")
+        settings.notes.append(
+            f"Note: dataset {path} has no {v['dataset_test_split']!r} split, so evaluation is off (eval_strategy no)."
+        )

@@ -1,8 +1,5 @@
-"""What the first cell of every notebook does once it has found (or cloned) this collection.
-
-The cell itself is ``tools/setup_cell.SETUP_CELL``: ten lines that find the checkout (or clone it at its release
-on Colab and Kaggle) and call ``finish_setup``.
-"""
+"""The rest of every notebook's first cell (``tools/setup_cell.SETUP_CELL``), once it has found or cloned the
+collection."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from utils import ConfigError
-from utils.recipe import Args, Settings, settings_for
+from utils.recipe import Args, is_main_process, resolve
 from utils.runs import RunError
 
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space left, a file size limit, a quota
@@ -78,7 +78,10 @@ def main(args: Args) -> dict | None:
     from utils.training import finish_from_checkpoint, finish_run, start_run, stop_if_diverged
 
     script_args, training_args, model_args, run_args = args
-    _token_to_environment(args)
+    # huggingface_hub reads the token from HF_TOKEN; left in the arguments, the Trainer would pickle it into
+    # training_args.bin in every checkpoint and in the adapter folder, the folders people share
+    if token := getattr(training_args, "hub_token", None):
+        os.environ["HF_TOKEN"], training_args.hub_token = token, None
     out = Path(training_args.output_dir)
     run = start_run(args)
     report = None
@@ -106,9 +109,9 @@ def main(args: Args) -> dict | None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    elif _is_main_process() and (saved := run.saved_report()):
+    elif is_main_process() and (saved := run.saved_report()):
         print(f"its report: {saved['steps']} steps, {_speed(saved)}, {saved['train_runtime_s']} s ({run.path})")
-    if run_args.merge and model_args.use_peft and _is_main_process() and not merged_is_whole(out / "merged"):
+    if run_args.merge and model_args.use_peft and is_main_process() and not merged_is_whole(out / "merged"):
         if run.finished:
             print(f"{out / 'merged'} is missing or incomplete: merging the saved adapter into it")
         try:
@@ -124,13 +127,12 @@ def main(args: Args) -> dict | None:
 
 
 def _disk_full(exc: BaseException) -> str | None:
-    """Why a write failed for want of room (no space, a file size limit, a quota), or None for any other error; as an
-    ``OSError`` or as the Rust libraries (safetensors, tokenizers) report it: "... (os error 27)"."""
+    """Why a write failed for want of room, or None for any other error; as an ``OSError`` or as the Rust libraries
+    (safetensors, tokenizers) report it: "... (os error 27)"."""
     if isinstance(exc, OSError) and exc.errno in DISK_FULL:
         return exc.strerror
-    text = str(exc)
     for code in DISK_FULL:
-        if f"(os error {code})" in text:
+        if f"(os error {code})" in str(exc):
             return f"{os.strerror(code)} (os error {code})"
     return None
 
@@ -140,44 +142,21 @@ def _speed(report: dict) -> str:
     return f"{speed} tokens/s in the steps after the first" if speed else "too few steps for a speed"
 
 
-def _token_to_environment(args: Args) -> None:
-    """Move ``--hub_token`` to ``HF_TOKEN``, where huggingface_hub reads it: the Trainer pickles its arguments into
-    ``training_args.bin`` in every checkpoint and in the adapter folder, the folders people share."""
-    token = getattr(args.training, "hub_token", None)
-    if token:
-        os.environ["HF_TOKEN"] = token
-        args.training.hub_token = None
-
-
-def _is_main_process() -> bool:
-    """Rank 0 of a torchrun/accelerate/notebook_launcher run (from its environment), or a single process."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 # --- the command line ----------------------------------------------------------------------------------------------
-OWN_FLAGS = {"--plan": 0, "--gpu": 1, "--json": 1}  # options of this command, not settings
-
-
 def _own_flags(argv: list[str]) -> tuple[dict[str, str | bool], list[str]]:
-    """This command's own flags (``--plan``, ``--gpu SHAPE``, ``--json FILE``) and the rest of ``argv``."""
+    """This command's own flags (``--plan``, ``--gpu SHAPE``, ``--json FILE``), which are not settings, and the rest."""
     flags: dict[str, str | bool] = {}
-    rest, i = [], 0
-    while i < len(argv):
-        name = argv[i].split("=", 1)[0]
-        if name in OWN_FLAGS:
-            if OWN_FLAGS[name] == 0:
-                flags[name], i = True, i + 1
-            elif "=" in argv[i]:
-                flags[name], i = argv[i].split("=", 1)[1], i + 1
-            elif i + 1 < len(argv):
-                flags[name], i = argv[i + 1], i + 2
-            else:
-                flags[name], i = "", i + 1
-            if flags[name] == "":
+    rest, args = [], iter(argv)
+    for arg in args:
+        name, equals, value = arg.partition("=")
+        if name == "--plan":
+            flags[name] = True
+        elif name in ("--gpu", "--json"):
+            flags[name] = value if equals else next(args, "")
+            if not flags[name]:
                 raise ConfigError(f"{name} needs a value")
         else:
-            rest.append(argv[i])
-            i += 1
+            rest.append(arg)
     return flags, rest
 
 
@@ -186,22 +165,43 @@ def cli(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         flags, argv = _own_flags(argv)
-        if isinstance(flags.get("--json"), str):
-            _check_writable(flags["--json"])
-        if flags.get("--gpu") and not flags.get("--plan"):
+        planning, gpu, json_path = flags.get("--plan", False), flags.get("--gpu"), flags.get("--json")
+        if json_path:  # checked before the plan is made
+            folder = Path(json_path).parent
+            if Path(json_path).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+                raise ConfigError(f"--json {json_path}: not a file in an existing, writable folder")
+        if gpu and not planning:
             raise ConfigError("--gpu plans a run for another GPU: add --plan (training needs the GPU itself)")
-        settings, hardware = settings_for(argv, flags.get("--gpu"), bool(flags.get("--plan")))
-        if flags.get("--plan"):
-            return _plan(settings, hardware, flags.get("--json"))
-        if _is_main_process():
+        hardware = processes = None
+        if gpu:
+            from utils.hardware import shape
+
+            target = shape(gpu)
+            hardware, processes = target.hardware(), target.count
+        settings = resolve(argv, "auto", hardware, processes, dataset=not planning)
+        if planning:
+            from utils.plan import plan, print_plan
+
+            result = plan(settings, settings.hardware)
+            print_plan(result)
+            if json_path:
+                Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+            return 0
+        if is_main_process():
             from utils.inspection import print_recipe_changes
 
             print_recipe_changes(argv, settings)
         start = time.perf_counter()
         report = main(settings.build())
     except (ConfigError, ValueError, RuntimeError, OSError) as exc:
-        return _error(exc)
-    if report is not None and _is_main_process():
+        from tqdm.auto import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar the error cut short ends its line first
+            bar.close()
+        text = str(exc).strip().splitlines()
+        print(f"error: {text[0] if text else type(exc).__name__}", file=sys.stderr)
+        return 2
+    if report is not None and is_main_process():
         final = report.get("final_loss")
         print(
             f"done: {report['steps']} steps in {time.perf_counter() - start:.0f} s (loading and saving included), "
@@ -209,33 +209,6 @@ def cli(argv: list[str] | None = None) -> int:
             f"{settings.values['output_dir']}"
         )
     return 0
-
-
-def _check_writable(name: str) -> None:
-    """ConfigError unless ``name`` can be written as a file (checked before the plan is made)."""
-    path = Path(name)
-    if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-        raise ConfigError(f"--json {name}: not a file in an existing, writable folder")
-
-
-def _plan(settings: Settings, hardware, json_path: str | bool | None) -> int:
-    from utils.plan import plan, print_plan
-
-    result = plan(settings, hardware)
-    print_plan(result)
-    if isinstance(json_path, str):
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
-
-
-def _error(exc: BaseException) -> int:
-    from tqdm.auto import tqdm
-
-    for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar the error cut short ends its line first
-        bar.close()
-    text = str(exc).strip().splitlines()
-    print(f"error: {text[0] if text else type(exc).__name__}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":
