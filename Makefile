@@ -36,7 +36,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check utils tools bench tests notebooks
 
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=. $(AS_ROOT) $(LAB_ARGS)

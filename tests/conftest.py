@@ -14,6 +14,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
+# The files that run notebooks or train to the end of the data, longest first (`pytest --durations=0`, recorded in
+# docs/benchmarks.md). `make test` hands whole files to its two workers in collection order
+# (--no-loadscope-reorder): started first, no long file is left to run alone while the other worker idles.
+LONGEST_FIRST = ("test_notebooks.py", "test_try_this.py", "test_sft.py", "test_card_training.py", "test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 def pytest_configure(config):
     if hasattr(config, "workerinput"):  # a worker: the controller has built the assets already
