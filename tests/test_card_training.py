@@ -140,7 +140,10 @@ def test_card_schedule_plans_the_steps_of_transformers_4_35(tmp_path):
     argv += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path)]
     args = resolve(argv, SMOKE).build()
     assert args.training.packing_strategy != "card"
-    callbacks(args, 100, 100)
+    from utils.callbacks import CardStop
+
+    stops = [c for c in callbacks(args, 100, 100) if isinstance(c, CardStop)]
+    assert len(stops) == 1 and stops[0].count is None  # it stops when the data ends, not at a counted step
     assert args.training.max_steps == 12  # 25 batches // 2 (ceil(100 / 8) would be 13)
     assert card_schedule_steps(207_865, 8, 4, processes=16) == 406  # the card's shape: 1,624 // 4
     assert card_schedule_steps(207_865, 8, 3, processes=16) == 541  # 1,624 // 3 (ceil(207,865 / 384) = 542)

@@ -67,6 +67,12 @@ def test_ema():
     assert curves.ema([5.0, 1.0], weight=0.0) == [5.0, 1.0]
 
 
+@pytest.mark.parametrize("weight", [1.0, -0.1])
+def test_a_smoothing_outside_0_to_1_is_one_line(weight):
+    with pytest.raises(ValueError, match=r"^smoothing must be from 0 \(raw\) to below 1, got "):
+        curves.ema([3.0, 2.0], weight)
+
+
 def test_card_reference():
     ref = curves.card_reference()
     assert (ref["step"], ref["epoch"], ref["train_loss"], ref["eval_loss"], ref["final_eval_loss"]) == (

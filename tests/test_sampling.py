@@ -52,6 +52,15 @@ def test_left_padded_batch_matches_single_prompts(model, tokenizer):
     assert tokenizer.padding_side == "left"
 
 
+def test_a_tokenizer_without_a_pad_token_is_one_line(model, tokenizer):
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.pad_token = None
+    with pytest.raises(sampling.SamplingError, match="^the tokenizer has no pad token to left-pad prompts with"):
+        sampling.generate(model, bare, ["[INST] Hi [/INST]"])
+
+
 def test_candidate_models_in_smoke(tmp_path):
     from utils.hardware import SMOKE
 

@@ -121,6 +121,8 @@ def ema(values: list[float], weight: float = 0.9) -> list[float]:
     towards 0, which is pandas' (adjusted) ``ewm``."""
     import pandas as pd
 
+    if not 0 <= weight < 1:
+        raise ValueError(f"smoothing must be from 0 (raw) to below 1, got {weight}")
     return pd.Series(values, dtype=float).ewm(alpha=1 - weight).mean().tolist()
 
 

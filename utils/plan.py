@@ -179,14 +179,13 @@ def shape_plans(config: str = "configs/sft_qlora.yaml") -> dict[str, dict]:
     import contextlib
     import io
 
-    from utils.recipe import check, resolve
+    from utils.recipe import resolve
 
     plans = {}
     for name, gpu in SHAPES.items():
         hw = gpu.hardware()
         with contextlib.redirect_stdout(io.StringIO()):
             settings = resolve(["--config", config], choose_profile("auto", hw, verbose=False), hw, gpu.count)
-            check(settings, dataset=False)
         plans[name] = plan(settings, hw)
     return plans
 

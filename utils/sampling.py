@@ -149,6 +149,8 @@ def prompt_batch(tokenizer, prompts: list[str], tokenization: str = "card") -> d
     default ("▁" after every ``</s>``, ``utils.card_era``); ``today``, the tokenizer's own."""
     from utils.card_era import era_backend
 
+    if tokenizer.pad_token is None:  # utils.assets.load_tokenizer always sets one
+        raise SamplingError("the tokenizer has no pad token to left-pad prompts with: load it with load_tokenizer")
     backend = era_backend(tokenizer, "today" if tokenization == "today" else "card")
     rows = [e.ids for e in backend.encode_batch(prompts)]
     return dict(tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt"))
