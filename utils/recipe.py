@@ -234,20 +234,11 @@ def resolve(
     values = vars(parser.parse_args(cli))
 
     given = {a[2:].split("=")[0] for a in cli if a.startswith("--") and len(a) > 2}
-    sources = {}
-    for name in values:
-        if name in given:
-            sources[name] = CLI
-        elif name in standins or (name in suggested and name not in recipe):
-            sources[name] = PROFILE
-        elif name in recipe:
-            sources[name] = PROFILE if layered.get(name) != recipe[name] else RECIPE
-        else:
-            sources[name] = DEFAULT
+    sources = {name: _source(name, given, standins, suggested, recipe, layered) for name in values}
     settings = Settings(values, sources, profile, processes, hardware=hw)
     _derive(settings, given)
     _check_hardware(settings, hw)
-    check(settings, dataset=False)
+    _check_values(values)
     positions = model_positions(values["model_name_or_path"])
     if positions and values["max_length"] > positions:
         settings.notes.append(
@@ -259,6 +250,18 @@ def resolve(
     for note in settings.notes if announce else []:
         print(note)
     return settings
+
+
+def _source(name: str, given: set, standins: dict, suggested: dict, recipe: dict, layered: dict) -> str:
+    """Where a setting's value came from: the command line, the profile (a stand-in, or what the recipe left unset or
+    the profile replaced), the recipe, or TRL's default."""
+    if name in given:
+        return CLI
+    if name in standins or (name in suggested and name not in recipe):
+        return PROFILE
+    if name in recipe:
+        return PROFILE if layered.get(name) != recipe[name] else RECIPE
+    return DEFAULT
 
 
 def _standins(profile: Profile, recipe: dict, suggested: dict) -> dict[str, Any]:
@@ -322,10 +325,9 @@ def _check_hardware(settings: Settings, hw: Hardware) -> None:
 
 
 # --- checks before any weights load -------------------------------------------------------------------------------
-def check(settings: Settings, dataset: bool = True) -> None:
+def _check_values(v: dict[str, Any]) -> None:
     """ConfigError unless every number is finite and in range and LoRA can build an adapter on Mistral's linear
-    layers; then (unless ``dataset`` is False) the dataset and its splits."""
-    v = settings.values
+    layers."""
     for name in POSITIVE:
         value = v.get(name)
         if value is None or not math.isfinite(value) or value <= 0:
@@ -365,8 +367,6 @@ def check(settings: Settings, dataset: bool = True) -> None:
                 f"unknown LoRA target module(s) {', '.join(unknown) or '(none given)'}; Mistral's "
                 f"linear layers are {', '.join(MISTRAL_LINEAR_MODULES)}"
             )
-    if dataset:
-        _check_dataset(settings)
 
 
 def model_positions(model: str) -> int | None:
