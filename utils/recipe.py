@@ -1,17 +1,7 @@
-"""One place that turns a recipe file, a hardware profile and the command line into a run's settings, and says where
-each value came from.
-
-Order, lowest first: TRL's defaults < the hardware profile < the recipe file < the command line. A GPU profile fills
-only what neither the recipe nor the command line set: a batch written in the recipe stays the recipe's. The
-embedded default (profile ``smoke``) is the one exception: it stands in for the recipe's 7B model and its data, so
-its model, data, precision and scale replace the recipe's (the command line still wins).
-
-    settings = resolve(["--config", "configs/sft_qlora.yaml", "--max_steps", "10"])
-    settings.sources["learning_rate"]                    # "recipe"
-    script_args, training_args, model_args, run_args = settings.build()   # TRL's dataclasses
-
-Resolving creates no TRL dataclass and touches no GPU: ``--plan`` uses it for GPUs this machine does not have.
-"""
+"""A run's settings and where each came from: TRL's defaults < the hardware profile < the recipe file < the command
+line. A GPU profile fills only what neither the recipe nor the command line set; the embedded default (``smoke``)
+stands in for the recipe's 7B model and data, so its model, data, precision and scale replace the recipe's. Resolving
+creates no TRL dataclass and touches no GPU, so ``--plan`` uses it for GPUs this machine does not have."""
 
 from __future__ import annotations
 
@@ -19,75 +9,58 @@ import dataclasses
 import json
 import math
 import os
+from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from utils import ConfigError
 from utils.hardware import HUB_DATASET, Hardware, Profile
 
 DEFAULT, PROFILE, RECIPE, CLI = "default", "profile", "recipe", "command line"
-SECRETS = ("hub_token",)  # never printed or written
 MISTRAL_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped", "card")  # TRL's, and the card's (TRL 0.7.x's, utils.card_era)
-POSITIVE = (
-    "max_length",
-    "per_device_train_batch_size",
-    "per_device_eval_batch_size",
-    "gradient_accumulation_steps",
-    "logging_steps",
-    "save_steps",
-    "learning_rate",
-)
+# TRL's ScriptArguments (the dataset), SFTConfig, ModelConfig (model, 4-bit, LoRA), and our RunArguments
+Args = namedtuple("Args", "script training model run")
+
+
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class RunArguments:
     """Options of this collection that TRL's dataclasses do not have."""
 
-    profile: str = field(default="auto", metadata={"help": "auto, smoke, or a GPU profile (utils/hardware.py)"})
-    merge: bool = field(default=True, metadata={"help": "merge the adapter into a 16-bit base after training"})
-    global_batch_size: int | None = field(
-        default=None, metadata={"help": "sequences per optimizer step over all GPUs; sets the accumulation (card: 512)"}
+    profile: str = _option("auto", "auto, smoke, or a GPU profile (utils/hardware.py)")
+    merge: bool = _option(True, "merge the adapter into a 16-bit base after training")
+    global_batch_size: int | None = _option(None, "sequences per optimizer step over all GPUs; sets the accumulation")
+    fresh: bool = _option(False, "start over in output_dir, removing its earlier run")
+    card_schedule: bool = _option(
+        False,
+        "the card's schedule: the cosine planned over the steps TRL 0.7.x planned from the dialogue count, stopped "
+        "when the packed data ends (272 of 406 for the card; exactly so with packing_strategy card)",
     )
-    fresh: bool = field(default=False, metadata={"help": "start over in output_dir, removing its earlier run"})
-    card_schedule: bool = field(
-        default=False,
-        metadata={
-            "help": "the card's schedule: plan the cosine over the steps transformers 4.35 planned from the "
-            "dialogue count, as under TRL 0.7.x (batches per process // accumulation), and stop when the packed data "
-            "ends (272 of 406 for the card; exactly so with packing_strategy card)"
-        },
-    )
-    dataset_revision: str = field(default="main", metadata={"help": "Hub dataset commit or tag to prepare"})
-
-
-class Args(NamedTuple):
-    """TRL's argument objects for one run (and ours): ``script, training, model, run = args`` unpacks them."""
-
-    script: Any  # trl.ScriptArguments: the dataset and its splits
-    training: Any  # trl.SFTConfig
-    model: Any  # trl.ModelConfig: model, 4-bit quantization, LoRA
-    run: RunArguments
+    dataset_revision: str = _option("main", "Hub dataset commit or tag to prepare")
 
 
 @dataclass
 class Settings:
-    """A run's settings by field name, where each came from, and the profile, world size and machine they are for."""
+    """A run's values by field name, where each came from, and the profile, world size and machine they are for."""
 
     values: dict[str, Any]
     sources: dict[str, str]
     profile: Profile | None
     world_size: int = 1
-    notes: list[str] = field(default_factory=list)  # adjustments worth a line (a capped length, evaluation off)
     hardware: Hardware | None = None
+    notes: list[str] = field(default_factory=list)  # adjustments worth a line (a capped length, evaluation off)
 
     def to_json(self) -> dict:
-        """``{"profile": NAME, "settings": {FIELD: {"value": V, "from": SOURCE}}}``, enums by their value."""
+        """``{"profile": NAME, "settings": {FIELD: {"value": V, "from": SOURCE}}}``: enums by value, no token."""
 
         def plain(name: str) -> Any:
             value = getattr(self.values[name], "value", self.values[name])
-            if name in SECRETS and value:
+            if name == "hub_token" and value:
                 return "<set>"
             return value if isinstance(value, str | int | float | bool | list | dict | type(None)) else str(value)
 
@@ -97,16 +70,13 @@ class Settings:
         }
 
     def fields(self, kind) -> dict[str, Any]:
-        """The values that are fields of the dataclass ``kind``, to build ``kind(**settings.fields(kind))``."""
+        """The values that are fields of the dataclass ``kind``: ``kind(**settings.fields(kind))``."""
         names = {f.name for f in dataclasses.fields(kind) if f.init}
         return {k: v for k, v in self.values.items() if k in names}
 
     def build(self) -> Args:
-        """TRL's ScriptArguments, SFTConfig and ModelConfig, and our RunArguments, from these values.
-
-        Creating an ``SFTConfig`` picks its device, which initialises CUDA (transformers 5.24 ``_setup_devices``):
-        call it in the process that trains, after ``accelerate.notebook_launcher`` has forked.
-        """
+        """TRL's dataclasses and ours. An SFTConfig picks its device, which initialises CUDA (transformers 5.24): build
+        it in the process that trains, after ``accelerate.notebook_launcher`` has forked."""
         args = Args(*(kind(**self.fields(kind)) for kind in _argument_classes()))
         if isinstance(args.model.lora_target_modules, str):  # ModelConfig turns a one-item list into a string
             args.model.lora_target_modules = [args.model.lora_target_modules]
@@ -133,28 +103,17 @@ def _parser():
     return parser
 
 
-# --- the recipe file and the command line ------------------------------------------------------------------------
-def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
-    """(the ``--config`` file, the remaining arguments)."""
-    rest, path, i = [], None, 0
-    while i < len(argv):
-        if argv[i] == "--config" and i + 1 < len(argv):
-            path, i = argv[i + 1], i + 2
-        elif argv[i].startswith("--config="):
-            path, i = argv[i].split("=", 1)[1], i + 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return path, rest
-
-
-def _cli_value(cli: list[str], name: str) -> str | None:
-    for i, arg in enumerate(cli):
-        if arg == f"--{name}" and i + 1 < len(cli):
-            return cli[i + 1]
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1]
-    return None
+def split_config(argv: list[str], name: str = "config") -> tuple[str | None, list[str]]:
+    """(the value of the last ``--config FILE`` or ``--config=FILE``, or None; the other arguments). Another ``name``
+    reads another option."""
+    value, rest, args = None, [], iter(argv)
+    for arg in args:
+        flag, equals, given = arg.partition("=")
+        if flag != f"--{name}":
+            rest.append(arg)
+        elif not (value := given if equals else next(args, None)):
+            raise ConfigError(f"--{name} needs a value")
+    return value, rest
 
 
 def read_recipe(name: str) -> dict[str, Any]:
@@ -183,11 +142,10 @@ def world_size() -> int:
 
 
 def is_main_process() -> bool:
-    """Rank 0 of a torchrun/accelerate/notebook_launcher run (from its environment), or a single process."""
+    """Rank 0 of a torchrun/accelerate/notebook_launcher run, or a single process."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
-# --- resolving -----------------------------------------------------------------------------------------------------
 def resolve(
     argv: list[str],
     profile: Profile | str | None = "auto",
@@ -195,25 +153,21 @@ def resolve(
     processes: int | None = None,
     dataset: bool | None = None,
 ) -> Settings:
-    """The checked settings of ``argv`` (``--config FILE`` and ``--field value`` overrides) for ``hardware`` (default:
-    this machine) and ``processes`` (default: the world size from the environment); ConfigError (or ValueError from
-    the profile choice) in one line for anything that cannot work.
-
-    ``profile`` is a Profile, None for the recipe as written (with only what the machine requires), or the name to
-    choose when neither ``--profile`` nor the recipe names one: a profile chosen here is announced, with the notes
-    (rank 0 alone). ``dataset``: check the dataset and its splits (default: for a chosen profile; a plan, made for a
-    machine where the data will be prepared, does not).
-    """
+    """The checked settings of ``argv`` for ``hardware`` and ``processes`` (default: this machine's), or a one-line
+    ConfigError (ValueError for the profile or the global batch). ``profile``: a Profile, None for the recipe as
+    written, or the name to choose when neither ``--profile`` nor the recipe names one: a chosen one is announced with
+    the notes (rank 0) and its dataset checked unless ``dataset`` is False (a plan for another machine)."""
     from utils.hardware import choose_profile, detect_hardware
 
     path, cli = split_config(list(argv))
     recipe = read_recipe(path) if path else {}
     chosen, announce = isinstance(profile, str), isinstance(profile, str) and is_main_process()
     if chosen:
-        profile = _cli_value(cli, "profile") or recipe.get("profile") or profile
+        profile = split_config(cli, "profile")[0] or recipe.get("profile") or profile
     hw = hardware or detect_hardware(check_hub=chosen and profile != "smoke")
     if chosen:
-        profile = choose_profile(profile, hw, model=_cli_value(cli, "model_name_or_path"), verbose=announce)
+        model = split_config(cli, "model_name_or_path")[0]
+        profile = choose_profile(profile, hw, model=model, verbose=announce)
     processes = processes or world_size()
     parser = _parser()
     unknown = sorted(set(recipe) - {action.dest for action in parser._actions})
@@ -237,9 +191,8 @@ def resolve(
     sources = {name: _source(name, given, standins, suggested, recipe, layered) for name in values}
     settings = Settings(values, sources, profile, processes, hardware=hw)
     _derive(settings, given)
-    _check_hardware(settings, hw)
-    _check_values(values)
-    positions = model_positions(values["model_name_or_path"])
+    _check_values(values, hw, sources)
+    positions = _model_positions(values["model_name_or_path"])
     if positions and values["max_length"] > positions:
         settings.notes.append(
             f"max_length {values['max_length']} is more than the model's {positions} positions: capped at {positions}."
@@ -253,8 +206,6 @@ def resolve(
 
 
 def _source(name: str, given: set, standins: dict, suggested: dict, recipe: dict, layered: dict) -> str:
-    """Where a setting's value came from: the command line, the profile (a stand-in, or what the recipe left unset or
-    the profile replaced), the recipe, or TRL's default."""
     if name in given:
         return CLI
     if name in standins or (name in suggested and name not in recipe):
@@ -283,18 +234,13 @@ def _standins(profile: Profile, recipe: dict, suggested: dict) -> dict[str, Any]
 
 
 def _derive(settings: Settings, given: set[str]) -> None:
-    """Values that follow from others: accumulation from a global batch (for a run, not the recipe as written), and
-    a list from one command-line LoRA module."""
+    """Accumulation from a global batch (for a run, not the recipe as written) and a list of one LoRA module."""
     v, s = settings.values, settings.sources
     if v.get("global_batch_size") and "gradient_accumulation_steps" not in given and settings.profile:
         from utils.scaling import accumulation_for
 
-        try:
-            v["gradient_accumulation_steps"] = accumulation_for(
-                v["global_batch_size"], settings.world_size, v["per_device_train_batch_size"]
-            )
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        per_device = v["per_device_train_batch_size"]
+        v["gradient_accumulation_steps"] = accumulation_for(v["global_batch_size"], settings.world_size, per_device)
         s["gradient_accumulation_steps"] = s["global_batch_size"]
     if isinstance(v.get("lora_target_modules"), str):  # one value on the command line arrives as a string
         v["lora_target_modules"] = [m for m in v["lora_target_modules"].split(",") if m]
@@ -307,11 +253,11 @@ def _derive(settings: Settings, given: set[str]) -> None:
         v[old] = None
 
 
-def _check_hardware(settings: Settings, hw: Hardware) -> None:
-    """ConfigError for a precision or attention kernel the machine cannot run, naming where the value came from."""
+def _check_values(v: dict[str, Any], hw: Hardware, s: dict[str, str]) -> None:
+    """ConfigError for a number out of range, a precision or attention the machine cannot run (naming where the value
+    came from), or LoRA modules that are not Mistral's linear layers."""
     from utils.hardware import attention_problem
 
-    v, s = settings.values, settings.sources
     for name in ("bf16", "dtype"):
         if hw.cuda and not hw.bf16 and v.get(name) in (True, "bfloat16"):
             raise ConfigError(
@@ -319,31 +265,25 @@ def _check_hardware(settings: Settings, hw: Hardware) -> None:
                 f"this {hw.gpu_name} has none: use fp16 / float16, or leave it to the profile"
             )
     if problem := attention_problem(v.get("attn_implementation"), hw):
-        raise ConfigError(
-            f"attn_implementation={v['attn_implementation']} (from the {s['attn_implementation']}): {problem}"
-        )
-
-
-# --- checks before any weights load -------------------------------------------------------------------------------
-def _check_values(v: dict[str, Any]) -> None:
-    """ConfigError unless every number is finite and in range and LoRA can build an adapter on Mistral's linear
-    layers."""
-    for name in POSITIVE:
-        value = v.get(name)
-        if value is None or not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{name} must be a positive number, got {value}")
+        attn = v["attn_implementation"]
+        raise ConfigError(f"attn_implementation={attn} (from the {s['attn_implementation']}): {problem}")
+    batch = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+    positive = ("max_length", *batch, "logging_steps", "save_steps", "learning_rate")
+    musts = {name: (_finite(v.get(name)) and v[name] > 0, "a positive number") for name in positive}
     for name in ("warmup_steps", "weight_decay", "max_grad_norm", "adam_epsilon"):
-        value = v.get(name)
-        if value is None or not math.isfinite(value) or value < 0:
-            raise ConfigError(f"{name} must be a finite number of 0 or more, got {value}")
+        musts[name] = (_finite(v.get(name)) and v[name] >= 0, "a finite number of 0 or more")
     for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= v[name] < 1:
-            raise ConfigError(f"{name} must be in [0, 1), got {v[name]}")
+        musts[name] = (0 <= v[name] < 1, "in [0, 1)")
     epochs = v["num_train_epochs"]
-    if v["max_steps"] <= 0 and (not math.isfinite(epochs) or epochs <= 0):
-        raise ConfigError(f"num_train_epochs must be positive (or set max_steps), got {epochs}")
-    if v["seed"] < 0:
-        raise ConfigError(f"seed must be 0 or more, got {v['seed']}")
+    musts["num_train_epochs"] = (v["max_steps"] > 0 or _finite(epochs) and epochs > 0, "positive (or set max_steps)")
+    musts["seed"] = (v["seed"] >= 0, "0 or more")
+    if v["use_peft"]:
+        musts["lora_r"] = (v["lora_r"] is not None and v["lora_r"] >= 1, "a whole number of 1 or more")
+        musts["lora_alpha"] = (_finite(v["lora_alpha"]) and v["lora_alpha"] > 0, "positive")
+        musts["lora_dropout"] = (0 <= v["lora_dropout"] < 1, "in [0, 1)")
+    for name, (ok, what) in musts.items():
+        if not ok:
+            raise ConfigError(f"{name} must be {what}, got {v.get(name)}")
     if v.get("card_schedule") and v["max_steps"] > 0:  # it sets max_steps itself, and run.json would record the other
         raise ConfigError(
             f"card_schedule plans its own steps (dialogues / global batch, as TRL 0.7.x did), so max_steps "
@@ -354,12 +294,6 @@ def _check_values(v: dict[str, Any]) -> None:
             f"packing_strategy must be one of {', '.join(PACKING_STRATEGIES)}, got {v.get('packing_strategy')!r}"
         )
     if v["use_peft"]:
-        if v["lora_r"] is None or v["lora_r"] < 1:
-            raise ConfigError(f"lora_r must be a whole number of 1 or more, got {v['lora_r']}")
-        if not math.isfinite(v["lora_alpha"]) or v["lora_alpha"] <= 0:
-            raise ConfigError(f"lora_alpha must be positive, got {v['lora_alpha']}")
-        if not 0 <= v["lora_dropout"] < 1:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {v['lora_dropout']}")
         modules = v["lora_target_modules"] or []
         unknown = [m for m in modules if m not in MISTRAL_LINEAR_MODULES and m != "all-linear"]
         if unknown or not modules:
@@ -369,26 +303,24 @@ def _check_values(v: dict[str, Any]) -> None:
             )
 
 
-def model_positions(model: str) -> int | None:
-    """``max_position_embeddings`` from a local model folder's config.json (or the HF cache's), or None."""
-    from huggingface_hub import try_to_load_from_cache
+def _finite(x: Any) -> bool:
+    return x is not None and math.isfinite(x)
 
-    from utils.hardware import local_model
 
-    local = local_model(model)
-    if local is None:
-        return None
-    config = Path(local) / "config.json"
+def _model_positions(model: str) -> int | None:
+    """``max_position_embeddings`` of a model whose config is on this machine (a folder, the HF cache), or None."""
+    from transformers import AutoConfig
+
     try:
-        config = config if config.is_file() else Path(try_to_load_from_cache(local, "config.json"))
-        return int(json.loads(config.read_text())["max_position_embeddings"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(
+            AutoConfig.from_pretrained(model, local_files_only=True, trust_remote_code=False).max_position_embeddings
+        )
+    except (OSError, ValueError, AttributeError, TypeError):
         return None
 
 
 def _check_dataset(settings: Settings) -> None:
-    """ConfigError for a dataset that cannot be read; evaluation turned off (with a note) where there is no test
-    split to evaluate on."""
+    """ConfigError for a dataset that cannot be read; evaluation off (with a note) without a test split."""
     from utils.data.prepared import check_cache
     from utils.data.sources import SourceError, local_path, open_source
 

@@ -1,5 +1,4 @@
-"""The rest of every notebook's first cell (``tools/setup_cell.SETUP_CELL``), once it has found or cloned the
-collection."""
+"""The rest of every notebook's first cell (``tools/setup_cell.SETUP_CELL``), once it has found or cloned this."""
 
 from __future__ import annotations
 
@@ -10,13 +9,13 @@ from pathlib import Path
 
 
 def finish_setup(root: str | Path, install: bool) -> None:
-    """The rest of the first cell: install the pinned packages into a fresh clone (keeping the platform's torch),
-    work from the collection's folder, put the kernel's scripts (torchrun) on the PATH, and print the commit."""
+    """Install the pinned packages into a fresh clone, work from its folder, put torchrun on the PATH, print the
+    commit."""
     root = Path(root).absolute()
     if install:
-        before = {name: _installed(name) for name in ("numpy", "pyarrow")}
+        before = _numpy_and_pyarrow()
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(root / "requirements.txt")], check=True)
-        if {name: _installed(name) for name in before} != before:  # Colab/Kaggle imported the old ones already
+        if _numpy_and_pyarrow() != before:  # Colab/Kaggle imported the old ones already
             raise SystemExit(
                 "numpy or pyarrow changed: restart the runtime (Colab: Runtime > Restart session) and run again."
             )
@@ -29,10 +28,7 @@ def finish_setup(root: str | Path, install: bool) -> None:
     print("collection at", root, f"(commit {commit})" if commit else "(not a git checkout)")
 
 
-def _installed(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
+def _numpy_and_pyarrow() -> list[tuple[str, str]]:
+    from importlib.metadata import distributions
 
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
+    return sorted((d.name, d.version) for d in distributions() if d.name in ("numpy", "pyarrow"))

@@ -1,16 +1,7 @@
-"""Notebook 02 as a script, in the shape of TRL's ``trl/scripts/sft.py``: QLoRA SFT of Mistral-7B (or the embedded
-tiny Mistral) with TRL's SFTTrainer.
-
-    python -m utils.sft --config configs/sft_qlora.yaml [--field value ...]
-    python -m utils.sft --config configs/sft_qlora.yaml --profile smoke --output_dir runs/qlora --max_steps 30
-    python -m utils.sft --config configs/sft_qlora.yaml --gpu t4 --plan [--json plan.json]   # no GPU needed
-
-The recipe (YAML), the hardware profile and the command line are resolved by ``utils.recipe`` (TRL's parser); any
-``SFTConfig``/``ModelConfig`` field can be given as ``--field value``. Re-running with the same ``--output_dir``
-resumes from its newest checkpoint that loads, recognises a finished run (and then changes nothing, or only merges
-the saved adapter when its merged model is missing), and refuses settings that differ from the folder's
-(``--fresh true`` starts over).
-"""
+"""Notebook 02 as a script, in the shape of TRL's ``trl/scripts/sft.py``: ``python -m utils.sft --config
+configs/sft_qlora.yaml [--field value ...] [--plan [--gpu t4] [--json plan.json]]`` (``utils.recipe`` resolves the
+settings). Re-running into the same ``--output_dir`` resumes from its newest checkpoint that loads, leaves a finished
+run alone (merging its adapter if the merged model is missing), and refuses other settings (``--fresh true``)."""
 
 from __future__ import annotations
 
@@ -23,16 +14,13 @@ import time
 from pathlib import Path
 
 from utils import ConfigError
-from utils.recipe import Args, is_main_process, resolve
+from utils.recipe import Args, is_main_process, resolve, split_config
 from utils.runs import RunError
-
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space left, a file size limit, a quota
 
 
 def trainer_for(args: Args, tokenizer=None, data: dict | None = None):
-    """TRL's ``SFTTrainer`` for this run, built as notebook 02 builds it: the tokenizer, the prepared data, the base
-    (4-bit when the recipe says so, on this process's GPU), LoRA, and the collection's callbacks. A benchmark may pass
-    its own ``tokenizer`` and ``data`` (``{"train": Dataset of input_ids}``)."""
+    """TRL's ``SFTTrainer`` for this run as notebook 02 builds it; a benchmark may pass its own ``tokenizer`` and
+    ``data`` (``{"train": Dataset of input_ids}``)."""
     import torch
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM
@@ -42,7 +30,7 @@ def trainer_for(args: Args, tokenizer=None, data: dict | None = None):
     from utils.model import keep_standard_4bit_layout
     from utils.training import load_training_data, model_id, run_callbacks, with_additions
 
-    script_args, training_args, model_args, run_args = args
+    training_args, model_args = args.training, args.model
     quantization = get_quantization_config(model_args)
     with PartialState().main_process_first():  # rank 0 builds the cached assets and the prepared data first
         tokenizer = tokenizer or load_tokenizer(model_id(args), revision=model_args.model_revision)  # None: embedded
@@ -70,14 +58,14 @@ def trainer_for(args: Args, tokenizer=None, data: dict | None = None):
 
 
 def main(args: Args) -> dict | None:
-    """Train (or resume) the run of ``args``, save its adapter (or model), merge it when asked; the report, or None
-    for a finished run (which is left alone, but for a merge it lacks)."""
+    """Train (or resume) the run, save its adapter (or model), merge it when asked; the report, or None for a finished
+    run."""
     import torch
 
     from utils.model import merge_adapter, merge_dtype, merged_is_whole
     from utils.training import finish_from_checkpoint, finish_run, start_run, stop_if_diverged
 
-    script_args, training_args, model_args, run_args = args
+    training_args, model_args = args.training, args.model
     # huggingface_hub reads the token from HF_TOKEN; left in the arguments, the Trainer would pickle it into
     # training_args.bin in every checkpoint and in the adapter folder, the folders people share
     if token := getattr(training_args, "hub_token", None):
@@ -111,7 +99,7 @@ def main(args: Args) -> dict | None:
             torch.cuda.empty_cache()
     elif is_main_process() and (saved := run.saved_report()):
         print(f"its report: {saved['steps']} steps, {_speed(saved)}, {saved['train_runtime_s']} s ({run.path})")
-    if run_args.merge and model_args.use_peft and is_main_process() and not merged_is_whole(out / "merged"):
+    if args.run.merge and model_args.use_peft and is_main_process() and not merged_is_whole(out / "merged"):
         if run.finished:
             print(f"{out / 'merged'} is missing or incomplete: merging the saved adapter into it")
         try:
@@ -127,11 +115,12 @@ def main(args: Args) -> dict | None:
 
 
 def _disk_full(exc: BaseException) -> str | None:
-    """Why a write failed for want of room, or None for any other error; as an ``OSError`` or as the Rust libraries
-    (safetensors, tokenizers) report it: "... (os error 27)"."""
-    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+    """Why a write failed for want of room (no space, a file size limit, a quota), or None; as an ``OSError`` or as
+    the Rust libraries (safetensors, tokenizers) report it: "... (os error 27)"."""
+    full = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    if isinstance(exc, OSError) and exc.errno in full:
         return exc.strerror
-    for code in DISK_FULL:
+    for code in full:
         if f"(os error {code})" in str(exc):
             return f"{os.strerror(code)} (os error {code})"
     return None
@@ -142,30 +131,14 @@ def _speed(report: dict) -> str:
     return f"{speed} tokens/s in the steps after the first" if speed else "too few steps for a speed"
 
 
-# --- the command line ----------------------------------------------------------------------------------------------
-def _own_flags(argv: list[str]) -> tuple[dict[str, str | bool], list[str]]:
-    """This command's own flags (``--plan``, ``--gpu SHAPE``, ``--json FILE``), which are not settings, and the rest."""
-    flags: dict[str, str | bool] = {}
-    rest, args = [], iter(argv)
-    for arg in args:
-        name, equals, value = arg.partition("=")
-        if name == "--plan":
-            flags[name] = True
-        elif name in ("--gpu", "--json"):
-            flags[name] = value if equals else next(args, "")
-            if not flags[name]:
-                raise ConfigError(f"{name} needs a value")
-        else:
-            rest.append(arg)
-    return flags, rest
-
-
 def cli(argv: list[str] | None = None) -> int:
     """``python -m utils.sft``: every mistake a user can make is one line and exit 2, before any weights load."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        flags, argv = _own_flags(argv)
-        planning, gpu, json_path = flags.get("--plan", False), flags.get("--gpu"), flags.get("--json")
+        gpu, argv = split_config(argv, "gpu")  # this command's own flags, which are not settings
+        json_path, argv = split_config(argv, "json")
+        planning = "--plan" in argv
+        argv = [arg for arg in argv if arg != "--plan"]
         if json_path:  # checked before the plan is made
             folder = Path(json_path).parent
             if Path(json_path).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
@@ -193,7 +166,7 @@ def cli(argv: list[str] | None = None) -> int:
             print_recipe_changes(argv, settings)
         start = time.perf_counter()
         report = main(settings.build())
-    except (ConfigError, ValueError, RuntimeError, OSError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:  # ConfigError is a ValueError
         from tqdm.auto import tqdm
 
         for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar the error cut short ends its line first

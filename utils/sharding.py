@@ -1,13 +1,7 @@
-"""Sharding, shown running: FSDP over 2 CPU processes, each holding half of the model.
-
-    torchrun --nproc_per_node 2 -m utils.sharding [--steps 3]
-
-Notebook 03's 2-process runs through the Trainer are DDP: every rank holds 100% of the parameters. accelerate switches
-FSDP on only for accelerator devices (``accelerate/state.py``: MULTI_GPU, MULTI_NPU, ..., not MULTI_CPU), so on CPU
-processes an FSDP config is silently ignored. torch's own ``fully_shard`` (FSDP2, what accelerate calls on GPUs) works
-over gloo: this shards the embedded tiny Mistral, one unit per decoder layer as ``configs/accelerate/fsdp.yaml`` does,
-trains a few steps on the sample dialogues, and gathers the full weights on rank 0 as a save would.
-"""
+"""Sharding, shown running: ``torchrun --nproc_per_node 2 -m utils.sharding [--steps 3]`` shards the embedded tiny
+Mistral with torch's FSDP2 (``fully_shard``, one unit per decoder layer as ``configs/accelerate/fsdp.yaml``) over gloo,
+trains a few steps on the sample dialogues and gathers the full weights on rank 0 as a save would. Notebook 03's Trainer
+runs on CPU processes are DDP: accelerate turns FSDP on for accelerator devices only (``accelerate/state.py``)."""
 
 from __future__ import annotations
 
@@ -21,7 +15,7 @@ ROWS = 2  # rows per batch on each rank
 
 
 def prepared_sample() -> str:
-    """The prepared sample dialogues (``runs/data/``), prepared once if they are not there yet."""
+    """The prepared sample dialogues (``runs/data/``), prepared if they are not there yet."""
     from utils.assets import load_tokenizer
     from utils.data.prepared import prepared_dataset
     from utils.hardware import SMOKE
@@ -30,9 +24,8 @@ def prepared_sample() -> str:
 
 
 def batches(folder: str, rank: int, world: int, length: int = 128) -> list:
-    """This rank's batches of the prepared rows, cut or padded to ``length`` tokens, every rank as many (the rows left
-    over are left out): a rank that stepped once more would wait in FSDP's all-gather while the others gather the
-    weights for saving, and gloo would abort them all. ConfigError when there are too few rows for one batch a rank."""
+    """This rank's batches of rows cut or padded to ``length`` tokens, as many on every rank (one more step would wait
+    in FSDP's all-gather while the others gather the weights, and gloo would abort them all), or ConfigError."""
     import datasets
     import torch
 
@@ -47,7 +40,9 @@ def batches(folder: str, rank: int, world: int, length: int = 128) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node 2 -m utils.sharding", description=__doc__[:80])
+    parser = argparse.ArgumentParser(
+        prog="torchrun --nproc_per_node 2 -m utils.sharding", description="FSDP over CPU processes"
+    )
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
 
