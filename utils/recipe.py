@@ -136,13 +136,11 @@ def read_recipe(name: str) -> dict[str, Any]:
     return content
 
 
-def world_size() -> int:
-    """Processes in this run, as torchrun, accelerate and notebook_launcher announce it."""
+def world_size() -> int:  # as torchrun, accelerate and notebook_launcher announce it
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun/accelerate/notebook_launcher run, or a single process."""
+def is_main_process() -> bool:  # rank 0, or a single process
     return int(os.environ.get("RANK", "0")) == 0
 
 

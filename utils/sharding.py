@@ -40,9 +40,7 @@ def batches(folder: str, rank: int, world: int, length: int = 128) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="torchrun --nproc_per_node 2 -m utils.sharding", description="FSDP over CPU processes"
-    )
+    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node 2 -m utils.sharding")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
 
