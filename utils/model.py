@@ -1,8 +1,6 @@
 """The model side of a run: load the base (4-bit or 16-bit), put a saved adapter on it, merge the adapter into the
 16-bit weights and check the merge. The 4-bit and LoRA configurations come from TRL's own builders."""
 
-from __future__ import annotations
-
 import contextlib
 import json
 import math
@@ -10,7 +8,6 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from utils import ConfigError, process_alive, share_like_other_files, temporary_folder
 
@@ -42,20 +39,16 @@ def load_model(model_args, quantization=None, device_map: str | dict | None = No
     return model
 
 
-def keep_standard_4bit_layout(model) -> int:
-    """Keep every 4-bit layer of ``model`` in bitsandbytes' standard layout (call it before any forward); return how
-    many there are. On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a weight at its first no-grad eval forward
-    into a layout that crashes on widths not divisible by 64, computes LoRA's gradients wrong once training resumes
-    and saves its scales transposed; every other CPU and GPU keeps the standard one, so a run computes the same."""
+def keep_standard_4bit_layout(model) -> None:
+    """Keep every 4-bit layer in bitsandbytes' standard layout (call it before any forward). On CPUs with AVX512-BF16,
+    bitsandbytes 0.50 repacks a weight at its first no-grad eval forward into a layout that crashes on widths not
+    divisible by 64, computes LoRA's gradients wrong once training resumes and saves its scales transposed."""
     import sys
 
     bnb = sys.modules.get("bitsandbytes")  # not imported: no 4-bit layer can exist (and importing it touches CUDA)
-    if bnb is None:
-        return 0
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
-    return len(layers)
+    for layer in model.modules() if bnb else ():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = False
 
 
 def load_adapter(base, adapter_dir: str | Path):
@@ -87,12 +80,10 @@ def parameter_count(param) -> int:
 # --- merging ---------------------------------------------------------------------------------------------------------
 def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str, revision: str = "main") -> Path:
     """Write ``base`` with the LoRA adapter merged in (``W + s·B·A``, as peft's ``merge_and_unload()``) as ``dtype``
-    safetensors shards, with config and tokenizer, whole or not at all.
-
-    Read from the base's files and written one tensor at a time: the whole 16-bit model (14.5 GB for Mistral-7B) is
-    never in memory and no GPU is needed, which lets a Colab T4 (12.7 GB of RAM) merge a 7B adapter."""
+    safetensors shards with config and tokenizer, whole or not at all. Read and written one tensor at a time: the
+    16-bit 7B (14.5 GB) is never in memory and no GPU is needed, so a Colab T4 (12.7 GB of RAM) can merge it."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -103,15 +94,14 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
             f"{adapter_dir}: only plain LoRA adapters are merged tensor by tensor ({', '.join(unsupported)} set); "
             "merge with peft's merge_and_unload() on a machine with memory for the whole 16-bit model"
         )
-    scale, pairs = _lora_scale(config), lora_pairs(load_file(str(adapter_dir / "adapter_model.safetensors")))
+    scale, pairs = _lora(adapter_dir)
     files = _tensor_files(base_weight_files(base, revision))
     found = len(set(pairs) & set(files))
     if found != len(pairs) or not found:
         target = ", ".join(sorted(config.get("target_modules") or []))
         raise ConfigError(f"{adapter_dir}: {len(pairs)} adapted layers ({target}), {found} found in {base}'s weights")
     with _written_whole(out_dir) as tmp:
-        shards: list[list[str]] = []  # the tensor names of each shard written
-        shard, size, total = {}, 0, 0
+        shards, shard, size = [], {}, 0  # shards: (tensor names, bytes) of each shard written
         for i, name in enumerate(files):
             weight = _read(files[name], name)
             if name in pairs:
@@ -121,17 +111,15 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
             size += shard[name].nbytes
             if size >= MAX_SHARD_BYTES or i == len(files) - 1:
                 save_file(shard, str(tmp / f"shard-{len(shards)}"), metadata={"format": "pt"})
-                shards.append(list(shard))
-                shard, size, total = {}, 0, total + size
-        if len(shards) == 1:
-            (tmp / "shard-0").rename(tmp / "model.safetensors")
-        else:  # model-0000i-of-0000n.safetensors and their index
-            finals = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-            weight_map = {}
-            for i, final in enumerate(finals):
-                (tmp / f"shard-{i}").rename(tmp / final)
-                weight_map.update(dict.fromkeys(shards[i], final))
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                shards.append((list(shard), size))
+                shard, size = {}, 0
+        n = len(shards)
+        finals = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else ["model.safetensors"]
+        for i, final in enumerate(finals):
+            (tmp / f"shard-{i}").rename(tmp / final)
+        if n > 1:
+            weight_map = {tensor: final for (names, _), final in zip(shards, finals, strict=True) for tensor in names}
+            index = {"metadata": {"total_size": sum(s for _, s in shards)}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         merged_config = AutoConfig.from_pretrained(base, revision=revision)
         merged_config.dtype = dtype
@@ -143,17 +131,14 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
 
 
 def merged_is_whole(folder: str | Path) -> bool:
-    """Whether ``folder`` holds a whole merged model: its config and every weight file its index names (or the one
-    ``model.safetensors``). A merge is written whole or not at all; a folder copied in part is not whole."""
+    """Whether ``folder`` holds a merged model's config and every weight file its index names (a part copy does not)."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        return False
     index = folder / "model.safetensors.index.json"
     try:
         names = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
     except (OSError, ValueError, KeyError, AttributeError):
         return False
-    return all((folder / name).is_file() for name in names)
+    return all((folder / name).is_file() for name in ("config.json", *names))
 
 
 def merge_fits_in_memory(base: str, revision: str = "main") -> bool:
@@ -166,20 +151,17 @@ def merge_fits_in_memory(base: str, revision: str = "main") -> bool:
 
 
 def save_merged(model, tokenizer, out_dir: str | Path) -> Path:
-    """Save a merged model (safetensors shards of at most 2 GiB) and its tokenizer into ``out_dir``, whole or not at
-    all."""
-    out_dir = Path(out_dir)
-    with _written_whole(out_dir) as tmp:
+    """Save a merged model (safetensors shards of at most 2 GiB) and its tokenizer into ``out_dir``, whole or not."""
+    with _written_whole(Path(out_dir)) as tmp:
         model.save_pretrained(tmp, max_shard_size=MAX_SHARD_BYTES)
         tokenizer.save_pretrained(tmp)
-    return out_dir
+    return Path(out_dir)
 
 
 @contextlib.contextmanager
 def _written_whole(out_dir: Path):
-    """A temporary sibling of ``out_dir`` to write into, which replaces ``out_dir`` (a merge this tool wrote: the
-    caller checked the run folder) when the block ends well, and is removed on any error. What merges killed before
-    their end left beside it (a 7B's is 14.5 GB) is removed first, unless its process still runs."""
+    """A temporary sibling to write into that replaces ``out_dir`` (a merge of ours: the caller checked the run folder)
+    if the block ends well, else is removed; what killed merges left (a 7B's is 14.5 GB) goes first."""
     for killed in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
         pid = killed.name.removeprefix(f".{out_dir.name}.tmp-").split("-")[0]
         if killed.is_dir() and pid.isdigit() and not process_alive(int(pid)):
@@ -196,20 +178,19 @@ def _written_whole(out_dir: Path):
         raise
 
 
-def _lora_scale(config: dict) -> float:
-    """peft's scale of B·A for a LoRA ``adapter_config.json``: ``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA."""
-    return config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+def _lora(adapter_dir: Path) -> tuple[float, dict]:
+    """peft's scale of B·A (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA) and the adapter's (A, B) pairs by the
+    base weight they adapt: ``base_model.model.X.lora_A.weight`` and ``….lora_B.weight`` adapt ``X.weight``."""
+    from safetensors.torch import load_file
 
-
-def lora_pairs(adapter: dict) -> dict[str, tuple[Any, Any]]:
-    """The adapter's (A, B) matrices by the base weight they adapt: peft's ``base_model.model.X.lora_A.weight`` and
-    ``base_model.model.X.lora_B.weight`` adapt ``X.weight``."""
-    parts: dict[str, dict[str, Any]] = {}
-    for key, tensor in adapter.items():
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    parts: dict[str, dict] = {}
+    for key, tensor in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
         for part in ("lora_A", "lora_B"):
             if f".{part}." in key:
                 parts.setdefault(key.removeprefix("base_model.model.").replace(f".{part}", ""), {})[part] = tensor
-    return {name: (p["lora_A"], p["lora_B"]) for name, p in parts.items() if len(p) == 2}
+    scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+    return scale, {name: (p["lora_A"], p["lora_B"]) for name, p in parts.items() if len(p) == 2}
 
 
 def base_weight_files(base: str, revision: str = "main") -> list[Path]:
@@ -219,8 +200,7 @@ def base_weight_files(base: str, revision: str = "main") -> list[Path]:
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(base, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    if not (files := sorted(folder.glob("*.safetensors"))):
         raise ConfigError(f"{base} has no safetensors weights to merge into")
     return files
 
@@ -246,7 +226,7 @@ def _read(file: Path, name: str):
 # --- checking a merge ------------------------------------------------------------------------------------------------
 @dataclass
 class MergeCheck:
-    """What ``check_merge`` found: counts, the largest differences, and the first problem (None when right)."""
+    """What ``check_merge`` found: counts, the largest differences, and the problems (none when right)."""
 
     adapted: int = 0  # tensors that should hold W + s·B·A
     unchanged: int = 0  # the others, which should equal the base's
@@ -274,15 +254,12 @@ class MergeCheck:
 
 
 def check_merge(base: str, adapter_dir: str | Path, merged_dir: str | Path, revision: str = "main") -> MergeCheck:
-    """Check a merged model against its base and adapter, one tensor at a time (so a 7B's in little memory): each
-    adapted weight equals ``round16(W + s·B·A)`` (summed in float32) within one unit in the last place; every LoRA
-    pair is used exactly once; every other tensor is the base's, bit for bit; and per adapted layer, ``merged·x`` on a
-    random ``x`` differs from ``W·x + s·B·(A·x)`` by no more than rounding each merged weight to 16 bits explains."""
+    """Check a merge one tensor at a time (so a 7B's in little memory): each adapted weight is ``round16(W + s·B·A)``
+    (summed in float32) within one unit in the last place, each LoRA pair is used once, every other tensor is the
+    base's bit for bit, and per adapted layer ``merged·x`` is ``W·x + s·B·(A·x)`` within what rounding explains."""
     import torch
-    from safetensors.torch import load_file
 
-    scale = _lora_scale(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()))
-    pairs = lora_pairs(load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+    scale, pairs = _lora(Path(adapter_dir))
     result = MergeCheck(pairs=len(pairs), scale=scale)
     base_files = _tensor_files(base_weight_files(base, revision))
     merged_files = _tensor_files(sorted(Path(merged_dir).glob("*.safetensors")))
@@ -301,11 +278,6 @@ def check_merge(base: str, adapter_dir: str | Path, merged_dir: str | Path, revi
         result.adapted += 1
         a, b = (t.float() for t in pairs[name])
         w = weight.float()
-        if merged.shape != w.shape or b.shape[0] != w.shape[0] or a.shape[1] != w.shape[1]:
-            result.problems.append(
-                f"{name}: shapes {tuple(merged.shape)}, W {tuple(w.shape)}, B·A {(b.shape[0], a.shape[1])} do not match"
-            )
-            continue
         expected = (w + scale * (b @ a)).to(merged.dtype)
         ulps = ((merged.float() - expected.float()).abs() / _ulp(expected)).max().item()
         result.largest_ulps = max(result.largest_ulps, ulps)
