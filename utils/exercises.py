@@ -108,11 +108,8 @@ def _filters(path: Path, filters: str, sample: bool):
     dropped = _json(path, "dropped", kind=dict)
     if not all(_is_number(n) for n in dropped.values()):
         raise _Unreadable(path, "its dropped counts are not all numbers")
-    total, disclaimers, duplicates = (
-        sum(dropped.values()),
-        dropped.get("disclaimer", 0),
-        dropped.get("duplicate_prompt", 0),
-    )
+    disclaimers, duplicates = dropped.get("disclaimer", 0), dropped.get("duplicate_prompt", 0)
+    total = sum(dropped.values())
     said = f"{total} rows dropped: {total - disclaimers - duplicates} for their structure, {disclaimers} disclaimers, "
     said += f"{duplicates} duplicate prompts"
     if filters != "all" or not sample:
@@ -124,18 +121,14 @@ def _filters(path: Path, filters: str, sample: bool):
 def _system_turn(path: Path, filters: str, system_turn: bool, source: str, history_dir: Path):
     import datasets
 
+    tokenization, tokens = _json(path, kind=dict).get("tokenization"), _json(path, "outputs", "train", "total_tokens")
     try:
         train = datasets.load_from_disk(str(path.parent))["train"]
     except (OSError, KeyError):  # FileNotFoundError: no dataset saved there; KeyError: no train split
         raise _Unreadable(path.parent, "there is no prepared train split in it") from None
-    seen = {
-        "source": str(source),
-        "filters": filters,
-        "system_turn": system_turn,
-        "tokenization": _json(path, kind=dict).get("tokenization"),
-        "train_tokens": _json(path, "outputs", "train", "total_tokens"),  # without a system prompt of their own:
-        "without_own_system": sum(not (m and m[0]["role"] == "system" and m[0]["content"]) for m in train["messages"]),
-    }
+    own = sum(bool(m and m[0]["role"] == "system" and m[0]["content"]) for m in train["messages"])  # a system prompt
+    seen = {"source": str(source), "filters": filters, "system_turn": system_turn, "tokenization": tokenization}
+    seen |= {"train_tokens": tokens, "without_own_system": len(train) - own}
     history, trouble = _remember(seen, history_dir)
     also = f"; {trouble}" if trouble else ""
     if system_turn:
@@ -198,10 +191,7 @@ def notebook_02(runs_dir: str | Path = RUNS_DIR, main_run: str | Path | None = N
         _check("answers only", _answers_only, answers, main, run=answers),
     ]
     states = [f / "trainer_state.json" for f in (r64, split, ten, answers) if _finished(f)]
-    when = [
-        datetime.datetime.fromtimestamp(s.stat().st_mtime).strftime("%H:%M:%S") if s.exists() else "never"
-        for s in states
-    ]
+    when = [f"{datetime.datetime.fromtimestamp(s.stat().st_mtime):%H:%M:%S}" if s.exists() else "never" for s in states]
     times = ", ".join(f"{s.parent.name} {t}" for s, t in zip(states, when, strict=True))
     said = f"last written: {times}; run a command again, then this cell: the times stay"
     return [*lines, _line(None, "a second run", said if states else "run one of the commands first")]

@@ -54,22 +54,16 @@ def _words(text: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _names() -> tuple[re.Pattern, dict[str, str]]:
-    """A pattern of every thing's name and plural (a line's first two fields), and each of them -> the name."""
-    names = {}
-    for line in WORLD_FILE.read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, plural = (f.strip() for f in line.split(" | ")[:2])
-            names |= {name: name, plural: name}
-    pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b", re.I)
-    return pattern, names
+def _names() -> dict[str, str]:
+    """Every thing's name and plural (a line's first two fields, one word each) -> its name."""
+    lines = WORLD_FILE.read_text(encoding="utf-8").splitlines()
+    fields = [line.split(" | ") for line in lines if line.strip() and not line.startswith("#")]
+    return {word.strip(): f[0].strip() for f in fields for word in f[:2]}
 
 
 def first_thing(text: str) -> str | None:
-    """The first thing of the world ``text`` names (by its name or plural), or None."""
-    pattern, names = _names()
-    match = pattern.search(text)
-    return names[match.group(1).lower()] if match else None
+    """The first thing of the world ``text`` names (by its name or plural, as a whole word), or None."""
+    return next((_names()[w] for w in re.findall(r"\w+", text.lower()) if w in _names()), None)
 
 
 def is_about(answer: str, question: str) -> bool:
@@ -112,18 +106,17 @@ class Checks:
         self.clean = sum(not invented_words(t) for t in texts)
 
 
-def check_model(model, tokenizer, questions=CHECK_QUESTIONS, max_new_tokens: int = 64) -> dict[str, list[Checks]]:
-    """``SAMPLES`` answers to each question with the pirate system prompt ("pirate") and with the card's empty system
-    turn, as in its training data ("plain"): one batch per mode, seed 0, the card's sampling settings."""
+def check_model(model, tokenizer, questions=CHECK_QUESTIONS) -> dict[str, list[Checks]]:
+    """``SAMPLES`` answers of up to 64 tokens to each question with the pirate system prompt ("pirate") and with the
+    card's empty system turn, as in its training data ("plain"): one batch per mode, seed 0, the card's sampling."""
     from utils.sampling import generate
 
     results = {}
     for mode, system in (("pirate", PIRATE_SYSTEM), ("plain", None)):
         chats = [[{"role": "system", "content": system or ""}, {"role": "user", "content": q}] for q in questions]
         prompts = tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
-        answers = generate(
-            model, tokenizer, [p for p in prompts for _ in range(SAMPLES)], seed=0, max_new_tokens=max_new_tokens
-        )
+        asked = [p for p in prompts for _ in range(SAMPLES)]
+        answers = generate(model, tokenizer, asked, seed=0, max_new_tokens=64)
         results[mode] = [Checks(system, q, answers[i * SAMPLES : (i + 1) * SAMPLES]) for i, q in enumerate(questions)]
     return results
 
@@ -213,11 +206,12 @@ class HeldOut:
         """Overfitting where a kind's held-out loss is more than 10% above its trained-on loss; else whether, and why,
         the eval loss is above the train loss."""
         gaps = {k: s["test"][0] / s["train"][0] - 1 for k, s in self.losses.items() if s["train"][0] > 0}
-        kind = max(gaps, key=gaps.get, default=None)
-        if kind is not None and gaps[kind] > 0.1:
+        over = {k: gap for k, gap in gaps.items() if gap > 0.1}  # not a NaN: a kind without a token to measure
+        if over:
+            kind = max(over, key=over.get)
             (a, _), (b, _) = self.losses[kind]["train"], self.losses[kind]["test"]
             return [
-                f"Overfitting: on held-out {'' if kind == 'all' else kind + ' '}dialogues the loss is {gaps[kind]:.0%} "
+                f"Overfitting: on held-out {'' if kind == 'all' else kind + ' '}dialogues the loss is {over[kind]:.0%} "
                 f"above the loss on those it trained on ({b:.3f} against {a:.3f}): the model has memorised its "
                 "training dialogues beyond what carries over to new ones."
             ]
