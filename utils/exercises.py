@@ -5,6 +5,7 @@ line per item: ✓ the run showed what the folded answer says, ✗ it showed som
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 import statistics
@@ -60,8 +61,7 @@ def _reason(error: Exception) -> str:
 
 
 def _json(path: Path, *keys: str, kind: type = int, default=None):
-    """The JSON object in ``path`` (with ``kind=dict``), or its ``[keys[0]][keys[1]]...``, which must be a ``kind``;
-    ``default``, if given, where a key is missing."""
+    """``path``'s JSON object (``kind=dict``), or its ``[keys[0]][keys[1]]...`` as a ``kind`` (``default``: if none)."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
@@ -86,8 +86,7 @@ def _is_number(value) -> bool:
 
 # --- notebook 01 ------------------------------------------------------------------------------------------------------
 def notebook_01(out: str | Path, filters: str, system_turn: bool, source: str, history_dir: Path = HISTORY_DIR):
-    """The three items of notebook 01 on the prepared folder ``out``. Each run is remembered in ``history_dir/01.json``
-    (the last 20), to compare a run with an earlier one of other settings."""
+    """Notebook 01's items on the prepared folder ``out``; the last 20 runs are kept in ``history_dir/01.json``."""
     out = Path(out)
     path = out / "report.json"
     if not path.exists():
@@ -146,8 +145,8 @@ def _system_turn(path: Path, filters: str, system_turn: bool, source: str, histo
 
 
 def _remember(seen: dict, folder: Path) -> tuple[list[dict], str | None]:
-    """The runs remembered in ``folder/01.json``, ``seen`` last, and why ``seen`` could not be added, if so: a
-    damaged file, or a file where the folder goes, is left as it is (it may hold the learner's own data)."""
+    """The runs remembered in ``folder/01.json``, ``seen`` last, and why ``seen`` was not added, if so: a damaged
+    file, or a file where the folder goes, is left as it is (it may hold the learner's own data)."""
     file = folder / "01.json"
     if folder.exists() and not folder.is_dir():
         left = "the file is left as it is: move it away"
@@ -179,8 +178,7 @@ def _raw(path: Path, source: str):
 
 # --- notebook 02 ------------------------------------------------------------------------------------------------------
 def notebook_02(runs_dir: str | Path = RUNS_DIR, main_run: str | Path | None = None) -> list[str]:
-    """The items of notebook 02, read from the folders its commands write under ``runs_dir``; ``main_run`` is the
-    notebook's own run (default ``runs_dir/qlora``)."""
+    """Notebook 02's items, from its commands' run folders in ``runs_dir`` and its own run (``runs_dir/qlora``)."""
     runs = Path(runs_dir)
     main = Path(main_run) if main_run else runs / "qlora"
     r64, split, ten, answers = (runs / f"qlora-{name}" for name in ("r64", "split", "10", "answers"))
@@ -267,8 +265,7 @@ def _answers_only(answers: Path, main: Path):
 
 # --- notebook 03 ------------------------------------------------------------------------------------------------------
 def notebook_03(predictions: dict, runs_dir: str | Path = RUNS_DIR) -> list[str]:
-    """The items of notebook 03: the learner's predictions (``None``: not made) against ``utils.scaling``, and the
-    1-sequence 2-process run in ``runs_dir/full-bs1``."""
+    """Notebook 03's items: the predictions (None: not made) against ``utils.scaling``, and ``runs_dir/full-bs1``."""
     lines = []
     for item, (gpus, per_device) in {"accumulation, 16 GPUs x 4": (16, 4), "accumulation, 4 GPUs x 2": (4, 2)}.items():
         truth, guess = accumulation_for(512, gpus, per_device), predictions.get(item)
@@ -311,9 +308,7 @@ def notebook_04(runs: list, smoothing: float, x_axis: str, diagnosis: dict) -> l
     curves = {r.name: r.train.get("loss", []) for r in runs if len(r.train.get("loss", [])) >= 4}
     if not curves:
         return [_line(None, "notebook 04", "no run with 4 or more logged losses: run notebook 02 first")]
-    jumps = {
-        name: statistics.mean(abs(b - a) for a, b in zip(loss, loss[1:], strict=False)) for name, loss in curves.items()
-    }
+    jumps = {name: statistics.mean(abs(b - a) for a, b in itertools.pairwise(loss)) for name, loss in curves.items()}
     noisiest = max(jumps, key=jumps.get)
     said = f"raw, the noisiest curve is {noisiest}'s (its loss jumps {jumps[noisiest]:.2f} per logged step)"
     items = {"SMOOTHING = 0": (True, said) if smoothing == 0 else (None, "not tried")}
@@ -326,13 +321,9 @@ def notebook_04(runs: list, smoothing: float, x_axis: str, diagnosis: dict) -> l
     per_step = {r.name: _tokens_per_step(r) for r in runs if r.name in curves}
     silent = ", ".join(name for name, n in per_step.items() if not n)
     text = ", ".join(f"{name} {n:,.0f}" for name, n in per_step.items())
-    if x_axis != "tokens":
-        items['X_AXIS = "tokens"'] = None, "not tried"
-    elif silent:
-        items['X_AXIS = "tokens"'] = None, f"no token counts logged by {silent}"
-    else:
-        differ = max(per_step.values()) > 1.1 * min(per_step.values())
-        items['X_AXIS = "tokens"'] = differ or len(per_step) == 1, f"tokens per step: {text}"
+    differ = max(per_step.values()) > 1.1 * min(per_step.values()) or len(per_step) == 1
+    tokens = (None, f"no token counts logged by {silent}") if silent else (differ, f"tokens per step: {text}")
+    items['X_AXIS = "tokens"'] = tokens if x_axis == "tokens" else (None, "not tried")
     right = sum(diagnosis_of((diagnosis or {}).get(k) or "") == v for k, v in PLANTED_TRUTH.items())
     said = f"{right} of {len(PLANTED_TRUTH)} planted runs diagnosed right"
     items["DIAGNOSIS"] = (right == len(PLANTED_TRUTH), said) if diagnosis else (None, "not made yet")
@@ -348,8 +339,7 @@ def _tokens_per_step(run) -> float:
 
 # --- notebook 05 ------------------------------------------------------------------------------------------------------
 def notebook_05(answers: list[dict]) -> list[str]:
-    """The items of notebook 05, read from the answers ``python -m utils.sampling`` logged. The hot-sampling item
-    counts the tiny world's words (``utils.tiny_world.world_share``): it speaks of the smoke models."""
+    """Notebook 05's items from the logged answers; hot sampling counts the tiny world's words (the smoke models)."""
     card = [a for a in answers if a.get("prompt") is None]  # answers to the card's prompt
     sampled = [a for a in card if _is_number(a.get("temperature"))]
     odd = [a for a in card if not _is_number(a.get("temperature"))]  # left out of the items on temperature

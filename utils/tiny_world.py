@@ -107,8 +107,8 @@ class Checks:
 
 
 def check_model(model, tokenizer, questions=CHECK_QUESTIONS) -> dict[str, list[Checks]]:
-    """``SAMPLES`` answers of up to 64 tokens to each question with the pirate system prompt ("pirate") and with the
-    card's empty system turn, as in its training data ("plain"): one batch per mode, seed 0, the card's sampling."""
+    """``SAMPLES`` answers to each question with the pirate system prompt ("pirate") and the card's empty system turn
+    of its training data ("plain"): one batch per mode, seed 0, the card's sampling settings."""
     from utils.sampling import generate
 
     results = {}
@@ -167,8 +167,8 @@ def loss_line(losses: list[float]) -> str:
 
 
 def epoch_lines(history: list[dict]) -> list[str]:
-    """Per epoch of a run's ``log_history``, the median of its logged losses beside the last one, all the trainer's
-    table shows: one packed row's loss, by which two epochs can swap places."""
+    """Per epoch, the median of its logged losses beside its last one, all the trainer's table shows (one packed row's
+    loss, by which two epochs can swap places)."""
     epochs: dict[int, list[float]] = {}
     for h in history:
         if "loss" in h and h.get("epoch") is not None:
@@ -189,8 +189,7 @@ def dialogue_kind(text: str) -> str:
 
 @dataclass
 class HeldOut:
-    """A trained model's loss per token on dialogues it trained on ("train") and on held-out ones ("test"), by kind
-    of dialogue, and each kind's share of each split's tokens."""
+    """Loss per token on trained-on ("train") and held-out ("test") dialogues by kind, and each kind's token share."""
 
     losses: dict[str, dict[str, tuple[float, int]]]  # kind -> split -> (loss per token, dialogues measured)
     shares: dict[str, dict[str, float]]  # kind -> split -> share of the split's tokens
@@ -203,8 +202,7 @@ class HeldOut:
         return lines
 
     def verdict(self, train_end: float | None, eval_loss: float | None) -> list[str]:
-        """Overfitting where a kind's held-out loss is more than 10% above its trained-on loss; else whether, and why,
-        the eval loss is above the train loss."""
+        """Overfitting where a kind's held-out loss is over 10% above its trained-on loss; else why eval > train."""
         gaps = {k: s["test"][0] / s["train"][0] - 1 for k, s in self.losses.items() if s["train"][0] > 0}
         over = {k: gap for k, gap in gaps.items() if gap > 0.1}  # not a NaN: a kind without a token to measure
         if over:
