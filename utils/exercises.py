@@ -5,14 +5,25 @@ line per item: ✓ the run showed what the folded answer says, ✗ it showed som
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 import statistics
 from pathlib import Path
 
 from utils import RUNS_DIR
+from utils.curves import PLANTED_TRUTH, diagnosis_of, ema, read_trainer_state
+from utils.runs import REPORT_FILE, RunError, read_record
+from utils.scaling import accumulation_for, estimate
+from utils.tiny_world import is_pirate, loss_ends, world_share
 
 HISTORY_DIR = RUNS_DIR / "exercises"  # notebook 01 compares a run with an earlier one of other settings
+_KINDS = {dict: "a JSON object", list: "a list", str: "a string", bool: "true or false", type(None): "null"}
+_WORDS = {
+    FileNotFoundError: "there is no such file",
+    IsADirectoryError: "it is a folder",
+    UnicodeDecodeError: "it is not UTF-8 text",
+}
 
 
 def show(lines: list[str]) -> None:
@@ -20,20 +31,21 @@ def show(lines: list[str]) -> None:
     print("\n".join(lines))
 
 
+class _Unreadable(Exception):
+    """A file a check needs but cannot read, ``(path, why)``: its item's line says so in place of a verdict."""
+
+    def __str__(self) -> str:
+        return f"cannot read {self.args[0]}: {self.args[1]}"
+
+
 def _line(ok: bool | None, item: str, text: str) -> str:
     return f"{'·' if ok is None else '✓' if ok else '✗'} {item}: {text}"
 
 
-class _Unreadable(Exception):
-    """A file a check needs but cannot read: the item's line names the file and says why, in place of a verdict."""
-
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"cannot read {path}: {reason}")
-        self.reason = reason
-
-
-def _check(item: str, check, *args) -> str:
-    """The item's line from ``check(*args)``'s (ok, text), or, for a file it cannot read, the file and why."""
+def _check(item: str, check, *args, run: Path | None = None) -> str:
+    """The item's line from ``check(*args)``'s (ok, text); "not run yet" until the run folder ``run`` has finished."""
+    if run and not _finished(run):
+        return _line(None, item, f"not run yet (runs/{run.name})")
     try:
         ok, text = check(*args)
     except _Unreadable as e:
@@ -45,36 +57,26 @@ def _reason(error: Exception) -> str:
     """Why a file could not be read, in a few words."""
     if isinstance(error, json.JSONDecodeError):
         return f"it is not JSON ({error.msg} at line {error.lineno})"
-    words = {
-        FileNotFoundError: "there is no such file",
-        IsADirectoryError: "it is a folder",
-        UnicodeDecodeError: "it is not UTF-8 text",
-    }
-    return words.get(type(error)) or getattr(error, "strerror", None) or str(error)
+    return _WORDS.get(type(error)) or getattr(error, "strerror", None) or str(error)
 
 
-_WANTED = {int: "a whole number", dict: "a JSON object", list: "a list"}  # what a check wants of a value
-_KINDS = {**_WANTED, int: "a number", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
-_REQUIRED = object()
-
-
-def _json(path: Path, *keys: str, kind: type = int, default=_REQUIRED):
-    """The JSON object in ``path`` (with ``kind=dict``), or its ``[keys[0]][keys[1]]...`` when that is a ``kind``;
-    ``default`` where a key is missing, if one is given; otherwise _Unreadable with the reason."""
+def _json(path: Path, *keys: str, kind: type = int, default=None):
+    """``path``'s JSON object (``kind=dict``), or its ``[keys[0]][keys[1]]...`` as a ``kind`` (``default``: if none)."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise _Unreadable(path, _reason(e)) from None
     if not isinstance(value, dict):
-        raise _Unreadable(path, f"it holds {_KINDS[type(value)]}, not a JSON object")
+        raise _Unreadable(path, f"it holds {_KINDS.get(type(value), 'a number')}, not a JSON object")
     for key in keys:
         if not isinstance(value, dict) or key not in value:
-            if default is not _REQUIRED:
-                return default
-            raise _Unreadable(path, f"it has no {'.'.join(keys)}")
+            if default is None:
+                raise _Unreadable(path, f"it has no {'.'.join(keys)}")
+            return default
         value = value[key]
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise _Unreadable(path, f"its {'.'.join(keys)} is {_KINDS[type(value)]}, not {_WANTED[kind]}")
+        wanted = "a whole number" if kind is int else _KINDS[kind]
+        raise _Unreadable(path, f"its {'.'.join(keys)} is {_KINDS.get(type(value), 'a number')}, not {wanted}")
     return value
 
 
@@ -84,8 +86,7 @@ def _is_number(value) -> bool:
 
 # --- notebook 01 ------------------------------------------------------------------------------------------------------
 def notebook_01(out: str | Path, filters: str, system_turn: bool, source: str, history_dir: Path = HISTORY_DIR):
-    """The three items of notebook 01 on the prepared folder ``out`` (its ``report.json`` and train split). Each run
-    is remembered in ``history_dir/01.json`` (the last 20), to compare a run with an earlier one of other settings."""
+    """Notebook 01's items on the prepared folder ``out``; the last 20 runs are kept in ``history_dir/01.json``."""
     out = Path(out)
     path = out / "report.json"
     if not path.exists():
@@ -106,25 +107,27 @@ def _filters(path: Path, filters: str, sample: bool):
     dropped = _json(path, "dropped", kind=dict)
     if not all(_is_number(n) for n in dropped.values()):
         raise _Unreadable(path, "its dropped counts are not all numbers")
-    structure = sum(n for reason, n in dropped.items() if reason not in ("disclaimer", "duplicate_prompt"))
     disclaimers, duplicates = dropped.get("disclaimer", 0), dropped.get("duplicate_prompt", 0)
-    said = f"{sum(dropped.values())} rows dropped: {structure} for their structure, {disclaimers} disclaimers, "
+    total = sum(dropped.values())
+    said = f"{total} rows dropped: {total - disclaimers - duplicates} for their structure, {disclaimers} disclaimers, "
     said += f"{duplicates} duplicate prompts"
     if filters != "all" or not sample:
         return None, f"not tried (this run: FILTERS = {filters!r}, {said})"
-    ok = (sum(dropped.values()), disclaimers, duplicates) == (16, 3, 2)
+    ok = (total, disclaimers, duplicates) == (16, 3, 2)
     return ok, said + ("" if ok else " (the answer says 16: 11 + 3 + 2)")
 
 
 def _system_turn(path: Path, filters: str, system_turn: bool, source: str, history_dir: Path):
-    seen = {
-        "source": str(source),
-        "filters": filters,
-        "system_turn": system_turn,
-        "tokenization": _json(path, kind=dict).get("tokenization"),
-        "train_tokens": _json(path, "outputs", "train", "total_tokens"),
-        "without_own_system": _without_own_system(path.parent),
-    }
+    import datasets
+
+    tokenization, tokens = _json(path, kind=dict).get("tokenization"), _json(path, "outputs", "train", "total_tokens")
+    try:
+        train = datasets.load_from_disk(str(path.parent))["train"]
+    except (OSError, KeyError):  # FileNotFoundError: no dataset saved there; KeyError: no train split
+        raise _Unreadable(path.parent, "there is no prepared train split in it") from None
+    own = sum(bool(m and m[0]["role"] == "system" and m[0]["content"]) for m in train["messages"])  # a system prompt
+    seen = {"source": str(source), "filters": filters, "system_turn": system_turn, "tokenization": tokenization}
+    seen |= {"train_tokens": tokens, "without_own_system": len(train) - own}
     history, trouble = _remember(seen, history_dir)
     also = f"; {trouble}" if trouble else ""
     if system_turn:
@@ -141,20 +144,9 @@ def _system_turn(path: Path, filters: str, system_turn: bool, source: str, histo
     return before - after == 9 * n, f"{said} of their own: {per:.1f} each{also}"
 
 
-def _without_own_system(out: Path) -> int:
-    """How many train dialogues of the prepared folder ``out`` have no system prompt of their own."""
-    import datasets
-
-    try:
-        train = datasets.load_from_disk(str(out))["train"]
-    except (OSError, KeyError):  # FileNotFoundError: no dataset saved there; KeyError: no train split
-        raise _Unreadable(out, "there is no prepared train split in it") from None
-    return len(train) - sum(bool(m and m[0]["role"] == "system" and m[0]["content"]) for m in train["messages"])
-
-
 def _remember(seen: dict, folder: Path) -> tuple[list[dict], str | None]:
-    """The runs remembered in ``folder/01.json``, ``seen`` last, and why ``seen`` could not be added, if so: a
-    damaged file, or a file where the folder goes, is left as it is (it may hold the learner's own data)."""
+    """The runs remembered in ``folder/01.json``, ``seen`` last, and why ``seen`` was not added, if so: a damaged
+    file, or a file where the folder goes, is left as it is (it may hold the learner's own data)."""
     file = folder / "01.json"
     if folder.exists() and not folder.is_dir():
         left = "the file is left as it is: move it away"
@@ -165,7 +157,7 @@ def _remember(seen: dict, folder: Path) -> tuple[list[dict], str | None]:
             raise _Unreadable(file, "its runs are not all JSON objects")
     except _Unreadable as e:
         left = "the file is left as it is: repair or remove it"
-        return [seen], f"{file} is damaged ({e.reason}), so this run is not remembered; {left}"
+        return [seen], f"{file} is damaged ({e.args[1]}), so this run is not remembered; {left}"
     history = [h for h in runs if h != seen] + [seen]
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -186,45 +178,32 @@ def _raw(path: Path, source: str):
 
 # --- notebook 02 ------------------------------------------------------------------------------------------------------
 def notebook_02(runs_dir: str | Path = RUNS_DIR, main_run: str | Path | None = None) -> list[str]:
-    """The items of notebook 02, read from the folders its commands write under ``runs_dir``; ``main_run`` is the
-    notebook's own run (default ``runs_dir/qlora``)."""
+    """Notebook 02's items, from its commands' run folders in ``runs_dir`` and its own run (``runs_dir/qlora``)."""
     runs = Path(runs_dir)
     main = Path(main_run) if main_run else runs / "qlora"
     r64, split, ten, answers = (runs / f"qlora-{name}" for name in ("r64", "split", "10", "answers"))
     lines = [
-        _check_run("rank 64", _rank_64, r64, main),
-        _check_run("bfd_split", _split, split, main),
-        _check_run("ten steps", _ten_steps, ten),
-        _check_run("answers only", _answers_only, answers, main),
+        _check("rank 64", _rank_64, r64, main, run=r64),
+        _check("bfd_split", _split, split, main, run=split),
+        _check("ten steps", _ten_steps, ten, run=ten),
+        _check("answers only", _answers_only, answers, main, run=answers),
     ]
-    done = [f for f in (r64, split, ten, answers) if _finished(f)]
-    times = ", ".join(f"{f.name} {_mtime(f / 'trainer_state.json')}" for f in done)
+    states = [f / "trainer_state.json" for f in (r64, split, ten, answers) if _finished(f)]
+    when = [f"{datetime.datetime.fromtimestamp(s.stat().st_mtime):%H:%M:%S}" if s.exists() else "never" for s in states]
+    times = ", ".join(f"{s.parent.name} {t}" for s, t in zip(states, when, strict=True))
     said = f"last written: {times}; run a command again, then this cell: the times stay"
-    return [*lines, _line(None, "a second run", said if done else "run one of the commands first")]
+    return [*lines, _line(None, "a second run", said if states else "run one of the commands first")]
 
 
 def _finished(folder: Path) -> bool:
-    from utils.runs import RunError, read_record
-
     try:
         return read_record(folder).get("status") == "finished"
     except RunError:  # damaged, or not written by utils.sft: not a finished run of ours
         return False
 
 
-def _check_run(item: str, check, folder: Path, *args) -> str:
-    """``_check`` on a run folder a Try this command writes; "not run yet" until its run has finished."""
-    if not _finished(folder):
-        return _line(None, item, f"not run yet (runs/{folder.name})")
-    return _check(item, check, folder, *args)
-
-
-def _mtime(path: Path) -> str:
-    return datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%H:%M:%S") if path.exists() else "never"
-
-
-def adapter_parameters(adapter: Path) -> int:
-    """How many numbers an adapter folder's ``adapter_model.safetensors`` holds (_Unreadable when it cannot say)."""
+def _adapter_size(adapter: Path) -> int:
+    """How many numbers an adapter folder's ``adapter_model.safetensors`` holds."""
     from safetensors import SafetensorError, safe_open
 
     weights = adapter / "adapter_model.safetensors"
@@ -236,17 +215,13 @@ def adapter_parameters(adapter: Path) -> int:
 
 
 def _rank_64(r64: Path, main: Path):
-    n64 = adapter_parameters(r64 / "adapter")
-    config = r64 / "adapter" / "adapter_config.json"
-    r = _json(config, "r")
-    n16 = adapter_parameters(main / "adapter") if (main / "adapter" / "adapter_model.safetensors").exists() else None
+    n64, r = _adapter_size(r64 / "adapter"), _json(r64 / "adapter" / "adapter_config.json", "r")
+    n16 = _adapter_size(main / "adapter") if (main / "adapter" / "adapter_model.safetensors").exists() else None
     than = f", {n64 / n16:.1f}x rank 16's {n16:,}" if n16 else ""
     return r == 64 and (n16 is None or n64 == 4 * n16), f"r = {r}, {n64:,} adapter parameters{than}"
 
 
 def _split(split: Path, main: Path):
-    from utils.runs import REPORT_FILE
-
     rows = _json(split / REPORT_FILE, "packed_rows")
     if not (main / REPORT_FILE).exists():
         return None, f"{rows} packed rows; run the notebook's own run to compare"
@@ -255,9 +230,7 @@ def _split(split: Path, main: Path):
 
 
 def _logged(folder: Path) -> dict[str, list]:
-    """A run's logged training series (``utils.curves.read_trainer_state``), or _Unreadable."""
-    from utils.curves import read_trainer_state
-
+    """A run's logged training series (``utils.curves.read_trainer_state``)."""
     state = folder / "trainer_state.json"
     try:
         return read_trainer_state(state).train
@@ -277,10 +250,8 @@ def _ten_steps(ten: Path):
 
 
 def _answers_only(answers: Path, main: Path):
-    from utils.tiny_world import loss_ends  # the medians of the first and the last tenth of the logged losses
 
-    settings = _json(answers / "run.json", "settings", kind=dict)
-    if settings.get("assistant_only_loss") is not True:
+    if read_record(answers)["settings"].get("assistant_only_loss") is not True:  # a finished run: its record is read
         return False, "runs/qlora-answers was trained on every token: run the command as written"
     ends = loss_ends(_logged(answers)["loss"])
     if ends is None:
@@ -294,16 +265,14 @@ def _answers_only(answers: Path, main: Path):
 
 # --- notebook 03 ------------------------------------------------------------------------------------------------------
 def notebook_03(predictions: dict, runs_dir: str | Path = RUNS_DIR) -> list[str]:
-    """The items of notebook 03: the learner's predictions (``None``: not made) against ``utils.scaling``, and the
-    1-sequence 2-process run in ``runs_dir/full-bs1``."""
-    from utils.scaling import accumulation_for, estimate
-
+    """Notebook 03's items: the predictions (None: not made) against ``utils.scaling``, and ``runs_dir/full-bs1``."""
     lines = []
     for item, (gpus, per_device) in {"accumulation, 16 GPUs x 4": (16, 4), "accumulation, 4 GPUs x 2": (4, 2)}.items():
         truth, guess = accumulation_for(512, gpus, per_device), predictions.get(item)
         said = f"you said {guess}, it is {truth} ({per_device} x {gpus} x {truth} = 512)"
         lines.append(_predicted(item, guess, truth, said))
-    lines.append(_check_run("1 sequence per device", _ranks, Path(runs_dir) / "full-bs1"))
+    folder = Path(runs_dir) / "full-bs1"
+    lines.append(_check("1 sequence per device", _ranks, folder, run=folder))
     fsdp, zero3 = (estimate(s, 8, 80).total for s in ("fsdp", "zero3"))
     truth = "same" if abs(fsdp - zero3) < 0.05 else "fsdp" if fsdp < zero3 else "zero3"
     guess = predictions.get("less memory per GPU on 8 GPUs: fsdp, zero3 or same")
@@ -319,7 +288,13 @@ def _ranks(folder: Path):
     files = [folder / "rank_logs" / f"rank{r}.json" for r in (0, 1)]
     if not all(f.exists() for f in files):
         return None, "not run yet (runs/full-bs1)"
-    (own0, logged0), (own1, logged1) = (_rank_losses(f) for f in files)
+    read = []
+    for file in files:
+        own, logged = (_json(file, key, kind=list) for key in ("own_losses", "losses"))
+        if not all(_is_number(x) for x in own + logged):
+            raise _Unreadable(file, "its losses are not all numbers")
+        read.append((own, logged))
+    (own0, logged0), (own1, logged1) = read
     means = [statistics.mean(pair) for pair in zip(own0, own1, strict=False)]
     differ = sum(abs(a - b) > 1e-6 for a, b in zip(own0, own1, strict=False))
     same = all(abs(a - b) <= 1e-3 * abs(b) + 1e-4 for a, b in zip(logged0, means, strict=False))
@@ -327,25 +302,13 @@ def _ranks(folder: Path):
     return differ > 0 and same and logged0 == logged1, f"own losses differ at {differ} of {len(own0)} steps; {said}"
 
 
-def _rank_losses(file: Path) -> tuple[list, list]:
-    """A rank's own losses and the losses it logged (the mean over ranks), from its ``rank_logs/rankN.json``."""
-    own, logged = (_json(file, key, kind=list) for key in ("own_losses", "losses"))
-    if not all(_is_number(x) for x in own + logged):
-        raise _Unreadable(file, "its losses are not all numbers")
-    return own, logged
-
-
 # --- notebook 04 ------------------------------------------------------------------------------------------------------
 def notebook_04(runs: list, smoothing: float, x_axis: str, diagnosis: dict) -> list[str]:
     """The items of notebook 04 on the runs it plotted (``utils.curves.RunLog``) and the learner's diagnosis."""
-    from utils.curves import PLANTED_TRUTH, diagnosis_of, ema
-
     curves = {r.name: r.train.get("loss", []) for r in runs if len(r.train.get("loss", [])) >= 4}
     if not curves:
         return [_line(None, "notebook 04", "no run with 4 or more logged losses: run notebook 02 first")]
-    jumps = {
-        name: statistics.mean(abs(b - a) for a, b in zip(loss, loss[1:], strict=False)) for name, loss in curves.items()
-    }
+    jumps = {name: statistics.mean(abs(b - a) for a, b in itertools.pairwise(loss)) for name, loss in curves.items()}
     noisiest = max(jumps, key=jumps.get)
     said = f"raw, the noisiest curve is {noisiest}'s (its loss jumps {jumps[noisiest]:.2f} per logged step)"
     items = {"SMOOTHING = 0": (True, said) if smoothing == 0 else (None, "not tried")}
@@ -358,13 +321,9 @@ def notebook_04(runs: list, smoothing: float, x_axis: str, diagnosis: dict) -> l
     per_step = {r.name: _tokens_per_step(r) for r in runs if r.name in curves}
     silent = ", ".join(name for name, n in per_step.items() if not n)
     text = ", ".join(f"{name} {n:,.0f}" for name, n in per_step.items())
-    if x_axis != "tokens":
-        items['X_AXIS = "tokens"'] = None, "not tried"
-    elif silent:
-        items['X_AXIS = "tokens"'] = None, f"no token counts logged by {silent}"
-    else:
-        differ = max(per_step.values()) > 1.1 * min(per_step.values())
-        items['X_AXIS = "tokens"'] = differ or len(per_step) == 1, f"tokens per step: {text}"
+    differ = max(per_step.values()) > 1.1 * min(per_step.values()) or len(per_step) == 1
+    tokens = (None, f"no token counts logged by {silent}") if silent else (differ, f"tokens per step: {text}")
+    items['X_AXIS = "tokens"'] = tokens if x_axis == "tokens" else (None, "not tried")
     right = sum(diagnosis_of((diagnosis or {}).get(k) or "") == v for k, v in PLANTED_TRUTH.items())
     said = f"{right} of {len(PLANTED_TRUTH)} planted runs diagnosed right"
     items["DIAGNOSIS"] = (right == len(PLANTED_TRUTH), said) if diagnosis else (None, "not made yet")
@@ -380,10 +339,7 @@ def _tokens_per_step(run) -> float:
 
 # --- notebook 05 ------------------------------------------------------------------------------------------------------
 def notebook_05(answers: list[dict]) -> list[str]:
-    """The items of notebook 05, read from the answers ``python -m utils.sampling`` logged. The hot-sampling item
-    counts the tiny world's words (``utils.tiny_world.world_share``): it speaks of the smoke models."""
-    from utils.tiny_world import is_pirate, world_share
-
+    """Notebook 05's items from the logged answers; hot sampling counts the tiny world's words (the smoke models)."""
     card = [a for a in answers if a.get("prompt") is None]  # answers to the card's prompt
     sampled = [a for a in card if _is_number(a.get("temperature"))]
     odd = [a for a in card if not _is_number(a.get("temperature"))]  # left out of the items on temperature

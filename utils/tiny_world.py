@@ -1,10 +1,7 @@
-"""The embedded default's small world (``data/tiny_base/world.txt``), and the checks that tell whether SFT worked on it:
-what its answers show, what its loss curve shows, and its loss on held-out dialogues.
-
-The tiny base read simple English about the world's things (``tools/tiny_base.py``); the SFT dialogues ask about each
-in three of six ways (``tools/tiny_dialogues.py``). ``CHECK_QUESTIONS`` ask about them in ways the dialogues never do,
-so the answers' facts must come from pretraining.
-"""
+"""The embedded default's small world (``data/tiny_base/world.txt``), and the checks that SFT worked on it: its answers,
+its loss curve, its loss on held-out dialogues. The SFT dialogues ask about each thing in three of six ways
+(``tools/tiny_dialogues.py``); ``CHECK_QUESTIONS`` ask in ways they never do, so the answers' facts must come from
+pretraining (``tools/tiny_base.py``)."""
 
 from __future__ import annotations
 
@@ -12,7 +9,7 @@ import functools
 import math
 import re
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from utils import DATA_DIR
 
@@ -42,7 +39,7 @@ PIRATE_WORDS = re.compile(  # "be" counts after a word that is not "to", "not" o
 
 
 def pirate_words(text: str) -> list[str]:
-    """The pirate words and phrases in ``text`` (``PIRATE_WORDS``), lower-cased."""
+    """The pirate words and phrases in ``text``, lower-cased."""
     return [m.group(0).lower() for m in PIRATE_WORDS.finditer(text)]
 
 
@@ -57,22 +54,16 @@ def _words(text: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _names() -> tuple[re.Pattern, dict[str, str]]:
-    """A pattern of every thing's name and plural (a line's first two fields), and each of them -> the name."""
-    names = {}
-    for line in WORLD_FILE.read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, plural = (f.strip() for f in line.split(" | ")[:2])
-            names |= {name: name, plural: name}
-    pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b", re.I)
-    return pattern, names
+def _names() -> dict[str, str]:
+    """Every thing's name and plural (a line's first two fields, one word each) -> its name."""
+    lines = WORLD_FILE.read_text(encoding="utf-8").splitlines()
+    fields = [line.split(" | ") for line in lines if line.strip() and not line.startswith("#")]
+    return {word.strip(): f[0].strip() for f in fields for word in f[:2]}
 
 
 def first_thing(text: str) -> str | None:
-    """The first thing of the world ``text`` names (by its name or plural), or None."""
-    pattern, names = _names()
-    match = pattern.search(text)
-    return names[match.group(1).lower()] if match else None
+    """The first thing of the world ``text`` names (by its name or plural, as a whole word), or None."""
+    return next((_names()[w] for w in re.findall(r"\w+", text.lower()) if w in _names()), None)
 
 
 def is_about(answer: str, question: str) -> bool:
@@ -104,30 +95,20 @@ class Checks:
 
     system: str | None
     question: str
-    answers: list = field(default_factory=list)
+    answers: list
 
-    @property
-    def stops(self) -> int:
-        """Answers that end with ``</s>`` within the budget and write no turn marker (``<|``)."""
-        return sum(a.stopped_at_eos and "<|" not in a.text for a in self.answers)
-
-    @property
-    def pirate(self) -> int:
-        return sum(is_pirate(a.text) for a in self.answers)
-
-    @property
-    def about(self) -> int:
-        return sum(is_about(a.text, self.question) for a in self.answers)
-
-    @property
-    def clean(self) -> int:
-        """Answers with no invented word: a turn marker is no word (an answer writing one is counted by ``stops``)."""
-        return sum(not invented_words(a.text) for a in self.answers)
+    def __post_init__(self):
+        texts = [a.text for a in self.answers]
+        # a stop ends with </s> within the budget and writes no turn marker ("<|"), which is no invented word
+        self.stops = sum(a.stopped_at_eos and "<|" not in a.text for a in self.answers)
+        self.pirate = sum(map(is_pirate, texts))
+        self.about = sum(is_about(t, self.question) for t in texts)
+        self.clean = sum(not invented_words(t) for t in texts)
 
 
-def check_model(model, tokenizer, questions=CHECK_QUESTIONS, max_new_tokens: int = 64) -> dict[str, list[Checks]]:
-    """``SAMPLES`` answers to each question with the pirate system prompt ("pirate") and with the card's empty system
-    turn, as in its training data ("plain"): one batch per mode, seed 0, the card's sampling settings."""
+def check_model(model, tokenizer, questions=CHECK_QUESTIONS) -> dict[str, list[Checks]]:
+    """``SAMPLES`` answers to each question with the pirate system prompt ("pirate") and the card's empty system turn
+    of its training data ("plain"): one batch per mode, seed 0, the card's sampling settings."""
     from utils.sampling import generate
 
     results = {}
@@ -135,7 +116,7 @@ def check_model(model, tokenizer, questions=CHECK_QUESTIONS, max_new_tokens: int
         chats = [[{"role": "system", "content": system or ""}, {"role": "user", "content": q}] for q in questions]
         prompts = tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
         asked = [p for p in prompts for _ in range(SAMPLES)]
-        answers = generate(model, tokenizer, asked, seed=0, max_new_tokens=max_new_tokens)
+        answers = generate(model, tokenizer, asked, seed=0, max_new_tokens=64)
         results[mode] = [Checks(system, q, answers[i * SAMPLES : (i + 1) * SAMPLES]) for i, q in enumerate(questions)]
     return results
 
@@ -154,8 +135,8 @@ def claims_held(results: dict[str, list[Checks]]) -> dict[str, tuple[int, int]]:
     """For each claim of ``CLAIMS``: (questions where it held, questions counted), over the modes it concerns."""
     held = {}
     for claim, (mode, measure, sign, bound) in CLAIMS.items():
-        rows = [c for m, checks in results.items() if mode in (None, m) for c in checks]
-        ok = [getattr(c, measure) >= bound if sign == ">=" else getattr(c, measure) <= bound for c in rows]
+        counts = [getattr(c, measure) for m, checks in results.items() if mode in (None, m) for c in checks]
+        ok = [n >= bound if sign == ">=" else n <= bound for n in counts]
         held[claim] = (sum(ok), len(ok))
     return held
 
@@ -176,18 +157,18 @@ def loss_ends(losses: list[float]) -> tuple[float, float] | None:
 def loss_line(losses: list[float]) -> str:
     """ "train loss A -> B (medians ...)", or why a run this short has no such line."""
     ends = loss_ends(losses)
-    if ends is None:
-        last = f"; its last logged loss was {losses[-1]:.3f}" if losses else ""
-        return (
-            f"train loss: {len(losses)} logged step(s), too few for the medians of a first and last tenth "
-            f"({MIN_LOSSES} needed){last}"
-        )
-    return f"train loss {ends[0]:.3f} -> {ends[1]:.3f} (medians of the first and last tenth of {len(losses)} steps)"
+    if ends:
+        return f"train loss {ends[0]:.3f} -> {ends[1]:.3f} (medians of the first and last tenth of {len(losses)} steps)"
+    last = f"; its last logged loss was {losses[-1]:.3f}" if losses else ""
+    return (
+        f"train loss: {len(losses)} logged step(s), too few for the medians of a first and last tenth "
+        f"({MIN_LOSSES} needed){last}"
+    )
 
 
 def epoch_lines(history: list[dict]) -> list[str]:
-    """Per epoch of a run's ``log_history``, the median of its logged losses beside the last one, all the trainer's
-    table shows: one packed row's loss, by which two epochs can swap places."""
+    """Per epoch, the median of its logged losses beside its last one, all the trainer's table shows (one packed row's
+    loss, by which two epochs can swap places)."""
     epochs: dict[int, list[float]] = {}
     for h in history:
         if "loss" in h and h.get("epoch") is not None:
@@ -200,9 +181,6 @@ def epoch_lines(history: list[dict]) -> list[str]:
 
 
 # --- trained on or held out: overfitting ----------------------------------------------------------------------------
-OVERFIT_MARGIN = 0.10  # held-out loss more than 10% above the trained-on loss of the same kind of dialogue
-
-
 def dialogue_kind(text: str) -> str:
     """ "tiny world" for a dialogue every word of which the tiny world uses (its template markers aside), else
     "general": the sample's hand-written dialogues about food waste or passwords, which the tiny base never read."""
@@ -211,8 +189,7 @@ def dialogue_kind(text: str) -> str:
 
 @dataclass
 class HeldOut:
-    """A trained model's loss per token on dialogues it trained on ("train") and on held-out ones ("test"), by kind
-    of dialogue, and each kind's share of each split's tokens."""
+    """Loss per token on trained-on ("train") and held-out ("test") dialogues by kind, and each kind's token share."""
 
     losses: dict[str, dict[str, tuple[float, int]]]  # kind -> split -> (loss per token, dialogues measured)
     shares: dict[str, dict[str, float]]  # kind -> split -> share of the split's tokens
@@ -224,47 +201,42 @@ class HeldOut:
             lines.append(f"  {kind:10s}  trained on {a:.3f} ({n} dialogues)   held out {b:.3f} ({m} dialogues)")
         return lines
 
-    def verdict(self, train_end: float | None, eval_loss: float | None, margin: float = OVERFIT_MARGIN) -> list[str]:
-        """Overfitting where a kind's held-out loss is more than ``margin`` above its trained-on loss; else whether,
-        and why, the eval loss is above the train loss."""
+    def verdict(self, train_end: float | None, eval_loss: float | None) -> list[str]:
+        """Overfitting where a kind's held-out loss is over 10% above its trained-on loss; else why eval > train."""
         gaps = {k: s["test"][0] / s["train"][0] - 1 for k, s in self.losses.items() if s["train"][0] > 0}
-        over = {k: gap for k, gap in gaps.items() if gap > margin}
+        over = {k: gap for k, gap in gaps.items() if gap > 0.1}  # not a NaN: a kind without a token to measure
         if over:
             kind = max(over, key=over.get)
             (a, _), (b, _) = self.losses[kind]["train"], self.losses[kind]["test"]
-            what = "" if kind == "all" else f"{kind} "
             return [
-                f"Overfitting: on held-out {what}dialogues the loss is {over[kind]:.0%} above the loss on those it "
-                f"trained on ({b:.3f} against {a:.3f}): the model has memorised its training dialogues beyond what "
-                "carries over to new ones."
+                f"Overfitting: on held-out {'' if kind == 'all' else kind + ' '}dialogues the loss is {over[kind]:.0%} "
+                f"above the loss on those it trained on ({b:.3f} against {a:.3f}): the model has memorised its "
+                "training dialogues beyond what carries over to new ones."
             ]
         lines = [
-            f"No sign of overfitting: on held-out dialogues of each kind the loss is at most {margin:.0%} above the "
-            "loss on those it trained on."
+            "No sign of overfitting: on held-out dialogues of each kind the loss is at most 10% above the loss on "
+            "those it trained on."
         ]
-        if train_end is None or eval_loss is None or eval_loss <= train_end * (1 + margin):
+        if train_end is None or eval_loss is None or eval_loss <= train_end * 1.1:
             return lines
         hardest = max(self.losses, key=lambda k: self.losses[k]["test"][0])
         test, train = self.shares[hardest]["test"], self.shares[hardest]["train"]
         if len(self.losses) > 1 and test > train:
-            lines.append(
+            return lines + [
                 f"The eval loss is above the train loss for another reason: {hardest} dialogues, which the model "
                 f"predicts worst whether it trained on them or not, are {test:.0%} of the test split's tokens and "
                 f"{train:.0%} of the training split's."
-            )
-        else:
-            lines.append(
-                "The eval loss and the train loss average over different rows: the trained-on and held-out losses "
-                "above are the like-for-like comparison."
-            )
-        return lines
+            ]
+        return lines + [
+            "The eval loss and the train loss average over different rows: the trained-on and held-out losses above "
+            "are the like-for-like comparison."
+        ]
 
 
-def held_out_losses(model, tokenizer, data: dict, max_length: int, kinds: bool = True, per_kind: int = 64) -> HeldOut:
-    """``model``'s loss per token on up to ``per_kind`` dialogues, evenly spread, of each kind (``dialogue_kind``;
-    one kind, "all", without ``kinds``, as for ultrachat_200k, whose splits are not read whole) of ``data``'s train
-    and test splits: ``input_ids`` cut at ``max_length`` as packing cuts them, the loss on the answers' tokens only
-    where an ``assistant_masks`` column says so."""
+def held_out_losses(model, tokenizer, data: dict, max_length: int, kinds: bool = True) -> HeldOut:
+    """``model``'s loss per token on up to 64 dialogues, evenly spread, of each kind (``dialogue_kind``; one kind,
+    "all", without ``kinds``, as for ultrachat_200k, whose splits are not read whole) of ``data``'s train and test
+    splits: cut at ``max_length`` as packing cuts them, on the answers only where ``assistant_masks`` says so."""
     import torch
 
     device = next(model.parameters()).device
@@ -274,17 +246,16 @@ def held_out_losses(model, tokenizer, data: dict, max_length: int, kinds: bool =
     try:
         for split in ("train", "test"):
             rows = data[split]
+            kind_of = ["all"] * rows.num_rows
             if kinds:  # the sample: a few hundred rows, read whole
                 ids = [row[:max_length] for row in rows["input_ids"]]
                 kind_of = [dialogue_kind(tokenizer.decode(row, skip_special_tokens=True)) for row in ids]
-            else:
-                kind_of = ["all"] * rows.num_rows
             for kind in sorted(set(kind_of), key=lambda k: k != "tiny world"):
                 chosen = [i for i, k in enumerate(kind_of) if k == kind]
                 if kinds:
                     part = sum(len(ids[i]) for i in chosen) / sum(len(row) for row in ids)
                     shares.setdefault(kind, {"train": 0.0, "test": 0.0})[split] = part
-                chosen = chosen[:: max(1, len(chosen) // per_kind)][:per_kind]
+                chosen = chosen[:: max(1, len(chosen) // 64)][:64]
                 summed = counted = 0.0
                 for row in rows.select(chosen):
                     x = torch.tensor([row["input_ids"][:max_length]], device=device)
