@@ -3,6 +3,7 @@
 import json
 import random
 import re
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +42,18 @@ def read_rows(path):
     return rows
 
 
+@lru_cache(maxsize=2)
+def sentencepiece_processor(model_file: str):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=model_file)
+
+
 def sentencepiece_reference(text, model_file=None, bos=1, eos=2):
     """What Mistral's sentencepiece model gives the legacy way: BOS, then each piece between the special tokens
     ``<unk>``, ``<s>``, ``</s>`` encoded on its own (with sentencepiece's dummy-prefix ``▁``), each special token
     as its id."""
-    from utils.assets import sentencepiece_file, sentencepiece_processor
+    from utils.assets import sentencepiece_file
 
     sp = sentencepiece_processor(model_file or str(sentencepiece_file()))
     control = {"<unk>": 0, "<s>": bos, "</s>": eos}

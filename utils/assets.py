@@ -1,8 +1,7 @@
 """Tokenizer, chat template and model for each profile: Hub ids on real hardware, embedded defaults otherwise.
 
 The embedded defaults need no network: the real Mistral-7B tokenizer shipped inside ``mistral-common``, converted
-once to a fast tokenizer, and a tiny pretrained ``MistralForCausalLM`` (same architecture), both cached under
-``runs/assets/``.
+once to a fast tokenizer, and a tiny pretrained ``MistralForCausalLM`` (same architecture), cached in runs/assets/.
 """
 
 from __future__ import annotations
@@ -11,15 +10,13 @@ import contextlib
 import hashlib
 import json
 import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 from utils import CONFIGS_DIR, DATA_DIR, REPO_ROOT, ConfigError, temporary_folder
 
-ASSETS_DIR = REPO_ROOT / "runs" / "assets"
-EMBEDDED_TOKENIZER_DIR = ASSETS_DIR / "mistral-7b-tokenizer"
-TINY_MODEL_DIR = ASSETS_DIR / "tiny-mistral"
+EMBEDDED_TOKENIZER_DIR = REPO_ROOT / "runs" / "assets" / "mistral-7b-tokenizer"
+TINY_MODEL_DIR = REPO_ROOT / "runs" / "assets" / "tiny-mistral"
 TINY_BASE_DIR = DATA_DIR / "tiny_base"  # the shipped weights (tools/tiny_base.py pretrains them)
 
 
@@ -29,28 +26,19 @@ def chat_template() -> str:
 
 
 def sentencepiece_file() -> Path:
-    """Path of the Mistral-7B v1 sentencepiece model shipped by ``mistral-common``."""
+    """The Mistral-7B v1 sentencepiece model that ``mistral-common`` ships."""
     import mistral_common
 
-    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    if not path.is_file():
-        raise FileNotFoundError(f"mistral-common {mistral_common.__version__} does not ship {path.name}")
-    return path
-
-
-@lru_cache(maxsize=2)
-def sentencepiece_processor(model_file: str):
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=model_file)
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
 @lru_cache(maxsize=2)
 def sentencepiece_merges(model_file: str) -> tuple[dict[str, int], list[list[str]]]:
-    """The model's vocabulary and its BPE merges in the order transformers 4.34/4.35 wrote them: grouped by merged
-    piece in id order, ``(id(left), id(right))`` within it, then stably sorted by the piece's score (0 for <unk>, <s>,
-    </s>, as then)."""
-    sp = sentencepiece_processor(model_file)
+    """The vocabulary and BPE merges as transformers 4.34/4.35 wrote them: by merged piece in id order, then by
+    ``(id(left), id(right))``, then stably by the piece's score (0 for <unk>, <s>, </s>, as then)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=model_file)
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     merges = []
     for piece, i in vocab.items():  # in id order
@@ -62,21 +50,20 @@ def sentencepiece_merges(model_file: str) -> tuple[dict[str, int], list[list[str
 
 
 def build_embedded_tokenizer(out_dir: Path = EMBEDDED_TOKENIZER_DIR):
-    """Convert the shipped sentencepiece model to a fast tokenizer with our chat template, saved to ``out_dir``.
-
-    Like the Hub's of 2023: BOS and no EOS on text; ``legacy=True``, as Mistral was trained ("▁" (28705) after every
-    special token that text follows, so ``tokenizer(...)`` gives the card's ids after ``</s>``); merges in
-    sentencepiece-score order (5.x's conversion orders them by id, which splits runs of spaces differently).
-    """
-    from tokenizers import Tokenizer
+    """The shipped sentencepiece model as a fast tokenizer with our chat template, saved to ``out_dir``. Like the Hub's
+    of 2023: BOS, no EOS; ``legacy=True`` as Mistral was trained ("▁" (28705) after every special token text follows:
+    the card's ids after ``</s>``); merges in score order (5.x's conversion sorts by id: runs of spaces split else)."""
     from transformers import LlamaTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(sentencepiece_file(), Path(tmp) / "tokenizer.model")
-        tokenizer = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False, legacy=True)
-    state = json.loads(tokenizer.backend_tokenizer.to_str())
-    _, state["model"]["merges"] = sentencepiece_merges(str(sentencepiece_file()))
-    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+    vocab, merges = sentencepiece_merges(str(sentencepiece_file()))
+    tokenizer = LlamaTokenizer(
+        vocab=vocab,
+        merges=[tuple(pair) for pair in merges],
+        legacy=True,
+        add_bos_token=True,
+        add_eos_token=False,
+        extra_special_tokens=["<s>", "</s>"],  # as converting tokenizer.model lists them
+    )
     tokenizer.chat_template = chat_template()
     tokenizer.init_kwargs["legacy"] = True  # written to tokenizer_config.json: loading rebuilds the pipeline from it
     tokenizer.init_kwargs["merges_by_score"] = True  # marks this build (an earlier one has merges by id)
@@ -90,12 +77,10 @@ def load_tokenizer(model_id: str | None = None, revision: str = "main"):
     from transformers import AutoTokenizer
 
     if model_id is None:
-        try:  # rebuilt unless built, legacy and with merges by score (a build of an earlier release lacks them)
+        config = {}
+        with contextlib.suppress(OSError, ValueError):  # rebuilt unless built with merges by score (and legacy)
             config = json.loads((EMBEDDED_TOKENIZER_DIR / "tokenizer_config.json").read_text())
-        except (OSError, ValueError):
-            config = {}
-        current = config.get("legacy") is True and config.get("merges_by_score") is True
-        if not (current and (EMBEDDED_TOKENIZER_DIR / "tokenizer.json").is_file()):
+        if not (config.get("merges_by_score") is True and (EMBEDDED_TOKENIZER_DIR / "tokenizer.json").is_file()):
             build_embedded_tokenizer()
         tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_TOKENIZER_DIR)
     elif model_id.startswith(("/", "./", "../", "~")) and not Path(model_id).expanduser().exists():
@@ -115,7 +100,7 @@ def load_tokenizer(model_id: str | None = None, revision: str = "main"):
 def tokenizer_name(tokenizer) -> str:
     """How a report names ``tokenizer``: its Hub id or folder, or "embedded" for the embedded Mistral-7B one."""
     name = str(tokenizer.name_or_path)
-    return "embedded" if Path(name).resolve() == Path(EMBEDDED_TOKENIZER_DIR).resolve() else name
+    return "embedded" if Path(name).resolve() == EMBEDDED_TOKENIZER_DIR.resolve() else name
 
 
 def ensure_tiny_model(out_dir: Path = TINY_MODEL_DIR, source: Path = TINY_BASE_DIR) -> Path:

@@ -1,9 +1,7 @@
 """Notebook 04: read every training run under ``runs/`` and plot its loss curves against the model card.
 
-    python -m utils.curves            # writes runs/plots/loss_curves.png and .svg, prints the summary table
-    python -m utils.curves --x tokens --smoothing 0.5 --runs runs --out runs/plots
-
-A run is a folder with ``trainer_state.json`` (its ``log_history``) or, failing that, TensorBoard event files.
+python -m utils.curves            # writes runs/plots/loss_curves.png and .svg, prints the summary table
+python -m utils.curves --x tokens --smoothing 0.5 --runs runs --out runs/plots
 """
 
 from __future__ import annotations
@@ -17,41 +15,36 @@ from pathlib import Path
 from utils import DATA_DIR, RUNS_DIR
 
 PLOTS_DIR = RUNS_DIR / "plots"
-CARD_FILE = DATA_DIR / "card_reference.json"
-CARD_SEQUENCE_LENGTH = 2048
 AXES = {"step": "optimizer step", "tokens": "tokens seen", "epoch": "epoch"}
 # TensorBoard's scalar tags, as the keys of trainer_state.json's log history
 TAGS = {"train/loss": "loss", "eval/loss": "eval_loss"}
 TAGS |= {f"train/{key}": key for key in ("epoch", "learning_rate", "num_input_tokens_seen")}
-# A RunLog's series besides the loss, and the log history's keys they come from
-SERIES = {"step": "step", "epoch": "epoch", "tokens": "num_input_tokens_seen", "learning_rate": "learning_rate"}
 
 
 @dataclass
 class RunLog:
-    """The logged series of one training run (its folder is managed by ``utils.runs``)."""
+    """The logged series of one training run: ``train`` (step, loss, epoch, tokens, learning_rate) and ``eval``."""
 
     name: str
     path: Path
-    source: str  # "trainer_state.json" or "tensorboard"
-    train: dict[str, list] = field(default_factory=dict)  # step, loss, epoch, tokens, learning_rate
-    eval: dict[str, list] = field(default_factory=dict)  # step, loss, epoch, tokens
+    source: str  # "trainer_state.json", "tensorboard" or "planted"
+    train: dict[str, list] = field(default_factory=dict)
+    eval: dict[str, list] = field(default_factory=dict)
     runtime_s: float | None = None
 
     def summary(self) -> dict:
-        """A row of the summary table. The train loss's start and end are ``tiny_world.loss_ends`` (medians of the
-        first and last tenth of the logged losses, the collection's one definition); "–" where not logged."""
+        """A row of the summary table, "–" where not logged; the train loss's ends are ``tiny_world.loss_ends``."""
         from utils.tiny_world import loss_ends
 
         ends = loss_ends(self.train.get("loss", []))
-        last = lambda series: series[-1] if series else "–"  # noqa: E731
+        start, end = (round(ends[0], 3), round(ends[1], 3)) if ends else ("–", "–")
         return {
             "run": self.name,
-            "train loss, start": round(ends[0], 3) if ends else "–",
-            "train loss, end": round(ends[1], 3) if ends else "–",
+            "train loss, start": start,
+            "train loss, end": end,
             "final eval loss": round(self.eval["loss"][-1], 3) if self.eval.get("loss") else "–",
-            "steps": last(self.train.get("step", [])),
-            "tokens": last(self.train.get("tokens", [])),
+            "steps": (self.train.get("step") or ["–"])[-1],
+            "tokens": (self.train.get("tokens") or ["–"])[-1],
             "runtime (s)": round(self.runtime_s, 1) if self.runtime_s is not None else "–",
             "from": self.source,
         }
@@ -65,7 +58,8 @@ def _series(entries: list[dict], key: str) -> dict[str, list]:
         for name in ("step", key):
             if isinstance(e.get(name), bool) or not isinstance(e.get(name), int | float):
                 raise ValueError(f"its {name} at step {e.get('step')!r} is {e.get(name)!r}, not a number")
-    return {"loss": [e[key] for e in rows]} | {name: [e.get(k) for e in rows] for name, k in SERIES.items()}
+    series = {"step": "step", "epoch": "epoch", "tokens": "num_input_tokens_seen", "learning_rate": "learning_rate"}
+    return {"loss": [e[key] for e in rows]} | {name: [e.get(k) for e in rows] for name, k in series.items()}
 
 
 def read_trainer_state(path: Path) -> RunLog:
@@ -97,8 +91,6 @@ def read_tensorboard(folder: Path) -> RunLog:
 def find_runs(runs_dir: Path = RUNS_DIR) -> list[RunLog]:
     """Every run under ``runs_dir``: folders with trainer_state.json (checkpoints skipped), else TensorBoard logs."""
     runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        return []
     found: dict[Path, RunLog] = {}
     for state in sorted(runs_dir.rglob("trainer_state.json")):
         if not state.parent.name.startswith("checkpoint-"):
@@ -117,8 +109,7 @@ def find_runs(runs_dir: Path = RUNS_DIR) -> list[RunLog]:
 
 
 def ema(values: list[float], weight: float = 0.9) -> list[float]:
-    """TensorBoard's smoothing: an exponential moving average debiased so that the first points are not pulled
-    towards 0, which is pandas' (adjusted) ``ewm``."""
+    """TensorBoard's smoothing: an exponential moving average debiased at the start, pandas' (adjusted) ``ewm``."""
     import pandas as pd
 
     if not 0 <= weight < 1:
@@ -126,26 +117,25 @@ def ema(values: list[float], weight: float = 0.9) -> list[float]:
     return pd.Series(values, dtype=float).ewm(alpha=1 - weight).mean().tolist()
 
 
-def card_reference(path: Path = CARD_FILE) -> dict:
-    """The card's numbers (data/card_reference.json) with the tokens seen at the logged step."""
-    ref = json.loads(Path(path).read_text())
-    point, schedule = ref["training_results"][0], ref["schedule"]
+def card_reference() -> dict:
+    """The card's numbers (data/card_reference.json) with the tokens seen at the logged step (2,048 a row)."""
+    ref = json.loads((DATA_DIR / "card_reference.json").read_text())
+    point, schedule, hp = ref["training_results"][0], ref["schedule"], ref["hyperparameters"]
     return {
         "step": point["step"],
         "epoch": point["epoch"],
         "train_loss": point["training_loss"],
         "eval_loss": point["validation_loss"],
         "final_eval_loss": ref["final_eval_loss"],
-        "tokens": point["step"] * ref["hyperparameters"]["total_train_batch_size"] * CARD_SEQUENCE_LENGTH,
+        "tokens": point["step"] * hp["total_train_batch_size"] * 2048,
         "planned_steps": schedule["planned_steps"],
         "warmup_steps": schedule["warmup_steps"],
-        "peak_lr": ref["hyperparameters"]["learning_rate"],
+        "peak_lr": hp["learning_rate"],
     }
 
 
 def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
-    """transformers' ``get_cosine_schedule_with_warmup`` at ``step``: a linear ramp over ``warmup`` steps, then a
-    half cosine from ``peak`` to 0 at ``total``."""
+    """transformers' ``get_cosine_schedule_with_warmup`` at ``step``: a linear warm-up, then a half cosine to 0."""
     if step < warmup:
         return peak * step / max(1, warmup)
     progress = (step - warmup) / max(1, total - warmup)
@@ -154,8 +144,7 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
 
 def plot_runs(runs: list[RunLog], reference: dict | None = None, smoothing: float = 0.9, x: str = "step"):
     """Your runs on the left, loss above and learning rate below, against ``x`` ("step", "tokens" or "epoch"); the
-    card's run in a narrow panel on the right: its schedule as planned (406 steps) and as run (stopped at 272), with
-    its logged losses written beside it (one logged point needs no axis of its own)."""
+    card's run in a narrow panel on the right."""
     import matplotlib.pyplot as plt
 
     if x not in AXES:
@@ -182,25 +171,25 @@ def plot_runs(runs: list[RunLog], reference: dict | None = None, smoothing: floa
 def _plot_run(loss_ax, lr_ax, run: RunLog, color: str, smoothing: float, x: str) -> None:
     """Training loss (thin: raw, thick: smoothed), evaluation loss (circles) and learning rate, with on steps the
     cosine it should follow (dashed); only series logged at every point of ``x``."""
-    logged = lambda values: bool(values) and all(v is not None for v in values)  # noqa: E731
-    xs = run.train.get(x, [])
+    logged = lambda values: bool(values) and None not in values  # noqa: E731
+    xs, lrs = run.train.get(x, []), run.train.get("learning_rate", [])
     if logged(xs):
-        losses, lrs = run.train["loss"], run.train.get("learning_rate", [])
+        losses = run.train["loss"]
         loss_ax.plot(xs, losses, color=color, alpha=0.3, linewidth=1, label=f"{run.name} train")
         loss_ax.plot(xs, ema(losses, smoothing), color=color, linewidth=2, label=f"{run.name} train (EMA)")
-        if logged(lrs):
-            lr_ax.plot(xs, lrs, color=color, marker=".", label=f"{run.name} lr")
-        if logged(lrs) and x == "step":
-            total, peak = max(xs), max(lrs)
-            steps = list(range(1, total + 1))  # the rate logged at step s is the one step s used: lr(s - 1)
-            cosine = [cosine_lr(s - 1, total, math.ceil(0.1 * total), peak) for s in steps]
-            lr_ax.plot(steps, cosine, color=color, linestyle="--", linewidth=1, label=f"{run.name} cosine, 10% warm-up")
+    if logged(xs) and logged(lrs):
+        lr_ax.plot(xs, lrs, color=color, marker=".", label=f"{run.name} lr")
+    if logged(xs) and logged(lrs) and x == "step":
+        total, peak = max(xs), max(lrs)
+        steps = list(range(1, total + 1))  # the rate logged at step s is the one step s used: lr(s - 1)
+        cosine = [cosine_lr(s - 1, total, math.ceil(0.1 * total), peak) for s in steps]
+        lr_ax.plot(steps, cosine, color=color, linestyle="--", linewidth=1, label=f"{run.name} cosine, 10% warm-up")
     if logged(run.eval.get(x, [])):
         loss_ax.plot(run.eval[x], run.eval["loss"], color=color, marker="o", linestyle="--", label=f"{run.name} eval")
 
 
 def _plot_card(ax, ref: dict) -> None:
-    """The card's schedule as planned and as run, and its logged losses as text."""
+    """The card's schedule as planned and as run, its one logged point written beside it rather than plotted."""
     planned = list(range(ref["planned_steps"] + 1))
     lrs = [cosine_lr(s, ref["planned_steps"], ref["warmup_steps"], ref["peak_lr"]) for s in planned]
     ax.plot(planned, lrs, color="grey", linestyle=":", label=f"planned: cosine over {ref['planned_steps']} steps")
@@ -233,34 +222,29 @@ HINTS = {  # what to look at, per problem, for a wrong answer
 
 
 def planted_runs(steps: int = 60, seed: int = 0) -> list[RunLog]:
-    """Three synthetic runs (made by this function, not trained) with the symptoms a learner should recognise:
-    ``PLANTED_TRUTH`` says which is which. Each logs like a trainer_state.json: training loss and learning rate every
-    step, evaluation loss every 6 steps."""
+    """Three synthetic runs (not trained) with the symptoms of ``PLANTED_TRUTH``, logged like a trainer_state.json:
+    loss and learning rate every step, evaluation loss every 6 steps."""
     import random
 
     rng = random.Random(seed)
     peak, warm = 2e-4, math.ceil(0.1 * steps)
-    schedule = {"A": (10 * peak, warm), "B": (peak, warm), "C": (peak, 0)}  # the peak learning rate, warm-up steps
-    train = {
+    train = {  # the training loss at t, from 0 to 1
         "A": lambda t: 1.2 + 0.9 * math.exp(-12 * t) + 1.6 * max(0.0, t - 0.25),
         "B": lambda t: 1.1 + 1.4 * math.exp(-5 * t) - 0.6 * t,
         "C": lambda t: 1.3 + 1.2 * math.exp(-4 * t) + 0.8 * math.exp(-((t - 0.06) ** 2) / 0.002),
     }
-    evaluate = {  # the evaluation loss, from the training loss without noise
-        "A": lambda t, loss: loss + 0.1,
-        "B": lambda t, loss: max(loss + 0.05, 1.2 + (t - 0.3) ** 2),
-        "C": lambda t, loss: loss + 0.08,
-    }
     runs = []
-    for name, (top, warmup) in schedule.items():
+    # each run's peak learning rate, warm-up steps, and evaluation loss above its noiseless training loss
+    for name, top, warmup, gap in (("A", 10 * peak, warm, 0.1), ("B", peak, warm, 0.05), ("C", peak, 0, 0.08)):
         history = []
         for step in range(1, steps + 1):
             t = step / steps
             logged = {"step": step, "epoch": 3 * t, "num_input_tokens_seen": step * 4096}
             lr = cosine_lr(step - 1, steps, warmup, top)
             history.append({**logged, "loss": train[name](t) + rng.gauss(0, 0.03), "learning_rate": lr})
-            if step % 6 == 0:
-                history.append({**logged, "eval_loss": evaluate[name](t, train[name](t))})
+            if step % 6 == 0:  # B's evaluation loss turns up after t = 0.3: overfitting
+                floor = 1.2 + (t - 0.3) ** 2 if name == "B" else 0.0
+                history.append({**logged, "eval_loss": max(train[name](t) + gap, floor)})
         train_log, eval_log = _series(history, "loss"), _series(history, "eval_loss")
         runs.append(RunLog(f"planted {name}", Path("planted") / name, "planted", train_log, eval_log))
     return runs
@@ -285,8 +269,7 @@ def plot_side_by_side(runs: list[RunLog], smoothing: float = 0.9):
 
 
 def diagnosis_of(answer: str) -> str | None:
-    """Which of the three problems a free-text answer names ("lr too high", "overfit", "missing warmup" count), or
-    None."""
+    """Which of the three problems a free-text answer names ("lr too high", "overfit", "missing warmup" count)."""
     text = " ".join("".join(c if c.isalnum() else " " for c in str(answer).lower()).split())
     if "overfit" in text.replace(" ", "") or "memoris" in text or "memoriz" in text:
         return "overfitting"
@@ -316,8 +299,7 @@ def diagnosis_feedback(diagnosis: dict[str, str]) -> list[str]:
 
 
 def save_figure(fig, name: str = "loss_curves", out_dir: Path = PLOTS_DIR) -> list[Path]:
-    """Save ``fig`` as PNG and SVG under ``out_dir``; return both paths. NotADirectoryError (one line) when
-    ``out_dir`` or a folder above it is a file."""
+    """Save ``fig`` as PNG and SVG under ``out_dir``; NotADirectoryError (one line) where a folder of it is a file."""
     out_dir = Path(out_dir)
     blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
@@ -346,9 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = find_runs(Path(args.runs))
     if not runs:
         print(f"No training runs under {args.runs} yet: run notebook 02 (QLoRA) or 03 (full fine-tune) first.")
-    fig = plot_runs(runs, card_reference(), smoothing=args.smoothing, x=args.x)
     try:
-        paths = save_figure(fig, out_dir=Path(args.out))
+        paths = save_figure(plot_runs(runs, card_reference(), args.smoothing, args.x), out_dir=Path(args.out))
     except NotADirectoryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,20 +1,19 @@
 """Notebook 05: the card's pirate prompt on the base and fine-tuned models, side by side.
 
-python -m utils.sampling                                   # every model found under runs/, the card's prompt
-python -m utils.sampling --model runs/qlora/merged --prompt "Name three rivers." --max_new_tokens 64 --seed 1
-
-Each answer is also appended to ``runs/sampling/answers.jsonl`` with its settings: notebook 05's check cell reads it.
+``python -m utils.sampling [--model DIR_OR_ID] [--prompt TEXT]`` also appends each answer with its settings to
+``runs/sampling/answers.jsonl``, which notebook 05's check cell reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import REPO_ROOT, RUNS_DIR, ConfigError
+from utils import DATA_DIR, REPO_ROOT, RUNS_DIR, ConfigError
 from utils.hardware import Profile
 
 PIRATE = [
@@ -26,18 +25,13 @@ CARD_RENDERING = (
     "<|user|>\nHow many helicopters can a human eat in one sitting?</s>\n<|assistant|>\n"
 )
 CARD_SAMPLING = dict(max_new_tokens=256, do_sample=True, temperature=0.7, top_k=50, top_p=0.95)
-# The card's own answer (its model card, "Intended uses & limitations"). Its printed prompt ends "pirate." while its
-# messages say "pirate": we render the messages, as the card's code does.
-CARD_ANSWER = (
-    "Ah, me hearty matey! But yer question be a puzzler! A human cannot eat a helicopter in one sitting, as "
-    "helicopters are not edible. They be made of metal, plastic, and other materials, not food!"
-)
+# The card's own answer. Its printed prompt ends "pirate." while its messages say "pirate": we render the messages.
+CARD_ANSWER = json.loads((DATA_DIR / "card_reference.json").read_text())["pirate_answer"]
 ANSWER_LOG = RUNS_DIR / "sampling" / "answers.jsonl"
 
 
 def more_prompts(profile: Profile) -> list[str]:
-    """The questions asked after the pirate prompt; to the tiny smoke models, which know only their small world,
-    three questions no training dialogue asks (``utils.tiny_world.CHECK_QUESTIONS``)."""
+    """The questions after the pirate prompt; to the tiny smoke models, three of their world no dialogue asks."""
     if profile.is_smoke:
         return ["Tell me about a banana.", "Where can I find a cat?", "What does a key do?"]
     return [
@@ -79,19 +73,12 @@ def log_answer(answer: Answer, model: str, settings: dict, path: Path = ANSWER_L
 def logged_answers(path: Path = ANSWER_LOG) -> list[dict]:
     """The answers ``log_answer`` wrote, oldest first, less any line that is not a JSON object with a model and a text
     (damaged, hand-edited, or cut inside a character by a stopped write)."""
-    try:
-        lines = path.read_bytes().split(b"\n")  # bytes: each line decodes on its own, and only "\n" ends one
-    except OSError:  # nothing logged yet
-        return []
     rows = []
-    for line in lines:
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except ValueError:  # UnicodeDecodeError is one
-            continue
-        if isinstance(row, dict) and isinstance(row.get("model"), str) and isinstance(row.get("text"), str):
-            rows.append(row)
-    return rows
+    with contextlib.suppress(OSError):  # nothing logged yet
+        for line in path.read_bytes().split(b"\n"):  # bytes: each line decodes on its own, and only "\n" ends one
+            with contextlib.suppress(ValueError):  # UnicodeDecodeError is one
+                rows.append(json.loads(line.decode("utf-8")))
+    return [r for r in rows if isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("model", "text"))]
 
 
 def candidate_models(profile: Profile, runs_dir: Path = RUNS_DIR, hub: bool = False) -> dict[str, str]:
@@ -126,11 +113,11 @@ def load_for_sampling(ref: str, profile: Profile):
         if (Path(ref) / "adapter_config.json").is_file():
             from trl import ModelConfig, get_quantization_config
 
-            from utils.assets import ensure_tiny_model
+            from utils.assets import TINY_MODEL_DIR
             from utils.model import load_adapter, load_model
 
             base_args = ModelConfig(
-                model_name_or_path=profile.model_id or str(ensure_tiny_model()),
+                model_name_or_path=profile.model_id or str(TINY_MODEL_DIR),  # load_model builds the tiny one
                 dtype=profile.compute_dtype,
                 attn_implementation="sdpa",
                 load_in_4bit=True,
@@ -144,9 +131,8 @@ def load_for_sampling(ref: str, profile: Profile):
 
 
 def prompt_batch(tokenizer, prompts: list[str], tokenization: str = "card") -> dict:
-    """Rendered ``prompts`` left-padded (a decoder-only model continues from the right end of every row), in the ids
-    the model was trained on: ``card`` (or ``card-text``), the card's, as ``utils.prepare_data`` writes them by
-    default ("▁" after every ``</s>``, ``utils.card_era``); ``today``, the tokenizer's own."""
+    """Rendered ``prompts`` left-padded, in the ids the model was trained on: ``card`` (or ``card-text``), as
+    ``utils.prepare_data`` writes them by default ("▁" after every ``</s>``); ``today``, the tokenizer's own."""
     from utils.card_era import era_backend
 
     if tokenizer.pad_token is None:  # utils.assets.load_tokenizer always sets one
@@ -156,17 +142,14 @@ def prompt_batch(tokenizer, prompts: list[str], tokenization: str = "card") -> d
     return dict(tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt"))
 
 
-def generate(
-    model, tokenizer, prompts: list[str], seed: int = 42, eos_token_id=None, tokenization: str = "card", **sampling
-) -> list[Answer]:
-    """Sample answers for rendered ``prompts`` in one batch (``prompt_batch``), cut each at its first EOS. ``set_seed``
-    before the batch makes a re-run print the same text."""
+def generate(model, tokenizer, prompts: list[str], seed: int = 42, eos_token_id=None, **sampling) -> list[Answer]:
+    """Sample answers to rendered ``prompts`` in one batch, each cut at its first EOS; the same seed, the same text."""
     import torch
     from transformers import set_seed
 
     settings = {**CARD_SAMPLING, **sampling}
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    batch = {k: v.to(model.device) for k, v in prompt_batch(tokenizer, prompts, tokenization).items()}
+    batch = {k: v.to(model.device) for k, v in prompt_batch(tokenizer, prompts).items()}
     prompt_tokens = batch["input_ids"].shape[1]
     positions = getattr(model.config, "max_position_embeddings", None) or 10**9  # none beyond these
     if prompt_tokens >= positions:
@@ -182,14 +165,15 @@ def generate(
     for prompt, row in zip(prompts, out[:, prompt_tokens:].tolist(), strict=True):
         stopped = eos in row
         tokens = row[: row.index(eos)] if stopped else row
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        answers.append(Answer(prompt, text, len(tokens) + stopped, stopped))
+        answers.append(
+            Answer(prompt, tokenizer.decode(tokens, skip_special_tokens=True), len(tokens) + stopped, stopped)
+        )
     return answers
 
 
 def turn_marker_lines(answers: list[Answer]) -> list[str]:
     """How many of a fine-tune's ``answers`` write a turn marker (``<|user|>``, any ``<|``) before their first
-    ``</s>``, up to two of them, and where that comes from: the card's recipe trains on every token."""
+    ``</s>``, up to two of them, and why: the card's recipe trains on every token."""
     written = [a for a in answers if "<|" in a.text]
     end = (
         ": such an answer goes on with a turn of its own instead of stopping, and counts neither as a stop nor as "
@@ -239,19 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: --seed must be a whole number from 0 to 2**32 - 1, got {args.seed}\n")
     settings = {k: getattr(args, k) for k in ("prompt", "system", "seed", "temperature", "max_new_tokens")}
     try:
-        refs = [check_model_ref(ref) for ref in args.model or []]
+        models = {ref: check_model_ref(ref) for ref in args.model or []}
         profile = choose_profile(args.profile)
         tokenizer = load_tokenizer(profile.model_id)
         # no --system: the card's empty system turn, as in every training dialogue without one
         messages = [{"role": "system", "content": args.system or ""}, {"role": "user", "content": args.prompt}]
-        prompt = tokenizer.apply_chat_template(
-            PIRATE if args.prompt is None else messages, tokenize=False, add_generation_prompt=True
-        )
-        for name, ref in ({ref: ref for ref in refs} or candidate_models(profile, hub=hub_reachable())).items():
+        messages = PIRATE if args.prompt is None else messages
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        for name, ref in (models or candidate_models(profile, hub=hub_reachable())).items():
             model = load_for_sampling(ref, profile)
-            answer = generate(
-                model, tokenizer, [prompt], args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature
-            )[0]
+            sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+            answer = generate(model, tokenizer, [prompt], args.seed, **sampling)[0]
             log_answer(answer, name, settings)
             print(f"== {name} ({answer.new_tokens} tokens, {'EOS' if answer.stopped_at_eos else 'max_new_tokens'})")
             print(answer.text)
