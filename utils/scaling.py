@@ -101,13 +101,8 @@ def estimate(strategy: str, gpus: int, gpu_gb: int, per_device_batch: int = 8, s
     return Estimate(w / GIB, g / GIB, o / GIB, act / GIB, RESERVE_GIB, usable_gib(gpu_gb) if gpu_gb else 0.0)
 
 
-PARTS = {  # the parts of a full fine-tune's memory per GPU, as fit_table's columns, and their colours
-    "weights": "#4C72B0",
-    "gradients": "#DD8452",
-    "optimizer": "#55A868",
-    "activations": "#C44E52",
-    "reserve": "#8C8C8C",
-}
+# the parts of a full fine-tune's memory per GPU, as fit_table's columns, and their colours
+PARTS = dict(weights="#4C72B0", gradients="#DD8452", optimizer="#55A868", activations="#C44E52", reserve="#8C8C8C")
 
 
 def fit_table(per_device_batch: int = 8):
