@@ -81,13 +81,9 @@ def model_states_bytes(params: int, strategy: str, gpus: int) -> tuple[float, fl
     return w, g, o
 
 
-# The GPU that stands for each size class (utils.hardware.SHAPES: what torch reports for it, in GiB).
+# The GPU that stands for each size class, and the GiB torch reports for it (a T4's "16 GB" are 14.7 GiB).
 GPU_CLASSES = {16: "t4", 24: "l4", 40: "a100-40gb", 80: "h100"}
-
-
-def usable_gib(gpu_gb: int) -> float:
-    """The GiB a GPU sold as ``gpu_gb`` GB reports to PyTorch (a T4's "16 GB" are 14.7 GiB)."""
-    return SHAPES[GPU_CLASSES[gpu_gb]].memory_gib
+USABLE_GIB = {gb: SHAPES[name].memory_gib for gb, name in GPU_CLASSES.items()}
 
 
 def estimate(strategy: str, gpus: int, gpu_gb: int, per_device_batch: int = 8, seq_len: int = 2048) -> Estimate:
@@ -98,7 +94,7 @@ def estimate(strategy: str, gpus: int, gpu_gb: int, per_device_batch: int = 8, s
     block = 34 * tokens * hidden  # one transformer block with flash/sdpa attention (no s^2 term), bf16
     # Korthikanti et al., 2022: each layer's checkpointed input, one block recomputed at a time; fp32 logits and grad
     act = MISTRAL_7B["layers"] * 2 * tokens * hidden + block + 2 * 4 * tokens * MISTRAL_7B["vocab"]
-    return Estimate(w / GIB, g / GIB, o / GIB, act / GIB, RESERVE_GIB, usable_gib(gpu_gb) if gpu_gb else 0.0)
+    return Estimate(w / GIB, g / GIB, o / GIB, act / GIB, RESERVE_GIB, USABLE_GIB[gpu_gb] if gpu_gb else 0.0)
 
 
 # the parts of a full fine-tune's memory per GPU, as fit_table's columns, and their colours
@@ -116,8 +112,8 @@ def fit_table(per_device_batch: int = 8):
             e = estimate(strategy, n, 0, per_device_batch)
             row = {"strategy": strategy, "gpus": n, **{part: round(getattr(e, part), 1) for part in PARTS}}
             row["GiB per GPU"] = round(e.total, 1)
-            for size in GPU_CLASSES:
-                row[f"{size} GB ({usable_gib(size)} GiB)"] = "fits" if e.total <= usable_gib(size) else "-"
+            for size, gib in USABLE_GIB.items():
+                row[f"{size} GB ({gib} GiB)"] = "fits" if e.total <= gib else "-"
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -137,7 +133,7 @@ def plot_full_memory(per_device_batch: int = 8, gpus: int = 8):
         label = f"CUDA reserve ({RESERVE_GIB} GiB)" if part == "reserve" else part
         bars.barh(rows.index, rows[part], left=left, color=color, label=label)
         left = left + rows[part]
-    capacity = {size: usable_gib(size) for size in GPU_CLASSES}
+    capacity = USABLE_GIB
     for gib in capacity.values():
         bars.axvline(gib, color="grey", linestyle=":", linewidth=0.8)
     guides = bars.secondary_xaxis("top")  # the GPU sizes, labelled above the bars they cut through
@@ -174,14 +170,12 @@ def plot_full_memory(per_device_batch: int = 8, gpus: int = 8):
 
 # --- QLoRA on one GPU ------------------------------------------------------------------------------------------------
 def h200_measurements() -> dict:
-    """The QLoRA measurements on an H200 (docs/benchmarks.md): tokens/s and peak memory by attention and
-    checkpointing."""
+    """The QLoRA measurements on an H200 (docs/benchmarks.md): tokens/s and peak memory by attention, checkpointing."""
     return json.loads((DATA_DIR / "measurements" / "h200_qlora.json").read_text())
 
 
 def measured_qlora_gib() -> dict[int, float]:
-    """Peak reserved GiB measured for QLoRA of Mistral-7B at 4 x 2,048 tokens on an H200, by checkpoint_every,
-    flex_attention where measured."""
+    """Peak reserved GiB measured for QLoRA at 4 x 2,048 tokens, by checkpoint_every (flex_attention where measured)."""
     rows = sorted(h200_measurements()["rows"], key=lambda r: r["attn"] != "flex_attention")  # flex_attention first
     return {r["checkpoint_every"]: r["peak_reserved_gib"] for r in reversed(rows) if r["packed"]}  # the first wins
 
