@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
+from tools.gpu_plans import markdown_table
 from utils import REPO_ROOT, hardware, sft
 from utils.hardware import SHAPES, shape
-from utils.plan import markdown_table, shape_plans
+from utils.plan import shape_plans
 
 RECIPE = "configs/sft_qlora.yaml"
 # shape -> profile, compute dtype, bf16, fp16, attention, checkpoint every, batch x accumulation x GPUs, trainable

@@ -1,7 +1,6 @@
 """What machine is this, and which profile should the notebooks use on it?
 
-``choose_profile("auto")`` looks at the GPU and where the model can come from (the Hub, or a folder or the HF cache
-on disk), and prints its choice with the reasons. ``utils.recipe`` layers ``Profile.settings()`` under the recipe.
+``choose_profile("auto")`` prints its choice with the reasons; ``utils.recipe`` layers ``Profile.settings()`` under it.
 
     python -m utils.hardware                 # this machine
     python -m utils.hardware --gpu t4        # a Colab T4, planned from here (``SHAPES`` below lists them)
@@ -29,8 +28,7 @@ BASE_MODEL_ID = "mistralai/Mistral-7B-v0.1"
 HUB_DATASET = "HuggingFaceH4/ultrachat_200k"
 SAMPLE_DATASET = "data/sample/ultrachat_200k"
 # ultrachat_200k's train_sft as the card packed it, in rows of 2,048 tokens: the card's stop at step 272 (x 512 rows)
-# and two other published runs pin 139,264 to 139,648 rows (docs/card_era.md); their middle is this collection's one
-# reference for the size of an epoch. (utils.scaling.ULTRACHAT_PACKED_ESTIMATE is an offline estimate, a check.)
+# and two other published runs pin 139,264 to 139,648 rows (docs/card_era.md); their middle is the one reference here.
 ULTRACHAT_PACKED_ROWS = 139_456
 ULTRACHAT_TOKENS = ULTRACHAT_PACKED_ROWS * 2048  # ~285.6M
 
@@ -52,13 +50,11 @@ class Hardware:
     compiler: bool = False  # ... which needs a C compiler at run time
 
     def summary(self) -> str:
-        """One human line: GPU (or CPU), platform and Hub reachability."""
+        """One line: GPU (or CPU), platform and Hub reachability."""
+        gpu = "no CUDA GPU"
         if self.cuda:
-            cc = ".".join(map(str, self.compute_capability or ()))
-            bf16 = "yes" if self.bf16 else "no"
+            cc, bf16 = ".".join(map(str, self.compute_capability or ())), "yes" if self.bf16 else "no"
             gpu = f"{self.gpu_count}x {self.gpu_name} ({self.gpu_memory_gib:.0f} GiB, sm {cc}, bf16={bf16})"
-        else:
-            gpu = "no CUDA GPU"
         return f"{gpu}; platform {self.platform}; Hub {'reachable' if self.hub else 'unreachable'}"
 
 
@@ -98,10 +94,9 @@ class Profile:
         return values
 
 
-# The embedded default stands in for the recipe's 7B model and 200k dialogues, so it also sets the run's scale: short
-# sequences (the sample's dialogues are short), one dialogue-packed row per step, two epochs, and a learning rate
-# for a tiny model. With these, the tiny base learns the template and the pirate's voice, and keeps answering what
-# was asked, in every seed tried and on both CPU paths (bench/tiny_sft_check.py, docs/benchmarks.md).
+# The embedded default stands in for the 7B model and 200k dialogues, so it also sets the run's scale: short
+# sequences, one dialogue-packed row per step, two epochs, a tiny model's learning rate. With these the tiny base
+# learns the template and the pirate's voice in every seed tried, on both CPU paths (bench/tiny_sft_check.py).
 SMOKE = Profile(
     name="smoke",
     description="embedded default: real Mistral tokenizer, tiny pretrained Mistral, shipped sample dialogues",
@@ -142,12 +137,9 @@ GPU_PROFILES = tuple(
 PROFILES = {p.name: p for p in (SMOKE, *GPU_PROFILES)}
 
 
-# --- the GPUs the collection plans for, without having them ---------------------------------------------------------
-# An instructor prepares a workshop for the room's GPUs on a laptop (``--gpu t4``). Memory is what
-# ``torch.cuda.get_device_properties(0).total_memory`` reports (GiB, a little under the GB on the box).
 @dataclass(frozen=True)
 class GpuShape:
-    """One GPU model as the profile choice sees it, and how many of them a machine has."""
+    """A GPU an instructor plans for without having it (``--gpu t4``): memory is what torch reports (GiB)."""
 
     name: str  # the device name torch reports
     memory_gib: float
@@ -156,11 +148,9 @@ class GpuShape:
     platform: str = "local"
 
     def hardware(self) -> Hardware:
-        """A machine with this GPU, the Hub reachable and Triton with a C compiler (as on Colab, Kaggle and the usual
-        CUDA images); flash-attn is not assumed installed."""
-        gpu = dict(gpu_name=self.name, gpu_count=self.count, gpu_memory_gib=self.memory_gib, platform=self.platform)
-        cc = self.compute_capability
-        return Hardware(True, compute_capability=cc, bf16=cc >= (8, 0), hub=True, triton=True, compiler=True, **gpu)
+        """With the Hub and Triton with a C compiler (as on Colab, Kaggle, CUDA images); flash-attn not assumed."""
+        cc, facts = self.compute_capability, dict(platform=self.platform, hub=True, triton=True, compiler=True)
+        return Hardware(True, self.name, self.count, self.memory_gib, cc, bf16=cc >= (8, 0), **facts)
 
 
 # Dense 16-bit tensor TFLOPS from the vendors' data sheets, by name fragment (fp16 on GPUs without bf16; fp32
@@ -189,18 +179,17 @@ SHAPES: dict[str, GpuShape] = {
     "h100": GpuShape("NVIDIA H100 80GB HBM3", 79.1, (9, 0)),
     "h200": GpuShape("NVIDIA H200", 139.8, (9, 0)),
 }
-MAX_GPUS = 1024  # the most GPUs a plan is made for (the card trained on 16)
 
 
 def shape(name: str) -> GpuShape:
-    """The shape called ``name`` (case-insensitive), or N of them (``16xa100-80gb``, N up to ``MAX_GPUS``)."""
+    """The shape called ``name`` (case-insensitive), or N of them (``16xa100-80gb``; the card trained on 16)."""
     key = name.lower()
     if key in SHAPES:
         return SHAPES[key]
     count, _, single = key.partition("x")
     if count.isascii() and count.isdigit() and single in SHAPES:
-        if not 1 <= int(count) <= MAX_GPUS:
-            raise ValueError(f"GPU {name!r}: the count must be 1 to {MAX_GPUS}")
+        if not 1 <= int(count) <= 1024:
+            raise ValueError(f"GPU {name!r}: the count must be 1 to 1024")
         return replace(SHAPES[single], count=int(count))
     raise ValueError(f"unknown GPU {name!r}; choose one of: {', '.join(SHAPES)} (or NxGPU, e.g. 8xh100)")
 
@@ -236,16 +225,12 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 
 def c_compiler() -> str | None:
     """The C compiler Triton would call (``$CC``, else cc, gcc or clang on the PATH), or None."""
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
+    return next((name for name in (os.environ.get("CC"), "cc", "gcc", "clang") if name and shutil.which(name)), None)
 
 
 _GPU_QUERY = """import json, torch
 p = torch.cuda.get_device_properties(0)
-print(json.dumps({"name": p.name, "count": torch.cuda.device_count(), "memory": p.total_memory,
-                  "major": p.major, "minor": p.minor}))"""
+print(json.dumps([p.name, torch.cuda.device_count(), p.total_memory / 2**30, p.major, p.minor]))"""
 
 
 @lru_cache(maxsize=2)
@@ -264,14 +249,13 @@ def detect_hardware(check_hub: bool = True) -> Hardware:
         return Hardware(cuda=False, flash_attn=flash_attn, **facts)
     # GPU 0, read in a child process: one that initialised CUDA could no longer fork notebook_launcher's processes
     out = subprocess.run([sys.executable, "-c", _GPU_QUERY], capture_output=True, text=True, check=True)
-    gpu = json.loads(out.stdout.strip().splitlines()[-1])
-    cc = (gpu["major"], gpu["minor"])
-    found = GpuShape(gpu["name"], gpu["memory"] / 2**30, cc, gpu["count"]).hardware()
-    return replace(found, flash_attn=flash_attn and cc >= (8, 0), **facts)
+    name, count, gib, *cc = json.loads(out.stdout.strip().splitlines()[-1])
+    ampere = tuple(cc) >= (8, 0)
+    return Hardware(True, name, count, gib, tuple(cc), bf16=ampere, flash_attn=flash_attn and ampere, **facts)
 
 
 def local_model(model: str | None) -> str | None:
-    """``model`` when it can load without the network: a folder with ``config.json``, or a Hub id already in the
+    """``model`` when it loads without the network: a folder with ``config.json``, or a Hub id already in the
     Hugging Face cache (used with ``HF_HUB_OFFLINE=1``). None otherwise."""
     if model and (Path(model) / "config.json").is_file():
         return model
@@ -288,8 +272,8 @@ def local_model(model: str | None) -> str | None:
 def choose_profile(
     requested: str = "auto", hardware: Hardware | None = None, verbose: bool = True, model: str | None = None
 ) -> Profile:
-    """Resolve ``requested`` ("auto" or a profile name) to a Profile and print the choice with its reason. ``model``
-    (a folder or Hub id to train instead of Mistral-7B) on disk gets a GPU profile even without the Hub."""
+    """Resolve ``requested`` ("auto" or a profile name) and print the choice with its reason. ``model`` (a folder or
+    Hub id to train instead of Mistral-7B) on disk gets a GPU profile even without the Hub."""
     if requested != "auto" and requested not in PROFILES:
         raise ValueError(f"unknown profile {requested!r}; choose one of: auto, {', '.join(PROFILES)}")
     hw = hardware or detect_hardware(check_hub=requested != "smoke")
@@ -300,7 +284,7 @@ def choose_profile(
     return profile
 
 
-def _pick(requested: str, hw: Hardware, model: str | None = None) -> tuple[Profile, str]:
+def _pick(requested: str, hw: Hardware, model: str | None) -> tuple[Profile, str]:
     if requested == "smoke":
         return SMOKE, "asked for explicitly"
     if not hw.cuda:
@@ -324,12 +308,12 @@ def _pick(requested: str, hw: Hardware, model: str | None = None) -> tuple[Profi
             f"profile {requested!r} needs {profile.min_gpu_memory_gib:.0f} GiB of GPU memory; this "
             f"{hw.gpu_name} has {hw.gpu_memory_gib:.0f} GiB. Use PROFILE='auto' or a smaller profile."
         )
-    reason = (
-        f"{hw.gpu_memory_gib:.0f} GiB GPU fits {profile.description}" if requested == "auto" else "asked for explicitly"
-    )
+    reason = "asked for explicitly"
+    if requested == "auto":
+        reason = f"{hw.gpu_memory_gib:.0f} GiB GPU fits {profile.description}"
     source = {"model_id": local or wanted}
     if hw.hub:
-        reason += f"; {source['model_id']} {'from disk' if local else 'from the Hub'}"
+        reason += f"; {local or wanted} {'from disk' if local else 'from the Hub'}"
     else:
         source["dataset"] = SAMPLE_DATASET
         reason += f"; the Hub is unreachable: {local} from disk, the shipped sample dialogues as data"
@@ -343,9 +327,25 @@ def _pick(requested: str, hw: Hardware, model: str | None = None) -> tuple[Profi
     return chosen, reason
 
 
-def _flex_problem(hw: Hardware) -> str | None:
-    """Why flex_attention cannot run on ``hw``, or None. Its Triton kernels are written for sm80+ (their tiles need
-    more shared memory than a T4's 64 KB per block), and Triton compiles a small C launcher when it first runs."""
+def choose_attention(hw: Hardware, dtype: str) -> tuple[str, str]:
+    """The attention kernel for packed, padding-free batches, and why: flash-attention 2 where installed (sm80+,
+    16-bit); else flex_attention (it skips the masked blocks between packed dialogues) where it can run; else sdpa."""
+    if hw.flash_attn and dtype == "bfloat16":
+        return "flash_attention_2", "flash-attn 2 is installed"
+    problem = attention_problem("flex_attention", hw)
+    if problem:
+        return "sdpa", f"sdpa: {problem}"
+    cc = hw.compute_capability
+    return "flex_attention", f"flex_attention on sm {cc[0]}{cc[1]}: skips the blocks between packed dialogues"
+
+
+def attention_problem(attn: str, hw: Hardware) -> str | None:
+    """Why ``attn`` cannot run on ``hw``, or None. flex_attention's Triton kernels are written for sm80+ (their tiles
+    need more shared memory than a T4's 64 KB per block), and Triton compiles a small C launcher when it first runs."""
+    if attn == "flash_attention_2" and not hw.flash_attn:
+        return "flash_attention_2 needs the flash_attn package and a GPU of compute capability 8.0+"
+    if attn != "flex_attention" or not hw.cuda:
+        return None
     cc = hw.compute_capability or (0, 0)
     if cc < (8, 0):
         return f"flex_attention's Triton kernels need compute capability 8.0+, this GPU is {cc[0]}.{cc[1]}"
@@ -354,26 +354,6 @@ def _flex_problem(hw: Hardware) -> str | None:
     if not hw.compiler:
         return "flex_attention's Triton kernels need a C compiler (cc, gcc or clang), none was found"
     return None
-
-
-def choose_attention(hw: Hardware, dtype: str) -> tuple[str, str]:
-    """The attention kernel for packed, padding-free QLoRA batches on this GPU, and why: flash-attention 2 where it
-    is installed (Ampere or newer, 16-bit); else ``flex_attention``, which skips the masked blocks between packed
-    dialogues, where it can run; else ``sdpa``."""
-    if hw.flash_attn and dtype == "bfloat16":
-        return "flash_attention_2", "flash-attn 2 is installed"
-    problem = _flex_problem(hw)
-    if problem:
-        return "sdpa", f"sdpa: {problem}"
-    cc = hw.compute_capability
-    return "flex_attention", f"flex_attention on sm {cc[0]}{cc[1]}: skips the blocks between packed dialogues"
-
-
-def attention_problem(attn: str, hw: Hardware) -> str | None:
-    """Why ``attn`` cannot run on ``hw`` (a value the user set), or None."""
-    if attn == "flash_attention_2" and not hw.flash_attn:
-        return "flash_attention_2 needs the flash_attn package and a GPU of compute capability 8.0+"
-    return _flex_problem(hw) if attn == "flex_attention" and hw.cuda else None
 
 
 def launcher_problems() -> list[str]:

@@ -2,13 +2,13 @@
 
     python -m utils.sft --config configs/sft_qlora.yaml --gpu t4 --plan [--json plan.json]
 
-The plan shows the profile and why, every setting the profile or the user changed with where it came from, the
-dtype of each part of the model, the batch, the memory estimate against the GPU, and the time for one epoch of
-ultrachat_200k scaled from the H200 measurements (an estimate). The tests check every GPU shape's choices with it.
+The tests check every GPU shape's choices with it (docs/gpu_plans.md explains what a plan shows).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -18,7 +18,7 @@ from typing import Any
 
 from utils import REPO_ROOT, scaling
 from utils.hardware import SHAPES, ULTRACHAT_TOKENS, Hardware, choose_profile, peak_tflops
-from utils.recipe import CLI, PROFILE, RECIPE, Settings
+from utils.recipe import CLI, PROFILE, RECIPE, Settings, resolve
 
 
 def checkpoint_every(values: dict) -> int:
@@ -33,7 +33,7 @@ def _qlora(values: dict) -> bool:
 
 
 def part_dtypes(values: dict) -> dict[str, str]:
-    """The dtype of each part of the run, as the code paths of TRL, peft and bitsandbytes set them."""
+    """The dtype of each part of the run, as TRL, peft and bitsandbytes set them."""
     dtype, quantized = values["dtype"], values["load_in_4bit"]
     autocast = "bfloat16" if values["bf16"] else "float16 (with a gradient scaler)" if values["fp16"] else "none"
     if _qlora(values):
@@ -68,9 +68,8 @@ def memory_gib(values: dict, world: int) -> tuple[float, str]:
 
 
 def epoch_hours(values: dict, hw: Hardware, world: int) -> tuple[float | None, str]:
-    """Hours for one epoch of ultrachat_200k (QLoRA only): the H200's measured tokens/s for this attention and
-    checkpointing, in proportion to the GPU's peak TFLOPS alone (memory bandwidth and size are not modelled) and
-    scaled perfectly over GPUs. The basis it returns names both assumptions."""
+    """Hours for one epoch of ultrachat_200k (QLoRA only): the H200's measured tokens/s for these settings, in
+    proportion to peak TFLOPS alone (not bandwidth or size) and scaled perfectly over GPUs; the basis names both."""
     if not hw.cuda or not _qlora(values):
         return None, "no estimate (QLoRA on a GPU only)"
     ref = scaling.h200_measurements()
@@ -138,7 +137,7 @@ def print_plan(result: dict) -> None:
     for part, dtype in result["parts"].items():
         print(f"  {part:<18} {dtype}")
     per, acc = s["per_device_train_batch_size"]["value"], s["gradient_accumulation_steps"]["value"]
-    world = int(result.get("world_size") or 1)
+    world = result["world_size"]
     print(
         f"Batch: {per} per device x {acc} accumulation x {world} process(es) = {per * acc * world} sequences of "
         f"{s['max_length']['value']} tokens per optimizer step"
@@ -153,9 +152,8 @@ def print_plan(result: dict) -> None:
 
 
 def plan_in_child(argv: list[str], gpu: str | None = None) -> dict:
-    """``plan`` computed by ``python -m utils.sft ... --plan`` in a child process, so that this process never
-    imports TRL (which imports bitsandbytes, which initialises CUDA): notebook 03 shows the recipe this way and
-    its ``notebook_launcher`` cell can still fork."""
+    """``plan`` computed by ``python -m utils.sft ... --plan`` in a child process, which imports TRL (and so
+    bitsandbytes, which initialises CUDA) instead of this one: notebook 03's ``notebook_launcher`` can still fork."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "plan.json"
         command = [sys.executable, "-m", "utils.sft", *argv, "--plan", "--json", str(out)]
@@ -176,11 +174,6 @@ def value(result: dict, name: str) -> Any:
 # --- every GPU the collection plans for ------------------------------------------------------------------------------
 def shape_plans(config: str = "configs/sft_qlora.yaml") -> dict[str, dict]:
     """The plan of ``config`` for every shape in utils.hardware.SHAPES (resolved in this process)."""
-    import contextlib
-    import io
-
-    from utils.recipe import resolve
-
     plans = {}
     for name, gpu in SHAPES.items():
         hw = gpu.hardware()
@@ -188,40 +181,3 @@ def shape_plans(config: str = "configs/sft_qlora.yaml") -> dict[str, dict]:
             settings = resolve(["--config", config], choose_profile("auto", hw, verbose=False), hw, gpu.count)
         plans[name] = plan(settings, hw)
     return plans
-
-
-def markdown_table(plans: dict[str, dict]) -> str:
-    """One row per GPU shape (docs/gpu_plans.md): what the profile chose and what the run would take."""
-    head = (
-        "| --gpu | profile | compute dtype | mixed precision | attention | checkpointing | batch | trainable weights "
-        "| memory (GiB) | one epoch (estimate) |\n|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    rows = []
-    for name, p in plans.items():
-        v = {k: x["value"] for k, x in p["settings"].items()}
-        every = checkpoint_every(v)
-        checkpointing = ["none", "every layer"][every] if every < 2 else f"every {every}nd layer"
-        e = p["estimates"]
-        rows.append(
-            f"| {name} | {p['profile']} | {v['dtype']} | {'bf16' if v['bf16'] else 'fp16' if v['fp16'] else 'none'} "
-            f"| {v['attn_implementation']} | {checkpointing} "
-            f"| {v['per_device_train_batch_size']} x {v['gradient_accumulation_steps']} x {p['world_size']} "
-            f"| {p['parts']['trainable weights'].split(' (')[0]} "
-            f"| {e['memory_gib']} of {e['gpu_memory_gib']} ({'fits' if e['fits'] else 'does not fit'}) "
-            f"| ~{e['epoch_hours']:,} h |"
-        )
-    return head + "\n".join(rows) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m utils.plan", description="The plan of a recipe on every GPU shape")
-    parser.add_argument("--config", default="configs/sft_qlora.yaml")
-    args = parser.parse_args(argv)
-    print(markdown_table(shape_plans(args.config)), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

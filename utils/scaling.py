@@ -3,29 +3,28 @@
     python -m utils.scaling --gpus 8 --per-device 8          # accumulation and steps per epoch
     python -m utils.scaling --table                          # the memory-fit table for Mistral-7B
 
-Memory model (per GPU, bytes), after the ZeRO paper (Rajbhandari et al., 2020, Fig. 1): mixed-precision Adam keeps
-2 bytes/parameter of bf16 weights, 2 of bf16 gradients and K = 12 of fp32 optimizer states (master weights,
-momentum, variance), divided by the number of GPUs for what each strategy shards. Plus activations with gradient
-checkpointing (Korthikanti et al., 2022: a block's input per layer kept, one block recomputed at a time), the fp32
-logits of the loss, and a fixed reserve for the CUDA context and fragmentation.
+The memory model: ``model_states_bytes``, ``estimate`` and ``qlora_memory`` (formulas and sources in their docstrings).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
+
+from utils import DATA_DIR
+from utils.hardware import GPU_PROFILES, SHAPES
 
 GIB = 2**30
 
 # Mistral-7B-v0.1 (MistralConfig defaults)
 MISTRAL_7B = dict(params=7_241_732_096, layers=32, hidden=4096, kv=1024, intermediate=14_336, vocab=32_000)
 STRATEGIES = ("ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp")
-RESERVE_GIB = 2.5  # CUDA context, NCCL buffers, allocator fragmentation
-# ultrachat_200k's train_sft (~300.7M tokens) packed into 2,048-token sequences: an offline estimate from its published
-# size and the sample's characters per token (docs/card_era.md, "ultrachat_200k (offline estimate)"), 5% over the
-# card's size. Only a check of that method: the collection's reference is utils.hardware.ULTRACHAT_PACKED_ROWS.
+RESERVE_GIB = 2.5
+# ultrachat_200k's train_sft packed into 2,048-token rows, estimated offline from its published size (docs/card_era.md),
+# 5% over the card's: only a check of that method; the reference is utils.hardware.ULTRACHAT_PACKED_ROWS.
 ULTRACHAT_PACKED_ESTIMATE = 146_735
 
 
@@ -49,21 +48,18 @@ def steps_per_epoch(packed_sequences: int, global_batch: int) -> int:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Per-GPU memory of a full fine-tune, in GiB, and whether it fits."""
+    """Per-GPU memory of a full fine-tune by part, in GiB, and whether it fits what the GPU reports (``gpu_gib``)."""
 
-    strategy: str
-    gpus: int
-    gpu_gib: float  # what the GPU reports (usable), not the GB on the box: see usable_gib
-    per_device_batch: int
     weights: float
     gradients: float
     optimizer: float
     activations: float
     reserve: float
+    gpu_gib: float
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.reserve
+        return sum(getattr(self, part) for part in PARTS)
 
     @property
     def fits(self) -> bool:
@@ -71,11 +67,10 @@ class Estimate:
 
 
 def model_states_bytes(params: int, strategy: str, gpus: int) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer states) bytes per GPU under ``strategy`` with mixed-precision Adam (K=12).
-    ZeRO stage 1 shards the optimizer states, stage 2 the gradients too, stage 3 (and FSDP) the weights too; offload
-    moves the optimizer states to the CPU."""
-    if strategy not in (*STRATEGIES, "zero1"):
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    """(weights, gradients, optimizer states) bytes per GPU, after the ZeRO paper (Rajbhandari et al., 2020, Fig. 1):
+    mixed-precision Adam keeps 2 bytes/parameter of bf16 weights, 2 of gradients and K = 12 of fp32 optimizer states.
+    ZeRO-1 shards the optimizer states, ZeRO-2 the gradients too, ZeRO-3 (and FSDP) the weights too; offload moves
+    the optimizer states to the CPU."""
     w, g, o = 2.0 * params, 2.0 * params, 12.0 * params
     if strategy.startswith(("zero3", "fsdp")):
         w /= gpus
@@ -86,67 +81,51 @@ def model_states_bytes(params: int, strategy: str, gpus: int) -> tuple[float, fl
     return w, g, o
 
 
-# The GPU that stands for each size class (utils.hardware.SHAPES: what torch reports for it, in GiB).
+# The GPU that stands for each size class, and the GiB torch reports for it (a T4's "16 GB" are 14.7 GiB).
 GPU_CLASSES = {16: "t4", 24: "l4", 40: "a100-40gb", 80: "h100"}
+USABLE_GIB = {gb: SHAPES[name].memory_gib for gb, name in GPU_CLASSES.items()}
 
 
-def usable_gib(gpu_gb: int) -> float:
-    """The GiB a GPU sold as ``gpu_gb`` GB reports to PyTorch (a T4's "16 GB" are 14.7 GiB)."""
-    from utils.hardware import SHAPES
-
-    return SHAPES[GPU_CLASSES[gpu_gb]].memory_gib
-
-
-def estimate(
-    strategy: str, gpus: int, gpu_gb: int, per_device_batch: int = 8, seq_len: int = 2048, model: dict = MISTRAL_7B
-) -> Estimate:
-    """Per-GPU memory of a full fine-tune of ``model`` (default Mistral-7B) with gradient checkpointing, on GPUs sold
-    as ``gpu_gb`` GB (16, 24, 40 or 80; 0 for no verdict)."""
-    w, g, o = model_states_bytes(model["params"], strategy, gpus)
-    tokens, hidden = per_device_batch * seq_len, model["hidden"]
+def estimate(strategy: str, gpus: int, gpu_gb: int, per_device_batch: int = 8, seq_len: int = 2048) -> Estimate:
+    """Per-GPU memory of a full fine-tune of Mistral-7B with activation checkpointing, on GPUs sold as ``gpu_gb`` GB
+    (16, 24, 40 or 80; 0: no verdict), plus a fixed reserve for the CUDA context, NCCL buffers and fragmentation."""
+    w, g, o = model_states_bytes(MISTRAL_7B["params"], strategy, gpus)
+    tokens, hidden = per_device_batch * seq_len, MISTRAL_7B["hidden"]
     block = 34 * tokens * hidden  # one transformer block with flash/sdpa attention (no s^2 term), bf16
-    # each layer's checkpointed input, one block recomputed at a time, and the fp32 logits with their gradient
-    act = model["layers"] * 2 * tokens * hidden + block + 2 * 4 * tokens * model["vocab"]
-    usable = usable_gib(gpu_gb) if gpu_gb else 0.0
-    return Estimate(strategy, gpus, usable, per_device_batch, w / GIB, g / GIB, o / GIB, act / GIB, RESERVE_GIB)
+    # Korthikanti et al., 2022: each layer's checkpointed input, one block recomputed at a time; fp32 logits and grad
+    act = MISTRAL_7B["layers"] * 2 * tokens * hidden + block + 2 * 4 * tokens * MISTRAL_7B["vocab"]
+    return Estimate(w / GIB, g / GIB, o / GIB, act / GIB, RESERVE_GIB, USABLE_GIB[gpu_gb] if gpu_gb else 0.0)
 
 
-PARTS = {  # the parts of a full fine-tune's memory per GPU, as fit_table's columns, and their colours
-    "weights": "#4C72B0",
-    "gradients": "#DD8452",
-    "optimizer": "#55A868",
-    "activations": "#C44E52",
-    "reserve": "#8C8C8C",
-}
+# the parts of a full fine-tune's memory per GPU, as fit_table's columns, and their colours
+PARTS = dict(weights="#4C72B0", gradients="#DD8452", optimizer="#55A868", activations="#C44E52", reserve="#8C8C8C")
 
 
-def fit_table(per_device_batch: int = 8, gpu_counts=(1, 2, 4, 8, 16), gpu_sizes=(16, 24, 40, 80)):
+def fit_table(per_device_batch: int = 8):
     """A pandas DataFrame: per-GPU GiB of each strategy and GPU count by part, and whether it fits a GPU of each
-    size (against what such a GPU reports, in GiB)."""
+    size class (against what such a GPU reports, in GiB)."""
     import pandas as pd
 
     rows = []
     for strategy in STRATEGIES:
-        for n in gpu_counts:
+        for n in (1, 2, 4, 8, 16):
             e = estimate(strategy, n, 0, per_device_batch)
             row = {"strategy": strategy, "gpus": n, **{part: round(getattr(e, part), 1) for part in PARTS}}
             row["GiB per GPU"] = round(e.total, 1)
-            for size in gpu_sizes:
-                row[f"{size} GB ({usable_gib(size)} GiB)"] = "fits" if e.total <= usable_gib(size) else "-"
+            for size, gib in USABLE_GIB.items():
+                row[f"{size} GB ({gib} GiB)"] = "fits" if e.total <= gib else "-"
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def plot_full_memory(per_device_batch: int = 8, gpus: int = 8, gpu_sizes=(16, 24, 40, 80)):
+def plot_full_memory(per_device_batch: int = 8, gpus: int = 8):
     """Notebook 03's figure of ``fit_table``: left, every part of each strategy's estimate on ``gpus`` GPUs (the CUDA
     reserve too, so a bar's length is what must fit); right, the total per GPU against the GPU count. Dotted lines:
     what a GPU of each size class reports, in GiB."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+    from matplotlib.ticker import NullFormatter
 
-    from utils.hardware import SHAPES
-
-    fit = fit_table(per_device_batch, gpu_sizes=gpu_sizes)
+    fit = fit_table(per_device_batch)
     fig, (bars, lines) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1.1, 1]})
     rows = fit[fit.gpus == gpus].set_index("strategy")
     left = 0.0
@@ -154,14 +133,13 @@ def plot_full_memory(per_device_batch: int = 8, gpus: int = 8, gpu_sizes=(16, 24
         label = f"CUDA reserve ({RESERVE_GIB} GiB)" if part == "reserve" else part
         bars.barh(rows.index, rows[part], left=left, color=color, label=label)
         left = left + rows[part]
-    capacity = {size: usable_gib(size) for size in gpu_sizes}
+    capacity = USABLE_GIB
     for gib in capacity.values():
         bars.axvline(gib, color="grey", linestyle=":", linewidth=0.8)
     guides = bars.secondary_xaxis("top")  # the GPU sizes, labelled above the bars they cut through
-    guides.set_xticks(list(capacity.values()), [f"{gib}" for gib in capacity.values()])
-    guides.set_xlabel("GiB that a " + ", ".join(f"{size}" for size in capacity) + " GB GPU reports", fontsize=8)
+    guides.set_xticks(list(capacity.values()), [str(gib) for gib in capacity.values()])
+    guides.set_xlabel(f"GiB that a {', '.join(map(str, capacity))} GB GPU reports", fontsize=8, color="grey")
     guides.tick_params(labelsize=8, colors="grey")
-    guides.xaxis.label.set_color("grey")
     bars.invert_yaxis()
     bars.set(xlabel=f"GiB per GPU ({gpus} GPUs, batch {per_device_batch} per device)", xlim=(0, 130))
     bars.legend(fontsize=8, loc="lower right")
@@ -176,16 +154,14 @@ def plot_full_memory(per_device_batch: int = 8, gpus: int = 8, gpu_sizes=(16, 24
         lines.text(18.5, gib, f"{size} GB:\n{gib} GiB", va="center", fontsize=7, color="grey")
     lines.set_xscale("log", base=2)
     lines.set_yscale("log")
-    lines.xaxis.set_major_locator(FixedLocator(sorted(set(fit.gpus))))
-    lines.xaxis.set_major_formatter(ScalarFormatter())
-    lines.yaxis.set_major_locator(FixedLocator([10, 20, 40, 80, 120]))
-    lines.yaxis.set_major_formatter(ScalarFormatter())
+    lines.set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "16"])
+    lines.set_yticks([10, 20, 40, 80, 120], ["10", "20", "40", "80", "120"])
     lines.yaxis.set_minor_formatter(NullFormatter())
     # ylim: room under the lowest line for the legend
     lines.set(xlim=(0.8, 28), ylim=(5.5, 150), xlabel="GPUs", ylabel="GiB per GPU (every part, the reserve too)")
     lines.set_title(f"Mistral-7B full fine-tune, batch {per_device_batch} per device: total per GPU")
     lines.legend(ncol=2, fontsize=8, loc="lower left")
-    names = ", ".join(f"{SHAPES[GPU_CLASSES[size]].name}: {capacity[size]}" for size in gpu_sizes)
+    names = ", ".join(f"{SHAPES[name].name}: {capacity[size]}" for size, name in GPU_CLASSES.items())
     note = f"Dotted lines: the GiB torch reports for each size class (utils.hardware.SHAPES: {names})"
     fig.text(0.01, 0.01, note, fontsize=7, color="grey")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
@@ -194,36 +170,23 @@ def plot_full_memory(per_device_batch: int = 8, gpus: int = 8, gpu_sizes=(16, 24
 
 # --- QLoRA on one GPU ------------------------------------------------------------------------------------------------
 def h200_measurements() -> dict:
-    """The project's QLoRA measurements on an H200: tokens/s and peak memory by attention and checkpointing
-    (``data/measurements/h200_qlora.json``, recorded in docs/benchmarks.md)."""
-    import json
-
-    from utils import DATA_DIR
-
+    """The QLoRA measurements on an H200 (docs/benchmarks.md): tokens/s and peak memory by attention, checkpointing."""
     return json.loads((DATA_DIR / "measurements" / "h200_qlora.json").read_text())
 
 
 def measured_qlora_gib() -> dict[int, float]:
-    """Peak reserved GiB measured for QLoRA of Mistral-7B at 4 x 2,048 tokens on an H200, by checkpoint_every (1:
-    every layer, 2: every 2nd, 0: none), flex_attention where measured."""
+    """Peak reserved GiB measured for QLoRA at 4 x 2,048 tokens, by checkpoint_every (flex_attention where measured)."""
     rows = sorted(h200_measurements()["rows"], key=lambda r: r["attn"] != "flex_attention")  # flex_attention first
-    found: dict[int, float] = {}
-    for row in rows:
-        if row["packed"]:
-            found.setdefault(row["checkpoint_every"], row["peak_reserved_gib"])
-    return found
+    return {r["checkpoint_every"]: r["peak_reserved_gib"] for r in reversed(rows) if r["packed"]}  # the first wins
 
 
-def lora_parameters(r: int = 16, shape: dict = MISTRAL_7B) -> int:
+def lora_parameters(r: int = 16) -> int:
     """LoRA parameters on q, k, v, o, gate, up and down: r x (in + out) per matrix, per layer."""
-    h, kv, ff = shape["hidden"], shape["kv"], shape["intermediate"]
-    per_layer = r * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + ff) + (ff + h))
-    return per_layer * shape["layers"]
+    h, kv, ff = MISTRAL_7B["hidden"], MISTRAL_7B["kv"], MISTRAL_7B["intermediate"]
+    return r * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + ff) + (ff + h)) * MISTRAL_7B["layers"]
 
 
-def qlora_memory(
-    checkpoint_every: int = 1, batch: int = 4, seq_len: int = 2048, r: int = 16, shape: dict = MISTRAL_7B
-) -> dict[str, float]:
+def qlora_memory(checkpoint_every: int = 1, batch: int = 4, seq_len: int = 2048, r: int = 16) -> dict[str, float]:
     """Peak GPU memory of QLoRA training, in GiB, by part: weights, LoRA gradients, optimizer, activations.
 
     - weights: the linear layers in 4-bit NF4 (0.5 byte + a 4-byte absmax per 64 values), embeddings and lm_head in
@@ -234,14 +197,12 @@ def qlora_memory(
       the six hidden-wide inputs and the intermediate-wide one; a checkpointed layer keeps only its 2 x hidden-byte
       input, and one layer is recomputed at a time; plus the fp32 logits and their gradient.
     """
-    h, layers, ff, vocab = shape["hidden"], shape["layers"], shape["intermediate"], shape["vocab"]
-    linear = layers * (2 * h * h + 2 * h * shape["kv"] + 3 * h * ff)
-    lora = lora_parameters(r, shape)
-    tokens = batch * seq_len
+    h, layers, ff, vocab = MISTRAL_7B["hidden"], MISTRAL_7B["layers"], MISTRAL_7B["intermediate"], MISTRAL_7B["vocab"]
+    linear = layers * (2 * h * h + 2 * h * MISTRAL_7B["kv"] + 3 * h * ff)
+    lora, tokens = lora_parameters(r), batch * seq_len
     block = 34 * h + 3 * (6 * h + ff)  # bytes per token, one layer, activations kept
-    kept = layers if checkpoint_every == 0 else layers - math.ceil(layers / checkpoint_every)
-    checkpointed = layers - kept
-    activations = tokens * (kept * block + checkpointed * 2 * h + (block if checkpointed else 0))
+    checkpointed = math.ceil(layers / checkpoint_every) if checkpoint_every else 0
+    activations = tokens * ((layers - checkpointed) * block + checkpointed * 2 * h + (block if checkpointed else 0))
     return {
         "weights": (linear * (0.5 + 4 / 64) + 2 * vocab * h * 2 + 4 * lora) / GIB,
         "LoRA gradients": 4 * lora / GIB,
@@ -250,21 +211,18 @@ def qlora_memory(
     }
 
 
-def plot_qlora_memory(profiles: dict[str, int] | None = None):
+def plot_qlora_memory():
     """A stacked bar per GPU profile (its checkpointing policy): estimated parts, with the measurement marked and
     labelled by the GPU it was measured on (the measurement file's ``device``)."""
     import matplotlib.pyplot as plt
 
-    from utils.hardware import GPU_PROFILES
-
     device = h200_measurements()["device"]
-    profiles = profiles or {p.description.replace(": ", ":\n", 1): p.checkpoint_every for p in GPU_PROFILES}
+    profiles = {p.description.replace(": ", ":\n", 1): p.checkpoint_every for p in GPU_PROFILES}
     fig, ax = plt.subplots(figsize=(11, 4.2))
-    colors = {"weights": "#4C72B0", "LoRA gradients": "#DD8452", "optimizer": "#55A868", "activations": "#C44E52"}
     for i, every in enumerate(profiles.values()):
         left = 0.0
-        for part, gib in qlora_memory(every).items():
-            ax.barh(i, gib, left=left, color=colors[part], label=part if i == 0 else None)
+        for (part, gib), color in zip(qlora_memory(every).items(), PARTS.values(), strict=False):
+            ax.barh(i, gib, left=left, color=color, label=part if i == 0 else None)
             left += gib
         measured = measured_qlora_gib()[every]
         label = f"measured on one {device}" if i == 0 else None
