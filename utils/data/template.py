@@ -15,12 +15,11 @@ def to_messages(obj: dict) -> tuple[Any, str | None]:
     """The ``messages`` of a row in either schema (ultrachat_200k, or raw ``id`` + ``data``), or a drop reason."""
     if "messages" in obj:
         return obj["messages"], None
-    if "data" in obj:
-        data = obj["data"]
-        if not isinstance(data, list):
-            return None, "structure:not_a_list"
-        return [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(data)], None
-    return None, "missing_messages"
+    if "data" not in obj:
+        return None, "missing_messages"
+    if not isinstance(obj["data"], list):
+        return None, "structure:not_a_list"
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(obj["data"])], None
 
 
 def prompt_id(prompt: str) -> str:
@@ -41,11 +40,9 @@ def render(messages: list[dict], eos: str = "</s>", system_turn: bool = True) ->
     return card_era.render_text(with_system_turn(messages) if system_turn else messages, eos) + eos
 
 
-def tokenize_dialogues(
-    tokenizer, dialogues: list[list[dict]], system_turn: bool = True, tokenization: str = "card", answers: bool = False
-):
-    """``<s>`` + ``render(dialogue)`` for each dialogue, in the ids of ``tokenization`` (``card_era.era_backend``,
-    whatever the tokenizer's own flags); with ``answers``, ``(ids, masks)`` (``card_era.tokenize_dialogues``).
+def tokenize_dialogues(tokenizer, dialogues: list, system_turn: bool = True, tokenization: str = "card", answers=False):
+    """``<s>`` + ``render(dialogue)`` for each dialogue, in the ids of ``tokenization`` whatever the tokenizer's own
+    flags; with ``answers``, ``(ids, masks)`` (``card_era.tokenize_dialogues``).
 
     ``card``: the ids the card trained on (the 2023 tokenizer put ``▁`` (28705) after every ``</s>``), special-token
     text in a message (``</s>``) made control tokens; ``card-text``: the same ids with such text kept text; ``today``:
@@ -54,5 +51,6 @@ def tokenize_dialogues(
     if tokenization not in TOKENIZATIONS:
         raise ValueError(f"tokenization must be one of {', '.join(TOKENIZATIONS)}, got {tokenization!r}")
     dialogues = [with_system_turn(d) if system_turn else d for d in dialogues]
-    scheme = "today" if tokenization == "today" else "card"
-    return card_era.tokenize_dialogues(tokenizer, dialogues, scheme, tokenization != "card", answers)
+    return card_era.tokenize_dialogues(
+        tokenizer, dialogues, "today" if tokenization == "today" else "card", tokenization != "card", answers
+    )
