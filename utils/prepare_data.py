@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every mistake a user can make is one line, before the tokenizer loads or a row is read
         report = prepare_source(source, out, tokenizer, revision=revision, progress=progress, **options)
     except OptionError as exc:
-        print(f"error: --{exc.name.replace('_', '-')} {exc.detail}", file=sys.stderr)
+        name, detail = str(exc).split(" ", 1)
+        print(f"error: --{name.replace('_', '-')} {detail}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:  # ValueError: ConfigError, whose kinds SourceError and OutputError are
         print(f"error: {exc}", file=sys.stderr)

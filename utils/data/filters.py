@@ -126,11 +126,8 @@ def _capitalise(match: re.Match) -> str:
 
 
 def truecase(text: str) -> str:
-    """Capitalise a lowercase sentence start after ``.``, ``!`` or ``?``; leave code, URLs and abbreviations alone.
-
-    >>> truecase("Hello. how are you?")
-    'Hello. How are you?'
-    """
+    """Capitalise a lowercase sentence start after ``.``, ``!`` or ``?`` ("Hello. how" -> "Hello. How"); leave code,
+    URLs and abbreviations alone."""
     return _TRUECASE.sub(_capitalise, text) if any(pattern.search(text) for pattern in _MAYBE) else text
 
 

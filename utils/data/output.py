@@ -53,9 +53,8 @@ def is_current(folder: Path) -> bool:
 
 
 def check_output(out_dir: str | Path, source: str | None = None) -> Path:
-    """Refuse, in one line, an output this tool must not write: a link, a file or a folder under one, a non-empty
-    folder it did not write, the source (or a folder holding it), a place it cannot write to. First finishes or
-    cleans up what a killed run left (``recover``)."""
+    """Refuse, in one line, an output this tool must not write: a link, a file or under one, a non-empty folder it
+    did not write, the source (or a folder holding it), a place it cannot write to; ``recover`` what a run left."""
     from utils.data.sources import local_path
 
     out = Path(out_dir)

@@ -36,11 +36,7 @@ OUTPUT_SPLITS = ("train", "test")
 
 
 class OptionError(ConfigError):
-    """An option out of range, named as ``Options`` names it (the command line prefixes ``--``)."""
-
-    def __init__(self, name: str, detail: str):
-        super().__init__(f"{name} {detail}")
-        self.name, self.detail = name, detail
+    """An option out of range: the message starts with its name as ``Options`` names it (the command line's: ``--``)."""
 
 
 @dataclass
@@ -61,20 +57,20 @@ class Options:
     def __post_init__(self) -> None:
         for name in ("min_tokens", "max_tokens", "max_length", "max_rows", "max_chars"):
             if (value := getattr(self, name)) is not None and value <= 0:
-                raise OptionError(name, f"must be positive, got {value}")
+                raise OptionError(f"{name} must be positive, got {value}")
         if self.min_tokens and self.max_tokens and self.max_tokens < self.min_tokens:  # no dialogue could be kept
             minimum = f"the minimum token count ({self.min_tokens})"
-            raise OptionError("max_tokens", f"must be at least {minimum}, got {self.max_tokens}")
+            raise OptionError(f"max_tokens must be at least {minimum}, got {self.max_tokens}")
         if not 0 <= self.test_fraction < 1:
-            raise OptionError("test_fraction", f"must be in [0, 1), got {self.test_fraction}")
+            raise OptionError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
         for name, allowed in (("tokenization", TOKENIZATIONS), ("filters", FILTER_MODES)):
             if getattr(self, name) not in allowed:
-                raise OptionError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise OptionError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if isinstance(self.disclaimers, str):
             try:
                 self.disclaimers = load_disclaimers(self.disclaimers)
             except ValueError as exc:
-                raise OptionError("disclaimers", str(exc)) from None
+                raise OptionError(f"disclaimers {exc}") from None
 
 
 @dataclass
@@ -104,8 +100,7 @@ class SplitReport:
 
 @dataclass
 class Prepared:
-    """What ``prepare`` returns: ``report.json``'s content, the accounting per input split, and the token count of
-    every kept dialogue per output split (for the histogram)."""
+    """``report.json``'s content, the accounting per input split, the token count of each kept dialogue per output."""
 
     report: dict
     splits: dict[str, SplitReport]
@@ -254,9 +249,8 @@ def prepare(splits: dict[str, Split], tokenizer, out_dir=None, *, source="", rev
 def prepare_source(
     source: str, out_dir: str | Path, tokenizer, *, revision: str | None = None, progress: bool = False, **options: Any
 ) -> dict:
-    """Prepare ``source`` (a file, a folder or a Hub id) into ``out_dir``; return the report. ``tokenizer`` may be the
-    name ``load_tokenizer`` takes (None: the embedded one), loaded only once the options, the output and the source
-    passed their checks: OptionError, OutputError and SourceError come before any work."""
+    """Prepare ``source`` (a file, a folder or a Hub id) into ``out_dir``; return the report. OptionError, OutputError
+    and SourceError come before any work, and before loading ``tokenizer`` when it is a name (None: the embedded)."""
     max_chars = Options(**options).max_chars
     check_output(out_dir, source)
     with datasets_progress(progress):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -113,21 +112,19 @@ def read_parquet(path: Path) -> Iterator[Row]:
 
 def _files_split(paths: list[Path], max_chars: int) -> Split:
     """The files of one split, read in order, each numbering its own rows; checked readable here, before any work."""
-    counts = []
     for path in paths:
-        if path.suffix == ".parquet":
-            counts.append(_parquet_file(path).metadata.num_rows)
-        elif not os.access(path, os.R_OK) or not path.is_file():
+        if path.suffix != ".parquet" and (not os.access(path, os.R_OK) or not path.is_file()):
             raise SourceError(f"cannot read {path}: {'not a file' if path.exists() else 'no such file'}")
-        else:
-            counts.append(None)
+    counts = [_parquet_file(p).metadata.num_rows if p.suffix == ".parquet" else None for p in paths]
 
-    def read(path: Path) -> Iterator[Row]:
-        if path.suffix == ".parquet":
-            return read_parquet(path)
-        return (read_json if path.suffix == ".json" else read_jsonl)(path, max_chars)
+    def read() -> Iterator[Row]:
+        for path in paths:
+            if path.suffix == ".parquet":
+                yield from read_parquet(path)
+            else:
+                yield from (read_json if path.suffix == ".json" else read_jsonl)(path, max_chars)
 
-    return Split(lambda: itertools.chain.from_iterable(map(read, paths)), None if None in counts else sum(counts))
+    return Split(read, None if None in counts else sum(counts))
 
 
 # --- opening a source ----------------------------------------------------------------------------------------------
@@ -150,12 +147,9 @@ def _data_files(folder: Path) -> list[Path]:
 
 
 def open_source(source: str, max_chars: int = MAX_CHARS, revision: str | None = None) -> dict[str, Split]:
-    """Each split of ``source`` (a folder, a file or a Hub dataset id, at ``revision``) and its rows.
-
-    A folder has one split per data file, named by it (shards ``train_sft-00000-of-00003`` join one split); a file
-    is the split ``train``; a Hub id or a folder in its layout goes through ``datasets.load_dataset`` (the splits
-    of ``SPLIT_NAMES`` only). Damaged Parquet files are found here, before any work.
-    """
+    """Each split of ``source`` and its rows: a folder has one per data file (shards ``train_sft-00000-of-00003``
+    join one), a file is ``train``; a Hub id (at ``revision``) or a folder in its layout goes through
+    ``datasets.load_dataset`` (the splits of ``SPLIT_NAMES`` only). Damaged Parquet files are found here."""
     path = local_path(source)
     if path is not None and path.is_dir():
         if (path / "dataset_dict.json").is_file():
