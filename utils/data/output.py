@@ -94,16 +94,18 @@ def check_unlocked(out: Path) -> None:
 def take_lock(out: Path) -> Path:
     """Create ``out``'s lock, taking over a dead run's (OutputError when a run alive holds it)."""
     lock = out.with_name(f".{out.name}.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            check_unlocked(out)
+            lock.unlink(missing_ok=True)  # a killed run's
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return lock
     check_unlocked(out)
-    lock.unlink(missing_ok=True)  # a killed run's
-    try:
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:  # another run took it just now
-        check_unlocked(out)
-        raise OutputError(f"--out {out}: could not take its lock {lock}") from None
-    with os.fdopen(fd, "w") as handle:
-        handle.write(f"{os.getpid()}\n")
-    return lock
+    raise OutputError(f"--out {out}: could not take its lock {lock}")
 
 
 def recover(out: Path) -> None:
