@@ -10,95 +10,64 @@ Every row is kept or dropped with one reason (``utils.data.pipeline``). The outp
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from utils.data.filters import load_disclaimers
-from utils.data.output import check_output
-from utils.data.pipeline import FILTER_MODES, TEST_FRACTION, OptionError, Options, prepare
-from utils.data.sources import MAX_CHARS, datasets_progress, open_source
-from utils.data.stats import MAX_LENGTH
+from utils.data.pipeline import FILTER_MODES, OptionError, prepare_source
 from utils.data.template import TOKENIZATIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m utils.prepare_data", description=__doc__.split("\n\n")[0])
+    """The command's arguments; an option of ``Options`` not given is left out, for its default there."""
+    description = __doc__.split("\n\n")[0]
+    parser = argparse.ArgumentParser(
+        "python -m utils.prepare_data", description=description, argument_default=argparse.SUPPRESS
+    )
+    parser.set_defaults(source="data/sample/ultrachat_200k", out="data/processed/ultrachat", no_progress=False)
     add = parser.add_argument
-    add(
-        "--source",
-        default="data/sample/ultrachat_200k",
-        help="folder or file of JSON Lines/JSON/Parquet (either UltraChat schema), or a Hub dataset id",
-    )
+    add("--source", help="folder or file of JSON Lines/JSON/Parquet (either UltraChat schema), or a Hub dataset id")
     add("--revision", default=None, help="Hub dataset commit or tag to load (default: main)")
-    add(
-        "--out",
-        default="data/processed/ultrachat",
-        help="output folder: new, empty, or written by this tool before (then replaced when complete)",
-    )
+    add("--out", help="output folder: new, empty, or written by this tool before (then replaced when complete)")
     add("--tokenizer", default=None, help="Hub id of the tokenizer; default: the embedded Mistral-7B tokenizer")
     add(
         "--filters",
-        default="auto",
         choices=FILTER_MODES,
         help="auto: the whole chain on raw UltraChat, an audit on ultrachat_200k rows; all: apply every filter to "
         "every row; structure: audit the chain everywhere",
     )
-    add(
-        "--no-system-turn",
-        dest="system_turn",
-        action="store_false",
-        help="do not insert the empty system turn the card's recipe put before every dialogue",
-    )
+    no_system_turn = "do not insert the empty system turn the card's recipe put before every dialogue"
+    add("--no-system-turn", dest="system_turn", action="store_false", help=no_system_turn)
     add(
         "--tokenization",
-        default="card",
         choices=TOKENIZATIONS,
         help="card: the card's ids (the 2023 tokenizer put '▁', id 28705, after every </s>, and made </s>, <s>, <unk> "
         "typed in a message control tokens); card-text: the same, such text kept as text; today: transformers 5.x's",
     )
-    add("--disclaimers", default=None, help="file of disclaimer phrases, one per line")
-    add("--min-tokens", type=int, default=None, help="drop dialogues shorter than this")
-    add("--max-tokens", type=int, default=None, help="drop dialogues longer than this")
-    add("--max-chars", type=int, default=MAX_CHARS, help="drop rows with more characters (too_large)")
-    add("--max-length", type=int, default=MAX_LENGTH, help="training length for the statistics")
-    add("--test-fraction", type=float, default=TEST_FRACTION, help="held-out share for single-split sources")
-    add("--max-rows", type=int, default=None, help="read at most this many rows per split")
+    add("--disclaimers", help="file of disclaimer phrases, one per line")
+    add("--min-tokens", type=int, help="drop dialogues shorter than this")
+    add("--max-tokens", type=int, help="drop dialogues longer than this")
+    add("--max-chars", type=int, help="drop rows with more characters (too_large; default 200000)")
+    add("--max-length", type=int, help="training length for the statistics (default 2048)")
+    add("--test-fraction", type=float, help="held-out share for single-split sources (default 0.1)")
+    add("--max-rows", type=int, help="read at most this many rows per split")
     add("--no-progress", action="store_true", help="hide the progress bars")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(Options) if f.name != "disclaimers"}
-    try:  # every mistake a user can make is one line here, before the tokenizer loads or a row is read
-        Options(**options)
-        check_output(args.out, args.source)
-        if args.disclaimers:
-            options["disclaimers"] = read_disclaimers(args.disclaimers)
-        with datasets_progress(not args.no_progress):
-            splits = open_source(args.source, args.max_chars, args.revision)
-        from utils.assets import load_tokenizer
-
-        run = dict(source=args.source, revision=args.revision, progress=not args.no_progress, **options)
-        report = prepare(splits, load_tokenizer(args.tokenizer), args.out, **run).report
+    options = vars(parse_args(argv))
+    source, out, progress = options.pop("source"), options.pop("out"), not options.pop("no_progress")
+    tokenizer, revision = options.pop("tokenizer"), options.pop("revision")
+    try:  # every mistake a user can make is one line, before the tokenizer loads or a row is read
+        report = prepare_source(source, out, tokenizer, revision=revision, progress=progress, **options)
     except OptionError as exc:
-        print(f"error: --{exc.name.replace('_', '-')} {exc.detail}", file=sys.stderr)
+        name, detail = str(exc).split(" ", 1)
+        print(f"error: --{name.replace('_', '-')} {detail}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:  # ValueError: ConfigError, whose kinds SourceError and OutputError are
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print_report(report, args.out)
+    print_report(report, out)
     return 0
-
-
-def read_disclaimers(path: str) -> list[str]:
-    """The ``--disclaimers`` phrases, or OptionError in one line for a file that cannot be read as text."""
-    try:
-        return load_disclaimers(path)
-    except OSError as exc:
-        raise OptionError("disclaimers", f"{path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise OptionError("disclaimers", str(exc)) from None
 
 
 def print_report(report: dict, out: str) -> None:

@@ -10,15 +10,10 @@ from typing import Any
 
 from utils import CONFIGS_DIR
 
-ROLES = ("system", "user", "assistant")
-DISCLAIMERS_FILE = CONFIGS_DIR / "disclaimers.txt"
-ABBREVIATIONS_FILE = CONFIGS_DIR / "abbreviations.txt"
-
 
 def structure_problem(messages: Any) -> str | None:
-    """Why ``messages`` is not a well-formed dialogue, or ``None``: well-formed is a list of ``{"role", "content"}``
-    dicts (any other key null), an optional system message first, then user and assistant alternating from user to
-    assistant, every content a non-empty string."""
+    """Why ``messages`` is not a well-formed dialogue, or ``None``: a list of ``{"role", "content"}`` dicts (any other
+    key null), an optional system message, then user and assistant alternating, every content a non-empty string."""
     if not isinstance(messages, list):
         return "structure:not_a_list"
     if not messages:
@@ -32,7 +27,7 @@ def structure_problem(messages: Any) -> str | None:
         if len(message) > 2 and any(v is not None for k, v in message.items() if k not in ("role", "content")):
             return "structure:unexpected_key"
         role, content = message["role"], message["content"]
-        if role not in ROLES:
+        if role not in ("system", "user", "assistant"):
             return "structure:bad_role"
         if not isinstance(content, str):
             return "structure:content_not_string"
@@ -41,17 +36,14 @@ def structure_problem(messages: Any) -> str | None:
         if role == "system":
             if i != 0:
                 return "structure:misplaced_system"
-            continue
-        if role != expected:
-            if i == 0 or (i == 1 and messages[0]["role"] == "system"):
-                return "structure:starts_with_assistant"
-            return "structure:not_alternating"
-        expected = "assistant" if role == "user" else "user"
+        elif role != expected:
+            first = i == 0 or (i == 1 and messages[0]["role"] == "system")
+            return "structure:starts_with_assistant" if first else "structure:not_alternating"
+        else:
+            expected = "assistant" if role == "user" else "user"
     if messages[-1]["role"] == "system":  # a system message and nothing else
         return "structure:empty_dialogue"
-    if expected == "assistant":  # the last message was a user turn
-        return "structure:ends_with_user"
-    return None
+    return "structure:ends_with_user" if expected == "assistant" else None
 
 
 def content_problem(messages: list[dict], max_chars: int) -> str | None:
@@ -68,9 +60,11 @@ def content_problem(messages: list[dict], max_chars: int) -> str | None:
 
 def _phrases(path: str | Path) -> list[str]:
     """The lines of a phrase file, stripped and lowercased, without blank lines and ``#`` comments; ValueError, in
-    one line, for a file that is not UTF-8 text."""
+    one line, for a file that cannot be read as text."""
     try:
         text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a UTF-8 text file") from None
     if "\0" in text:
@@ -78,7 +72,7 @@ def _phrases(path: str | Path) -> list[str]:
     return [line.strip().lower() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def load_disclaimers(path: str | Path = DISCLAIMERS_FILE) -> list[str]:
+def load_disclaimers(path: str | Path = CONFIGS_DIR / "disclaimers.txt") -> list[str]:
     """One disclaimer phrase per line of ``path``, normalised for matching."""
     return [normalise_apostrophes(phrase) for phrase in _phrases(path)]
 
@@ -114,8 +108,8 @@ _TRUECASE = re.compile(
 _MAYBE = tuple(re.compile(rf"{re.escape(end)}\s+[a-z]") for end in ".!?")
 
 
-def load_abbreviations(path: str | Path = ABBREVIATIONS_FILE) -> frozenset[str]:
-    """One abbreviation per line of ``path`` (``configs/abbreviations.txt``), lowercased."""
+def load_abbreviations(path: str | Path = CONFIGS_DIR / "abbreviations.txt") -> frozenset[str]:
+    """One abbreviation per line of ``path``, lowercased."""
     return frozenset(_phrases(path))
 
 
@@ -124,24 +118,17 @@ ABBREVIATIONS = load_abbreviations()
 
 
 def _capitalise(match: re.Match) -> str:
-    if match.group("keep") is not None:
-        return match.group(0)
     end = match.group("end")
-    if end.endswith("..") or end.lower().lstrip("([{\"'") in ABBREVIATIONS:
+    if match.group("keep") is not None or end.endswith("..") or end.lower().lstrip("([{\"'") in ABBREVIATIONS:
         return match.group(0)
     word = match.group("word")
     return f"{end}{match.group('space')}{word[0].upper()}{word[1:]}"
 
 
 def truecase(text: str) -> str:
-    """Capitalise a lowercase sentence start after ``.``, ``!`` or ``?``; leave code, URLs and abbreviations alone.
-
-    >>> truecase("Hello. how are you?")
-    'Hello. How are you?'
-    """
-    if not any(pattern.search(text) for pattern in _MAYBE):
-        return text
-    return _TRUECASE.sub(_capitalise, text)
+    """Capitalise a lowercase sentence start after ``.``, ``!`` or ``?`` ("Hello. how" -> "Hello. How"); leave code,
+    URLs and abbreviations alone."""
+    return _TRUECASE.sub(_capitalise, text) if any(pattern.search(text) for pattern in _MAYBE) else text
 
 
 def truecase_messages(messages: list[dict]) -> tuple[list[dict], int]:

@@ -1,8 +1,6 @@
 """Writing a prepared dataset: checks on ``--out`` before any work, a streamed writer into a temporary sibling, the
-swap into place once complete, and recovery from a run killed at any point.
-
-A folder is this tool's only when it holds the marker file; nothing else is ever replaced or deleted.
-"""
+swap into place once complete, and recovery from a run killed at any point. A folder is this tool's only when it
+holds the marker file; nothing else is ever replaced or deleted."""
 
 from __future__ import annotations
 
@@ -25,23 +23,6 @@ class OutputError(ConfigError):
     """An output folder this tool must not write into: one line for the user, before any work."""
 
 
-def features():
-    """The output's columns and types: ultrachat_200k's, plus the token ids and counts. (A ``Value`` per column:
-    the fingerprint datasets writes in state.json hashes their pickle, in which a shared one differs.)"""
-    import datasets
-
-    return datasets.Features(
-        {
-            "prompt": datasets.Value("string"),
-            "prompt_id": datasets.Value("string"),
-            "messages": datasets.List({"content": datasets.Value("string"), "role": datasets.Value("string")}),
-            "input_ids": datasets.List(datasets.Value("int32")),
-            "num_tokens": datasets.Value("int32"),
-            "num_turns": datasets.Value("int32"),
-        }
-    )
-
-
 def is_own_output(folder: Path) -> bool:
     """True for a folder this tool wrote: it holds the marker file (a real folder, not a link to one)."""
     return not Path(folder).is_symlink() and (Path(folder) / MARKER).is_file()
@@ -50,7 +31,6 @@ def is_own_output(folder: Path) -> bool:
 def missing_files(folder: Path) -> list[str]:
     """The files of this tool's output that ``folder`` lacks: the marker, the report, ``dataset_dict.json`` (or one
     that names no splits), and the files of each split it names."""
-    folder = Path(folder)
     try:
         splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
         files = [f"{split}/{name}" for split in splits for name in ("state.json", "dataset_info.json", SHARD)]
@@ -61,21 +41,20 @@ def missing_files(folder: Path) -> list[str]:
 
 def is_whole(folder: Path) -> bool:
     """True for this tool's output with every file it wrote."""
-    return not Path(folder).is_symlink() and not missing_files(folder)
+    return not folder.is_symlink() and not missing_files(folder)
 
 
 def is_current(folder: Path) -> bool:
     """True for this tool's whole output in the current format (reusable as a cache)."""
     try:
-        return is_whole(folder) and json.loads((Path(folder) / "report.json").read_text()).get("format") == FORMAT
+        return is_whole(Path(folder)) and json.loads((Path(folder) / "report.json").read_text()).get("format") == FORMAT
     except (OSError, ValueError):
         return False
 
 
 def check_output(out_dir: str | Path, source: str | None = None) -> Path:
-    """Refuse, in one line, an output this tool must not write: a link, a file or a folder under one, a non-empty
-    folder it did not write, the source (or a folder holding it), a place it cannot write to. First finishes or
-    cleans up what a killed run left (``recover``)."""
+    """Refuse, in one line, an output this tool must not write: a link, a file or under one, a non-empty folder it
+    did not write, the source (or a folder holding it), a place it cannot write to; ``recover`` what a run left."""
     from utils.data.sources import local_path
 
     out = Path(out_dir)
@@ -100,15 +79,10 @@ def check_output(out_dir: str | Path, source: str | None = None) -> Path:
     return out
 
 
-def _lock(out: Path) -> Path:
-    """``out``'s lock file (beside it): the process id of the one run writing it."""
-    return out.with_name(f".{out.name}.lock")
-
-
 def check_unlocked(out: Path) -> None:
-    """OutputError when another run still alive holds ``out``'s lock (a dead run's lock does not count)."""
+    """OutputError when another run still alive holds ``out``'s lock (the file beside it with the run's process id)."""
     try:
-        pid = int(_lock(out).read_text())
+        pid = int(out.with_name(f".{out.name}.lock").read_text())
     except (OSError, ValueError):
         return
     if pid != os.getpid() and process_alive(pid):
@@ -119,7 +93,7 @@ def check_unlocked(out: Path) -> None:
 
 def take_lock(out: Path) -> Path:
     """Create ``out``'s lock, taking over a dead run's (OutputError when a run alive holds it)."""
-    lock = _lock(out)
+    lock = out.with_name(f".{out.name}.lock")
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -174,6 +148,8 @@ class OutputWriter:
     metadata, ``report.json`` and the marker and swaps the folder into place, ``discard`` removes it."""
 
     def __init__(self, out: Path):
+        import datasets
+
         out.parent.mkdir(parents=True, exist_ok=True)
         self.out, self.lock = out, take_lock(out)  # released by commit and discard
         try:
@@ -182,7 +158,18 @@ class OutputWriter:
             self.lock.unlink()
             raise
         self.writers: dict = {}
-        self.features = features()
+        # ultrachat_200k's columns, plus the token ids and counts. A Value per column: the fingerprint datasets writes
+        # in state.json hashes their pickle, in which a shared one differs.
+        self.features = datasets.Features(
+            {
+                "prompt": datasets.Value("string"),
+                "prompt_id": datasets.Value("string"),
+                "messages": datasets.List({"content": datasets.Value("string"), "role": datasets.Value("string")}),
+                "input_ids": datasets.List(datasets.Value("int32")),
+                "num_tokens": datasets.Value("int32"),
+                "num_turns": datasets.Value("int32"),
+            }
+        )
 
     def write(self, split: str, columns: dict[str, list]) -> None:
         """Append rows (one list, or Arrow array, per column) to ``split``."""
@@ -198,31 +185,24 @@ class OutputWriter:
 
         from utils.data.sources import datasets_progress
 
-        rows = {}
-        for split, writer in self.writers.items():
-            rows[split], _ = writer.finalize()
+        rows = {split: writer.finalize()[0] for split, writer in self.writers.items()}
+        for writer in self.writers.values():
             writer.close()
-        written = [split for split, n in rows.items() if n]
         # datasets writes the folder's metadata (dataset_dict.json, state.json, dataset_info.json) for a one-row
         # stand-in of each split (none for no rows); the streamed shard then replaces the stand-in's.
         stand_in = {"prompt": [""], "prompt_id": [""], "messages": [[]], "input_ids": [[]], "num_tokens": [0]}
         stand_in = datasets.Dataset.from_dict({**stand_in, "num_turns": [0]}, features=self.features)
         with datasets_progress(False):
-            datasets.DatasetDict(dict.fromkeys(written, stand_in)).save_to_disk(str(self.tmp))
-        for split in rows:
-            if split in written:
+            datasets.DatasetDict({split: stand_in for split, n in rows.items() if n}).save_to_disk(str(self.tmp))
+        for split, n in rows.items():
+            if n:
                 os.replace(self.tmp / f".{split}.arrow", self.tmp / split / SHARD)
             else:
                 (self.tmp / f".{split}.arrow").unlink()
-        loaded = datasets.load_from_disk(str(self.tmp))  # reads the metadata; the data stays on disk
-        if {s: loaded[s].num_rows for s in loaded} != {s: rows[s] for s in written}:
-            raise RuntimeError(f"{self.tmp} does not reload with the rows written: {rows}")
-        del loaded
         (self.tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (self.tmp / MARKER).write_text("Written by python -m utils.prepare_data; it may replace this folder.\n")
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{self.tmp.name[-8:]}")
+        old = self.out.with_name(f".{self.out.name}.old-{self.tmp.name[-8:]}") if self.out.exists() else None
+        if old is not None:
             self.out.rename(old)
         self.tmp.rename(self.out)
         if old is not None:

@@ -1,10 +1,9 @@
 """The streaming preparation: every row read, judged, truecased, templated, tokenized and written, chunk by chunk.
 
-Every input row ends *kept* or *dropped* with exactly one reason, and ``kept + dropped == input`` is checked for
-every split. Rows in the ultrachat_200k schema were already filtered and truecased by its authors: by default they
-only pass the structure check, and the other filters run as an *audit* (counted, not applied). Raw UltraChat rows
-get the whole chain. Memory stays flat whatever the source's size: rows go to Arrow files as they are tokenized, the
-duplicate check keeps a 16-byte digest per prompt and the statistics an integer per dialogue.
+Every input row ends *kept* or *dropped* with exactly one reason (``kept + dropped == input``, checked per split).
+ultrachat_200k rows were filtered and truecased by its authors: by default they only pass the structure check and the
+other filters are audited (counted, not applied); raw UltraChat rows get the whole chain. Memory stays flat: rows go
+to Arrow files as they are tokenized; a 16-byte digest per prompt and a length per dialogue are all that stay.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import hashlib
 import itertools
 from array import array
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,6 @@ from utils.data.sources import MAX_CHARS, SPLIT_NAMES, Split, datasets_progress,
 from utils.data.stats import MAX_LENGTH, token_stats
 from utils.data.template import TOKENIZATIONS, to_messages, tokenize_dialogues
 
-TEST_FRACTION = 0.1  # for sources with a single split (raw UltraChat): ultrachat_200k holds out about 10%
 CHUNK_ROWS = 500  # rows tokenized per batch (in a worker thread, while the next chunk is filtered)
 FILTER_CHAIN = ("truecase", "disclaimer", "duplicate_prompt")  # after the structure check, which always applies
 FILTER_MODES = ("auto", "all", "structure")
@@ -37,11 +36,7 @@ OUTPUT_SPLITS = ("train", "test")
 
 
 class OptionError(ConfigError):
-    """An option out of range, named as ``Options`` names it (the command line prefixes ``--``)."""
-
-    def __init__(self, name: str, detail: str):
-        super().__init__(f"{name} {detail}")
-        self.name, self.detail = name, detail
+    """An option out of range: the message starts with its name as ``Options`` names it (the command line's: ``--``)."""
 
 
 @dataclass
@@ -51,28 +46,31 @@ class Options:
     filters: str = "auto"  # auto: whole chain on raw UltraChat, audit on ultrachat_200k; all; structure
     system_turn: bool = True  # the card's empty system turn before every dialogue
     tokenization: str = "card"  # card: the ids of 2023 ("▁" after every </s>); card-text; today: transformers 5.x's
-    disclaimers: list[str] | None = None  # phrases; None: configs/disclaimers.txt
+    disclaimers: list[str] | str | None = None  # phrases, or a file of them (read here); None: configs/disclaimers.txt
     min_tokens: int | None = None
     max_tokens: int | None = None
     max_length: int = MAX_LENGTH  # training length, for the statistics
-    test_fraction: float = TEST_FRACTION
+    test_fraction: float = 0.1  # held out of a single-split source (raw UltraChat), as ultrachat_200k holds out ~10%
     max_rows: int | None = None  # per split
     max_chars: int = MAX_CHARS
 
     def __post_init__(self) -> None:
         for name in ("min_tokens", "max_tokens", "max_length", "max_rows", "max_chars"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise OptionError(name, f"must be positive, got {value}")
+            if (value := getattr(self, name)) is not None and value <= 0:
+                raise OptionError(f"{name} must be positive, got {value}")
         if self.min_tokens and self.max_tokens and self.max_tokens < self.min_tokens:  # no dialogue could be kept
             minimum = f"the minimum token count ({self.min_tokens})"
-            raise OptionError("max_tokens", f"must be at least {minimum}, got {self.max_tokens}")
+            raise OptionError(f"max_tokens must be at least {minimum}, got {self.max_tokens}")
         if not 0 <= self.test_fraction < 1:
-            raise OptionError("test_fraction", f"must be in [0, 1), got {self.test_fraction}")
-        if self.tokenization not in TOKENIZATIONS:
-            raise OptionError("tokenization", f"must be one of {', '.join(TOKENIZATIONS)}, got {self.tokenization!r}")
-        if self.filters not in FILTER_MODES:
-            raise OptionError("filters", f"must be one of {', '.join(FILTER_MODES)}, got {self.filters!r}")
+            raise OptionError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
+        for name, allowed in (("tokenization", TOKENIZATIONS), ("filters", FILTER_MODES)):
+            if getattr(self, name) not in allowed:
+                raise OptionError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if isinstance(self.disclaimers, str):
+            try:
+                self.disclaimers = load_disclaimers(self.disclaimers)
+            except ValueError as exc:
+                raise OptionError(f"disclaimers {exc}") from None
 
 
 @dataclass
@@ -96,15 +94,13 @@ class SplitReport:
         return applied
 
     def to_json(self) -> dict:
-        keys = ("input_rows", "kept", "dropped", "truecased", "truecased_messages", "audited")
-        values = {key: getattr(self, key) for key in keys}
-        return {k: dict(sorted(v.items())) if isinstance(v, Counter) else v for k, v in values.items()}
+        counts = {k: dict(sorted(v.items())) if isinstance(v, Counter) else v for k, v in vars(self).items()}
+        return {k: v for k, v in counts.items() if not k.endswith("examples")}
 
 
 @dataclass
 class Prepared:
-    """What ``prepare`` returns: ``report.json``'s content, the accounting (with examples) per input split, and
-    the token count of every kept dialogue per output split (for the histogram)."""
+    """``report.json``'s content, the accounting per input split, the token count of each kept dialogue per output."""
 
     report: dict
     splits: dict[str, SplitReport]
@@ -113,91 +109,78 @@ class Prepared:
 
 class _Run:
     """One preparation: the filter chain, then the tokenizer in a worker thread (the Rust tokenizer releases the GIL
-    and uses every core) on one chunk while the next is filtered, then the token bounds and the writer.
+    and uses every core) on one chunk while the next is filtered, then the token bounds and the writer."""
 
-    The duplicate check remembers 16 bytes of each prompt's SHA-256 (computed anyway for ``prompt_id``), the first
-    occurrence winning (train splits are read first).
-    """
-
-    def __init__(self, tokenizer, options: Options, output: OutputWriter | None, pool: ThreadPoolExecutor):
-        self.tokenizer, self.options, self.output, self.pool = tokenizer, options, output, pool
+    def __init__(self, tokenizer, options: Options, output: OutputWriter | None):
+        self.tokenizer, self.options, self.output = tokenizer, options, output
         self.phrases = load_disclaimers() if options.disclaimers is None else [p.lower() for p in options.disclaimers]
-        self.seen: set[bytes] = set()
-        self.chain_applied = self.chain_audited = False  # on at least one row
+        self.seen: set[bytes] = set()  # 16 bytes of each prompt's SHA-256: the first occurrence wins
+        self.chain: set[str] = set()  # "applied", "audited": how the chain ran, on at least one row
         self.lengths = {name: array("i") for name in OUTPUT_SPLITS}
-        self.job = None  # (chunk, its tokenization's future, its split's report)
 
-    def split(self, name: str, rows: Split, target: str | None, progress: bool) -> SplitReport:
+    def split(self, name: str, rows: Split, target: str | None, pool: ThreadPoolExecutor, progress: bool):
         """Read, judge and write one input split into ``target`` (None: by prompt hash)."""
         from tqdm.auto import tqdm
 
-        report, chunk, max_rows = SplitReport(), [], self.options.max_rows
+        report, max_rows = SplitReport(), self.options.max_rows
         total = rows.num_rows if max_rows is None or rows.num_rows is None else min(rows.num_rows, max_rows)
         with tqdm(desc=name, total=total, unit=" rows", disable=not progress, mininterval=1.0) as bar:
-            for line_no, obj, error in itertools.islice(rows, max_rows):
-                report.input_rows += 1
-                bar.update()
-                where = f"{name}:{line_no}"
-                if error:
-                    report.drop(error, where, None)
-                elif (candidate := self.admit(report, target, where, obj)) is not None:
-                    chunk.append(candidate)
-                    if len(chunk) >= CHUNK_ROWS:
-                        self.tokenize(chunk, report)
-                        chunk = []
-            if chunk:
-                self.tokenize(chunk, report)
-            self.collect()
-        dropped = sum(report.dropped.values())
-        if report.kept + dropped != report.input_rows:
+            admitted = self.admitted(report, name, bar.update, itertools.islice(rows, max_rows), target)
+            chunks = iter(lambda: list(itertools.islice(admitted, CHUNK_ROWS)), [])
+            jobs = ((chunk, pool.submit(self.tokenize, chunk)) for chunk in chunks)
+            previous = None
+            for job in itertools.chain(jobs, [None]):  # a chunk is written while the next one is tokenized
+                if previous is not None:
+                    self.collect(report, *previous)
+                previous = job
+        if report.kept + sum(report.dropped.values()) != report.input_rows:
+            dropped = sum(report.dropped.values())
             raise AssertionError(f"{name}: kept {report.kept} + dropped {dropped} != input {report.input_rows}")
         return report
 
-    def admit(self, report: SplitReport, target: str | None, where: str, obj: dict) -> tuple | None:
-        """``(output split, where, row)`` for a row that passes the filters, or None when dropped."""
+    def admitted(self, report: SplitReport, name: str, tick, rows, target: str | None) -> Iterator[tuple]:
+        """``(output split, where, row)`` for each row that passes the filters; the others are counted dropped."""
         options = self.options
-        messages, reason = to_messages(obj)
-        reason = reason or structure_problem(messages) or content_problem(messages, options.max_chars)
-        if reason:
-            report.drop(reason, where, obj if reason != "too_large" else None)
-            return None
-        full = options.filters == "all" or (options.filters == "auto" and "messages" not in obj)
-        self.chain_applied |= full
-        self.chain_audited |= not full
-        fixed_messages, fixed = truecase_messages(messages)
-        if full:
-            messages = fixed_messages
-        elif fixed:
-            report.drop("truecase", where, obj, applied=False)
-        if disclaimer_in(fixed_messages, self.phrases) and report.drop("disclaimer", where, obj, full):
-            return None
-        prompt = next(m["content"] for m in messages if m["role"] == "user")
-        digest = hashlib.sha256(prompt.encode("utf-8")).digest()
-        if digest[:16] in self.seen and report.drop("duplicate_prompt", where, obj, full):
-            return None
-        self.seen.add(digest[:16])
-        if full and fixed:
-            report.truecased += 1
-            report.truecased_messages += fixed
-        if target is None:
-            target = "test" if int.from_bytes(digest[:4], "big") % 10_000 < options.test_fraction * 10_000 else "train"
-        messages = [{"content": m["content"], "role": m["role"]} for m in messages]  # null extra keys left out
-        turns = sum(m["role"] == "user" for m in messages)
-        return target, where, {"prompt": prompt, "prompt_id": digest.hex(), "messages": messages, "num_turns": turns}
+        for line_no, obj, error in rows:
+            report.input_rows += 1
+            tick()
+            where = f"{name}:{line_no}"
+            messages, reason = (None, error) if error else to_messages(obj)
+            reason = reason or structure_problem(messages) or content_problem(messages, options.max_chars)
+            if reason:
+                report.drop(reason, where, obj if reason != "too_large" else None)
+                continue
+            full = options.filters == "all" or (options.filters == "auto" and "messages" not in obj)
+            self.chain.add("applied" if full else "audited")
+            fixed_messages, fixed = truecase_messages(messages)
+            if full:
+                messages = fixed_messages
+            elif fixed:
+                report.drop("truecase", where, obj, applied=False)
+            if disclaimer_in(fixed_messages, self.phrases) and report.drop("disclaimer", where, obj, full):
+                continue
+            prompt = next(m["content"] for m in messages if m["role"] == "user")
+            digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+            if digest[:16] in self.seen and report.drop("duplicate_prompt", where, obj, full):
+                continue
+            self.seen.add(digest[:16])
+            if full and fixed:
+                report.truecased += 1
+                report.truecased_messages += fixed
+            held_out = int.from_bytes(digest[:4], "big") % 10_000 < options.test_fraction * 10_000
+            messages = [{"content": m["content"], "role": m["role"]} for m in messages]  # null extra keys left out
+            turns = sum(m["role"] == "user" for m in messages)
+            row = {"prompt": prompt, "prompt_id": digest.hex(), "messages": messages, "num_turns": turns}
+            yield target or ("test" if held_out else "train"), where, row
 
-    def tokenize(self, chunk: list[tuple], report: SplitReport) -> None:
-        """Queue ``chunk`` for the tokenizer, then collect the chunk before it: the tokenizer never waits for Python."""
+    def tokenize(self, chunk: list[tuple]) -> list[list[int]]:
         dialogues = [row["messages"] for _, _, row in chunk]
-        options = self.options
-        job = self.pool.submit(tokenize_dialogues, self.tokenizer, dialogues, options.system_turn, options.tokenization)
-        self.collect()
-        self.job = chunk, job, report
+        return tokenize_dialogues(self.tokenizer, dialogues, self.options.system_turn, self.options.tokenization)
 
-    def collect(self) -> None:
-        """Apply the token bounds to the queued chunk and write its kept rows to their output splits."""
-        if self.job is None:
-            return
-        (chunk, job, report), self.job = self.job, None
+    def collect(self, report: SplitReport, chunk: list[tuple], job) -> None:
+        """Apply the token bounds to a tokenized chunk and write its kept rows to their output splits."""
+        import pyarrow as pa
+
         low, high = self.options.min_tokens, self.options.max_tokens
         kept = []
         for (dest, where, row), ids in zip(chunk, job.result(), strict=True):
@@ -211,47 +194,12 @@ class _Run:
             rows, tokens = [row for d, row, _ in kept if d == dest], [ids for d, _, ids in kept if d == dest]
             self.lengths[dest].extend(map(len, tokens))
             if rows and self.output is not None:
-                import pyarrow as pa
-
                 columns = {key: [row[key] for row in rows] for key in rows[0]}
                 input_ids = pa.array(tokens, type=pa.list_(pa.int32()))  # faster than datasets' typing of the lists
                 self.output.write(dest, {**columns, "input_ids": input_ids, "num_tokens": list(map(len, tokens))})
 
-    def report(self, reports: dict[str, SplitReport], lengths: dict[str, np.ndarray], source: str, fingerprint) -> dict:
-        """The content of ``report.json``: totals, per-split accounting and token statistics."""
-        options, rs = self.options, reports.values()
-        return {
-            "format": FORMAT,
-            "source": source,
-            "source_fingerprint": fingerprint,
-            "input_rows": sum(r.input_rows for r in rs),
-            "kept": sum(r.kept for r in rs),
-            "dropped": dict(sorted(sum((r.dropped for r in rs), Counter()).items())),
-            "truecased": sum(r.truecased for r in rs),
-            "truecased_messages": sum(r.truecased_messages for r in rs),
-            "filters_applied": ["structure", *(FILTER_CHAIN if self.chain_applied else ())],
-            "filters_audited": list(FILTER_CHAIN if self.chain_audited else ()),
-            "audited": dict(sorted(sum((r.audited for r in rs), Counter()).items())),
-            "system_turn": options.system_turn,
-            "tokenization": options.tokenization,
-            "options": dataclasses.asdict(options),  # all of them: a later release prepares the folder again with these
-            "splits": {name: r.to_json() for name, r in reports.items()},
-            "outputs": {name: token_stats(n, options.max_length) for name, n in lengths.items()},
-            "empty_splits_not_written": [name for name, n in lengths.items() if not len(n)],
-            "tokenizer": tokenizer_name(self.tokenizer),  # which one made the ids (a Hub id may fall back offline)
-        }
 
-
-def prepare(
-    splits: dict[str, Split],
-    tokenizer,
-    out_dir: str | Path | None = None,
-    *,
-    source: str = "",
-    revision: str | None = None,
-    progress: bool = False,
-    **options: Any,
-) -> Prepared:
+def prepare(splits: dict[str, Split], tokenizer, out_dir=None, *, source="", revision=None, progress=False, **options):
     """Run the filters, truecasing, template and tokenizer over ``splits`` (from ``open_source``) with ``options``
     (``Options``' fields). With ``out_dir``, the kept rows go to ``train`` and ``test`` (a single-split source holds
     out ``test_fraction`` by prompt hash), swapped into place when complete; OutputError if no training row was kept."""
@@ -260,14 +208,33 @@ def prepare(
     fingerprint = source_fingerprint(source, revision) if source else None
     output = OutputWriter(out) if out is not None else None
     try:
+        run, reports = _Run(tokenizer, opts, output), {}
         with ThreadPoolExecutor(max_workers=1) as pool:
-            run = _Run(tokenizer, opts, output, pool)
-            reports = {}
             for name in sorted(splits, key=lambda s: (SPLIT_NAMES.get(s, "train") != "train", s)):  # train first
                 target = None if len(splits) == 1 else SPLIT_NAMES.get(name, "train")
-                reports[name] = run.split(name, splits[name], target, progress)
+                reports[name] = run.split(name, splits[name], target, pool, progress)
         lengths = {name: np.frombuffer(values, dtype=np.int32) for name, values in run.lengths.items()}
-        report = run.report(reports, lengths, source, fingerprint)
+        rs = reports.values()
+        report = {
+            "format": FORMAT,
+            "source": source,
+            "source_fingerprint": fingerprint,
+            "input_rows": sum(r.input_rows for r in rs),
+            "kept": sum(r.kept for r in rs),
+            "dropped": dict(sorted(sum((r.dropped for r in rs), Counter()).items())),
+            "truecased": sum(r.truecased for r in rs),
+            "truecased_messages": sum(r.truecased_messages for r in rs),
+            "filters_applied": ["structure", *(FILTER_CHAIN if "applied" in run.chain else ())],
+            "filters_audited": list(FILTER_CHAIN if "audited" in run.chain else ()),
+            "audited": dict(sorted(sum((r.audited for r in rs), Counter()).items())),
+            "system_turn": opts.system_turn,
+            "tokenization": opts.tokenization,
+            "options": dataclasses.asdict(opts),  # all of them: a later release prepares the folder again with these
+            "splits": {name: r.to_json() for name, r in reports.items()},
+            "outputs": {name: token_stats(n, opts.max_length) for name, n in lengths.items()},
+            "empty_splits_not_written": [name for name, n in lengths.items() if not len(n)],
+            "tokenizer": tokenizer_name(tokenizer),  # which one made the ids (a Hub id may fall back offline)
+        }
         if output is not None:
             if not len(lengths["train"]):
                 raise OutputError(f"no training rows were kept from {source or 'the source'}; nothing written to {out}")
@@ -280,18 +247,16 @@ def prepare(
 
 
 def prepare_source(
-    source: str,
-    out_dir: str | Path,
-    tokenizer,
-    *,
-    revision: str | None = None,
-    progress: bool = False,
-    **options: Any,
+    source: str, out_dir: str | Path, tokenizer, *, revision: str | None = None, progress: bool = False, **options: Any
 ) -> dict:
-    """Open ``source`` (a file, a folder or a Hub id), prepare it into ``out_dir``; return the report. OptionError,
-    OutputError and SourceError come before any work (but OutputError when no training row was kept)."""
+    """Prepare ``source`` (a file, a folder or a Hub id) into ``out_dir``; return the report. OptionError, OutputError
+    and SourceError come before any work, and before loading ``tokenizer`` when it is a name (None: the embedded)."""
     max_chars = Options(**options).max_chars
     check_output(out_dir, source)
     with datasets_progress(progress):
         splits = open_source(source, max_chars, revision)
+    if tokenizer is None or isinstance(tokenizer, str):
+        from utils.assets import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
     return prepare(splits, tokenizer, out_dir, source=source, revision=revision, progress=progress, **options).report

@@ -1,7 +1,6 @@
 """The prepared copy of a training source (notebook 01's pipeline run on it) that a run trains on, cached under
 ``runs/data/``; light to import, so that a process that only needs the data (``utils.sharding``) skips the training
-stack.
-"""
+stack."""
 
 from __future__ import annotations
 
@@ -32,8 +31,7 @@ def prepared_dataset(source: str, tokenizer, revision: str | None = None) -> Pat
     if is_current(out):
         return out
     check_cache()
-    earlier = sorted(DATA_CACHE.glob(f"{out.name[:-13]}-*")) if DATA_CACHE.is_dir() else []
-    changed = " (it changed since it was last prepared)" if earlier else ""
+    changed = " (it changed since it was last prepared)" if any(DATA_CACHE.glob(f"{out.name[:-13]}-*")) else ""
     say(f"Preparing {source} into {out} (notebook 01's pipeline){changed} ...")
     prepare_source(source, out, tokenizer, revision=revision)
     return out
@@ -56,47 +54,39 @@ def _prepared_again(folder: Path, tokenizer) -> Path:
     from the source its report names with the options it recorded. ConfigError, saying which, when that cannot be
     done: not this tool's folder, its source gone, or options not all recorded (others would change the user's data)."""
     from utils.data.output import FORMAT, is_own_output, missing_files
-    from utils.data.pipeline import Options, prepare_source
-    from utils.data.sources import local_path
+    from utils.data.pipeline import Options, prepare, prepare_source
+    from utils.data.sources import local_path, open_source
 
     try:
         report = json.loads((folder / "report.json").read_text())
     except (OSError, ValueError):
         report = {}
     report = report if isinstance(report, dict) else {}
-    if report.get("format") == FORMAT:  # the format is today's: files are missing (a copy without hidden files)
+    today = report.get("format") == FORMAT  # the format is today's: files are missing (a copy without hidden files)
+    if today:
         why = f"holds notebook 01's output in today's format, without {', '.join(missing_files(folder))}"
     else:
         why = "was prepared by an earlier release of this collection"
-    source, options = report.get("source"), report.get("options")
-    source_path = local_path(source) if isinstance(source, str) and source else None
-    again = f"prepare it again with notebook 01 (or python -m utils.prepare_data --out {folder}"
     if not is_own_output(folder):
-        copy = "copy it again with its hidden files (cp -a), or " if report.get("format") == FORMAT else ""
+        copy = "copy it again with its hidden files (cp -a), or " if today else ""
         raise ConfigError(f"{folder} {why}; {copy}prepare it again into a new folder with notebook 01")
-    if source_path is None or not source_path.exists():
+    source, options = report.get("source"), report.get("options")
+    again = f"prepare it again with notebook 01 (or python -m utils.prepare_data --out {folder}"
+    if not (isinstance(source, str) and source and local_path(source)):
         raise ConfigError(f"{folder} {why}; {again})")
     if not isinstance(options, dict) or set(options) - {f.name for f in dataclasses.fields(Options)}:
-        options = _options_of_an_earlier_release(report, source, tokenizer)
-        if options is None:
+        # an earlier release did not record them all: those it names and the defaults, if a dry run of them keeps and
+        # drops exactly the rows it counted (else the user chose others, which only they know)
+        options = {k: report[k] for k in ("system_turn", "tokenization") if k in report}
+        try:
+            dry = prepare(open_source(source), tokenizer, None, source=source, **options).report
+        except ConfigError:
+            dry = None
+        same = ("input_rows", "kept", "dropped", "filters_applied", "filters_audited")
+        if dry is None or any(dry.get(k) != report.get(k) for k in same):
             raise ConfigError(
                 f"{folder} {why}, which did not record all its options; {again} and the options you chose)"
             )
     say(f"{folder} {why}; preparing it again from {source} with its options ...")
     prepare_source(source, folder, tokenizer, **options)
     return folder
-
-
-def _options_of_an_earlier_release(report: dict, source: str, tokenizer) -> dict | None:
-    """The options of a report that did not record them all: those it names and the defaults, if a dry run of them
-    keeps and drops exactly the rows it counted (else None: the user chose others, which only they know)."""
-    from utils.data.pipeline import prepare
-    from utils.data.sources import open_source
-
-    options = {k: report[k] for k in ("system_turn", "tokenization") if k in report}
-    try:
-        dry = prepare(open_source(source), tokenizer, None, source=source, **options).report
-    except ConfigError:
-        return None
-    same = ("input_rows", "kept", "dropped", "filters_applied", "filters_audited")
-    return options if all(dry.get(k) == report.get(k) for k in same) else None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ MAX_CHARS = 200_000  # a row with more characters is dropped as too_large (ultra
 SPLIT_NAMES = {"train_sft": "train", "test_sft": "test", "train": "train", "test": "test"}
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 BATCH_ROWS = 1000  # Arrow rows turned into Python objects at a time
+BOM = b"\xef\xbb\xbf"
 
 Row = tuple[int, Any, str | None]  # (row number, parsed object, drop reason)
 
@@ -38,21 +38,12 @@ class Split:
     def __iter__(self) -> Iterator[Row]:
         return self.read()
 
-    def then(self, other: Split) -> Split:
-        """This split's rows, then ``other``'s (the shards of one split; each numbers its own rows)."""
-        known = self.num_rows is not None and other.num_rows is not None
-        return Split(lambda: itertools.chain(self, other), self.num_rows + other.num_rows if known else None)
-
 
 # --- files ---------------------------------------------------------------------------------------------------------
 def read_jsonl(path: Path, max_chars: int = MAX_CHARS) -> Iterator[Row]:
     """The rows of a JSON Lines file; a bad line's reason is ``invalid_utf8``, ``too_large`` (over ``max_chars``),
     ``invalid_json`` (nesting too deep included) or ``not_an_object``. A UTF-8 byte-order mark is accepted."""
-    try:
-        handle = path.open("rb")
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
-    with handle:
+    with path.open("rb") as handle:
         limit = 4 * max_chars  # bytes: a line longer is too large whatever it decodes to, and is never held whole
         line_no = 0
         while raw := handle.readline(limit + 1):
@@ -62,8 +53,7 @@ def read_jsonl(path: Path, max_chars: int = MAX_CHARS) -> Iterator[Row]:
                     raw = handle.readline(limit + 1)
                 yield line_no, None, "too_large"
                 continue
-            if line_no == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            raw = raw.removeprefix(BOM) if line_no == 1 else raw
             if not raw.strip():
                 continue
             try:
@@ -84,16 +74,13 @@ def read_jsonl(path: Path, max_chars: int = MAX_CHARS) -> Iterator[Row]:
 
 def read_json(path: Path, max_chars: int = MAX_CHARS) -> Iterator[Row]:
     """A ``.json`` file: a JSON array of rows (numbered from 1, parsed whole), or JSON Lines under a ``.json`` name."""
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not head.startswith(b"["):
+    with path.open("rb") as handle:
+        array = handle.read(4096).removeprefix(BOM).lstrip().startswith(b"[")
+    if not array:
         yield from read_jsonl(path, max_chars)
         return
     try:
-        rows = json.loads(path.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
+        rows = json.loads(path.read_bytes().removeprefix(BOM).decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SourceError(f"{path} starts like a JSON array but is not valid JSON: {reason}") from None
@@ -123,13 +110,21 @@ def read_parquet(path: Path) -> Iterator[Row]:
         raise SourceError(f"cannot read {path} after row {number}: {str(exc).splitlines()[0]}") from None
 
 
-def _file_split(path: Path, max_chars: int) -> Split:
-    if path.suffix == ".parquet":
-        return Split(lambda: read_parquet(path), _parquet_file(path).metadata.num_rows)
-    if not os.access(path, os.R_OK) or not path.is_file():
-        raise SourceError(f"cannot read {path}: {'not a file' if path.exists() else 'no such file'}")
-    reader = read_json if path.suffix == ".json" else read_jsonl
-    return Split(lambda: reader(path, max_chars))
+def _files_split(paths: list[Path], max_chars: int) -> Split:
+    """The files of one split, read in order, each numbering its own rows; checked readable here, before any work."""
+    for path in paths:
+        if path.suffix != ".parquet" and (not os.access(path, os.R_OK) or not path.is_file()):
+            raise SourceError(f"cannot read {path}: {'not a file' if path.exists() else 'no such file'}")
+    counts = [_parquet_file(p).metadata.num_rows if p.suffix == ".parquet" else None for p in paths]
+
+    def read() -> Iterator[Row]:
+        for path in paths:
+            if path.suffix == ".parquet":
+                yield from read_parquet(path)
+            else:
+                yield from (read_json if path.suffix == ".json" else read_jsonl)(path, max_chars)
+
+    return Split(read, None if None in counts else sum(counts))
 
 
 # --- opening a source ----------------------------------------------------------------------------------------------
@@ -152,12 +147,9 @@ def _data_files(folder: Path) -> list[Path]:
 
 
 def open_source(source: str, max_chars: int = MAX_CHARS, revision: str | None = None) -> dict[str, Split]:
-    """Each split of ``source`` (a folder, a file or a Hub dataset id, at ``revision``) and its rows.
-
-    A folder has one split per data file, named by it (shards ``train_sft-00000-of-00003`` join one split); a file
-    is the split ``train``; a Hub id or a folder in its layout goes through ``datasets.load_dataset`` (the splits
-    of ``SPLIT_NAMES`` only). Damaged Parquet files are found here, before any work.
-    """
+    """Each split of ``source`` and its rows: a folder has one per data file (shards ``train_sft-00000-of-00003``
+    join one), a file is ``train``; a Hub id (at ``revision``) or a folder in its layout goes through
+    ``datasets.load_dataset`` (the splits of ``SPLIT_NAMES`` only). Damaged Parquet files are found here."""
     path = local_path(source)
     if path is not None and path.is_dir():
         if (path / "dataset_dict.json").is_file():
@@ -167,14 +159,12 @@ def open_source(source: str, max_chars: int = MAX_CHARS, revision: str | None = 
         files = _data_files(path)
         if not files:
             raise SourceError(f"no .jsonl, .json or .parquet files in {path}")
-        splits: dict[str, Split] = {}
-        for file in files:
-            name = file.stem.split("-")[0]  # Hub parquet shards look like train_sft-00000-of-00003
-            split = _file_split(file, max_chars)
-            splits[name] = splits[name].then(split) if name in splits else split
-        return splits
+        by_split: dict[str, list[Path]] = {}
+        for file in files:  # Hub parquet shards look like train_sft-00000-of-00003
+            by_split.setdefault(file.stem.split("-")[0], []).append(file)
+        return {name: _files_split(group, max_chars) for name, group in by_split.items()}
     if path is not None:
-        return {"train": _file_split(path, max_chars)}
+        return {"train": _files_split([path], max_chars)}
     if Path(source).suffix in DATA_SUFFIXES or source.startswith((".", "/")) or source.count("/") != 1:
         raise SourceError(f"no such file or folder: {source}")
     from utils.hardware import hub_reachable
@@ -189,7 +179,10 @@ def open_source(source: str, max_chars: int = MAX_CHARS, revision: str | None = 
 
 def _open_datasets(name: str, revision: str | None) -> dict[str, Split]:
     """The SFT splits of a Hub id or a local folder in the Hub's layout, as ``datasets.load_dataset`` maps them."""
+    import ctypes
+
     import datasets
+    import pyarrow as pa
     from huggingface_hub import HfApi
 
     path = local_path(name)
@@ -202,7 +195,11 @@ def _open_datasets(name: str, revision: str | None) -> dict[str, Split]:
     except Exception as exc:  # noqa: BLE001 - one line for any Hub/loader failure
         where = "the Hub" if path is None else "its folder"
         raise SourceError(f"cannot load {name} from {where}: {str(exc).splitlines()[0]}") from None
-    _release_freed_memory()
+    # Converting to Arrow freed buffers, growing with the shards, that the allocators keep for the whole run: hand
+    # them back to the system.
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     splits = {split: dataset for split, dataset in loaded.items() if split in SPLIT_NAMES}
     if not splits:
         raise SourceError(f"{name} has none of the splits {', '.join(SPLIT_NAMES)}")
@@ -215,24 +212,9 @@ def sft_data_files(files: list[str]) -> dict[str, list[str]] | None:
     found: dict[str, list[str]] = {}
     for file in sorted(files):
         folder, _, name = file.rpartition("/")
-        split = name.split("-")[0]
-        if folder == "data" and name.endswith(".parquet") and split in SPLIT_NAMES:
-            found.setdefault(split, []).append(file)
+        if folder == "data" and name.endswith(".parquet") and name.split("-")[0] in SPLIT_NAMES:
+            found.setdefault(name.split("-")[0], []).append(file)
     return found or None
-
-
-def _release_freed_memory() -> None:
-    """Hand back to the system what converting a dataset to Arrow freed but the allocators kept (buffers that grow
-    with the shards' size and would stay in this process for the whole run)."""
-    import ctypes
-    import sys
-
-    import pyarrow as pa
-
-    pa.default_memory_pool().release_unused()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def read_dataset(dataset) -> Iterator[Row]:
@@ -248,8 +230,6 @@ def read_dataset(dataset) -> Iterator[Row]:
                     for obj in batch.slice(start, BATCH_ROWS).to_pylist():
                         number += 1
                         yield number, obj, None
-    if number != dataset.num_rows:  # a dataset that is not its cache files as written (never from load_dataset)
-        raise SourceError(f"read {number} rows from the cache files of a dataset of {dataset.num_rows} rows")
 
 
 @contextlib.contextmanager
@@ -265,11 +245,9 @@ def datasets_progress(shown: bool):
         (enable_progress_bars if was_shown else disable_progress_bars)()
 
 
-# --- fingerprint ---------------------------------------------------------------------------------------------------
 def source_fingerprint(source: str, revision: str | None = None) -> str:
     """A hex digest that changes with the source: a local one's resolved path and its data files' names and bytes; a
     Hub id's id and revision, resolved to a commit when the Hub answers (offline: as given, ``main`` by default)."""
-    digest = hashlib.sha256()
     path = local_path(source)
     if path is None:
         from huggingface_hub import HfApi
@@ -280,12 +258,10 @@ def source_fingerprint(source: str, revision: str | None = None) -> str:
         if hub_reachable():
             with contextlib.suppress(Exception):  # gated, missing or slow: the revision as given
                 commit = HfApi().dataset_info(source, revision=revision, timeout=10).sha or commit
-        digest.update(f"hub:{source}@{commit}".encode())
-        return digest.hexdigest()
+        return hashlib.sha256(f"hub:{source}@{commit}".encode()).hexdigest()
     root = path.resolve()
-    digest.update(f"local:{root}\0".encode())
-    files = [root] if root.is_file() else _data_files(root / "data" if hub_layout(root) else root)
-    for file in files:
+    digest = hashlib.sha256(f"local:{root}\0".encode())
+    for file in [root] if root.is_file() else _data_files(root / "data" if hub_layout(root) else root):
         digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}\0".encode())
         with file.open("rb") as handle:
             while block := handle.read(1 << 20):

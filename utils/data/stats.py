@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, insort
 from collections import defaultdict, deque
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +17,17 @@ MAX_LENGTH = 2048
 PACK_BATCH_ROWS = 1000  # datasets.Dataset.map's default batch_size, the unit TRL's pack_dataset packs
 
 
-def token_stats(lengths: Sequence[int] | np.ndarray, max_length: int = MAX_LENGTH) -> dict:
+def token_stats(lengths, max_length: int = MAX_LENGTH) -> dict:
     """Dialogue count, token totals and percentiles, the share over ``max_length`` and packed-sequence counts."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size == 0:
         keys = """dialogues total_tokens share_over_max_length dialogues_truncated_by_bfd tokens_truncated_by_bfd
             packed_sequences_wrapped packed_sequences_bfd packed_sequences_bfd_split""".split()
         return {**dict.fromkeys(keys, 0), "share_over_max_length": 0.0, "max_length": max_length}
-    over = np.maximum(lengths - max_length, 0)
+    over, total = np.maximum(lengths - max_length, 0), int(lengths.sum())
     return {
         "dialogues": int(lengths.size),
-        "total_tokens": int(lengths.sum()),
+        "total_tokens": total,
         "mean_tokens": round(float(lengths.mean()), 1),
         "median_tokens": int(np.median(lengths)),
         "p95_tokens": int(np.percentile(lengths, 95)),
@@ -38,19 +37,17 @@ def token_stats(lengths: Sequence[int] | np.ndarray, max_length: int = MAX_LENGT
         # bfd truncates a dialogue to max_length; bfd_split and wrapped keep every token
         "dialogues_truncated_by_bfd": int((over > 0).sum()),
         "tokens_truncated_by_bfd": int(over.sum()),
-        "share_of_tokens_truncated_by_bfd": round(float(over.sum() / lengths.sum()), 5),
+        "share_of_tokens_truncated_by_bfd": round(float(over.sum() / total), 5),
         # wrapped: one stream cut every max_length tokens, as the card's TRL 0.7.x did (close to packing_strategy card)
-        "packed_sequences_wrapped": math.ceil(int(lengths.sum()) / max_length),
+        "packed_sequences_wrapped": math.ceil(total / max_length),
         "packed_sequences_bfd": packed_sequences(lengths, max_length, split=False),
         "packed_sequences_bfd_split": packed_sequences(lengths, max_length, split=True),
     }
 
 
-def packed_sequences(lengths: np.ndarray, max_length: int, split: bool) -> int:
-    """How many rows TRL's ``pack_dataset`` makes with ``bfd`` (longer dialogues truncated) or, with ``split``,
-    ``bfd_split`` (cut into ``max_length`` pieces). Full pieces are counted, not packed: memory and time grow with
-    the number of dialogues only, never with ``max_length`` (TRL's own segment tree has ``max_length`` leaves).
-    """
+def packed_sequences(lengths, max_length: int, split: bool) -> int:
+    """How many rows TRL's ``pack_dataset`` makes with ``bfd`` (dialogues truncated) or ``bfd_split`` (cut in pieces).
+    Full pieces are counted, not packed: memory never grows with ``max_length`` (as TRL's segment tree does)."""
     total = 0
     for start in range(0, len(lengths), PACK_BATCH_ROWS):
         batch = np.asarray(lengths[start : start + PACK_BATCH_ROWS], dtype=np.int64)
@@ -65,13 +62,11 @@ def packed_sequences(lengths: np.ndarray, max_length: int, split: bool) -> int:
 def bfd_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     """Best-fit-decreasing packing of one batch as TRL's ``_pack_bfd``: the indices of ``lengths`` in each row, rows in
     the order opened (a length over ``capacity`` counts as ``capacity``). Longest first (ties in input order), each
-    to the open row with the least room that fits it (the first opened among equals), else to a new row.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -min(lengths[i], capacity))
+    to the open row with the least room that fits it (the first opened among equals), else to a new row."""
     sizes: list[int] = []  # sorted distinct free sizes of open rows
     rows_with: dict[int, deque] = defaultdict(deque)  # free size -> rows with it, first opened first
     rows: list[list[int]] = []
-    for i in order:
+    for i in sorted(range(len(lengths)), key=lambda i: -min(lengths[i], capacity)):
         length = min(lengths[i], capacity)
         k = bisect_left(sizes, length)
         if k < len(sizes):
@@ -83,8 +78,7 @@ def bfd_bins(lengths: list[int], capacity: int) -> list[list[int]]:
             free, row = capacity, []
             rows.append(row)
         row.append(i)
-        left = free - length
-        if left > 0:
+        if (left := free - length) > 0:
             if not rows_with[left]:
                 insort(sizes, left)
             rows_with[left].append(row)
@@ -97,18 +91,16 @@ def plot_token_histogram(lengths: dict[str, np.ndarray], max_length: int = MAX_L
     import matplotlib.pyplot as plt
 
     splits = [(name, np.asarray(n)) for name, n in lengths.items() if len(n)]
-    fig, axes = plt.subplots(
-        len(splits) or 1, 1, figsize=(8, 1.6 + 1.4 * max(1, len(splits))), sharex=True, squeeze=False
-    )
+    panels = max(1, len(splits))  # no splits: one empty panel
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 1.6 + 1.4 * panels), sharex=True, squeeze=False)
     right = 1.05 * max((int(n.max()) for _, n in splits), default=max_length)
-    for i, (ax, (name, n)) in enumerate(zip(axes[:, 0], splits, strict=False)):  # no splits: one empty panel
+    for i, (ax, (name, n)) in enumerate(zip(axes[:, 0], splits, strict=False)):
         ax.hist(n, bins=40, range=(0, right), color=f"C{i}", label=f"{name}: {len(n)} dialogues")
         if max_length <= right:
             ax.axvline(max_length, color="black", linestyle="--", label=f"max_length {max_length}")
         ax.set_ylabel("dialogues")
         ax.legend(loc="upper right", fontsize=8)
-    axes[-1, 0].set_xlim(0, right)
-    axes[-1, 0].set_xlabel("tokens per dialogue (Zephyr template, Mistral tokenizer)")
+    axes[-1, 0].set(xlim=(0, right), xlabel="tokens per dialogue (Zephyr template, Mistral tokenizer)")
     if max_length > right:
         axes[0, 0].set_title(f"every dialogue fits in max_length {max_length} (off the right edge)", fontsize=9)
     fig.tight_layout()

@@ -7,7 +7,8 @@ from typing import Any
 
 from utils import card_era
 
-# card and today: card_era.SCHEMES; card-text: the card's ids with special-token text in messages kept as text
+# card: the ids the card trained on (the 2023 tokenizer put "▁" after every </s>), special-token text in a message
+# (</s>) made control tokens; card-text: the same ids with such text kept text; today: transformers 5.x's
 TOKENIZATIONS = ("card", "card-text", "today")
 
 
@@ -15,12 +16,11 @@ def to_messages(obj: dict) -> tuple[Any, str | None]:
     """The ``messages`` of a row in either schema (ultrachat_200k, or raw ``id`` + ``data``), or a drop reason."""
     if "messages" in obj:
         return obj["messages"], None
-    if "data" in obj:
-        data = obj["data"]
-        if not isinstance(data, list):
-            return None, "structure:not_a_list"
-        return [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(data)], None
-    return None, "missing_messages"
+    if "data" not in obj:
+        return None, "missing_messages"
+    if not isinstance(obj["data"], list):
+        return None, "structure:not_a_list"
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(obj["data"])], None
 
 
 def prompt_id(prompt: str) -> str:
@@ -35,24 +35,17 @@ def with_system_turn(messages: list[dict]) -> list[dict]:
 
 
 def render(messages: list[dict], eos: str = "</s>", system_turn: bool = True) -> str:
-    """``tokenizer.apply_chat_template(with_system_turn(messages), tokenize=False) + eos`` (a test checks it), much
-    faster than Jinja. The trailing EOS is what TRL 1.x (``add_eos``) and the card's TRL (the separator between
-    packed samples) put after each dialogue."""
+    """``tokenizer.apply_chat_template(with_system_turn(messages), tokenize=False) + eos`` (a test checks it), without
+    Jinja; the trailing EOS is what TRL 1.x (``add_eos``) and the card's TRL (packing's separator) put after each."""
     return card_era.render_text(with_system_turn(messages) if system_turn else messages, eos) + eos
 
 
-def tokenize_dialogues(
-    tokenizer, dialogues: list[list[dict]], system_turn: bool = True, tokenization: str = "card", answers: bool = False
-):
-    """``<s>`` + ``render(dialogue)`` for each dialogue, in the ids of ``tokenization`` (``card_era.era_backend``,
-    whatever the tokenizer's own flags); with ``answers``, ``(ids, masks)`` (``card_era.tokenize_dialogues``).
-
-    ``card``: the ids the card trained on (the 2023 tokenizer put ``▁`` (28705) after every ``</s>``), special-token
-    text in a message (``</s>``) made control tokens; ``card-text``: the same ids with such text kept text; ``today``:
-    transformers 5.x's ids with ``legacy=False`` (no ``▁`` after ``</s>``), such text kept text.
-    """
+def tokenize_dialogues(tokenizer, dialogues: list, system_turn: bool = True, tokenization: str = "card", answers=False):
+    """``<s>`` + ``render(dialogue)`` for each dialogue, in the ids of ``tokenization`` whatever the tokenizer's flags
+    (``TOKENIZATIONS``; ``today``: transformers 5.x's, no ``▁`` after ``</s>``); with ``answers``, ``(ids, masks)``."""
     if tokenization not in TOKENIZATIONS:
         raise ValueError(f"tokenization must be one of {', '.join(TOKENIZATIONS)}, got {tokenization!r}")
     dialogues = [with_system_turn(d) if system_turn else d for d in dialogues]
-    scheme = "today" if tokenization == "today" else "card"
-    return card_era.tokenize_dialogues(tokenizer, dialogues, scheme, tokenization != "card", answers)
+    return card_era.tokenize_dialogues(
+        tokenizer, dialogues, "today" if tokenization == "today" else "card", tokenization != "card", answers
+    )
