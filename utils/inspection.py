@@ -7,28 +7,9 @@ from typing import Any
 
 from utils.recipe import CLI, PROFILE, Settings, read_recipe, split_config
 
-SHOWN_FIELDS = (
-    "model_name_or_path",
-    "dtype",
-    "attn_implementation",
-    "learning_rate",
-    "num_train_epochs",
-    "max_steps",
-    "max_length",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "activation_checkpointing",
-    "activation_checkpointing_kwargs",
-    "packing_strategy",
-    "optim",
-    "bf16",
-    "fp16",
-    "logging_steps",
-    "save_steps",
-    "report_to",
-    "eval_strategy",
-    "dataset_name",
-)
+SHOWN_FIELDS = """model_name_or_path dtype attn_implementation learning_rate num_train_epochs max_steps max_length
+    per_device_train_batch_size gradient_accumulation_steps activation_checkpointing activation_checkpointing_kwargs
+    packing_strategy optim bf16 fp16 logging_steps save_steps report_to eval_strategy dataset_name""".split()
 
 
 def recipe_changes(argv: list[str], settings: Settings) -> list[tuple[str, Any, Any, str]]:
