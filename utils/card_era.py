@@ -59,13 +59,10 @@ def render_text(messages: Sequence[dict], eos: str = "</s>") -> str:
 
 
 def tokenize_dialogues(tokenizer, dialogues: list[list[dict]], scheme="card", text_specials=None, answers=False):
-    """BOS + ``render_text`` + EOS for each dialogue (system turn included), in the card's ids or today's.
-
-    Special-token text in a message: ``card`` makes it control tokens, as the card's tokenizer did; ``today`` or
-    ``text_specials=True`` keeps it text (such a dialogue is encoded piece by piece between the template's EOS).
-    With ``answers``, ``(ids, masks)``: 1 on each assistant message's content and its EOS, placed from the tokens'
-    character offsets, so marker-like text inside a message changes nothing.
-    """
+    """BOS + ``render_text`` + EOS for each dialogue, in the card's ids or today's. Special-token text in a message:
+    control tokens under ``card`` (as the card's tokenizer did), text under ``today`` or ``text_specials=True``. With
+    ``answers``, ``(ids, masks)``: 1 on each answer and its EOS, placed from the tokens' character offsets (so
+    marker-like text inside a message changes nothing)."""
     if text_specials is None:
         text_specials = scheme != "card"
     eos, backend = tokenizer.eos_token, era_backend(tokenizer, scheme)
@@ -145,12 +142,9 @@ Packed = namedtuple("Packed", "input_ids position_ids buffer")
 
 
 def pack_constant_length(token_ids, char_lengths, seed: int | None = 42, seq_length=SEQ_LENGTH, shuffle=True, **budget):
-    """TRL 0.7's ``ConstantLengthDataset`` (``infinite=False``) over prepared rows (BOS + text + EOS), in order.
-
-    ``char_lengths[i]`` is ``text_length`` of row i; ``budget``: ``max_buffer_size``'s other two. Each buffer's chunks
-    are shuffled with one ``random.Random(seed)`` in turn, as TRL's global ``random.shuffle``: seed 42 reproduces the
-    card only if nothing drew from it between ``set_seed(42)`` and the first buffer.
-    """
+    """TRL 0.7's ``ConstantLengthDataset`` (``infinite=False``) over prepared rows (BOS + text + EOS, ``text_length``
+    characters each), in order; ``budget``: ``max_buffer_size``'s other two. Each buffer's chunks are shuffled by one
+    ``random.Random(seed)``, as TRL's global ``random.shuffle`` (the card's only if nothing drew after ``set_seed``)."""
     rng = random.Random(seed)
     rows, owner = [np.zeros((0, seq_length), np.int32)], []
     for b, (start, end) in enumerate(buffer_spans(char_lengths, max_buffer_size(seq_length, **budget))):
@@ -181,13 +175,9 @@ RunCount = namedtuple("RunCount", "planned_steps dataloader_len micro_batches op
 
 
 def card_run(chunks: int, dialogues: int, processes=16, per_device_batch=8, accumulation=4) -> RunCount:
-    """Optimizer steps of a run over ``chunks`` packed rows whose dataset reports ``dialogues`` as its length.
-
-    Only rank 0 iterates the IterableDataset; each group of ``processes`` batches is broadcast and split, the last
-    partial one too (``drop_last=False``). The optimizer steps on every ``accumulation``-th batch (or on batch
-    ``len(dataloader)`` when that is at most ``accumulation``); trailing batches are never stepped; ``max_steps``
-    caps the run.
-    """
+    """A run over ``chunks`` packed rows whose dataset reports ``dialogues`` as its length: rank 0 iterates it, each
+    group of ``processes`` batches is split, the last partial one too; the optimizer steps on every ``accumulation``-th
+    batch (or on the last when there are fewer), never on trailing ones, and ``max_steps`` caps the run."""
     per_step = per_device_batch * processes
     epoch_batches = math.ceil(math.ceil(dialogues / per_device_batch) / processes)
     planned = max(epoch_batches // accumulation, 1)

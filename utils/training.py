@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch  # imported by transformers' TrainerCallback anyway
 from transformers import TrainerCallback
 
 from utils import ConfigError, say, share_like_other_files
@@ -106,15 +107,11 @@ def with_assistant_masks(data: dict, tokenizer, folder: Path) -> dict:
             )
         return {"assistant_masks": [np.asarray(m, dtype=np.int8) for m in found]}
 
-    masked = {}
+    masked, read = {}, ["input_ids", "messages"]
     for split, rows in data.items():
-        column = rows.select_columns(["input_ids", "messages"]).map(
-            masks,
-            batched=True,
-            remove_columns=["input_ids", "messages"],
-            features=features,
-            keep_in_memory=True,
-            desc=f"Masking all but the assistant's tokens ({split})",
+        desc = f"Masking all but the assistant's tokens ({split})"
+        column = rows.select_columns(read).map(
+            masks, batched=True, remove_columns=read, features=features, keep_in_memory=True, desc=desc
         )
         masked[split] = datasets.concatenate_datasets([rows, column], axis=1)
     return masked
@@ -199,8 +196,6 @@ def with_additions(trainer, args: Args):
 
 def keep_trainable_fp32(model) -> int:
     """Cast every trainable parameter to float32 (before the optimizer and DDP see them); return how many."""
-    import torch
-
     cast = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
     for param in cast:
         param.data = param.data.float()
@@ -259,10 +254,7 @@ def finish_run(trainer, run: Run) -> dict:
 def speed_report(trainer) -> dict:
     """Rows, tokens/s, seconds per step, peak GPU memory and the hours of one epoch of ultrachat_200k at this speed:
     ``StepTimer``'s steady speed, beside the whole ``train()`` call's; the epoch is the prepared data's if real."""
-    import torch
-
-    summary = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
-    runtime = summary.get("train_runtime", float("nan"))
+    runtime = next((h["train_runtime"] for h in reversed(trainer.state.log_history) if "train_runtime" in h), math.nan)
     steps, tokens = trainer.state.global_step, trainer.state.num_input_tokens_seen or 0
     # a resumed run's runtime is this session's: so are its steps and tokens (the checkpoint's are left out)
     session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)
@@ -358,32 +350,23 @@ class StepTimer(TrainerCallback):
 
     def __init__(self):
         self.steps: list[tuple[float, int]] = []
-        self._start: tuple[float, int] | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        _synchronize()
+        if torch.cuda.is_initialized():  # the GPU's queued work done: a step's time is its own
+            torch.cuda.synchronize()
         self._start = (time.perf_counter(), state.num_input_tokens_seen)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._start is not None:
-            _synchronize()
-            began, seen = self._start
-            self.steps.append((time.perf_counter() - began, state.num_input_tokens_seen - seen))
-            self._start = None
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        began, seen = self._start
+        self.steps.append((time.perf_counter() - began, state.num_input_tokens_seen - seen))
 
     def steady(self) -> tuple[float, float] | None:
         """Seconds per step and tokens per second over the steps after the first; None with fewer than two steps."""
         timed = self.steps[1:]
         seconds, tokens = sum(s for s, _ in timed), sum(n for _, n in timed)
         return (seconds / len(timed), tokens / seconds) if timed and seconds > 0 else None
-
-
-def _synchronize() -> None:
-    """Wait for the GPU's queued work, so that a step's time is its own."""
-    import torch
-
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 class RankLog(TrainerCallback):
