@@ -253,13 +253,13 @@ def finish_run(trainer, run: Run) -> dict:
 
 def speed_report(trainer) -> dict:
     """Rows, tokens/s, seconds per step, peak GPU memory and the hours of one epoch of ultrachat_200k at this speed:
-    ``StepTimer``'s steady speed, beside the whole ``train()`` call's; the epoch is the prepared data's if real."""
+    ``StepTimer``'s steady speed, beside the whole ``train()`` call's."""
     runtime = next((h["train_runtime"] for h in reversed(trainer.state.log_history) if "train_runtime" in h), math.nan)
     steps, tokens = trainer.state.global_step, trainer.state.num_input_tokens_seen or 0
     # a resumed run's runtime is this session's: so are its steps and tokens (the checkpoint's are left out)
     session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     fast = not runtime or runtime < 0.5  # never a speed from a 0-s run
-    overall = float("nan") if fast or session_tokens <= 0 else session_tokens / runtime
+    overall = math.nan if fast or session_tokens <= 0 else session_tokens / runtime
     timer = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer)), None)
     if timer:
         steady = timer.steady()  # None after one timed step: its time is mostly compiling and warming up
@@ -267,21 +267,10 @@ def speed_report(trainer) -> dict:
         session_steps = steps - getattr(trainer, "_initial_global_step", 0)
         steady = (runtime / session_steps, overall) if session_steps > 0 and not fast else None
     step_s, tok_s = steady or (None, None)
-    epoch_tokens, basis = ULTRACHAT_TOKENS, "the card's ~139.4k packed rows of 2,048 tokens"
-    files = getattr(trainer.train_dataset, "cache_files", None) or []  # the prepared data's report.json, if any
-    found = (f / "report.json" for file in files for f in Path(file["filename"]).parents)
-    report = next((r for r in found if r.is_file()), None)
-    try:
-        prepared = json.loads(report.read_text())["outputs"].get("train", {}) if report else {}
-    except (OSError, ValueError, KeyError, AttributeError):
-        prepared = {}
-    if prepared.get("dialogues", 0) >= 100_000:  # the sample's dialogues are much shorter than the real ones
-        epoch_tokens, basis = prepared["total_tokens"], "the prepared data's report.json"
     cuda = torch.cuda.is_initialized()
-    rows = trainer.train_dataset
     return {
         "steps": steps,
-        "packed_rows": len(rows) if hasattr(rows, "__len__") else None,  # the training set as the trainer saw it
+        "packed_rows": len(trainer.train_dataset),  # the training set as the trainer saw it
         "tokens_seen": int(tokens),
         "seconds_per_step": round(step_s, 3) if step_s else None,  # the steps after the first, timed alone
         "tokens_per_second": round(tok_s, 1) if tok_s else None,  # None: fewer than 2 steps this session
@@ -289,9 +278,9 @@ def speed_report(trainer) -> dict:
         "tokens_per_second_overall": round(overall, 1),
         "peak_gpu_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "peak_gpu_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
-        "ultrachat_200k_epoch_tokens": int(epoch_tokens),
-        "ultrachat_200k_epoch_tokens_from": basis,
-        "ultrachat_200k_epoch_hours_at_this_speed": round(epoch_tokens / tok_s / 3600, 1) if tok_s else None,
+        "ultrachat_200k_epoch_tokens": ULTRACHAT_TOKENS,
+        "ultrachat_200k_epoch_tokens_from": "the card's ~139.4k packed rows of 2,048 tokens",
+        "ultrachat_200k_epoch_hours_at_this_speed": round(ULTRACHAT_TOKENS / tok_s / 3600, 1) if tok_s else None,
     }
 
 
@@ -396,18 +385,15 @@ class RankLog(TrainerCallback):
             params = list(model.parameters())
             total = sum(parameter_count(p) for p in params)
             held = sum(p.to_local().numel() if hasattr(p, "to_local") else parameter_count(p) for p in params)
-            say(
-                f"[rank {args.process_index}/{args.world_size}] this rank holds {held:,} of {total:,} parameters "
-                f"({100 * held / total:.0f}%: {'sharded' if held < total else 'a full replica'})"
-            )
+            share = f"{100 * held / total:.0f}%: {'sharded' if held < total else 'a full replica'}"
+            rank = f"[rank {args.process_index}/{args.world_size}]"
+            say(f"{rank} this rank holds {held:,} of {total:,} parameters ({share})")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and args.world_size > 1:
             own = f"its own {self.own[-1]:.4f}, " if self.own else ""
-            say(
-                f"[rank {args.process_index}/{args.world_size}] step {state.global_step} loss: {own}"
-                f"logged (mean of the ranks) {logs['loss']:.4f}"
-            )
+            rank = f"[rank {args.process_index}/{args.world_size}]"
+            say(f"{rank} step {state.global_step} loss: {own}logged (mean of the ranks) {logs['loss']:.4f}")
 
     def on_train_end(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / "rank_logs"
