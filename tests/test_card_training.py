@@ -140,7 +140,7 @@ def test_card_schedule_plans_the_steps_of_transformers_4_35(tmp_path):
     argv += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path)]
     args = resolve(argv, SMOKE).build()
     assert args.training.packing_strategy != "card"
-    from utils.callbacks import CardStop
+    from utils.training import CardStop
 
     stops = [c for c in callbacks(args, 100, 100) if isinstance(c, CardStop)]
     assert len(stops) == 1 and stops[0].count is None  # it stops when the data ends, not at a counted step

@@ -7,9 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from utils import callbacks
-from utils.callbacks import StepTimer
-from utils.training import speed_report
+from utils import training
+from utils.training import StepTimer, speed_report
 
 
 @pytest.fixture
@@ -17,7 +16,7 @@ def timed(monkeypatch):
     """A StepTimer that saw a 5-s first step, then three 1-s steps of 100 tokens each; its trainer's runtime (20 s)
     also counts an evaluation and saving."""
     clock = [0.0]
-    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
     timer, state = StepTimer(), SimpleNamespace(num_input_tokens_seen=0)
     for seconds in (5.0, 1.0, 1.0, 1.0):
         timer.on_step_begin(None, state, None)

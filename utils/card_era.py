@@ -1,19 +1,15 @@
 """The card's era in code (``docs/card_era.md`` has the sources): what produced mistral-7b-sft-beta in October 2023
-(transformers 4.35.0.dev0, tokenizers 0.14.0, alignment-handbook a0b8d49, TRL 0.7.x, 16 GPUs) where today differs.
-
-* Token ids: the 2023 ``tokenizer.json`` gave every piece between special tokens a ``▁`` (28705 after ``</s>``; a
-  ``</s>`` typed in a message was an EOS) and ordered its merges by sentencepiece score; transformers 5.x does neither.
-* Packing: ``ConstantLengthDataset`` cut character-budgeted buffers of EOS-joined dialogues into ``seq_length`` chunks.
-* The stop: the 4.35 Trainer planned ``len(dialogues)`` worth of steps and stopped when the chunks ran out.
-"""
+(transformers 4.35.0.dev0, tokenizers 0.14.0, alignment-handbook a0b8d49, TRL 0.7.x, 16 GPUs) where today differs:
+its token ids (a ``▁`` before every piece between special tokens, merges by sentencepiece score), TRL 0.7.x's
+``ConstantLengthDataset`` packing, and the 4.35 Trainer's stop when the chunks ran out (step 272 of 406 planned)."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
+from collections import namedtuple
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,22 +19,10 @@ SCHEMES = ("card", "today")
 SEQ_LENGTH = 2048  # max_seq_length of recipes/zephyr-7b-beta/sft/config_full.yaml
 NUM_OF_SEQUENCES = 1024  # SFTTrainer's default in TRL 0.7.x; the handbook does not set it
 CHARS_PER_TOKEN = 3.6  # SFTTrainer's default in TRL 0.7.x: a constant, never estimated from the data
-# The Hub tokenizer.json of 2023 (transformers 4.34/4.35 LlamaConverter): every piece between special tokens gets "▁".
-CARD_NORMALIZER = {
-    "type": "Sequence",
-    "normalizers": [
-        {"type": "Prepend", "prepend": "▁"},
-        {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
-    ],
-}
-# transformers 5.x with legacy=False: "▁" before the first piece of the text only.
-TODAY_PRE_TOKENIZER = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
-
-
-# --- token ids ---------------------------------------------------------------------------------------------------
 _BACKENDS: dict[tuple, tuple] = {}  # key -> (tokenizer, backend): holding the tokenizer keeps its id unique
 
 
+# --- token ids ---------------------------------------------------------------------------------------------------
 def era_backend(tokenizer, scheme: str = "card", text_specials: bool = False, first: bool = True):
     """A copy of ``tokenizer``'s Rust backend with the card's pipeline (for Mistral's v1 vocabulary, merges by score)
     or today's (prepend ``"first"``, ``"never"`` unless ``first``), whatever the tokenizer's flags; with
@@ -52,14 +36,16 @@ def era_backend(tokenizer, scheme: str = "card", text_specials: bool = False, fi
         state = json.loads(tokenizer.backend_tokenizer.to_str())
         for added in state["added_tokens"]:
             added["normalized"] = False  # split at special tokens before normalising, as the 2023 file did
-        if scheme == "card":
-            state["normalizer"], state["pre_tokenizer"] = CARD_NORMALIZER, None
+        if scheme == "card":  # the Hub tokenizer.json of 2023 (transformers 4.34/4.35): "▁" before every piece
+            steps = [dict(type="Prepend", prepend="▁"), dict(type="Replace", pattern={"String": " "}, content="▁")]
+            state["normalizer"], state["pre_tokenizer"] = {"type": "Sequence", "normalizers": steps}, None
             vocab, merges = sentencepiece_merges(str(sentencepiece_file()))
             if state["model"].get("type") == "BPE" and state["model"]["vocab"] == vocab:
                 state["model"]["merges"] = merges
-        else:
+        else:  # transformers 5.x with legacy=False: "▁" before the first piece of the text only
+            prepend = "first" if first else "never"
             state["normalizer"] = None
-            state["pre_tokenizer"] = {**TODAY_PRE_TOKENIZER, "prepend_scheme": "first" if first else "never"}
+            state["pre_tokenizer"] = dict(type="Metaspace", replacement="▁", prepend_scheme=prepend, split=False)
         backend = Tokenizer.from_str(json.dumps(state))
         backend.encode_special_tokens = text_specials
         _BACKENDS[key] = (tokenizer, backend)
@@ -72,34 +58,26 @@ def render_text(messages: Sequence[dict], eos: str = "</s>") -> str:
     return "".join(f"<|{m['role']}|>\n{m['content']}{eos}\n" for m in messages)
 
 
-def tokenize_dialogues(
-    tokenizer, dialogues: list[list[dict]], scheme: str = "card", text_specials: bool | None = None, answers=False
-):
-    """BOS + ``render_text`` + EOS for each dialogue (system turn included), in the card's ids or today's.
-
-    Special-token text in a message: ``card`` makes it control tokens, as the card's tokenizer did; ``today`` or
-    ``text_specials=True`` keeps it text (such a dialogue is encoded piece by piece between the template's EOS).
-    With ``answers``, ``(ids, masks)``: 1 on each assistant message's content and its EOS, placed from the tokens'
-    character offsets, so marker-like text inside a message changes nothing.
-    """
+def tokenize_dialogues(tokenizer, dialogues: list[list[dict]], scheme="card", text_specials=None, answers=False):
+    """BOS + ``render_text`` + EOS for each dialogue, in the card's ids or today's. Special-token text in a message:
+    control tokens under ``card`` (as the card's tokenizer did), text under ``today`` or ``text_specials=True``. With
+    ``answers``, ``(ids, masks)``: 1 on each answer and its EOS, placed from the tokens' character offsets (so
+    marker-like text inside a message changes nothing)."""
     if text_specials is None:
         text_specials = scheme != "card"
-    eos = tokenizer.eos_token
+    eos, backend = tokenizer.eos_token, era_backend(tokenizer, scheme)
     specials = [t for t in tokenizer.all_special_tokens if t] if text_specials else []
-    ids: list[list[int] | None] = [None] * len(dialogues)
-    masks: list[list[int] | None] = [None] * len(dialogues)
+    ids, masks = [None] * len(dialogues), [None] * len(dialogues)
     plain = [i for i, d in enumerate(dialogues) if not any(t in m["content"] for m in d for t in specials)]
     texts = [render_text(dialogues[i], eos) + eos for i in plain]
-    backend = era_backend(tokenizer, scheme)
-    encodings = backend.encode_batch(texts) if answers else backend.encode_batch_fast(texts)
-    for i, encoding in zip(plain, encodings, strict=True):
+    for i, encoding in zip(plain, (backend.encode_batch if answers else backend.encode_batch_fast)(texts), strict=True):
         ids[i] = encoding.ids
         if answers:
             masks[i] = _in_spans(encoding.offsets, _answer_spans(dialogues[i], eos))
     for i, dialogue in enumerate(dialogues):
         if ids[i] is None:
             ids[i], masks[i] = _tokenize_safely(tokenizer, dialogue, scheme)
-    return (ids, masks) if answers else ids  # type: ignore[return-value]
+    return (ids, masks) if answers else ids
 
 
 def _answer_spans(messages: Sequence[dict], eos: str) -> list[tuple[int, int]]:
@@ -137,14 +115,11 @@ def _tokenize_safely(tokenizer, messages: Sequence[dict], scheme: str) -> tuple[
 
 # --- packing -----------------------------------------------------------------------------------------------------
 def text_length(messages: Sequence[dict], eos: str = "</s>") -> int:
-    """``len(render_text(messages, eos))``: the characters ConstantLengthDataset's buffer counted (no BOS, no
-    separator EOS)."""
+    """``len(render_text(messages, eos))``: the characters ConstantLengthDataset's buffer counted."""
     return sum(len(m["role"]) + len(m["content"]) + len(eos) + 6 for m in messages)
 
 
-def max_buffer_size(
-    seq_length: int = SEQ_LENGTH, num_of_sequences: int = NUM_OF_SEQUENCES, chars_per_token: float = CHARS_PER_TOKEN
-) -> float:
+def max_buffer_size(seq_length=SEQ_LENGTH, num_of_sequences=NUM_OF_SEQUENCES, chars_per_token=CHARS_PER_TOKEN) -> float:
     """The character budget of one buffer: ``seq_length * chars_per_token * num_of_sequences`` (7,549,747.2)."""
     return seq_length * chars_per_token * num_of_sequences
 
@@ -161,44 +136,26 @@ def buffer_spans(char_lengths: Sequence[int], max_buffer: float) -> list[tuple[i
     return spans
 
 
-@dataclass(frozen=True)
-class Packed:
-    """ConstantLengthDataset's output: ``input_ids`` (= labels) ``[n, seq_length]``, ``position_ids`` (0 ..
-    seq_length-1 in every row: attention runs across the dialogues of a row), and the buffer each row came from."""
-
-    input_ids: np.ndarray
-    position_ids: np.ndarray
-    buffer: np.ndarray
+# ConstantLengthDataset's output: input_ids (= labels) [n, seq_length], position_ids (0 .. seq_length-1 in every row:
+# attention runs across the dialogues of a row), and the buffer each row came from
+Packed = namedtuple("Packed", "input_ids position_ids buffer")
 
 
-def pack_constant_length(
-    token_ids: Sequence[Sequence[int]],
-    char_lengths: Sequence[int],
-    seed: int | None = 42,
-    seq_length: int = SEQ_LENGTH,
-    num_of_sequences: int = NUM_OF_SEQUENCES,
-    chars_per_token: float = CHARS_PER_TOKEN,
-    shuffle: bool = True,
-) -> Packed:
-    """TRL 0.7's ``ConstantLengthDataset`` (``infinite=False``) over prepared rows (BOS + text + EOS), in order.
-
-    ``char_lengths[i]`` is ``text_length`` of row i. Each buffer's chunks are shuffled with one
-    ``random.Random(seed)`` in turn, as TRL's global ``random.shuffle``: seed 42 reproduces the card only if nothing
-    drew from it between ``set_seed(42)`` and the first buffer.
-    """
+def pack_constant_length(token_ids, char_lengths, seed: int | None = 42, seq_length=SEQ_LENGTH, shuffle=True, **budget):
+    """TRL 0.7's ``ConstantLengthDataset`` (``infinite=False``) over prepared rows (BOS + text + EOS, ``text_length``
+    characters each), in order; ``budget``: ``max_buffer_size``'s other two. Each buffer's chunks are shuffled by one
+    ``random.Random(seed)``, as TRL's global ``random.shuffle`` (the card's only if nothing drew after ``set_seed``)."""
     rng = random.Random(seed)
-    rows, owner = [], []
-    budget = max_buffer_size(seq_length, num_of_sequences, chars_per_token)
-    for b, (start, end) in enumerate(buffer_spans(char_lengths, budget)):
+    rows, owner = [np.zeros((0, seq_length), np.int32)], []
+    for b, (start, end) in enumerate(buffer_spans(char_lengths, max_buffer_size(seq_length, **budget))):
         stream = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in token_ids[start:end]])
         n = stream.size // seq_length
-        chunks = stream[: n * seq_length].reshape(n, seq_length)
         order = list(range(n))
         if shuffle:
             rng.shuffle(order)
-        rows.append(chunks[order])
+        rows.append(stream[: n * seq_length].reshape(n, seq_length)[order])
         owner += [b] * n
-    input_ids = np.concatenate(rows) if rows else np.zeros((0, seq_length), np.int32)
+    input_ids = np.concatenate(rows)
     positions = np.broadcast_to(np.arange(seq_length, dtype=np.int32), input_ids.shape)
     return Packed(input_ids, positions, np.asarray(owner, dtype=np.int32))
 
@@ -210,28 +167,17 @@ def handbook_order(num_rows: int, seed: int = 42) -> np.ndarray:
 
 
 # --- the stop ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunCount:
-    """What the Trainer of transformers 4.34/4.35 does with a ConstantLengthDataset under accelerate's dispatcher."""
-
-    planned_steps: int  # max_steps: max(len(dataloader) // accumulation, 1) (4.35 trainer.py 1580-1597), one epoch
-    dataloader_len: int  # len(dataloader) per process: ceil(ceil(dialogues / batch) / processes)
-    micro_batches: int  # batches each process gets: ceil(chunks / (batch * processes)), the last one partial
-    optimizer_steps: int  # where training stopped
-    epoch: float  # logged epoch at the stop: accumulation * steps / len(dataloader)
-    last_batch_rows: int  # chunks in the last, partial global batch (split across processes by the dispatcher)
+# What the 4.34/4.35 Trainer did with a ConstantLengthDataset under accelerate's dispatcher: max_steps (one epoch of
+# len(dataloader) // accumulation, at least 1: trainer.py 1580-1597), len(dataloader) per process (ceil(ceil(dialogues
+# / batch) / processes)), the batches each process got (the last one partial), the optimizer steps it ran, the epoch
+# logged at the stop (accumulation * steps / len(dataloader)), and the chunks in the last, partial global batch
+RunCount = namedtuple("RunCount", "planned_steps dataloader_len micro_batches optimizer_steps epoch last_batch_rows")
 
 
-def card_run(
-    chunks: int, dialogues: int, processes: int = 16, per_device_batch: int = 8, accumulation: int = 4
-) -> RunCount:
-    """Optimizer steps of a run over ``chunks`` packed rows whose dataset reports ``dialogues`` as its length.
-
-    Only rank 0 iterates the IterableDataset; each group of ``processes`` batches is broadcast and split, the last
-    partial one too (``drop_last=False``). The optimizer steps on every ``accumulation``-th batch (or on batch
-    ``len(dataloader)`` when that is at most ``accumulation``); trailing batches are never stepped; ``max_steps``
-    caps the run.
-    """
+def card_run(chunks: int, dialogues: int, processes=16, per_device_batch=8, accumulation=4) -> RunCount:
+    """A run over ``chunks`` packed rows whose dataset reports ``dialogues`` as its length: rank 0 iterates it, each
+    group of ``processes`` batches is split, the last partial one too; the optimizer steps on every ``accumulation``-th
+    batch (or on the last when there are fewer), never on trailing ones, and ``max_steps`` caps the run."""
     per_step = per_device_batch * processes
     epoch_batches = math.ceil(math.ceil(dialogues / per_device_batch) / processes)
     planned = max(epoch_batches // accumulation, 1)

@@ -1,5 +1,5 @@
 """What a learner is shown about a run: the settings that differ from the recipe, one packed row token by token,
-what the loss sees, and the speed report."""
+and what the loss sees."""
 
 from __future__ import annotations
 
@@ -7,33 +7,14 @@ from typing import Any
 
 from utils.recipe import CLI, PROFILE, Settings, read_recipe, split_config
 
-SHOWN_FIELDS = (
-    "model_name_or_path",
-    "dtype",
-    "attn_implementation",
-    "learning_rate",
-    "num_train_epochs",
-    "max_steps",
-    "max_length",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "activation_checkpointing",
-    "activation_checkpointing_kwargs",
-    "packing_strategy",
-    "optim",
-    "bf16",
-    "fp16",
-    "logging_steps",
-    "save_steps",
-    "report_to",
-    "eval_strategy",
-    "dataset_name",
-)
+SHOWN_FIELDS = """model_name_or_path dtype attn_implementation learning_rate num_train_epochs max_steps max_length
+    per_device_train_batch_size gradient_accumulation_steps activation_checkpointing activation_checkpointing_kwargs
+    packing_strategy optim bf16 fp16 logging_steps save_steps report_to eval_strategy dataset_name""".split()
 
 
 def recipe_changes(argv: list[str], settings: Settings) -> list[tuple[str, Any, Any, str]]:
     """(setting, recipe value, this run's value, who changed it) for each shown setting the profile or the command
-    line changed from the recipe file: the diff a learner needs beside the recipe's table."""
+    line changed from the recipe file."""
     path, _ = split_config(argv)
     recipe = read_recipe(path) if path else {}
     changes = []
@@ -66,8 +47,8 @@ def print_recipe_changes(argv: list[str], settings: Settings) -> None:
 
 # --- one packed row ------------------------------------------------------------------------------------------------
 def fullest_row(trainer) -> int:
-    """Index of the packed training row that holds the most dialogues (TRL's ``seq_lengths`` column; 0 when the rows
-    were packed before TRL saw them, as ``packing_strategy: card`` does)."""
+    """Index of the packed training row holding the most dialogues (TRL's ``seq_lengths``; 0 for rows packed before
+    TRL saw them, as ``packing_strategy: card`` does)."""
     if "seq_lengths" not in trainer.train_dataset.column_names:
         return 0
     lengths = trainer.train_dataset["seq_lengths"]
@@ -75,23 +56,18 @@ def fullest_row(trainer) -> int:
 
 
 def packed_row_table(trainer, row: int = 0, start: int = 0, count: int = 48):
-    """One collated training row as a table: token, id, label (or "masked"), position id, dialogue index.
-
-    Padding-free packing puts several dialogues in one row; ``position_ids`` restart at 0 where each begins, and
-    attention is kept inside each dialogue. The labels are the input ids: the model predicts each next token.
-    """
+    """One collated training row as a table: token, id, label (or "masked"), position id, dialogue index (padding-free
+    packing restarts ``position_ids`` at 0 where each dialogue begins, and keeps attention inside it)."""
     import pandas as pd
 
-    tokenizer = trainer.processing_class
     batch = trainer.data_collator([trainer.train_dataset[row]])
-    ids = batch["input_ids"][0].tolist()
-    labels = batch["labels"][0].tolist()
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     positions = batch["position_ids"][0].tolist() if "position_ids" in batch else list(range(len(ids)))
     table = pd.DataFrame(
         {
-            "token": tokenizer.convert_ids_to_tokens(ids),
+            "token": trainer.processing_class.convert_ids_to_tokens(ids),
             "id": ids,
-            "label": [("masked" if lab == -100 else lab) for lab in labels],
+            "label": ["masked" if lab == -100 else lab for lab in labels],
             "position id": positions,
             "dialogue": (pd.Series(positions) == 0).cumsum() - 1,
         }
@@ -100,9 +76,8 @@ def packed_row_table(trainer, row: int = 0, start: int = 0, count: int = 48):
 
 
 def with_assistant_only(table, tokenizer):
-    """``table`` (``packed_row_table``) with a column "assistant only": the label where TRL's ``assistant_only_loss``
-    (``--assistant_only_loss true`` here) keeps the loss, on the assistant's answers and the EOS ending each, and
-    "masked" on the system and user turns and the template's markers."""
+    """``table`` (``packed_row_table``) with a column "assistant only": the label where ``--assistant_only_loss true``
+    keeps the loss (the assistant's answers and the EOS ending each), else "masked"."""
     from utils.training import assistant_header, assistant_mask
 
     mask = assistant_mask(table["id"].tolist(), assistant_header(tokenizer), tokenizer.eos_token_id)
@@ -112,8 +87,8 @@ def with_assistant_only(table, tokenizer):
 
 
 def loss_token_shares(rows: list[list[int]], tokenizer) -> dict[str, float]:
-    """The share of training tokens that carry a label with the loss on every token (the card's way; only the
-    first token of each dialogue has none) and on the assistant's answers only."""
+    """The share of training tokens that carry a label with the loss on every token (the card's way: all but
+    each dialogue's first) and on the assistant's answers only."""
     from utils.training import assistant_header, assistant_mask
 
     header, eos = assistant_header(tokenizer), tokenizer.eos_token_id
@@ -123,8 +98,7 @@ def loss_token_shares(rows: list[list[int]], tokenizer) -> dict[str, float]:
 
 
 def show_packed_row(table) -> None:
-    """Display ``packed_row_table``: coloured HTML (a colour per dialogue, EOS in bold, "masked" in grey) where the
-    front end renders HTML, the plain table otherwise."""
+    """Display ``packed_row_table`` as coloured HTML (a colour per dialogue, EOS in bold, "masked" grey), or plain."""
     import html
 
     from IPython.display import display
@@ -148,8 +122,8 @@ def show_packed_row(table) -> None:
 
 
 def label_checks(trainer) -> dict:
-    """Collate the run's first batch (``per_device_train_batch_size`` packed rows) and check what the loss sees: EOS
-    kept in the labels, the share of tokens with a label."""
+    """What the loss sees in the run's first batch (``per_device_train_batch_size`` packed rows): the EOS tokens kept
+    in the labels, the share of tokens with a label."""
     size = min(trainer.args.per_device_train_batch_size, len(trainer.train_dataset))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(size)])
     ids, labels = batch["input_ids"], batch["labels"]

@@ -1,26 +1,20 @@
-"""What the collection adds around TRL's ``SFTTrainer``. Notebook 02, notebook 03's launched function and
-``python -m utils.sft`` make the same calls:
-
-    run = start_run(args)                               # the run folder: new, resumed, or finished (then stop)
-    data = load_training_data(args, tokenizer)          # the prepared token ids, packed as the run asks
-    trainer = SFTTrainer(..., train_dataset=data["train"], callbacks=run_callbacks(args, data))
-    with_additions(trainer, args)                       # fp32 LoRA under fp16; each rank's own loss
-    trainer.train(resume_from_checkpoint=run.resume_from)
-    stop_if_diverged(trainer, run)                      # a NaN loss: one line naming the last good checkpoint
-    trainer.save_model(adapter_dir)
-    report = finish_run(trainer, run)                   # trainer_state.json, speed.json, the run marked finished
-"""
+"""What the collection adds around TRL's ``SFTTrainer``, called in this order by notebook 02, notebook 03's launched
+function and ``python -m utils.sft``: ``start_run``, ``load_training_data``, ``SFTTrainer(callbacks=run_callbacks())``,
+``with_additions``, ``train``, ``stop_if_diverged``, ``save_model``, ``finish_run``; and the run's callbacks."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
+import torch  # imported by transformers' TrainerCallback anyway
+from transformers import TrainerCallback
 
 from utils import ConfigError, say, share_like_other_files
-from utils.callbacks import CardStop, RankLog, StepTimer, StopOnNonFiniteLoss, WholeTokenCounts
 from utils.card_era import card_run
 from utils.data.prepared import prepared_dataset
 from utils.hardware import ULTRACHAT_TOKENS
@@ -42,10 +36,9 @@ def start_run(args: Args) -> Run:
 
 # --- data ----------------------------------------------------------------------------------------------------------
 def load_training_data(args: Args, tokenizer) -> dict:
-    """The prepared splits (notebook 01's), ``input_ids`` only: TRL trains on our token ids as they are. And
-    ``args.training`` set to match: card packing is done here, in order (no TRL packing, a sequential sampler);
-    ``assistant_only_loss`` becomes an ``assistant_masks`` column (TRL's own switch wants ``messages``; the run record
-    keeps the setting); evaluation is off, with a note, without a held-out split."""
+    """The prepared splits (notebook 01's), ``input_ids`` only (TRL trains on our ids as they are), and
+    ``args.training`` set to match: card packing is done here, in order; ``assistant_only_loss`` becomes an
+    ``assistant_masks`` column (TRL's own switch wants ``messages``); no held-out split turns evaluation off."""
     import datasets
 
     folder = prepared_dataset(args.script.dataset_name, tokenizer, args.run.dataset_revision)
@@ -75,17 +68,15 @@ def load_training_data(args: Args, tokenizer) -> dict:
 
 
 def assistant_header(tokenizer) -> list[int]:
-    """The ids of ``<|assistant|>\n`` inside a dialogue (after ``</s>\n``): 28789, 28766, 489, 11143, 28766, 28767,
-    13 for Mistral's tokenizer, in the card's ids and today's alike."""
+    """The ids of ``<|assistant|>\n`` after ``</s>\n`` (28789, 28766, 489, 11143, 28766, 28767, 13 for Mistral's)."""
     from utils.card_era import era_backend
 
     return era_backend(tokenizer, "today", first=False).encode("<|assistant|>\n", add_special_tokens=False).ids
 
 
 def assistant_mask(ids: list[int], header: list[int], eos: int) -> list[int]:
-    """1 from each ``header`` in ``ids`` to the EOS after it, read from ids alone (for a packed row's display). A
-    message holding the marker's text fools it, so training masks from the message boundaries instead
-    (``with_assistant_masks``). A row cut inside an answer starts masked until the first header."""
+    """1 from each ``header`` in ``ids`` to the EOS after it (for a packed row's display). A message holding the
+    marker's text fools it, so training masks from the message boundaries instead (``with_assistant_masks``)."""
     ids, header = np.asarray(ids), np.asarray(header)
     n, length = len(header), len(ids)
     delta = np.zeros(length + 2, dtype=np.int32)
@@ -98,9 +89,8 @@ def assistant_mask(ids: list[int], header: list[int], eos: int) -> list[int]:
 
 
 def with_assistant_masks(data: dict, tokenizer, folder: Path) -> dict:
-    """``data`` with an ``assistant_masks`` column (TRL's labels: -100 but on the answers and their EOS). Each row's
-    messages are tokenized again as notebook 01 did (``tokenize_dialogues(answers=True)``: the answers placed from
-    the message boundaries) and must give the prepared ids; an int8 column in memory beside the memory-mapped rows."""
+    """``data`` with an int8 ``assistant_masks`` column (in memory): each row's messages tokenized again as notebook
+    01 did, the answers placed from the message boundaries; the ids must be the prepared ones."""
     import datasets
 
     from utils.data.template import tokenize_dialogues
@@ -117,16 +107,11 @@ def with_assistant_masks(data: dict, tokenizer, folder: Path) -> dict:
             )
         return {"assistant_masks": [np.asarray(m, dtype=np.int8) for m in found]}
 
-    masked = {}
+    masked, read = {}, ["input_ids", "messages"]
     for split, rows in data.items():
-        column = rows.select_columns(["input_ids", "messages"]).map(
-            masks,
-            batched=True,
-            batch_size=1000,
-            remove_columns=["input_ids", "messages"],
-            features=features,
-            keep_in_memory=True,
-            desc=f"Masking all but the assistant's tokens ({split})",
+        desc = f"Masking all but the assistant's tokens ({split})"
+        column = rows.select_columns(read).map(
+            masks, batched=True, remove_columns=read, features=features, keep_in_memory=True, desc=desc
         )
         masked[split] = datasets.concatenate_datasets([rows, column], axis=1)
     return masked
@@ -134,8 +119,8 @@ def with_assistant_masks(data: dict, tokenizer, folder: Path) -> dict:
 
 def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int, columns=("input_ids",)) -> dict:
     """The prepared splits packed by TRL 0.7.x's ``ConstantLengthDataset`` (``utils.card_era``), each in the
-    handbook's order (a0b8d49's ``mix_datasets`` shuffled train and test with seed 42): chunks that start
-    mid-dialogue, shuffled, labels on every token. A split too small for one chunk is left out."""
+    handbook's order (a0b8d49's ``mix_datasets`` shuffled train and test with seed 42). A split too small for one
+    chunk is left out."""
     import datasets
 
     from utils.card_era import handbook_order, pack_constant_length, text_length
@@ -153,9 +138,9 @@ def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int, col
             column = rows.data.column(c).combine_chunks()  # numpy views of the memory-mapped rows, in order
             offsets, values = column.offsets.to_numpy(), column.values.to_numpy()
             ids = [values[offsets[i] : offsets[i + 1]] for i in order]
-            chunks[c] = pack_constant_length(ids, chars, seed=seed, seq_length=seq_length)
-        if len(chunks["input_ids"].input_ids):
-            packed[split] = datasets.Dataset.from_dict({c: chunk.input_ids for c, chunk in chunks.items()})
+            chunks[c] = pack_constant_length(ids, chars, seed=seed, seq_length=seq_length).input_ids
+        if len(chunks["input_ids"]):
+            packed[split] = datasets.Dataset.from_dict(chunks)
     if "train" not in packed:
         raise ConfigError(
             f"{folder} holds fewer than {seq_length} training tokens, too few for one packed row of max_length "
@@ -185,24 +170,19 @@ def callbacks(args: Args, dialogues: int, rows: int) -> list:
     count = card_run(rows if card else 0, dialogues, world_size(), batch, accumulation)
     args.training.max_steps = count.planned_steps
     if card:
-        say(
-            f"card schedule: cosine planned over {count.planned_steps} steps ({dialogues} dialogues, as TRL 0.7.x "
-            f"counted them); the {rows} packed rows end at step {count.optimizer_steps} (epoch {count.epoch:.2f})"
-        )
+        why = f"{dialogues} dialogues, as TRL 0.7.x counted them); the {rows} packed rows end at step "
+        why += f"{count.optimizer_steps} (epoch {count.epoch:.2f})"
     else:
-        say(
-            f"card schedule: cosine planned over {count.planned_steps} steps (transformers 4.35's len(dataloader) // "
-            f"{accumulation} for {dialogues} dialogues in batches of {batch} on {world_size()} process(es)), stopping "
-            "when the packed data ends"
-        )
+        why = f"transformers 4.35's len(dataloader) // {accumulation} for {dialogues} dialogues in batches of {batch} "
+        why += f"on {world_size()} process(es)), stopping when the packed data ends"
+    say(f"card schedule: cosine planned over {count.planned_steps} steps ({why}")
     return [*found, CardStop(count if card else None)]
 
 
 def with_additions(trainer, args: Args):
-    """The trainer, counting the tokens it sees (the speed report's tokens/s), with its trainable weights in float32
-    under fp16 (TRL casts a quantized model's adapter to bfloat16, which fp16's gradient scaler cannot unscale on
-    CUDA: "_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for 'BFloat16'), and with several
-    processes each rank recording its own loss (``RankLog.watch``)."""
+    """The trainer, counting the tokens it sees (for tokens/s), with its trainable weights in float32 under fp16 (TRL
+    casts a quantized model's adapter to bfloat16, which fp16's gradient scaler cannot unscale on CUDA), and with
+    several processes each rank recording its own loss (``RankLog.watch``)."""
     from utils.model import keep_standard_4bit_layout
 
     trainer.args.include_num_input_tokens_seen = "all"
@@ -216,8 +196,6 @@ def with_additions(trainer, args: Args):
 
 def keep_trainable_fp32(model) -> int:
     """Cast every trainable parameter to float32 (before the optimizer and DDP see them); return how many."""
-    import torch
-
     cast = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
     for param in cast:
         param.data = param.data.float()
@@ -225,8 +203,7 @@ def keep_trainable_fp32(model) -> int:
 
 
 def model_id(args: Args) -> str | None:
-    """The model whose tokenizer to load: None for the embedded tiny model (the shipped tokenizer; its model folder is
-    built here when it is not there yet)."""
+    """The model whose tokenizer to load: None for the embedded tiny model (built here when it is not there yet)."""
     from utils.assets import TINY_MODEL_DIR, ensure_tiny_model
 
     name = args.model.model_name_or_path
@@ -238,8 +215,8 @@ def model_id(args: Args) -> str | None:
 
 # --- running -------------------------------------------------------------------------------------------------------
 def finish_from_checkpoint(trainer, checkpoint: str) -> None:
-    """Load a checkpoint that already holds the run's last step (its weights and state) instead of training from it:
-    ``Trainer.train(resume_from_checkpoint=...)`` would take one step past ``max_steps`` there."""
+    """Load a checkpoint that holds the run's last step instead of training from it: ``Trainer.train`` would take one
+    step past ``max_steps`` there."""
     from transformers import TrainerState
 
     trainer._load_from_checkpoint(checkpoint)
@@ -262,8 +239,8 @@ def stop_if_diverged(trainer, run: Run) -> None:
 
 
 def finish_run(trainer, run: Run) -> dict:
-    """After ``trainer.save_model``: write ``trainer_state.json`` (the log notebook 04 reads) and the speed report,
-    and mark the run finished. Returns the report."""
+    """After ``trainer.save_model``: write ``trainer_state.json`` (notebook 04's log) and the speed report, and mark
+    the run finished. Returns the report."""
     trainer.save_state()
     report = speed_report(trainer)
     if trainer.is_world_process_zero():
@@ -274,36 +251,26 @@ def finish_run(trainer, run: Run) -> dict:
     return report
 
 
-# --- the speed report ----------------------------------------------------------------------------------------------
 def speed_report(trainer) -> dict:
-    """Rows, tokens/s, seconds per step, peak GPU memory and the hours of one epoch of ultrachat_200k at this speed.
-    The speed is the steady one (``StepTimer``: the steps after the first, without evaluation and saving), beside the
-    whole ``train()`` call's; the epoch's tokens are the prepared data's when it is the real dataset."""
-    import torch
-
-    summary = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
-    runtime = summary.get("train_runtime", float("nan"))
+    """Rows, tokens/s, seconds per step, peak GPU memory and the hours of one epoch of ultrachat_200k at this speed:
+    ``StepTimer``'s steady speed, beside the whole ``train()`` call's."""
+    runtime = next((h["train_runtime"] for h in reversed(trainer.state.log_history) if "train_runtime" in h), math.nan)
     steps, tokens = trainer.state.global_step, trainer.state.num_input_tokens_seen or 0
     # a resumed run's runtime is this session's: so are its steps and tokens (the checkpoint's are left out)
     session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     fast = not runtime or runtime < 0.5  # never a speed from a 0-s run
-    overall = float("nan") if fast or session_tokens <= 0 else session_tokens / runtime
+    overall = math.nan if fast or session_tokens <= 0 else session_tokens / runtime
     timer = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer)), None)
     if timer:
         steady = timer.steady()  # None after one timed step: its time is mostly compiling and warming up
-    else:  # no step times (a trainer built without StepTimer): the runtime is all there is
+    else:  # a trainer built without StepTimer: the runtime is all there is
         session_steps = steps - getattr(trainer, "_initial_global_step", 0)
         steady = (runtime / session_steps, overall) if session_steps > 0 and not fast else None
     step_s, tok_s = steady or (None, None)
-    epoch_tokens, basis = ULTRACHAT_TOKENS, "the card's ~139.4k packed rows of 2,048 tokens"
-    prepared = _prepared_report(trainer)
-    if prepared.get("dialogues", 0) >= 100_000:  # the sample's dialogues are much shorter than the real ones
-        epoch_tokens, basis = prepared["total_tokens"], "the prepared data's report.json"
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    rows = trainer.train_dataset
+    cuda = torch.cuda.is_initialized()
     return {
         "steps": steps,
-        "packed_rows": len(rows) if hasattr(rows, "__len__") else None,  # the training set as the trainer saw it
+        "packed_rows": len(trainer.train_dataset),  # the training set as the trainer saw it
         "tokens_seen": int(tokens),
         "seconds_per_step": round(step_s, 3) if step_s else None,  # the steps after the first, timed alone
         "tokens_per_second": round(tok_s, 1) if tok_s else None,  # None: fewer than 2 steps this session
@@ -311,18 +278,127 @@ def speed_report(trainer) -> dict:
         "tokens_per_second_overall": round(overall, 1),
         "peak_gpu_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "peak_gpu_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
-        "ultrachat_200k_epoch_tokens": int(epoch_tokens),
-        "ultrachat_200k_epoch_tokens_from": basis,
-        "ultrachat_200k_epoch_hours_at_this_speed": round(epoch_tokens / tok_s / 3600, 1) if tok_s else None,
+        "ultrachat_200k_epoch_tokens": ULTRACHAT_TOKENS,
+        "ultrachat_200k_epoch_tokens_from": "the card's ~139.4k packed rows of 2,048 tokens",
+        "ultrachat_200k_epoch_hours_at_this_speed": round(ULTRACHAT_TOKENS / tok_s / 3600, 1) if tok_s else None,
     }
 
 
-def _prepared_report(trainer) -> dict:
-    """The train split's statistics in the prepared data's report.json, when the trainer's data came from one."""
-    files = getattr(trainer.train_dataset, "cache_files", None) or []
-    found = (f / "report.json" for file in files for f in Path(file["filename"]).parents)
-    report = next((r for r in found if r.is_file()), None)
-    try:
-        return json.loads(report.read_text())["outputs"].get("train", {}) if report else {}
-    except (OSError, ValueError, KeyError, AttributeError):
-        return {}
+# --- the callbacks -------------------------------------------------------------------------------------------------
+class CardStop(TrainerCallback):
+    """The card's schedule: more steps planned than one pass over the packed data, and a stop at its end. With
+    ``count`` (``card_era.card_run``, the card's packing) the stop is where the packed rows ran out (a last, partial
+    accumulation is never stepped, as in 4.35), and the epoch logged the card's way (0.67 at step 272)."""
+
+    def __init__(self, count=None):
+        self.count = count
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.count is not None:
+            state.epoch = state.global_step * args.gradient_accumulation_steps / self.count.dataloader_len
+            if state.global_step >= self.count.optimizer_steps:
+                control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        control.should_training_stop = True  # the packed rows ended before the planned steps
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the first step whose loss or gradients are NaN or infinite, save nothing from it, and remember where.
+    The Trainer leaves non-finite losses out of the logged average, so NaN weights log a loss of 0 with a NaN gradient
+    norm; under fp16 a non-finite gradient alone is the gradient scaler skipping a step, which is normal."""
+
+    def __init__(self):
+        self.step, self.what = 0, ""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss, norm = (logs or {}).get("loss"), (logs or {}).get("grad_norm")
+        if loss is None or self.step:
+            return
+        bad_norm = norm is not None and not math.isfinite(norm) and (not args.fp16 or loss == 0)
+        if not math.isfinite(loss) or bad_norm:
+            self.step = state.global_step
+            self.what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+            control.should_training_stop, control.should_save = True, False
+
+
+class WholeTokenCounts(TrainerCallback):
+    """A token count TRL logs as a float (it averages every metric) as an int, in the log the callbacks after it see
+    (the notebook's table) and in ``trainer_state.json``."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for record in (logs, state.log_history[-1] if state.log_history else None):
+            for key, value in (record or {}).items():
+                if key.endswith("num_tokens") and isinstance(value, float) and value.is_integer():
+                    record[key] = int(value)
+
+
+class StepTimer(TrainerCallback):
+    """Each optimizer step's (seconds, tokens). ``steady()`` leaves out the first step (compiling, memory pools) and,
+    timing steps alone, the evaluation and saving that a short run's ``train_runtime`` counts."""
+
+    def __init__(self):
+        self.steps: list[tuple[float, int]] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_initialized():  # the GPU's queued work done: a step's time is its own
+            torch.cuda.synchronize()
+        self._start = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        began, seen = self._start
+        self.steps.append((time.perf_counter() - began, state.num_input_tokens_seen - seen))
+
+    def steady(self) -> tuple[float, float] | None:
+        """Seconds per step and tokens per second over the steps after the first; None with fewer than two steps."""
+        timed = self.steps[1:]
+        seconds, tokens = sum(s for s, _ in timed), sum(n for _, n in timed)
+        return (seconds / len(timed), tokens / seconds) if timed and seconds > 0 else None
+
+
+class RankLog(TrainerCallback):
+    """With several processes: each rank's share of the model, its own loss beside the logged one (the mean of the
+    ranks'; ``watch`` takes it from ``training_step``, summed over accumulation), and ``rank_logs/rank<N>.json``."""
+
+    def __init__(self):
+        self.micro: list[float] = []  # this rank's losses since the last optimizer step
+        self.own: list[float] = []  # one per optimizer step
+
+    def watch(self, trainer) -> None:
+        step = trainer.training_step
+
+        def recorded(*args, **kwargs):
+            loss = step(*args, **kwargs)
+            self.micro.append(float(loss))
+            return loss
+
+        trainer.training_step = recorded
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.own.append(sum(self.micro))
+        self.micro = []
+        if state.global_step == 1 and args.world_size > 1 and model is not None:  # wrapped (and sharded) by now
+            from utils.model import parameter_count  # a 4-bit weight by its real shape
+
+            params = list(model.parameters())
+            total = sum(parameter_count(p) for p in params)
+            held = sum(p.to_local().numel() if hasattr(p, "to_local") else parameter_count(p) for p in params)
+            share = f"{100 * held / total:.0f}%: {'sharded' if held < total else 'a full replica'}"
+            rank = f"[rank {args.process_index}/{args.world_size}]"
+            say(f"{rank} this rank holds {held:,} of {total:,} parameters ({share})")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and args.world_size > 1:
+            own = f"its own {self.own[-1]:.4f}, " if self.own else ""
+            rank = f"[rank {args.process_index}/{args.world_size}]"
+            say(f"{rank} step {state.global_step} loss: {own}logged (mean of the ranks) {logs['loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / "rank_logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        record = {"rank": args.process_index, "world_size": args.world_size, "global_step": state.global_step}
+        record |= {"losses": losses, "own_losses": self.own}
+        (folder / f"rank{args.process_index}.json").write_text(json.dumps(record) + "\n")
