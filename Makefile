@@ -35,8 +35,10 @@ lint: setup
 	$(VENV)/bin/ruff check utils tools bench tests notebooks
 	$(VENV)/bin/ruff format --check utils tools bench tests notebooks
 
+# glibc keeps freed memory instead of faulting it in again at each training step (tests/conftest.py says why)
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+	GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=536870912 \
+		$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=. $(AS_ROOT) $(LAB_ARGS)

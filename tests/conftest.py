@@ -11,6 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Two workers share two cores: one thread each (inherited by the notebooks and commands they start) instead of four
 # threads fighting over two.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# glibc gives every freed block over 128 KiB back to the kernel, and the next step maps it anew, a page fault for each
+# 4 KiB: a smoke step's logits (32,000 floats a token: 33 MB a row of 256, several copies forward and backward) were
+# faulted in again at every step, as much system time as the training's own. Freed memory stays in the process
+# instead (the heap, never mmap; given back past 512 MiB free at its top). Read when a process starts: the workers,
+# the kernels and the commands the tests start inherit it from here; the Makefile sets it for the first process.
+os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=536870912")
 
 import pytest  # noqa: E402
 
