@@ -132,6 +132,19 @@ def test_malformed_config_files_are_one_line(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith(f"error: config file {tmp_path / name} ")
 
 
+@pytest.mark.parametrize("key", ["max_steps", "seed", "adam_beta1", "lora_dropout"])
+def test_a_null_in_the_recipe_is_one_line(key, tmp_path, capsys, monkeypatch):
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights must not load"))
+    recipe = {**yaml.safe_load(Path(RECIPE).read_text()), key: None}
+    (tmp_path / "null.yaml").write_text(yaml.safe_dump(recipe))
+    code = sft.cli(["--config", str(tmp_path / "null.yaml"), "--profile", "smoke", "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {key} must be ") and err[0].endswith("got None")
+
+
 def test_one_lora_target_module_is_a_list(tmp_path):
     *_, model_args = smoke_args(tmp_path, "--lora_target_modules", "q_proj")
     assert model_args.lora_target_modules == ["q_proj"]

@@ -271,14 +271,18 @@ def _check_values(v: dict[str, Any], hw: Hardware, s: dict[str, str]) -> None:
     for name in ("warmup_steps", "weight_decay", "max_grad_norm", "adam_epsilon"):
         musts[name] = (_finite(v.get(name)) and v[name] >= 0, "a finite number of 0 or more")
     for name in ("adam_beta1", "adam_beta2"):
-        musts[name] = (0 <= v[name] < 1, "in [0, 1)")
-    epochs = v["num_train_epochs"]
-    musts["num_train_epochs"] = (v["max_steps"] > 0 or _finite(epochs) and epochs > 0, "positive (or set max_steps)")
-    musts["seed"] = (v["seed"] >= 0, "0 or more")
+        musts[name] = (_finite(v[name]) and 0 <= v[name] < 1, "in [0, 1)")
+    epochs, steps = v["num_train_epochs"], v["max_steps"]
+    musts["max_steps"] = (_finite(steps) and steps == int(steps), "a whole number (-1: set by num_train_epochs)")
+    musts["num_train_epochs"] = (
+        _finite(steps) and steps > 0 or _finite(epochs) and epochs > 0,
+        "positive (or set max_steps)",
+    )
+    musts["seed"] = (_finite(v["seed"]) and v["seed"] >= 0, "0 or more")
     if v["use_peft"]:
-        musts["lora_r"] = (v["lora_r"] is not None and v["lora_r"] >= 1, "a whole number of 1 or more")
+        musts["lora_r"] = (_finite(v["lora_r"]) and v["lora_r"] >= 1, "a whole number of 1 or more")
         musts["lora_alpha"] = (_finite(v["lora_alpha"]) and v["lora_alpha"] > 0, "positive")
-        musts["lora_dropout"] = (0 <= v["lora_dropout"] < 1, "in [0, 1)")
+        musts["lora_dropout"] = (_finite(v["lora_dropout"]) and 0 <= v["lora_dropout"] < 1, "in [0, 1)")
     for name, (ok, what) in musts.items():
         if not ok:
             raise ConfigError(f"{name} must be {what}, got {v.get(name)}")
@@ -302,7 +306,8 @@ def _check_values(v: dict[str, Any], hw: Hardware, s: dict[str, str]) -> None:
 
 
 def _finite(x: Any) -> bool:
-    return x is not None and math.isfinite(x)
+    """A real number (a YAML ``null`` or a string is not one: the range checks then say so in one line)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _model_positions(model: str) -> int | None:
