@@ -1,4 +1,4 @@
-"""Writes docs/gpu_plans.md's table: the plan of a recipe on every GPU shape (``utils.plan.shape_plans``).
+"""Prints docs/gpu_plans.md's table: the plan of a recipe on every GPU shape (``utils.plan.shape_plans``).
 
 python -m tools.gpu_plans [--config configs/sft_qlora.yaml]
 """

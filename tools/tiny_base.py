@@ -343,7 +343,7 @@ def load_base(folder: Path = BASE_DIR, dtype: str = "float32"):
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m utils.tiny_base", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.tiny_base", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=BASE_DIR, help="folder for the weights (default data/tiny_base)")
     parser.add_argument("--docs", type=int, default=PretrainConfig.docs)
     parser.add_argument("--epochs", type=float, default=PretrainConfig.epochs)

@@ -181,3 +181,7 @@ def shape_plans(config: str = "configs/sft_qlora.yaml") -> dict[str, dict]:
             settings = resolve(["--config", config], choose_profile("auto", hw, verbose=False), hw, gpu.count)
         plans[name] = plan(settings, hw)
     return plans
+
+
+if __name__ == "__main__":  # the command that wrote docs/gpu_plans.md moved with the other maintenance tools
+    raise SystemExit("error: python -m utils.plan moved: run python -m tools.gpu_plans")
