@@ -1,9 +1,7 @@
 """What machine is this, and which profile should the notebooks use on it?
 
-``choose_profile("auto")`` prints its choice with the reasons; ``utils.recipe`` layers ``Profile.settings()`` under it.
-
-    python -m utils.hardware                 # this machine
-    python -m utils.hardware --gpu t4        # a Colab T4, planned from here (``SHAPES`` below lists them)
+python -m utils.hardware                 # this machine
+python -m utils.hardware --gpu t4        # a Colab T4, planned from here (``SHAPES`` below lists them)
 """
 
 from __future__ import annotations
@@ -120,11 +118,11 @@ SMOKE = Profile(
     ),
 )
 # Every GPU profile trains 4 x 2 sequences of 2,048 tokens per optimizer step and GPU, as the recipe does; memory is
-# the business of activation checkpointing (docs/benchmarks.md, "QLoRA on an H200").
+# the business of activation checkpointing (docs/benchmarks.md, "QLoRA on an H200"). Smallest first: `auto` takes the
+# last one whose needs the GPU meets.
 GPU_TRAINING: dict[str, Any] = dict(
     per_device_train_batch_size=4, per_device_eval_batch_size=8, gradient_accumulation_steps=2, packing_strategy="bfd"
 )
-# Real-GPU profiles, smallest first; `auto` takes the last one whose needs the GPU meets.
 GPU_PROFILES = tuple(
     Profile(name, description, BASE_MODEL_ID, HUB_DATASET, "bfloat16", "sdpa", gib, every, GPU_TRAINING)
     for name, description, gib, every in (
@@ -196,10 +194,8 @@ def shape(name: str) -> GpuShape:
 
 def peak_tflops(gpu_name: str) -> float | None:
     """Dense 16-bit peak of a GPU from its device name, or None. Longer fragments first: an "A100" is no "A10"."""
-    for fragment in sorted(PEAK_TFLOPS, key=len, reverse=True):
-        if fragment.lower() in gpu_name.lower():
-            return PEAK_TFLOPS[fragment]
-    return None
+    fragments = sorted(PEAK_TFLOPS, key=len, reverse=True)
+    return next((PEAK_TFLOPS[f] for f in fragments if f.lower() in gpu_name.lower()), None)
 
 
 def detect_platform() -> str:
@@ -255,8 +251,7 @@ def detect_hardware(check_hub: bool = True) -> Hardware:
 
 
 def local_model(model: str | None) -> str | None:
-    """``model`` when it loads without the network: a folder with ``config.json``, or a Hub id already in the
-    Hugging Face cache (used with ``HF_HUB_OFFLINE=1``). None otherwise."""
+    """``model`` if it loads offline (a folder with ``config.json``, or a Hub id in the Hugging Face cache), or None."""
     if model and (Path(model) / "config.json").is_file():
         return model
     if not model or model.count("/") != 1 or Path(model).exists():
@@ -332,8 +327,7 @@ def choose_attention(hw: Hardware, dtype: str) -> tuple[str, str]:
     16-bit); else flex_attention (it skips the masked blocks between packed dialogues) where it can run; else sdpa."""
     if hw.flash_attn and dtype == "bfloat16":
         return "flash_attention_2", "flash-attn 2 is installed"
-    problem = attention_problem("flex_attention", hw)
-    if problem:
+    if problem := attention_problem("flex_attention", hw):
         return "sdpa", f"sdpa: {problem}"
     cc = hw.compute_capability
     return "flex_attention", f"flex_attention on sm {cc[0]}{cc[1]}: skips the blocks between packed dialogues"

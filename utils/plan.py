@@ -1,8 +1,6 @@
 """What a run would do on a GPU, without that GPU and without loading any weights.
 
-    python -m utils.sft --config configs/sft_qlora.yaml --gpu t4 --plan [--json plan.json]
-
-The tests check every GPU shape's choices with it (docs/gpu_plans.md explains what a plan shows).
+python -m utils.sft --config configs/sft_qlora.yaml --gpu t4 --plan [--json plan.json]    # docs/gpu_plans.md
 """
 
 from __future__ import annotations
@@ -156,9 +154,8 @@ def plan_in_child(argv: list[str], gpu: str | None = None) -> dict:
     bitsandbytes, which initialises CUDA) instead of this one: notebook 03's ``notebook_launcher`` can still fork."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "plan.json"
-        command = [sys.executable, "-m", "utils.sft", *argv, "--plan", "--json", str(out)]
-        if gpu:
-            command += ["--gpu", gpu]
+        gpu_args = ["--gpu", gpu] if gpu else []
+        command = [sys.executable, "-m", "utils.sft", *argv, "--plan", "--json", str(out), *gpu_args]
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
         if done.returncode:
             lines = (done.stderr or done.stdout).strip().splitlines()

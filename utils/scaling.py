@@ -1,9 +1,7 @@
 """Notebook 03's arithmetic: keeping the card's global batch on any number of GPUs, and what fits in memory.
 
-    python -m utils.scaling --gpus 8 --per-device 8          # accumulation and steps per epoch
-    python -m utils.scaling --table                          # the memory-fit table for Mistral-7B
-
-The memory model: ``model_states_bytes``, ``estimate`` and ``qlora_memory`` (formulas and sources in their docstrings).
+python -m utils.scaling --gpus 8 --per-device 8          # accumulation and steps per epoch
+python -m utils.scaling --table                          # the memory-fit table for Mistral-7B
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 from utils import DATA_DIR
 from utils.hardware import GPU_PROFILES, SHAPES
@@ -46,26 +44,6 @@ def steps_per_epoch(packed_sequences: int, global_batch: int) -> int:
     return math.ceil(packed_sequences / global_batch)
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """Per-GPU memory of a full fine-tune by part, in GiB, and whether it fits what the GPU reports (``gpu_gib``)."""
-
-    weights: float
-    gradients: float
-    optimizer: float
-    activations: float
-    reserve: float
-    gpu_gib: float
-
-    @property
-    def total(self) -> float:
-        return sum(getattr(self, part) for part in PARTS)
-
-    @property
-    def fits(self) -> bool:
-        return self.total <= self.gpu_gib
-
-
 def model_states_bytes(params: int, strategy: str, gpus: int) -> tuple[float, float, float]:
     """(weights, gradients, optimizer states) bytes per GPU, after the ZeRO paper (Rajbhandari et al., 2020, Fig. 1):
     mixed-precision Adam keeps 2 bytes/parameter of bf16 weights, 2 of gradients and K = 12 of fp32 optimizer states.
@@ -86,15 +64,18 @@ GPU_CLASSES = {16: "t4", 24: "l4", 40: "a100-40gb", 80: "h100"}
 USABLE_GIB = {gb: SHAPES[name].memory_gib for gb, name in GPU_CLASSES.items()}
 
 
-def estimate(strategy: str, gpus: int, gpu_gb: int, per_device_batch: int = 8, seq_len: int = 2048) -> Estimate:
-    """Per-GPU memory of a full fine-tune of Mistral-7B with activation checkpointing, on GPUs sold as ``gpu_gb`` GB
-    (16, 24, 40 or 80; 0: no verdict), plus a fixed reserve for the CUDA context, NCCL buffers and fragmentation."""
+def estimate(strategy: str, gpus: int, gpu_gb: int, per_device_batch: int = 8, seq_len: int = 2048) -> SimpleNamespace:
+    """Per-GPU GiB of a full fine-tune of Mistral-7B with activation checkpointing, by part (``PARTS``), their ``total``
+    and whether it ``fits`` GPUs sold as ``gpu_gb`` GB (16, 24, 40 or 80; 0: no verdict). The reserve is a fixed
+    allowance for the CUDA context, NCCL buffers and fragmentation."""
     w, g, o = model_states_bytes(MISTRAL_7B["params"], strategy, gpus)
     tokens, hidden = per_device_batch * seq_len, MISTRAL_7B["hidden"]
     block = 34 * tokens * hidden  # one transformer block with flash/sdpa attention (no s^2 term), bf16
     # Korthikanti et al., 2022: each layer's checkpointed input, one block recomputed at a time; fp32 logits and grad
     act = MISTRAL_7B["layers"] * 2 * tokens * hidden + block + 2 * 4 * tokens * MISTRAL_7B["vocab"]
-    return Estimate(w / GIB, g / GIB, o / GIB, act / GIB, RESERVE_GIB, USABLE_GIB[gpu_gb] if gpu_gb else 0.0)
+    parts = dict(weights=w / GIB, gradients=g / GIB, optimizer=o / GIB, activations=act / GIB, reserve=RESERVE_GIB)
+    total = sum(parts.values())
+    return SimpleNamespace(**parts, total=total, fits=total <= (USABLE_GIB[gpu_gb] if gpu_gb else 0.0))
 
 
 # the parts of a full fine-tune's memory per GPU, as fit_table's columns, and their colours
@@ -102,19 +83,16 @@ PARTS = dict(weights="#4C72B0", gradients="#DD8452", optimizer="#55A868", activa
 
 
 def fit_table(per_device_batch: int = 8):
-    """A pandas DataFrame: per-GPU GiB of each strategy and GPU count by part, and whether it fits a GPU of each
-    size class (against what such a GPU reports, in GiB)."""
+    """A DataFrame: per-GPU GiB of each strategy and GPU count, by part, and whether it fits each GPU size class."""
     import pandas as pd
 
     rows = []
     for strategy in STRATEGIES:
         for n in (1, 2, 4, 8, 16):
             e = estimate(strategy, n, 0, per_device_batch)
-            row = {"strategy": strategy, "gpus": n, **{part: round(getattr(e, part), 1) for part in PARTS}}
-            row["GiB per GPU"] = round(e.total, 1)
-            for size, gib in USABLE_GIB.items():
-                row[f"{size} GB ({gib} GiB)"] = "fits" if e.total <= gib else "-"
-            rows.append(row)
+            parts = {part: round(getattr(e, part), 1) for part in PARTS}
+            fits = {f"{size} GB ({gib} GiB)": "fits" if e.total <= gib else "-" for size, gib in USABLE_GIB.items()}
+            rows.append({"strategy": strategy, "gpus": n, **parts, "GiB per GPU": round(e.total, 1), **fits})
     return pd.DataFrame(rows)
 
 
@@ -133,12 +111,9 @@ def plot_full_memory(per_device_batch: int = 8, gpus: int = 8):
         label = f"CUDA reserve ({RESERVE_GIB} GiB)" if part == "reserve" else part
         bars.barh(rows.index, rows[part], left=left, color=color, label=label)
         left = left + rows[part]
-    capacity = USABLE_GIB
-    for gib in capacity.values():
-        bars.axvline(gib, color="grey", linestyle=":", linewidth=0.8)
     guides = bars.secondary_xaxis("top")  # the GPU sizes, labelled above the bars they cut through
-    guides.set_xticks(list(capacity.values()), [str(gib) for gib in capacity.values()])
-    guides.set_xlabel(f"GiB that a {', '.join(map(str, capacity))} GB GPU reports", fontsize=8, color="grey")
+    guides.set_xticks(list(USABLE_GIB.values()), [str(gib) for gib in USABLE_GIB.values()])
+    guides.set_xlabel(f"GiB that a {', '.join(map(str, USABLE_GIB))} GB GPU reports", fontsize=8, color="grey")
     guides.tick_params(labelsize=8, colors="grey")
     bars.invert_yaxis()
     bars.set(xlabel=f"GiB per GPU ({gpus} GPUs, batch {per_device_batch} per device)", xlim=(0, 130))
@@ -149,7 +124,8 @@ def plot_full_memory(per_device_batch: int = 8, gpus: int = 8):
         sub, fsdp = fit[fit.strategy == strategy], strategy == "fsdp"
         label = strategy + (" (= zero3)" if fsdp else "")
         lines.plot(sub.gpus, sub["GiB per GPU"], style, label=label, markersize=10 if fsdp else 7, alpha=0.9)
-    for size, gib in capacity.items():
+    for size, gib in USABLE_GIB.items():  # what a GPU of each size class reports
+        bars.axvline(gib, color="grey", linestyle=":", linewidth=0.8)
         lines.axhline(gib, color="grey", linewidth=0.6, linestyle=":")
         lines.text(18.5, gib, f"{size} GB:\n{gib} GiB", va="center", fontsize=7, color="grey")
     lines.set_xscale("log", base=2)
@@ -161,7 +137,7 @@ def plot_full_memory(per_device_batch: int = 8, gpus: int = 8):
     lines.set(xlim=(0.8, 28), ylim=(5.5, 150), xlabel="GPUs", ylabel="GiB per GPU (every part, the reserve too)")
     lines.set_title(f"Mistral-7B full fine-tune, batch {per_device_batch} per device: total per GPU")
     lines.legend(ncol=2, fontsize=8, loc="lower left")
-    names = ", ".join(f"{SHAPES[name].name}: {capacity[size]}" for size, name in GPU_CLASSES.items())
+    names = ", ".join(f"{SHAPES[name].name}: {USABLE_GIB[size]}" for size, name in GPU_CLASSES.items())
     note = f"Dotted lines: the GiB torch reports for each size class (utils.hardware.SHAPES: {names})"
     fig.text(0.01, 0.01, note, fontsize=7, color="grey")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
@@ -187,16 +163,12 @@ def lora_parameters(r: int = 16) -> int:
 
 
 def qlora_memory(checkpoint_every: int = 1, batch: int = 4, seq_len: int = 2048, r: int = 16) -> dict[str, float]:
-    """Peak GPU memory of QLoRA training, in GiB, by part: weights, LoRA gradients, optimizer, activations.
-
-    - weights: the linear layers in 4-bit NF4 (0.5 byte + a 4-byte absmax per 64 values), embeddings and lm_head in
-      16-bit, the LoRA weights in fp32;
-    - LoRA gradients in fp32; optimizer: Adam's two fp32 moments of the LoRA weights;
-    - activations per token and layer: 34 x hidden bytes for a 16-bit block (Korthikanti et al., 2022, no s^2 term
-      with sdpa/flex), plus LoRA's inputs kept for its gradients: dropout output (2 bytes) and mask (1 byte) for
-      the six hidden-wide inputs and the intermediate-wide one; a checkpointed layer keeps only its 2 x hidden-byte
-      input, and one layer is recomputed at a time; plus the fp32 logits and their gradient.
-    """
+    """Peak GPU memory of QLoRA training, in GiB, by part. Weights: the linear layers in 4-bit NF4 (0.5 byte + a 4-byte
+    absmax per 64 values), embeddings and lm_head in 16-bit, LoRA in fp32; LoRA gradients in fp32; optimizer: Adam's two
+    fp32 moments of the LoRA weights. Activations per token and layer: 34 x hidden bytes for a 16-bit block (Korthikanti
+    et al., 2022, no s^2 term with sdpa/flex), plus LoRA's inputs kept for its gradients: dropout output (2 bytes) and
+    mask (1 byte) for the six hidden-wide inputs and the intermediate-wide one; a checkpointed layer keeps only its
+    2 x hidden-byte input, and one layer is recomputed at a time; plus the fp32 logits and their gradient."""
     h, layers, ff, vocab = MISTRAL_7B["hidden"], MISTRAL_7B["layers"], MISTRAL_7B["intermediate"], MISTRAL_7B["vocab"]
     linear = layers * (2 * h * h + 2 * h * MISTRAL_7B["kv"] + 3 * h * ff)
     lora, tokens = lora_parameters(r), batch * seq_len
