@@ -1,6 +1,5 @@
-"""The check cells under each notebook's "Try this": ``notebook_NN`` reads what the learner's runs left and returns a
-line per item: ✓ the run showed what the folded answer says, ✗ it showed something else (and what), · not tried yet
-(and how). A check only reads; a file it cannot read marks its item with the reason instead of failing."""
+"""The check cells under each notebook's "Try this": a line per item, ✓ the learner's run showed the folded answer, ✗ it
+showed something else, · not tried yet. A file a check cannot read marks its item with the reason instead of failing."""
 
 from __future__ import annotations
 
@@ -27,7 +26,6 @@ _WORDS = {
 
 
 def show(lines: list[str]) -> None:
-    """Print the check's lines."""
     print("\n".join(lines))
 
 
@@ -54,7 +52,6 @@ def _check(item: str, check, *args, run: Path | None = None) -> str:
 
 
 def _reason(error: Exception) -> str:
-    """Why a file could not be read, in a few words."""
     if isinstance(error, json.JSONDecodeError):
         return f"it is not JSON ({error.msg} at line {error.lineno})"
     return _WORDS.get(type(error)) or getattr(error, "strerror", None) or str(error)
@@ -203,7 +200,6 @@ def _finished(folder: Path) -> bool:
 
 
 def _adapter_size(adapter: Path) -> int:
-    """How many numbers an adapter folder's ``adapter_model.safetensors`` holds."""
     from safetensors import SafetensorError, safe_open
 
     weights = adapter / "adapter_model.safetensors"
@@ -230,7 +226,6 @@ def _split(split: Path, main: Path):
 
 
 def _logged(folder: Path) -> dict[str, list]:
-    """A run's logged training series (``utils.curves.read_trainer_state``)."""
     state = folder / "trainer_state.json"
     try:
         return read_trainer_state(state).train
@@ -243,14 +238,12 @@ def _ten_steps(ten: Path):
     lrs = [(lr, s) for lr, s in zip(logged["learning_rate"], logged["step"], strict=True) if _is_number(lr)]
     if not lrs:
         raise _Unreadable(ten / "trainer_state.json", "it logged no learning rate")
-    peak = max(lr for lr, _ in lrs)
-    step = next(s for lr, s in lrs if lr == peak)  # the first step at the peak
+    peak, step = max(lrs, key=lambda pair: pair[0])  # max keeps the first of equals: the first step at the peak
     said = f"the learning rate is {lrs[0][0]:g} at step 1 and peaks at step {step} ({peak:g})"
     return step == 2, said  # one warm-up step from 0, then the peak
 
 
 def _answers_only(answers: Path, main: Path):
-
     if read_record(answers)["settings"].get("assistant_only_loss") is not True:  # a finished run: its record is read
         return False, "runs/qlora-answers was trained on every token: run the command as written"
     ends = loss_ends(_logged(answers)["loss"])
@@ -312,8 +305,7 @@ def notebook_04(runs: list, smoothing: float, x_axis: str, diagnosis: dict) -> l
     noisiest = max(jumps, key=jumps.get)
     said = f"raw, the noisiest curve is {noisiest}'s (its loss jumps {jumps[noisiest]:.2f} per logged step)"
     items = {"SMOOTHING = 0": (True, said) if smoothing == 0 else (None, "not tried")}
-    longest = max(curves, key=lambda name: len(curves[name]))
-    loss = curves[longest]
+    longest, loss = max(curves.items(), key=lambda pair: len(pair[1]))
     lag = [s - raw for s, raw in zip(ema(loss, 0.99), loss, strict=True)]
     worst = max(range(len(lag)), key=lambda i: lag[i])
     said = f"on {longest}, the smoothed line is furthest above the raw one at logged step {worst + 1} of {len(loss)}"

@@ -1,7 +1,5 @@
 """The embedded default's small world (``data/tiny_base/world.txt``), and the checks that SFT worked on it: its answers,
-its loss curve, its loss on held-out dialogues. The SFT dialogues ask about each thing in three of six ways
-(``tools/tiny_dialogues.py``); ``CHECK_QUESTIONS`` ask in ways they never do, so the answers' facts must come from
-pretraining (``tools/tiny_base.py``)."""
+its loss curve, its loss on held-out dialogues."""
 
 from __future__ import annotations
 
@@ -16,7 +14,8 @@ from utils import DATA_DIR
 WORLD_FILE = DATA_DIR / "tiny_base" / "world.txt"
 VOCABULARY_FILE = DATA_DIR / "tiny_base" / "vocabulary.txt"  # every word of the pretraining text and the dialogues
 PIRATE_SYSTEM = "You are a friendly chatbot who always responds in the style of a pirate"
-# Never asked in the sample data (tests/test_tiny_world.py checks it): things the dialogues ask about in other ways.
+# The SFT dialogues ask about each thing in three of six ways (tools/tiny_dialogues.py); these ask in ways they never
+# do (tests/test_tiny_world.py checks it), so the answers' facts must come from pretraining (tools/tiny_base.py).
 CHECK_QUESTIONS = (
     "Tell me about a banana.",
     "Tell me about a mouse.",
@@ -39,7 +38,6 @@ PIRATE_WORDS = re.compile(  # "be" counts after a word that is not "to", "not" o
 
 
 def pirate_words(text: str) -> list[str]:
-    """The pirate words and phrases in ``text``, lower-cased."""
     return [m.group(0).lower() for m in PIRATE_WORDS.finditer(text)]
 
 
@@ -67,7 +65,6 @@ def first_thing(text: str) -> str | None:
 
 
 def is_about(answer: str, question: str) -> bool:
-    """The first thing the answer names is the one the question asks about."""
     asked = first_thing(question)
     return asked is not None and first_thing(answer) == asked
 
@@ -136,8 +133,7 @@ def claims_held(results: dict[str, list[Checks]]) -> dict[str, tuple[int, int]]:
     held = {}
     for claim, (mode, measure, sign, bound) in CLAIMS.items():
         counts = [getattr(c, measure) for m, checks in results.items() if mode in (None, m) for c in checks]
-        ok = [n >= bound if sign == ">=" else n <= bound for n in counts]
-        held[claim] = (sum(ok), len(ok))
+        held[claim] = (sum(n >= bound if sign == ">=" else n <= bound for n in counts), len(counts))
     return held
 
 
@@ -160,10 +156,8 @@ def loss_line(losses: list[float]) -> str:
     if ends:
         return f"train loss {ends[0]:.3f} -> {ends[1]:.3f} (medians of the first and last tenth of {len(losses)} steps)"
     last = f"; its last logged loss was {losses[-1]:.3f}" if losses else ""
-    return (
-        f"train loss: {len(losses)} logged step(s), too few for the medians of a first and last tenth "
-        f"({MIN_LOSSES} needed){last}"
-    )
+    too_few = f"too few for the medians of a first and last tenth ({MIN_LOSSES} needed)"
+    return f"train loss: {len(losses)} logged step(s), {too_few}{last}"
 
 
 def epoch_lines(history: list[dict]) -> list[str]:
