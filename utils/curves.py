@@ -51,15 +51,14 @@ class RunLog:
 
 
 def _series(entries: list[dict], key: str) -> dict[str, list]:
-    """The logged ``key`` (``loss`` or ``eval_loss``) with its step, epoch, tokens and learning rate; ValueError for
-    a log whose values are not numbers (a damaged or hand-edited file)."""
+    """The logged ``key`` (``loss`` or ``eval_loss``) as "loss", with its step, epoch, tokens and learning rate."""
     rows = [e for e in entries if isinstance(e, dict) and key in e]
     for e in rows:
-        for name in ("step", key):
+        for name in ("step", key):  # a damaged or hand-edited log: ValueError
             if isinstance(e.get(name), bool) or not isinstance(e.get(name), int | float):
                 raise ValueError(f"its {name} at step {e.get('step')!r} is {e.get(name)!r}, not a number")
-    series = {"step": "step", "epoch": "epoch", "tokens": "num_input_tokens_seen", "learning_rate": "learning_rate"}
-    return {"loss": [e[key] for e in rows]} | {name: [e.get(k) for e in rows] for name, k in series.items()}
+    keys = dict(loss=key, step="step", epoch="epoch", tokens="num_input_tokens_seen", learning_rate="learning_rate")
+    return {name: [e.get(k) for e in rows] for name, k in keys.items()}
 
 
 def read_trainer_state(path: Path) -> RunLog:
@@ -143,8 +142,7 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 def plot_runs(runs: list[RunLog], reference: dict | None = None, smoothing: float = 0.9, x: str = "step"):
-    """Your runs on the left, loss above and learning rate below, against ``x`` ("step", "tokens" or "epoch"); the
-    card's run in a narrow panel on the right."""
+    """Your runs against ``x`` (of AXES), loss above and learning rate below; the card's run in a panel on the right."""
     import matplotlib.pyplot as plt
 
     if x not in AXES:
@@ -169,8 +167,7 @@ def plot_runs(runs: list[RunLog], reference: dict | None = None, smoothing: floa
 
 
 def _plot_run(loss_ax, lr_ax, run: RunLog, color: str, smoothing: float, x: str) -> None:
-    """Training loss (thin: raw, thick: smoothed), evaluation loss (circles) and learning rate, with on steps the
-    cosine it should follow (dashed); only series logged at every point of ``x``."""
+    """Raw and smoothed train loss, eval loss, learning rate and its cosine: only series logged at every ``x``."""
     logged = lambda values: bool(values) and None not in values  # noqa: E731
     xs, lrs = run.train.get(x, []), run.train.get("learning_rate", [])
     if logged(xs):
@@ -222,8 +219,7 @@ HINTS = {  # what to look at, per problem, for a wrong answer
 
 
 def planted_runs(steps: int = 60, seed: int = 0) -> list[RunLog]:
-    """Three synthetic runs (not trained) with the symptoms of ``PLANTED_TRUTH``, logged like a trainer_state.json:
-    loss and learning rate every step, evaluation loss every 6 steps."""
+    """Three synthetic runs with the symptoms of ``PLANTED_TRUTH``: loss and learning rate every step, eval every 6."""
     import random
 
     rng = random.Random(seed)
@@ -287,7 +283,7 @@ def diagnosis_feedback(diagnosis: dict[str, str]) -> list[str]:
     lines = []
     for name, truth in PLANTED_TRUTH.items():
         guess = (diagnosis or {}).get(name)
-        named = None if guess is None else diagnosis_of(guess)
+        named = diagnosis_of(guess)  # None for None
         if guess is None:
             lines.append(f"planted {name}: no diagnosis yet (choose from: {choices})")
         elif named == truth:

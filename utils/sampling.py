@@ -57,8 +57,7 @@ _UNLOGGED: set[Path] = set()  # logs that could not be written to: said once eac
 
 
 def log_answer(answer: Answer, model: str, settings: dict, path: Path = ANSWER_LOG) -> None:
-    """Append one answer and its settings to ``path`` (JSON Lines); where it cannot (a read-only or full disk),
-    sampling goes on and one line says so, once."""
+    """Append one answer and its settings to ``path`` (JSON Lines); a read-only or full disk is said once, not fatal."""
     record = {"model": model, **settings, "text": answer.text, "stopped_at_eos": answer.stopped_at_eos}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,8 +70,7 @@ def log_answer(answer: Answer, model: str, settings: dict, path: Path = ANSWER_L
 
 
 def logged_answers(path: Path = ANSWER_LOG) -> list[dict]:
-    """The answers ``log_answer`` wrote, oldest first, less any line that is not a JSON object with a model and a text
-    (damaged, hand-edited, or cut inside a character by a stopped write)."""
+    """The logged answers, oldest first, less lines not a JSON object with a model and a text (damaged, cut short)."""
     rows = []
     with contextlib.suppress(OSError):  # nothing logged yet
         for line in path.read_bytes().split(b"\n"):  # bytes: each line decodes on its own, and only "\n" ends one
@@ -105,8 +103,7 @@ def sampling_dtype(profile: Profile):
 
 
 def load_for_sampling(ref: str, profile: Profile):
-    """A model folder or Hub id in the profile's dtype; an adapter folder goes onto the 4-bit base it was trained on.
-    A folder whose weights cannot be read is a SamplingError naming it."""
+    """A model folder or Hub id in the profile's dtype, an adapter onto its 4-bit base; unreadable: SamplingError."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -165,9 +162,8 @@ def generate(model, tokenizer, prompts: list[str], seed: int = 42, eos_token_id=
     for prompt, row in zip(prompts, out[:, prompt_tokens:].tolist(), strict=True):
         stopped = eos in row
         tokens = row[: row.index(eos)] if stopped else row
-        answers.append(
-            Answer(prompt, tokenizer.decode(tokens, skip_special_tokens=True), len(tokens) + stopped, stopped)
-        )
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        answers.append(Answer(prompt, text, len(tokens) + stopped, stopped))
     return answers
 
 
