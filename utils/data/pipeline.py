@@ -45,7 +45,7 @@ class Options:
 
     filters: str = "auto"  # auto: whole chain on raw UltraChat, audit on ultrachat_200k; all; structure
     system_turn: bool = True  # the card's empty system turn before every dialogue
-    tokenization: str = "card"  # card: the ids of 2023 ("▁" after every </s>); card-text; today: transformers 5.x's
+    tokenization: str = "card"  # TOKENIZATIONS
     disclaimers: list[str] | str | None = None  # phrases, or a file of them (read here); None: configs/disclaimers.txt
     min_tokens: int | None = None
     max_tokens: int | None = None
@@ -128,11 +128,8 @@ class _Run:
             admitted = self.admitted(report, name, bar.update, itertools.islice(rows, max_rows), target)
             chunks = iter(lambda: list(itertools.islice(admitted, CHUNK_ROWS)), [])
             jobs = ((chunk, pool.submit(self.tokenize, chunk)) for chunk in chunks)
-            previous = None
-            for job in itertools.chain(jobs, [None]):  # a chunk is written while the next one is tokenized
-                if previous is not None:
-                    self.collect(report, *previous)
-                previous = job
+            for job, _ in itertools.pairwise(itertools.chain(jobs, [None])):  # the next chunk is tokenized meanwhile
+                self.collect(report, *job)
         if report.kept + sum(report.dropped.values()) != report.input_rows:
             dropped = sum(report.dropped.values())
             raise AssertionError(f"{name}: kept {report.kept} + dropped {dropped} != input {report.input_rows}")
