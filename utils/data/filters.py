@@ -46,8 +46,7 @@ def structure_problem(messages: Any) -> str | None:
 
 
 def content_problem(messages: list[dict], max_chars: int) -> str | None:
-    """``too_large`` over ``max_chars`` characters; ``invalid_unicode`` for text UTF-8 cannot encode (a lone
-    surrogate such as a JSON-escaped ``\\ud800``); else None."""
+    """``too_large`` over ``max_chars`` characters; ``invalid_unicode`` for a lone surrogate (such as ``\\ud800``)."""
     if sum(len(m["content"]) for m in messages) > max_chars:
         return "too_large"
     try:
@@ -58,8 +57,7 @@ def content_problem(messages: list[dict], max_chars: int) -> str | None:
 
 
 def _phrases(path: str | Path) -> list[str]:
-    """The lines of a phrase file, stripped and lowercased, without blank lines and ``#`` comments; ValueError, in
-    one line, for a file that cannot be read as text."""
+    """A phrase file's lines, stripped and lowercased, less blanks and ``#`` comments; ValueError if it is not text."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
