@@ -130,8 +130,8 @@ class _Run:
             jobs = ((chunk, pool.submit(self.tokenize, chunk)) for chunk in chunks)
             for job, _ in itertools.pairwise(itertools.chain(jobs, [None])):  # the next chunk is tokenized meanwhile
                 self.collect(report, *job)
-        if report.kept + sum(report.dropped.values()) != report.input_rows:
-            dropped = sum(report.dropped.values())
+        dropped = sum(report.dropped.values())
+        if report.kept + dropped != report.input_rows:
             raise AssertionError(f"{name}: kept {report.kept} + dropped {dropped} != input {report.input_rows}")
         return report
 

@@ -44,7 +44,9 @@ def read_jsonl(path: Path, max_chars: int = MAX_CHARS) -> Iterator[Row]:
     """The rows of a JSON Lines file (a UTF-8 byte-order mark accepted); a bad line gets its drop reason."""
     limit = 4 * max_chars  # bytes: a line longer is too large whatever it decodes to, and is never held whole
     with path.open("rb") as handle:
-        for line_no, raw in enumerate(iter(lambda: handle.readline(limit + 1), b""), start=1):
+        line_no = 0
+        while raw := handle.readline(limit + 1):  # not enumerate(): its reused tuple would keep a long line's piece
+            line_no += 1
             if len(raw) > limit:
                 while raw and not raw.endswith(b"\n"):  # skip the rest of the line
                     raw = handle.readline(limit + 1)
