@@ -4,7 +4,7 @@
     python -m utils.prepare_data --source HuggingFaceH4/ultrachat_200k --out data/processed/ultrachat_200k
 
 Every row is kept or dropped with one reason (``utils.data.pipeline``). The output, a ``datasets.DatasetDict`` with
-``report.json``, replaces ``--out`` only once complete, and only a folder this tool wrote (``utils.data.output``).
+``report.json``, replaces ``--out`` only once complete, and only a folder this tool wrote (``utils.data.prepared``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         "python -m utils.prepare_data", description=description, argument_default=argparse.SUPPRESS
     )
-    parser.set_defaults(source="data/sample/ultrachat_200k", out="data/processed/ultrachat", no_progress=False)
+    parser.set_defaults(source="data/sample/ultrachat_200k", out="data/processed/ultrachat", progress=True)
     add = parser.add_argument
     add("--source", help="folder or file of JSON Lines/JSON/Parquet (either UltraChat schema), or a Hub dataset id")
     add("--revision", default=None, help="Hub dataset commit or tag to load (default: main)")
@@ -49,16 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-length", type=int, help="training length for the statistics (default 2048)")
     add("--test-fraction", type=float, help="held-out share for single-split sources (default 0.1)")
     add("--max-rows", type=int, help="read at most this many rows per split")
-    add("--no-progress", action="store_true", help="hide the progress bars")
+    add("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     options = vars(parse_args(argv))
-    source, out, progress = options.pop("source"), options.pop("out"), not options.pop("no_progress")
-    tokenizer, revision = options.pop("tokenizer"), options.pop("revision")
+    out = options.pop("out")
     try:  # every mistake a user can make is one line, before the tokenizer loads or a row is read
-        report = prepare_source(source, out, tokenizer, revision=revision, progress=progress, **options)
+        report = prepare_source(out_dir=out, **options)
     except OptionError as exc:
         name, detail = str(exc).split(" ", 1)
         print(f"error: --{name.replace('_', '-')} {detail}", file=sys.stderr)

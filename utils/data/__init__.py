@@ -1,2 +1,2 @@
 """Notebook 01's data preparation, a module per stage: ``sources``, ``filters``, ``template``, ``pipeline``, ``stats``,
-``output`` (and ``prepared``, the cache a run trains on); ``utils.prepare_data`` is the command line."""
+``prepared`` (the folder written, and the cache a run trains on); ``utils.prepare_data`` is the command line."""

@@ -33,13 +33,12 @@ def structure_problem(messages: Any) -> str | None:
             return "structure:content_not_string"
         if not content.strip():
             return "structure:empty_content"
-        if role == "system":
-            if i != 0:
-                return "structure:misplaced_system"
-        elif role != expected:
+        if role == "system" and i != 0:
+            return "structure:misplaced_system"
+        if role not in ("system", expected):
             first = i == 0 or (i == 1 and messages[0]["role"] == "system")
             return "structure:starts_with_assistant" if first else "structure:not_alternating"
-        else:
+        if role != "system":
             expected = "assistant" if role == "user" else "user"
     if messages[-1]["role"] == "system":  # a system message and nothing else
         return "structure:empty_dialogue"
@@ -47,8 +46,7 @@ def structure_problem(messages: Any) -> str | None:
 
 
 def content_problem(messages: list[dict], max_chars: int) -> str | None:
-    """``too_large`` over ``max_chars`` characters; ``invalid_unicode`` for text UTF-8 cannot encode (a lone
-    surrogate such as a JSON-escaped ``\\ud800``); else None."""
+    """``too_large`` over ``max_chars`` characters; ``invalid_unicode`` for a lone surrogate (such as ``\\ud800``)."""
     if sum(len(m["content"]) for m in messages) > max_chars:
         return "too_large"
     try:
@@ -59,8 +57,7 @@ def content_problem(messages: list[dict], max_chars: int) -> str | None:
 
 
 def _phrases(path: str | Path) -> list[str]:
-    """The lines of a phrase file, stripped and lowercased, without blank lines and ``#`` comments; ValueError, in
-    one line, for a file that cannot be read as text."""
+    """A phrase file's lines, stripped and lowercased, less blanks and ``#`` comments; ValueError if it is not text."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -73,25 +70,18 @@ def _phrases(path: str | Path) -> list[str]:
 
 
 def load_disclaimers(path: str | Path = CONFIGS_DIR / "disclaimers.txt") -> list[str]:
-    """One disclaimer phrase per line of ``path``, normalised for matching."""
     return [normalise_apostrophes(phrase) for phrase in _phrases(path)]
 
 
 def normalise_apostrophes(text: str) -> str:
-    """Map typographic apostrophes to ASCII ones so "I don’t" matches "I don't"."""
+    """Typographic apostrophes made ASCII, so that "I don’t" matches "I don't"."""
     return text.replace("\u2019", "'").replace("\u2018", "'")
 
 
 def disclaimer_in(messages: list[dict], phrases: Iterable[str]) -> str | None:
     """The first disclaimer phrase found in an assistant turn (case-insensitive), or ``None``."""
-    for message in messages:
-        if message["role"] != "assistant":
-            continue
-        text = normalise_apostrophes(message["content"].lower())
-        for phrase in phrases:
-            if phrase in text:
-                return phrase
-    return None
+    texts = (normalise_apostrophes(m["content"].lower()) for m in messages if m["role"] == "assistant")
+    return next((phrase for text in texts for phrase in phrases if phrase in text), None)
 
 
 # --- truecasing ----------------------------------------------------------------------------------------------------
@@ -109,7 +99,6 @@ _MAYBE = tuple(re.compile(rf"{re.escape(end)}\s+[a-z]") for end in ".!?")
 
 
 def load_abbreviations(path: str | Path = CONFIGS_DIR / "abbreviations.txt") -> frozenset[str]:
-    """One abbreviation per line of ``path``, lowercased."""
     return frozenset(_phrases(path))
 
 

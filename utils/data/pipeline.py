@@ -24,7 +24,7 @@ import numpy as np
 from utils import ConfigError
 from utils.assets import tokenizer_name
 from utils.data.filters import content_problem, disclaimer_in, load_disclaimers, structure_problem, truecase_messages
-from utils.data.output import FORMAT, OutputError, OutputWriter, check_output
+from utils.data.prepared import FORMAT, OutputError, OutputWriter, check_output
 from utils.data.sources import MAX_CHARS, SPLIT_NAMES, Split, datasets_progress, open_source, source_fingerprint
 from utils.data.stats import MAX_LENGTH, token_stats
 from utils.data.template import TOKENIZATIONS, to_messages, tokenize_dialogues
@@ -45,7 +45,7 @@ class Options:
 
     filters: str = "auto"  # auto: whole chain on raw UltraChat, audit on ultrachat_200k; all; structure
     system_turn: bool = True  # the card's empty system turn before every dialogue
-    tokenization: str = "card"  # card: the ids of 2023 ("▁" after every </s>); card-text; today: transformers 5.x's
+    tokenization: str = "card"  # TOKENIZATIONS
     disclaimers: list[str] | str | None = None  # phrases, or a file of them (read here); None: configs/disclaimers.txt
     min_tokens: int | None = None
     max_tokens: int | None = None
@@ -128,13 +128,10 @@ class _Run:
             admitted = self.admitted(report, name, bar.update, itertools.islice(rows, max_rows), target)
             chunks = iter(lambda: list(itertools.islice(admitted, CHUNK_ROWS)), [])
             jobs = ((chunk, pool.submit(self.tokenize, chunk)) for chunk in chunks)
-            previous = None
-            for job in itertools.chain(jobs, [None]):  # a chunk is written while the next one is tokenized
-                if previous is not None:
-                    self.collect(report, *previous)
-                previous = job
-        if report.kept + sum(report.dropped.values()) != report.input_rows:
-            dropped = sum(report.dropped.values())
+            for job, _ in itertools.pairwise(itertools.chain(jobs, [None])):  # the next chunk is tokenized meanwhile
+                self.collect(report, *job)
+        dropped = sum(report.dropped.values())
+        if report.kept + dropped != report.input_rows:
             raise AssertionError(f"{name}: kept {report.kept} + dropped {dropped} != input {report.input_rows}")
         return report
 

@@ -41,12 +41,11 @@ class Split:
 
 # --- files ---------------------------------------------------------------------------------------------------------
 def read_jsonl(path: Path, max_chars: int = MAX_CHARS) -> Iterator[Row]:
-    """The rows of a JSON Lines file; a bad line's reason is ``invalid_utf8``, ``too_large`` (over ``max_chars``),
-    ``invalid_json`` (nesting too deep included) or ``not_an_object``. A UTF-8 byte-order mark is accepted."""
+    """The rows of a JSON Lines file (a UTF-8 byte-order mark accepted); a bad line gets its drop reason."""
+    limit = 4 * max_chars  # bytes: a line longer is too large whatever it decodes to, and is never held whole
     with path.open("rb") as handle:
-        limit = 4 * max_chars  # bytes: a line longer is too large whatever it decodes to, and is never held whole
         line_no = 0
-        while raw := handle.readline(limit + 1):
+        while raw := handle.readline(limit + 1):  # not enumerate(): its reused tuple would keep a long line's piece
             line_no += 1
             if len(raw) > limit:
                 while raw and not raw.endswith(b"\n"):  # skip the rest of the line
@@ -102,10 +101,9 @@ def read_parquet(path: Path) -> Iterator[Row]:
     """The rows of a Parquet file, a batch at a time."""
     number = 0
     try:
-        for batch in _parquet_file(path).iter_batches(batch_size=BATCH_ROWS):
-            for obj in batch.to_pylist():
-                number += 1
-                yield number, obj, None
+        batches = _parquet_file(path).iter_batches(batch_size=BATCH_ROWS)
+        for number, obj in enumerate((obj for batch in batches for obj in batch.to_pylist()), start=1):
+            yield number, obj, None
     except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
         raise SourceError(f"cannot read {path} after row {number}: {str(exc).splitlines()[0]}") from None
 
@@ -147,9 +145,8 @@ def _data_files(folder: Path) -> list[Path]:
 
 
 def open_source(source: str, max_chars: int = MAX_CHARS, revision: str | None = None) -> dict[str, Split]:
-    """Each split of ``source`` and its rows: a folder has one per data file (shards ``train_sft-00000-of-00003``
-    join one), a file is ``train``; a Hub id (at ``revision``) or a folder in its layout goes through
-    ``datasets.load_dataset`` (the splits of ``SPLIT_NAMES`` only). Damaged Parquet files are found here."""
+    """Each split of ``source``: one per data file of a folder (shards join one), ``train`` for a file; a Hub id or a
+    folder in its layout through ``datasets.load_dataset``, ``SPLIT_NAMES`` only. Damaged Parquet files found here."""
     path = local_path(source)
     if path is not None and path.is_dir():
         if (path / "dataset_dict.json").is_file():
@@ -160,7 +157,7 @@ def open_source(source: str, max_chars: int = MAX_CHARS, revision: str | None = 
         if not files:
             raise SourceError(f"no .jsonl, .json or .parquet files in {path}")
         by_split: dict[str, list[Path]] = {}
-        for file in files:  # Hub parquet shards look like train_sft-00000-of-00003
+        for file in files:  # shards are named like train_sft-00000-of-00003
             by_split.setdefault(file.stem.split("-")[0], []).append(file)
         return {name: _files_split(group, max_chars) for name, group in by_split.items()}
     if path is not None:

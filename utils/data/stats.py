@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, insort
-from collections import defaultdict, deque
 from pathlib import Path
 
 import numpy as np
@@ -62,26 +61,20 @@ def packed_sequences(lengths, max_length: int, split: bool) -> int:
 def bfd_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     """Best-fit-decreasing packing of one batch as TRL's ``_pack_bfd``: the indices of ``lengths`` in each row, rows in
     the order opened (a length over ``capacity`` counts as ``capacity``). Longest first (ties in input order), each
-    to the open row with the least room that fits it (the first opened among equals), else to a new row."""
-    sizes: list[int] = []  # sorted distinct free sizes of open rows
-    rows_with: dict[int, deque] = defaultdict(deque)  # free size -> rows with it, first opened first
+    to the open row with the least room that fits it (the first to get that room among equals), else to a new row."""
+    open_rows: list[tuple] = []  # (room, step it got that room, row) of the rows with room left, sorted
     rows: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -min(lengths[i], capacity)):
+    for step, i in enumerate(sorted(range(len(lengths)), key=lambda i: -min(lengths[i], capacity))):
         length = min(lengths[i], capacity)
-        k = bisect_left(sizes, length)
-        if k < len(sizes):
-            free = sizes[k]
-            row = rows_with[free].popleft()
-            if not rows_with[free]:
-                sizes.pop(k)
+        k = bisect_left(open_rows, (length,))
+        if k < len(open_rows):
+            room, _, row = open_rows.pop(k)
         else:
-            free, row = capacity, []
+            room, row = capacity, []
             rows.append(row)
         row.append(i)
-        if (left := free - length) > 0:
-            if not rows_with[left]:
-                insort(sizes, left)
-            rows_with[left].append(row)
+        if room > length:
+            insort(open_rows, (room - length, step, row))
     return rows
 
 
