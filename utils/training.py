@@ -36,9 +36,8 @@ def start_run(args: Args) -> Run:
 
 # --- data ----------------------------------------------------------------------------------------------------------
 def load_training_data(args: Args, tokenizer) -> dict:
-    """The prepared splits (notebook 01's), ``input_ids`` only (TRL trains on our ids as they are), and
-    ``args.training`` set to match: card packing is done here, in order; ``assistant_only_loss`` becomes an
-    ``assistant_masks`` column (TRL's own switch wants ``messages``); no held-out split turns evaluation off."""
+    """The prepared splits (notebook 01's), ``input_ids`` only (TRL trains on our ids as they are), ``args.training``
+    set to match: card packing done here; ``assistant_only_loss`` as a column (TRL's own switch wants ``messages``)."""
     import datasets
 
     folder = prepared_dataset(args.script.dataset_name, tokenizer, args.run.dataset_revision)
@@ -118,9 +117,8 @@ def with_assistant_masks(data: dict, tokenizer, folder: Path) -> dict:
 
 
 def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int, columns=("input_ids",)) -> dict:
-    """The prepared splits packed by TRL 0.7.x's ``ConstantLengthDataset`` (``utils.card_era``), each in the
-    handbook's order (a0b8d49's ``mix_datasets`` shuffled train and test with seed 42). A split too small for one
-    chunk is left out."""
+    """The prepared splits packed by TRL 0.7.x's ``ConstantLengthDataset``, each in the handbook's order (a0b8d49's
+    ``mix_datasets`` shuffled train and test with seed 42); a split too small for one chunk is left out."""
     import datasets
 
     from utils.card_era import handbook_order, pack_constant_length, text_length
@@ -335,7 +333,7 @@ class WholeTokenCounts(TrainerCallback):
 
 class StepTimer(TrainerCallback):
     """Each optimizer step's (seconds, tokens). ``steady()`` leaves out the first step (compiling, memory pools) and,
-    timing steps alone, the evaluation and saving that a short run's ``train_runtime`` counts."""
+    timing steps alone, the evaluation and saving that a short run's ``train_runtime`` counts; None under two steps."""
 
     def __init__(self):
         self.steps: list[tuple[float, int]] = []
@@ -351,8 +349,7 @@ class StepTimer(TrainerCallback):
         began, seen = self._start
         self.steps.append((time.perf_counter() - began, state.num_input_tokens_seen - seen))
 
-    def steady(self) -> tuple[float, float] | None:
-        """Seconds per step and tokens per second over the steps after the first; None with fewer than two steps."""
+    def steady(self) -> tuple[float, float] | None:  # (seconds per step, tokens per second)
         timed = self.steps[1:]
         seconds, tokens = sum(s for s, _ in timed), sum(n for _, n in timed)
         return (seconds / len(timed), tokens / seconds) if timed and seconds > 0 else None
@@ -398,7 +395,6 @@ class RankLog(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / "rank_logs"
         folder.mkdir(parents=True, exist_ok=True)
-        losses = [h["loss"] for h in state.log_history if "loss" in h]
         record = {"rank": args.process_index, "world_size": args.world_size, "global_step": state.global_step}
-        record |= {"losses": losses, "own_losses": self.own}
+        record |= {"losses": [h["loss"] for h in state.log_history if "loss" in h], "own_losses": self.own}
         (folder / f"rank{args.process_index}.json").write_text(json.dumps(record) + "\n")
