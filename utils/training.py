@@ -12,20 +12,22 @@ from pathlib import Path
 
 import numpy as np
 import torch  # imported by transformers' TrainerCallback anyway
-from transformers import TrainerCallback
+from accelerate import PartialState
+from transformers import TrainerCallback, TrainerState
 
 from utils import ConfigError, say, share_like_other_files
-from utils.card_era import card_run
+from utils.assets import TINY_MODEL_DIR, ensure_tiny_model
+from utils.card_era import card_run, handbook_order, pack_constant_length, text_length
 from utils.data.prepared import prepared_dataset
+from utils.data.template import tokenize_dialogues, with_system_turn
 from utils.hardware import ULTRACHAT_TOKENS
+from utils.model import keep_standard_4bit_layout, parameter_count
 from utils.recipe import Args, world_size
 from utils.runs import Run, RunError, checkpoint_problem, checkpoint_steps, open_run, run_settings
 
 
 def start_run(args: Args) -> Run:
     """Open ``output_dir`` for this run (``utils.runs.open_run``) and say what happens there; before any weights."""
-    from accelerate import PartialState
-
     settings = run_settings(args.script, args.training, args.model, world_size(), args.run.card_schedule)
     main_process = PartialState().is_main_process
     run = open_run(args.training.output_dir, settings, args.run.fresh, main_process)
@@ -92,8 +94,6 @@ def with_assistant_masks(data: dict, tokenizer, folder: Path) -> dict:
     01 did, the answers placed from the message boundaries; the ids must be the prepared ones."""
     import datasets
 
-    from utils.data.template import tokenize_dialogues
-
     report = json.loads((folder / "report.json").read_text())
     system_turn, tokenization = report.get("system_turn", True), report.get("tokenization", "card")
     features = datasets.Features({"assistant_masks": datasets.List(datasets.Value("int8"))})
@@ -120,9 +120,6 @@ def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int, col
     """The prepared splits packed by TRL 0.7.x's ``ConstantLengthDataset``, each in the handbook's order (a0b8d49's
     ``mix_datasets`` shuffled train and test with seed 42); a split too small for one chunk is left out."""
     import datasets
-
-    from utils.card_era import handbook_order, pack_constant_length, text_length
-    from utils.data.template import with_system_turn
 
     system_turn = json.loads((folder / "report.json").read_text()).get("system_turn", True)
     packed = {}
@@ -181,8 +178,6 @@ def with_additions(trainer, args: Args):
     """The trainer, counting the tokens it sees (for tokens/s), with its trainable weights in float32 under fp16 (TRL
     casts a quantized model's adapter to bfloat16, which fp16's gradient scaler cannot unscale on CUDA), and with
     several processes each rank recording its own loss (``RankLog.watch``)."""
-    from utils.model import keep_standard_4bit_layout
-
     trainer.args.include_num_input_tokens_seen = "all"
     keep_standard_4bit_layout(trainer.model)  # a model built elsewhere too (see its docstring)
     if args.training.fp16:
@@ -202,8 +197,6 @@ def keep_trainable_fp32(model) -> int:
 
 def model_id(args: Args) -> str | None:
     """The model whose tokenizer to load: None for the embedded tiny model (built here when it is not there yet)."""
-    from utils.assets import TINY_MODEL_DIR, ensure_tiny_model
-
     name = args.model.model_name_or_path
     if Path(name) == TINY_MODEL_DIR:
         ensure_tiny_model()
@@ -215,8 +208,6 @@ def model_id(args: Args) -> str | None:
 def finish_from_checkpoint(trainer, checkpoint: str) -> None:
     """Load a checkpoint that holds the run's last step instead of training from it: ``Trainer.train`` would take one
     step past ``max_steps`` there."""
-    from transformers import TrainerState
-
     trainer._load_from_checkpoint(checkpoint)
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
 
@@ -377,10 +368,8 @@ class RankLog(TrainerCallback):
         self.own.append(sum(self.micro))
         self.micro = []
         if state.global_step == 1 and args.world_size > 1 and model is not None:  # wrapped (and sharded) by now
-            from utils.model import parameter_count  # a 4-bit weight by its real shape
-
             params = list(model.parameters())
-            total = sum(parameter_count(p) for p in params)
+            total = sum(parameter_count(p) for p in params)  # a 4-bit weight by its real shape
             held = sum(p.to_local().numel() if hasattr(p, "to_local") else parameter_count(p) for p in params)
             share = f"{100 * held / total:.0f}%: {'sharded' if held < total else 'a full replica'}"
             rank = f"[rank {args.process_index}/{args.world_size}]"
