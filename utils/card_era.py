@@ -5,6 +5,8 @@ its token ids (a ``▁`` before every piece between special tokens, merges by se
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 import random
@@ -15,54 +17,47 @@ import numpy as np
 
 from utils.assets import sentencepiece_file, sentencepiece_merges
 
-SCHEMES = ("card", "today")
 SEQ_LENGTH = 2048  # max_seq_length of recipes/zephyr-7b-beta/sft/config_full.yaml
 NUM_OF_SEQUENCES = 1024  # SFTTrainer's default in TRL 0.7.x; the handbook does not set it
 CHARS_PER_TOKEN = 3.6  # SFTTrainer's default in TRL 0.7.x: a constant, never estimated from the data
-_BACKENDS: dict[tuple, tuple] = {}  # key -> (tokenizer, backend): holding the tokenizer keeps its id unique
 
 
 # --- token ids ---------------------------------------------------------------------------------------------------
+@functools.cache  # one backend per tokenizer and pipeline: _tokenize_safely asks for one per message
 def era_backend(tokenizer, scheme: str = "card", text_specials: bool = False, first: bool = True):
-    """A copy of ``tokenizer``'s Rust backend with the card's pipeline (for Mistral's v1 vocabulary, merges by score)
-    or today's (prepend ``"first"``, ``"never"`` unless ``first``), whatever the tokenizer's flags; with
-    ``text_specials``, special-token text is encoded as text."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
-    key = (id(tokenizer), scheme, text_specials, first)
-    if key not in _BACKENDS:
-        from tokenizers import Tokenizer
+    """A copy of ``tokenizer``'s Rust backend with the card's pipeline (merges by score for Mistral's v1 vocabulary) or
+    today's (prepend ``"first"`` or ``"never"``), whatever the tokenizer's flags; ``text_specials``: specials as text"""
+    from tokenizers import Tokenizer
 
-        state = json.loads(tokenizer.backend_tokenizer.to_str())
-        for added in state["added_tokens"]:
-            added["normalized"] = False  # split at special tokens before normalising, as the 2023 file did
-        if scheme == "card":  # the Hub tokenizer.json of 2023 (transformers 4.34/4.35): "▁" before every piece
-            steps = [dict(type="Prepend", prepend="▁"), dict(type="Replace", pattern={"String": " "}, content="▁")]
-            state["normalizer"], state["pre_tokenizer"] = {"type": "Sequence", "normalizers": steps}, None
-            vocab, merges = sentencepiece_merges(str(sentencepiece_file()))
-            if state["model"].get("type") == "BPE" and state["model"]["vocab"] == vocab:
-                state["model"]["merges"] = merges
-        else:  # transformers 5.x with legacy=False: "▁" before the first piece of the text only
-            prepend = "first" if first else "never"
-            state["normalizer"] = None
-            state["pre_tokenizer"] = dict(type="Metaspace", replacement="▁", prepend_scheme=prepend, split=False)
-        backend = Tokenizer.from_str(json.dumps(state))
-        backend.encode_special_tokens = text_specials
-        _BACKENDS[key] = (tokenizer, backend)
-    return _BACKENDS[key][1]
+    if scheme not in ("card", "today"):
+        raise ValueError(f"scheme must be one of card, today, got {scheme!r}")
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    for added in state["added_tokens"]:
+        added["normalized"] = False  # split at special tokens before normalising, as the 2023 file did
+    if scheme == "card":  # the Hub tokenizer.json of 2023 (transformers 4.34/4.35): "▁" before every piece
+        steps = [dict(type="Prepend", prepend="▁"), dict(type="Replace", pattern={"String": " "}, content="▁")]
+        state["normalizer"], state["pre_tokenizer"] = {"type": "Sequence", "normalizers": steps}, None
+        vocab, merges = sentencepiece_merges(str(sentencepiece_file()))
+        if state["model"].get("type") == "BPE" and state["model"]["vocab"] == vocab:
+            state["model"]["merges"] = merges
+    else:  # transformers 5.x with legacy=False: "▁" before the first piece of the text only
+        prepend = "first" if first else "never"
+        state["normalizer"] = None
+        state["pre_tokenizer"] = dict(type="Metaspace", replacement="▁", prepend_scheme=prepend, split=False)
+    backend = Tokenizer.from_str(json.dumps(state))
+    backend.encode_special_tokens = text_specials
+    return backend
 
 
 def render_text(messages: Sequence[dict], eos: str = "</s>") -> str:
-    """The card's Zephyr template (handbook a0b8d49's ``DEFAULT_CHAT_TEMPLATE``) for ``messages`` as given: no BOS
-    (the tokenizer adds it), no generation prompt."""
+    """The card's Zephyr template (handbook a0b8d49's ``DEFAULT_CHAT_TEMPLATE``): no BOS, no generation prompt."""
     return "".join(f"<|{m['role']}|>\n{m['content']}{eos}\n" for m in messages)
 
 
 def tokenize_dialogues(tokenizer, dialogues: list[list[dict]], scheme="card", text_specials=None, answers=False):
-    """BOS + ``render_text`` + EOS for each dialogue, in the card's ids or today's. Special-token text in a message:
-    control tokens under ``card`` (as the card's tokenizer did), text under ``today`` or ``text_specials=True``. With
-    ``answers``, ``(ids, masks)``: 1 on each answer and its EOS, placed from the tokens' character offsets (so
-    marker-like text inside a message changes nothing)."""
+    """BOS + ``render_text`` + EOS per dialogue, in the card's ids or today's; special-token text in a message is a
+    control token under ``card`` (as the card's tokenizer did), else text (``text_specials``). With ``answers``,
+    ``(ids, masks)``: 1 on each answer and its EOS, by offsets (a marker's text in a message masks nothing)."""
     if text_specials is None:
         text_specials = scheme != "card"
     eos, backend = tokenizer.eos_token, era_backend(tokenizer, scheme)
@@ -82,14 +77,9 @@ def tokenize_dialogues(tokenizer, dialogues: list[list[dict]], scheme="card", te
 
 def _answer_spans(messages: Sequence[dict], eos: str) -> list[tuple[int, int]]:
     """Where ``render_text(messages) + eos`` puts each assistant message's content and the EOS after it."""
-    spans, at = [], 0
-    for m in messages:
-        start = at + len(f"<|{m['role']}|>\n")
-        end = start + len(m["content"]) + len(eos)
-        if m["role"] == "assistant":
-            spans.append((start, end))
-        at = end + 1  # the "\n" after the EOS
-    return spans
+    starts = [0, *itertools.accumulate(text_length([m], eos) for m in messages)]  # each "<|role|>\n" content EOS "\n"
+    turns = zip(messages, itertools.pairwise(starts), strict=True)
+    return [(at + len(f"<|{m['role']}|>\n"), end - 1) for m, (at, end) in turns if m["role"] == "assistant"]
 
 
 def _in_spans(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
@@ -167,10 +157,9 @@ def handbook_order(num_rows: int, seed: int = 42) -> np.ndarray:
 
 
 # --- the stop ----------------------------------------------------------------------------------------------------
-# What the 4.34/4.35 Trainer did with a ConstantLengthDataset under accelerate's dispatcher: max_steps (one epoch of
-# len(dataloader) // accumulation, at least 1: trainer.py 1580-1597), len(dataloader) per process (ceil(ceil(dialogues
-# / batch) / processes)), the batches each process got (the last one partial), the optimizer steps it ran, the epoch
-# logged at the stop (accumulation * steps / len(dataloader)), and the chunks in the last, partial global batch
+# What the 4.34/4.35 Trainer did with a ConstantLengthDataset under accelerate's dispatcher: max_steps planned
+# (trainer.py 1580-1597), len(dataloader) per process, the batches each process got (the last one partial), the
+# optimizer steps it ran, the epoch logged at the stop, and the chunks in the last, partial global batch
 RunCount = namedtuple("RunCount", "planned_steps dataloader_len micro_batches optimizer_steps epoch last_batch_rows")
 
 

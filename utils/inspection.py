@@ -81,9 +81,8 @@ def with_assistant_only(table, tokenizer):
     from utils.training import assistant_header, assistant_mask
 
     mask = assistant_mask(table["id"].tolist(), assistant_header(tokenizer), tokenizer.eos_token_id)
-    table = table.copy()
-    table["assistant only"] = [lab if m else "masked" for lab, m in zip(table["label"], mask, strict=True)]
-    return table
+    kept = [lab if m else "masked" for lab, m in zip(table["label"], mask, strict=True)]
+    return table.assign(**{"assistant only": kept})  # a copy
 
 
 def loss_token_shares(rows: list[list[int]], tokenizer) -> dict[str, float]:

@@ -12,20 +12,22 @@ from pathlib import Path
 
 import numpy as np
 import torch  # imported by transformers' TrainerCallback anyway
-from transformers import TrainerCallback
+from accelerate import PartialState
+from transformers import TrainerCallback, TrainerState
 
 from utils import ConfigError, say, share_like_other_files
-from utils.card_era import card_run
+from utils.assets import TINY_MODEL_DIR, ensure_tiny_model
+from utils.card_era import card_run, handbook_order, pack_constant_length, text_length
 from utils.data.prepared import prepared_dataset
+from utils.data.template import tokenize_dialogues, with_system_turn
 from utils.hardware import ULTRACHAT_TOKENS
+from utils.model import keep_standard_4bit_layout, parameter_count
 from utils.recipe import Args, world_size
 from utils.runs import Run, RunError, checkpoint_problem, checkpoint_steps, open_run, run_settings
 
 
 def start_run(args: Args) -> Run:
     """Open ``output_dir`` for this run (``utils.runs.open_run``) and say what happens there; before any weights."""
-    from accelerate import PartialState
-
     settings = run_settings(args.script, args.training, args.model, world_size(), args.run.card_schedule)
     main_process = PartialState().is_main_process
     run = open_run(args.training.output_dir, settings, args.run.fresh, main_process)
@@ -36,9 +38,8 @@ def start_run(args: Args) -> Run:
 
 # --- data ----------------------------------------------------------------------------------------------------------
 def load_training_data(args: Args, tokenizer) -> dict:
-    """The prepared splits (notebook 01's), ``input_ids`` only (TRL trains on our ids as they are), and
-    ``args.training`` set to match: card packing is done here, in order; ``assistant_only_loss`` becomes an
-    ``assistant_masks`` column (TRL's own switch wants ``messages``); no held-out split turns evaluation off."""
+    """The prepared splits (notebook 01's), ``input_ids`` only (TRL trains on our ids as they are), ``args.training``
+    set to match: card packing done here; ``assistant_only_loss`` as a column (TRL's own switch wants ``messages``)."""
     import datasets
 
     folder = prepared_dataset(args.script.dataset_name, tokenizer, args.run.dataset_revision)
@@ -93,8 +94,6 @@ def with_assistant_masks(data: dict, tokenizer, folder: Path) -> dict:
     01 did, the answers placed from the message boundaries; the ids must be the prepared ones."""
     import datasets
 
-    from utils.data.template import tokenize_dialogues
-
     report = json.loads((folder / "report.json").read_text())
     system_turn, tokenization = report.get("system_turn", True), report.get("tokenization", "card")
     features = datasets.Features({"assistant_masks": datasets.List(datasets.Value("int8"))})
@@ -118,13 +117,9 @@ def with_assistant_masks(data: dict, tokenizer, folder: Path) -> dict:
 
 
 def pack_like_the_card(data: dict, folder: Path, seq_length: int, seed: int, columns=("input_ids",)) -> dict:
-    """The prepared splits packed by TRL 0.7.x's ``ConstantLengthDataset`` (``utils.card_era``), each in the
-    handbook's order (a0b8d49's ``mix_datasets`` shuffled train and test with seed 42). A split too small for one
-    chunk is left out."""
+    """The prepared splits packed by TRL 0.7.x's ``ConstantLengthDataset``, each in the handbook's order (a0b8d49's
+    ``mix_datasets`` shuffled train and test with seed 42); a split too small for one chunk is left out."""
     import datasets
-
-    from utils.card_era import handbook_order, pack_constant_length, text_length
-    from utils.data.template import with_system_turn
 
     system_turn = json.loads((folder / "report.json").read_text()).get("system_turn", True)
     packed = {}
@@ -183,8 +178,6 @@ def with_additions(trainer, args: Args):
     """The trainer, counting the tokens it sees (for tokens/s), with its trainable weights in float32 under fp16 (TRL
     casts a quantized model's adapter to bfloat16, which fp16's gradient scaler cannot unscale on CUDA), and with
     several processes each rank recording its own loss (``RankLog.watch``)."""
-    from utils.model import keep_standard_4bit_layout
-
     trainer.args.include_num_input_tokens_seen = "all"
     keep_standard_4bit_layout(trainer.model)  # a model built elsewhere too (see its docstring)
     if args.training.fp16:
@@ -204,8 +197,6 @@ def keep_trainable_fp32(model) -> int:
 
 def model_id(args: Args) -> str | None:
     """The model whose tokenizer to load: None for the embedded tiny model (built here when it is not there yet)."""
-    from utils.assets import TINY_MODEL_DIR, ensure_tiny_model
-
     name = args.model.model_name_or_path
     if Path(name) == TINY_MODEL_DIR:
         ensure_tiny_model()
@@ -217,8 +208,6 @@ def model_id(args: Args) -> str | None:
 def finish_from_checkpoint(trainer, checkpoint: str) -> None:
     """Load a checkpoint that holds the run's last step instead of training from it: ``Trainer.train`` would take one
     step past ``max_steps`` there."""
-    from transformers import TrainerState
-
     trainer._load_from_checkpoint(checkpoint)
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
 
@@ -335,7 +324,7 @@ class WholeTokenCounts(TrainerCallback):
 
 class StepTimer(TrainerCallback):
     """Each optimizer step's (seconds, tokens). ``steady()`` leaves out the first step (compiling, memory pools) and,
-    timing steps alone, the evaluation and saving that a short run's ``train_runtime`` counts."""
+    timing steps alone, the evaluation and saving that a short run's ``train_runtime`` counts; None under two steps."""
 
     def __init__(self):
         self.steps: list[tuple[float, int]] = []
@@ -351,8 +340,7 @@ class StepTimer(TrainerCallback):
         began, seen = self._start
         self.steps.append((time.perf_counter() - began, state.num_input_tokens_seen - seen))
 
-    def steady(self) -> tuple[float, float] | None:
-        """Seconds per step and tokens per second over the steps after the first; None with fewer than two steps."""
+    def steady(self) -> tuple[float, float] | None:  # (seconds per step, tokens per second)
         timed = self.steps[1:]
         seconds, tokens = sum(s for s, _ in timed), sum(n for _, n in timed)
         return (seconds / len(timed), tokens / seconds) if timed and seconds > 0 else None
@@ -380,10 +368,8 @@ class RankLog(TrainerCallback):
         self.own.append(sum(self.micro))
         self.micro = []
         if state.global_step == 1 and args.world_size > 1 and model is not None:  # wrapped (and sharded) by now
-            from utils.model import parameter_count  # a 4-bit weight by its real shape
-
             params = list(model.parameters())
-            total = sum(parameter_count(p) for p in params)
+            total = sum(parameter_count(p) for p in params)  # a 4-bit weight by its real shape
             held = sum(p.to_local().numel() if hasattr(p, "to_local") else parameter_count(p) for p in params)
             share = f"{100 * held / total:.0f}%: {'sharded' if held < total else 'a full replica'}"
             rank = f"[rank {args.process_index}/{args.world_size}]"
@@ -398,7 +384,6 @@ class RankLog(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / "rank_logs"
         folder.mkdir(parents=True, exist_ok=True)
-        losses = [h["loss"] for h in state.log_history if "loss" in h]
         record = {"rank": args.process_index, "world_size": args.world_size, "global_step": state.global_step}
-        record |= {"losses": losses, "own_losses": self.own}
+        record |= {"losses": [h["loss"] for h in state.log_history if "loss" in h], "own_losses": self.own}
         (folder / f"rank{args.process_index}.json").write_text(json.dumps(record) + "\n")
