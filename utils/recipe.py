@@ -164,12 +164,10 @@ def resolve(
         profile = split_config(cli, "profile")[0] or recipe.get("profile") or profile
     hw = hardware or detect_hardware(check_hub=chosen and profile != "smoke")
     if chosen:
-        model = split_config(cli, "model_name_or_path")[0]
-        profile = choose_profile(profile, hw, model=model, verbose=announce)
+        profile = choose_profile(profile, hw, model=split_config(cli, "model_name_or_path")[0], verbose=announce)
     processes = processes or world_size()
     parser = _parser()
-    unknown = sorted(set(recipe) - {action.dest for action in parser._actions})
-    if unknown:
+    if unknown := sorted(set(recipe) - {action.dest for action in parser._actions}):
         raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r} (not a field of TRL's SFT scripts)")
 
     suggested = dict(profile.settings()) if profile else {}

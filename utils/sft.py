@@ -120,10 +120,7 @@ def _disk_full(exc: BaseException) -> str | None:
     full = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
     if isinstance(exc, OSError) and exc.errno in full:
         return exc.strerror
-    for code in full:
-        if f"(os error {code})" in str(exc):
-            return f"{os.strerror(code)} (os error {code})"
-    return None
+    return next((f"{os.strerror(code)} (os error {code})" for code in full if f"(os error {code})" in str(exc)), None)
 
 
 def _speed(report: dict) -> str:
