@@ -1,7 +1,6 @@
-"""A run's settings and where each came from: TRL's defaults < the hardware profile < the recipe file < the command
-line. A GPU profile fills only what neither the recipe nor the command line set; the embedded default (``smoke``)
-stands in for the recipe's 7B model and data, so its model, data, precision and scale replace the recipe's. Resolving
-creates no TRL dataclass and touches no GPU, so ``--plan`` uses it for GPUs this machine does not have."""
+"""A run's settings and where each came from: TRL's defaults < the hardware profile < the recipe < the command line.
+A GPU profile fills only what neither recipe nor command line set; the embedded default (``smoke``) replaces the 7B
+model, data, precision and scale. Resolving builds no TRL dataclass, touches no GPU: ``--plan`` uses it for any GPU."""
 
 from __future__ import annotations
 
@@ -15,7 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from utils import ConfigError
-from utils.hardware import HUB_DATASET, Hardware, Profile
+from utils.assets import TINY_MODEL_DIR
+from utils.data.prepared import check_cache
+from utils.data.sources import SourceError, local_path, open_source
+from utils.hardware import HUB_DATASET, Hardware, Profile, attention_problem, choose_profile, detect_hardware
+from utils.scaling import accumulation_for
 
 DEFAULT, PROFILE, RECIPE, CLI = "default", "profile", "recipe", "command line"
 MISTRAL_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -104,8 +107,7 @@ def _parser():
 
 
 def split_config(argv: list[str], name: str = "config") -> tuple[str | None, list[str]]:
-    """(the value of the last ``--config FILE`` or ``--config=FILE``, or None; the other arguments). Another ``name``
-    reads another option."""
+    """(the value of the last ``--NAME VALUE`` or ``--NAME=VALUE``, or None; the other arguments)."""
     value, rest, args = None, [], iter(argv)
     for arg in args:
         flag, equals, given = arg.partition("=")
@@ -155,8 +157,6 @@ def resolve(
     ConfigError (ValueError for the profile or the global batch). ``profile``: a Profile, None for the recipe as
     written, or the name to choose when neither ``--profile`` nor the recipe names one: a chosen one is announced with
     the notes (rank 0) and its dataset checked unless ``dataset`` is False (a plan for another machine)."""
-    from utils.hardware import choose_profile, detect_hardware
-
     path, cli = split_config(list(argv))
     recipe = read_recipe(path) if path else {}
     chosen, announce = isinstance(profile, str), isinstance(profile, str) and is_main_process()
@@ -164,12 +164,10 @@ def resolve(
         profile = split_config(cli, "profile")[0] or recipe.get("profile") or profile
     hw = hardware or detect_hardware(check_hub=chosen and profile != "smoke")
     if chosen:
-        model = split_config(cli, "model_name_or_path")[0]
-        profile = choose_profile(profile, hw, model=model, verbose=announce)
+        profile = choose_profile(profile, hw, model=split_config(cli, "model_name_or_path")[0], verbose=announce)
     processes = processes or world_size()
     parser = _parser()
-    unknown = sorted(set(recipe) - {action.dest for action in parser._actions})
-    if unknown:
+    if unknown := sorted(set(recipe) - {action.dest for action in parser._actions}):
         raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r} (not a field of TRL's SFT scripts)")
 
     suggested = dict(profile.settings()) if profile else {}
@@ -215,15 +213,11 @@ def _source(name: str, given: set, standins: dict, suggested: dict, recipe: dict
 
 def _standins(profile: Profile, recipe: dict, suggested: dict) -> dict[str, Any]:
     """Smoke's model, data and settings in place of the recipe's; without the Hub, the sample for a remote dataset."""
-    from utils.data.sources import local_path
-
     standins: dict[str, Any] = {}
     dataset = recipe.get("dataset_name")
     if (dataset is None or local_path(str(dataset)) is None) and profile.dataset != HUB_DATASET:
         standins["dataset_name"] = profile.dataset  # the shipped sample: smoke, or a GPU without the Hub
     if profile.is_smoke:
-        from utils.assets import TINY_MODEL_DIR
-
         standins["model_name_or_path"] = str(TINY_MODEL_DIR)
         standins.update(suggested)
     elif profile.model_id and recipe.get("model_name_or_path") != profile.model_id:
@@ -235,8 +229,6 @@ def _derive(settings: Settings, given: set[str]) -> None:
     """Accumulation from a global batch (for a run, not the recipe as written) and a list of one LoRA module."""
     v, s = settings.values, settings.sources
     if v.get("global_batch_size") and "gradient_accumulation_steps" not in given and settings.profile:
-        from utils.scaling import accumulation_for
-
         per_device = v["per_device_train_batch_size"]
         v["gradient_accumulation_steps"] = accumulation_for(v["global_batch_size"], settings.world_size, per_device)
         s["gradient_accumulation_steps"] = s["global_batch_size"]
@@ -252,10 +244,7 @@ def _derive(settings: Settings, given: set[str]) -> None:
 
 
 def _check_values(v: dict[str, Any], hw: Hardware, s: dict[str, str]) -> None:
-    """ConfigError for a number out of range, a precision or attention the machine cannot run (naming where the value
-    came from), or LoRA modules that are not Mistral's linear layers."""
-    from utils.hardware import attention_problem
-
+    """ConfigError for a number out of range, a precision or attention this machine cannot run, unknown LoRA modules."""
     for name in ("bf16", "dtype"):
         if hw.cuda and not hw.bf16 and v.get(name) in (True, "bfloat16"):
             raise ConfigError(
@@ -306,7 +295,7 @@ def _check_values(v: dict[str, Any], hw: Hardware, s: dict[str, str]) -> None:
 
 
 def _finite(x: Any) -> bool:
-    """A real number (a YAML ``null`` or a string is not one: the range checks then say so in one line)."""
+    """A real number: not a YAML ``null`` or a string, so that the range checks say so in one line."""
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -315,18 +304,14 @@ def _model_positions(model: str) -> int | None:
     from transformers import AutoConfig
 
     try:
-        return int(
-            AutoConfig.from_pretrained(model, local_files_only=True, trust_remote_code=False).max_position_embeddings
-        )
+        config = AutoConfig.from_pretrained(model, local_files_only=True, trust_remote_code=False)
+        return int(config.max_position_embeddings)
     except (OSError, ValueError, AttributeError, TypeError):
         return None
 
 
 def _check_dataset(settings: Settings) -> None:
     """ConfigError for a dataset that cannot be read; evaluation off (with a note) without a test split."""
-    from utils.data.prepared import check_cache
-    from utils.data.sources import SourceError, local_path, open_source
-
     v = settings.values
     name = v["dataset_name"]
     if not name:

@@ -14,6 +14,11 @@ import time
 from pathlib import Path
 
 from utils import ConfigError
+from utils.assets import load_tokenizer
+from utils.hardware import shape
+from utils.inspection import print_recipe_changes
+from utils.model import keep_standard_4bit_layout, merge_adapter, merge_dtype, merged_is_whole
+from utils.plan import plan, print_plan
 from utils.recipe import Args, is_main_process, resolve, split_config
 from utils.runs import RunError
 
@@ -26,8 +31,6 @@ def trainer_for(args: Args, tokenizer=None, data: dict | None = None):
     from transformers import AutoModelForCausalLM
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
-    from utils.assets import load_tokenizer
-    from utils.model import keep_standard_4bit_layout
     from utils.training import load_training_data, model_id, run_callbacks, with_additions
 
     training_args, model_args = args.training, args.model
@@ -58,11 +61,9 @@ def trainer_for(args: Args, tokenizer=None, data: dict | None = None):
 
 
 def main(args: Args) -> dict | None:
-    """Train (or resume) the run, save its adapter (or model), merge it when asked; the report, or None for a finished
-    run."""
+    """Train (or resume) the run, save its adapter (or model), merge it when asked: the report, or None if finished."""
     import torch
 
-    from utils.model import merge_adapter, merge_dtype, merged_is_whole
     from utils.training import finish_from_checkpoint, finish_run, start_run, stop_if_diverged
 
     training_args, model_args = args.training, args.model
@@ -91,8 +92,7 @@ def main(args: Args) -> dict | None:
                     "whole checkpoint"
                 ) from None
             raise
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        report["final_loss"] = losses[-1] if losses else None
+        report["final_loss"] = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)
         del trainer
         gc.collect()
         if torch.cuda.is_available():
@@ -120,10 +120,7 @@ def _disk_full(exc: BaseException) -> str | None:
     full = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
     if isinstance(exc, OSError) and exc.errno in full:
         return exc.strerror
-    for code in full:
-        if f"(os error {code})" in str(exc):
-            return f"{os.strerror(code)} (os error {code})"
-    return None
+    return next((f"{os.strerror(code)} (os error {code})" for code in full if f"(os error {code})" in str(exc)), None)
 
 
 def _speed(report: dict) -> str:
@@ -147,22 +144,16 @@ def cli(argv: list[str] | None = None) -> int:
             raise ConfigError("--gpu plans a run for another GPU: add --plan (training needs the GPU itself)")
         hardware = processes = None
         if gpu:
-            from utils.hardware import shape
-
             target = shape(gpu)
             hardware, processes = target.hardware(), target.count
         settings = resolve(argv, "auto", hardware, processes, dataset=not planning)
         if planning:
-            from utils.plan import plan, print_plan
-
             result = plan(settings, settings.hardware)
             print_plan(result)
             if json_path:
                 Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
             return 0
         if is_main_process():
-            from utils.inspection import print_recipe_changes
-
             print_recipe_changes(argv, settings)
         start = time.perf_counter()
         report = main(settings.build())

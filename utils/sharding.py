@@ -10,16 +10,15 @@ import os
 import sys
 
 from utils import ConfigError, say
+from utils.assets import ensure_tiny_model, load_tokenizer
+from utils.data.prepared import prepared_dataset
+from utils.hardware import SMOKE
 
 ROWS = 2  # rows per batch on each rank
 
 
 def prepared_sample() -> str:
     """The prepared sample dialogues (``runs/data/``), prepared if they are not there yet."""
-    from utils.assets import load_tokenizer
-    from utils.data.prepared import prepared_dataset
-    from utils.hardware import SMOKE
-
     return str(prepared_dataset(SMOKE.dataset, load_tokenizer(None)))
 
 
@@ -49,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
-
-    from utils.assets import ensure_tiny_model
 
     if "RANK" not in os.environ:
         print("error: start it with torchrun --nproc_per_node 2 -m utils.sharding", file=sys.stderr)
