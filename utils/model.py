@@ -80,9 +80,8 @@ def parameter_count(param) -> int:
 
 # --- merging ---------------------------------------------------------------------------------------------------------
 def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str, revision: str = "main") -> Path:
-    """Write ``base`` with the LoRA adapter merged in (``W + s·B·A``, as peft's ``merge_and_unload()``) as ``dtype``
-    safetensors shards with config and tokenizer, whole or not at all. Read and written one tensor at a time: the
-    16-bit 7B (14.5 GB) is never in memory and no GPU is needed, so a Colab T4 (12.7 GB of RAM) can merge it."""
+    """``base`` + the adapter's ``s·B·A`` (as peft's ``merge_and_unload()``) as ``dtype`` safetensors, config and
+    tokenizer, whole or not at all; one tensor at a time, so no GPU and a T4's 12.7 GB of RAM merge a 7B (14.5 GB)."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     unsupported = [k for k in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern") if config.get(k)]
@@ -241,9 +240,8 @@ class MergeCheck:
 
 
 def check_merge(base: str, adapter_dir: str | Path, merged_dir: str | Path, revision: str = "main") -> MergeCheck:
-    """Check a merge one tensor at a time (so a 7B's in little memory): each adapted weight is ``round16(W + s·B·A)``
-    (summed in float32) within one unit in the last place, each LoRA pair is used once, every other tensor is the
-    base's bit for bit, and per adapted layer ``merged·x`` is ``W·x + s·B·(A·x)`` within what rounding explains."""
+    """Check a merge one tensor at a time (so a 7B's in little memory) for what ``MergeCheck.lines`` says: adapted
+    weights within one unit in the last place, every pair used once, other tensors bit-identical, the probe bounded."""
     scale, pairs = _lora(Path(adapter_dir))
     result = MergeCheck(pairs=len(pairs), scale=scale)
     base_files = _tensor_files(base_weight_files(base, revision))
@@ -261,8 +259,7 @@ def check_merge(base: str, adapter_dir: str | Path, merged_dir: str | Path, revi
                 result.problems.append(f"{name} is not the base's tensor")
             continue
         result.adapted += 1
-        a, b = (t.float() for t in pairs[name])
-        w = weight.float()
+        a, b, w = (t.float() for t in (*pairs[name], weight))
         expected = (w + scale * (b @ a)).to(merged.dtype)
         ulps = ((merged.float() - expected.float()).abs() / _ulp(expected)).max().item()
         result.largest_ulps = max(result.largest_ulps, ulps)
