@@ -117,9 +117,7 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
             weight_map = {tensor: final for (names, _), final in zip(shards, finals, strict=True) for tensor in names}
             index = {"metadata": {"total_size": sum(s for _, s in shards)}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        merged_config = AutoConfig.from_pretrained(base, revision=revision)
-        merged_config.dtype = dtype
-        merged_config.save_pretrained(tmp)
+        AutoConfig.from_pretrained(base, revision=revision, dtype=dtype).save_pretrained(tmp)  # the merged dtype
         with contextlib.suppress(OSError):  # a base without generation_config.json
             GenerationConfig.from_pretrained(base, revision=revision).save_pretrained(tmp)
         AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
