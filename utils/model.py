@@ -6,21 +6,25 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+import torch
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
 from utils import ConfigError, process_alive, share_like_other_files, temporary_folder
+from utils.assets import TINY_MODEL_DIR, ensure_tiny_model
 
 MAX_SHARD_BYTES = 2 * 2**30  # merged shards of at most 2 GiB: saving never needs more host memory than one shard
 
 
 def load_model(model_args, quantization=None, device_map: str | dict | None = None):
     """The base model, 4-bit when ``quantization`` is given (then on this process's GPU when there is one)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from utils.assets import TINY_MODEL_DIR, ensure_tiny_model
-
     if Path(model_args.model_name_or_path) == TINY_MODEL_DIR:
         ensure_tiny_model()
     if device_map is None and quantization is not None and torch.cuda.is_available():
@@ -43,8 +47,6 @@ def keep_standard_4bit_layout(model) -> None:
     """Keep every 4-bit layer in bitsandbytes' standard layout (call it before any forward). On CPUs with AVX512-BF16,
     bitsandbytes 0.50 repacks a weight at its first no-grad eval forward into a layout that crashes on widths not
     divisible by 64, computes LoRA's gradients wrong once training resumes and saves its scales transposed."""
-    import sys
-
     bnb = sys.modules.get("bitsandbytes")  # not imported: no 4-bit layer can exist (and importing it touches CUDA)
     for layer in model.modules() if bnb else ():
         if isinstance(layer, bnb.nn.Linear4bit):
@@ -54,8 +56,7 @@ def keep_standard_4bit_layout(model) -> None:
 def load_adapter(base, adapter_dir: str | Path):
     """``base`` plus the saved LoRA adapter, kept in the dtype it was saved in (bf16 where TRL cast it, fp32 under
     fp16 training), so the reloaded model computes exactly as the trained one did."""
-    from peft import PeftModel
-    from safetensors import safe_open
+    from peft import PeftModel  # imported here: importing peft imports bitsandbytes, which initialises CUDA
 
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), "pt") as tensors:
@@ -79,13 +80,8 @@ def parameter_count(param) -> int:
 
 # --- merging ---------------------------------------------------------------------------------------------------------
 def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str, revision: str = "main") -> Path:
-    """Write ``base`` with the LoRA adapter merged in (``W + s·B·A``, as peft's ``merge_and_unload()``) as ``dtype``
-    safetensors shards with config and tokenizer, whole or not at all. Read and written one tensor at a time: the
-    16-bit 7B (14.5 GB) is never in memory and no GPU is needed, so a Colab T4 (12.7 GB of RAM) can merge it."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
+    """``base`` + the adapter's ``s·B·A`` (as peft's ``merge_and_unload()``) as ``dtype`` safetensors, config and
+    tokenizer, whole or not at all; one tensor at a time, so no GPU and a T4's 12.7 GB of RAM merge a 7B (14.5 GB)."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     unsupported = [k for k in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern") if config.get(k)]
@@ -121,9 +117,7 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, dtype
             weight_map = {tensor: final for (names, _), final in zip(shards, finals, strict=True) for tensor in names}
             index = {"metadata": {"total_size": sum(s for _, s in shards)}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        merged_config = AutoConfig.from_pretrained(base, revision=revision)
-        merged_config.dtype = dtype
-        merged_config.save_pretrained(tmp)
+        AutoConfig.from_pretrained(base, revision=revision, dtype=dtype).save_pretrained(tmp)  # the merged dtype
         with contextlib.suppress(OSError):  # a base without generation_config.json
             GenerationConfig.from_pretrained(base, revision=revision).save_pretrained(tmp)
         AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
@@ -144,8 +138,6 @@ def merged_is_whole(folder: str | Path) -> bool:
 def merge_fits_in_memory(base: str, revision: str = "main") -> bool:
     """Whether peft can merge in this machine's free memory: the 16-bit base loaded in float32 (twice its files'
     size) and its 16-bit copy to save (once more). A 7B needs ~44 GB; the tiny model under 30 MB."""
-    import psutil
-
     need = 3 * sum(f.stat().st_size for f in base_weight_files(base, revision))
     return need < 0.8 * psutil.virtual_memory().available
 
@@ -181,8 +173,6 @@ def _written_whole(out_dir: Path):
 def _lora(adapter_dir: Path) -> tuple[float, dict]:
     """peft's scale of B·A (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA) and the adapter's (A, B) pairs by the
     base weight they adapt: ``base_model.model.X.lora_A.weight`` and ``….lora_B.weight`` adapt ``X.weight``."""
-    from safetensors.torch import load_file
-
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     parts: dict[str, dict] = {}
     for key, tensor in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
@@ -197,8 +187,6 @@ def base_weight_files(base: str, revision: str = "main") -> list[Path]:
     """The base model's safetensors files: from its folder, or from the Hub cache (downloaded if missing)."""
     folder = Path(base)
     if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
         folder = Path(snapshot_download(base, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
     if not (files := sorted(folder.glob("*.safetensors"))):
         raise ConfigError(f"{base} has no safetensors weights to merge into")
@@ -207,8 +195,6 @@ def base_weight_files(base: str, revision: str = "main") -> list[Path]:
 
 def _tensor_files(files: list[Path]) -> dict[str, Path]:
     """The file that holds each tensor of ``files``, in the files' order."""
-    from safetensors import safe_open
-
     found = {}
     for file in files:
         with safe_open(str(file), "pt") as tensors:
@@ -217,8 +203,6 @@ def _tensor_files(files: list[Path]) -> dict[str, Path]:
 
 
 def _read(file: Path, name: str):
-    from safetensors import safe_open
-
     with safe_open(str(file), "pt") as tensors:
         return tensors.get_tensor(name)
 
@@ -254,11 +238,8 @@ class MergeCheck:
 
 
 def check_merge(base: str, adapter_dir: str | Path, merged_dir: str | Path, revision: str = "main") -> MergeCheck:
-    """Check a merge one tensor at a time (so a 7B's in little memory): each adapted weight is ``round16(W + s·B·A)``
-    (summed in float32) within one unit in the last place, each LoRA pair is used once, every other tensor is the
-    base's bit for bit, and per adapted layer ``merged·x`` is ``W·x + s·B·(A·x)`` within what rounding explains."""
-    import torch
-
+    """Check a merge one tensor at a time (so a 7B's in little memory) for what ``MergeCheck.lines`` says: adapted
+    weights within one unit in the last place, every pair used once, other tensors bit-identical, the probe bounded."""
     scale, pairs = _lora(Path(adapter_dir))
     result = MergeCheck(pairs=len(pairs), scale=scale)
     base_files = _tensor_files(base_weight_files(base, revision))
@@ -276,8 +257,7 @@ def check_merge(base: str, adapter_dir: str | Path, merged_dir: str | Path, revi
                 result.problems.append(f"{name} is not the base's tensor")
             continue
         result.adapted += 1
-        a, b = (t.float() for t in pairs[name])
-        w = weight.float()
+        a, b, w = (t.float() for t in (*pairs[name], weight))
         expected = (w + scale * (b @ a)).to(merged.dtype)
         ulps = ((merged.float() - expected.float()).abs() / _ulp(expected)).max().item()
         result.largest_ulps = max(result.largest_ulps, ulps)
@@ -295,7 +275,5 @@ def check_merge(base: str, adapter_dir: str | Path, merged_dir: str | Path, revi
 
 def _ulp(tensor):
     """The spacing of ``tensor``'s dtype at each of its values (a unit in the last place), as float32."""
-    import torch
-
     magnitude = tensor.abs()
     return (torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)) - magnitude).float()

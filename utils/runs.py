@@ -40,14 +40,12 @@ class Run:
     skipped: list[str] = field(default_factory=list)  # damaged checkpoints, with the reason
 
     def saved_report(self) -> dict | None:
-        """The speed report the run saved when it finished (``speed.json``), or None."""
         with contextlib.suppress(OSError, ValueError):
             report = json.loads((self.path / REPORT_FILE).read_text())
             return report if isinstance(report, dict) else None
         return None
 
-    def save_report(self, report: dict) -> None:
-        """Write the run's speed report, which a re-run of the finished run shows again."""
+    def save_report(self, report: dict) -> None:  # a re-run of the finished run shows it again
         (self.path / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
     def finish(self, global_step: int, max_steps: int) -> None:
@@ -116,11 +114,9 @@ def open_run(output_dir: str | Path, settings: dict, fresh: bool = False, main_p
             )
         if record.get("status") == "finished":
             release(path)
-            message = (
-                f"already trained: {record.get('global_step')}/{record.get('max_steps')} steps in {path}; "
-                "set FRESH = True (--fresh true) or another output folder to train again"
-            )
-            return Run(path, finished=True, message=message)
+            steps = f"{record.get('global_step')}/{record.get('max_steps')} steps in {path}"
+            again = "set FRESH = True (--fresh true) or another output folder to train again"
+            return Run(path, finished=True, message=f"already trained: {steps}; {again}")
         resume, skipped = newest_loadable_checkpoint(path)
         run = Run(path, resume_from=resume, skipped=skipped, message="Starting a new run.")
         if skipped and not resume:
@@ -129,12 +125,10 @@ def open_run(output_dir: str | Path, settings: dict, fresh: bool = False, main_p
             state = json.loads((Path(resume) / "trainer_state.json").read_text())
             step, planned = state["global_step"], state["max_steps"]
             run.resume_is_final = 0 < planned <= step
-            run.message = (
-                f"Finishing from {resume}: the previous run reached its last step ({step}/{planned}) but was stopped "
-                "before its final save."
-                if run.resume_is_final
-                else f"Resuming from {resume}: the previous run was interrupted after step {step}."
-            )
+            run.message = f"Resuming from {resume}: the previous run was interrupted after step {step}."
+            if run.resume_is_final:
+                end = f"the previous run reached its last step ({step}/{planned}) but was stopped before its final save"
+                run.message = f"Finishing from {resume}: {end}."
         if main_process:
             _write_record(path, {"tool": TOOL, "settings": settings, "status": "running"})
         return run
@@ -174,8 +168,7 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         loss = logged.get("loss", 0.0)
         if not isinstance(loss, int | float) or not math.isfinite(loss):
             return f"its log has a non-finite loss at step {logged.get('step', '?')}"
-    weights = sorted(ckpt.glob("*.safetensors"))
-    if not weights:
+    if not (weights := sorted(ckpt.glob("*.safetensors"))):
         return "no weights (*.safetensors)"
     states = [*ckpt.glob("*.pt"), *ckpt.glob("rng_state*.pth")]  # what resuming loads (not training_args.bin)
     return next((p for p in map(_file_problem, [*weights, *states]) if p), None)
