@@ -366,3 +366,19 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_the_other_processes_of_a_fresh_run_keep_what_the_main_one_started(tmp_path):
+    """torchrun's other processes open the folder after the main one (``training.start_run``): with --fresh true they
+    find the record the main process has just written, and clear nothing."""
+    from utils.runs import open_run, read_record, release
+
+    out = tmp_path / "run"
+    open_run(out, {"seed": 1}).finish(global_step=4, max_steps=4)  # an earlier run in the folder
+    open_run(out, {"seed": 2}, fresh=True)  # the main process clears it and records the new run
+    (out / "trainer_state.json").write_text("{}\n")  # and starts writing
+    other = open_run(out, {"seed": 2}, fresh=True, main_process=False)
+    assert read_record(out)["settings"] == {"seed": 2} and read_record(out)["status"] == "running"
+    assert (out / "trainer_state.json").read_text() == "{}\n"
+    assert not other.finished and other.resume_from is None
+    release(out)

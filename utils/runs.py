@@ -102,7 +102,7 @@ def open_run(output_dir: str | Path, settings: dict, fresh: bool = False, main_p
         lock(path)
     try:
         saved = record.get("settings") or {}
-        if fresh and record:
+        if fresh and record and main_process:  # the others find the main process's new record: nothing to clear
             for pattern in (*OWN_FOLDERS, *OWN_FILES):
                 for item in path.glob(pattern):
                     shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()

@@ -29,8 +29,12 @@ from utils.runs import Run, RunError, checkpoint_problem, checkpoint_steps, open
 def start_run(args: Args) -> Run:
     """Open ``output_dir`` for this run (``utils.runs.open_run``) and say what happens there; before any weights."""
     settings = run_settings(args.script, args.training, args.model, world_size(), args.run.card_schedule)
-    main_process = PartialState().is_main_process
-    run = open_run(args.training.output_dir, settings, args.run.fresh, main_process)
+    state = PartialState()
+    main_process = state.is_main_process
+    # the main process checks, locks and records the folder first: a process that looked at the same time could find
+    # its files before its run.json, and take them for a user's
+    with state.main_process_first():
+        run = open_run(args.training.output_dir, settings, args.run.fresh, main_process)
     if main_process:  # one report, not one per process
         say("\n".join([*run.skipped, run.message]))
     return run
