@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from utils import REPO_ROOT, SAMPLE_DIR
+from utils.data.output import MARKER, OutputError, is_current
 from utils.data.pipeline import OptionError, prepare, prepare_source
-from utils.data.prepared import MARKER, OutputError, is_current
 from utils.data.sources import SourceError, Split, open_source, source_fingerprint
 from utils.data.template import prompt_id, render, tokenize_dialogues, with_system_turn
 from utils.prepare_data import main
@@ -281,7 +281,7 @@ def test_output_reloads_and_an_interrupted_run_leaves_it_intact(tokenizer, tmp_p
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("utils.data.prepared.OutputWriter.write", crash)
+    monkeypatch.setattr("utils.data.output.OutputWriter.write", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare(open_source(str(SAMPLE_200K)), tokenizer, out, source="interrupted")
     assert json.loads((out / "report.json").read_text())["source"] == "sample"  # the old output is intact
@@ -354,7 +354,7 @@ def test_read_only_out_is_refused_before_work(tmp_path):
 
 
 def test_read_only_out_is_refused_before_work_as_root(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("utils.data.prepared.os.access", lambda path, mode: False)
+    monkeypatch.setattr("utils.data.output.os.access", lambda path, mode: False)
     monkeypatch.setattr("utils.assets.load_tokenizer", lambda *a, **k: pytest.fail("no work before the check"))
     assert main(["--source", str(SAMPLE_200K), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert capsys.readouterr().err.startswith(f"error: cannot write to {tmp_path / 'out'}: ")

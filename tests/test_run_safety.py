@@ -106,7 +106,8 @@ def test_a_runs_folder_that_is_a_file_is_named_by_its_variable(tmp_path):
 
 
 def test_a_prepared_folder_copied_without_its_marker_says_what_is_missing(tmp_path, tokenizer, capsys):
-    from utils.data.prepared import MARKER, is_current, prepared_dataset
+    from utils.data.output import MARKER, is_current
+    from utils.data.prepared import prepared_dataset
     from utils.hardware import SMOKE
 
     copy = tmp_path / "copy"

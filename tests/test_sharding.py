@@ -12,7 +12,7 @@ import datasets
 import pytest
 
 from utils import REPO_ROOT
-from utils.data.prepared import MARKER
+from utils.data.output import MARKER
 from utils.sharding import prepared_sample
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from utils import ConfigError
 from utils.assets import tokenizer_name
 from utils.data.filters import content_problem, disclaimer_in, load_disclaimers, structure_problem, truecase_messages
-from utils.data.prepared import FORMAT, OutputError, OutputWriter, check_output
+from utils.data.output import FORMAT, OutputError, OutputWriter, check_output
 from utils.data.sources import MAX_CHARS, SPLIT_NAMES, Split, datasets_progress, open_source, source_fingerprint
 from utils.data.stats import MAX_LENGTH, token_stats
 from utils.data.template import TOKENIZATIONS, to_messages, tokenize_dialogues
