@@ -181,4 +181,5 @@ def shape_plans(config: str = "configs/sft_qlora.yaml") -> dict[str, dict]:
 
 
 if __name__ == "__main__":  # the command that wrote docs/gpu_plans.md moved with the other maintenance tools
-    raise SystemExit("error: python -m utils.plan moved: run python -m tools.gpu_plans")
+    print("error: python -m utils.plan moved: run python -m tools.gpu_plans", file=sys.stderr)
+    sys.exit(2)

@@ -4,7 +4,7 @@
     python -m utils.prepare_data --source HuggingFaceH4/ultrachat_200k --out data/processed/ultrachat_200k
 
 Every row is kept or dropped with one reason (``utils.data.pipeline``). The output, a ``datasets.DatasetDict`` with
-``report.json``, replaces ``--out`` only once complete, and only a folder this tool wrote (``utils.data.prepared``).
+``report.json``, replaces ``--out`` only once complete, and only a folder this tool wrote (``utils.data.output``).
 """
 
 from __future__ import annotations

@@ -32,9 +32,16 @@ def start_run(args: Args) -> Run:
     state = PartialState()
     main_process = state.is_main_process
     # the main process checks, locks and records the folder first: a process that looked at the same time could find
-    # its files before its run.json, and take them for a user's
+    # its files before its run.json, and take them for a user's. A refusal is raised after the barrier, so that the
+    # other processes (on other machines too) are not left waiting there for it
+    refused = None
     with state.main_process_first():
-        run = open_run(args.training.output_dir, settings, args.run.fresh, main_process)
+        try:
+            run = open_run(args.training.output_dir, settings, args.run.fresh, main_process)
+        except RunError as exc:
+            refused = exc
+    if refused:
+        raise refused
     if main_process:  # one report, not one per process
         say("\n".join([*run.skipped, run.message]))
     return run
