@@ -1,6 +1,15 @@
-"""What the collection adds around TRL's ``SFTTrainer``, called in this order by notebook 02, notebook 03's launched
-function and ``python -m utils.sft``: ``start_run``, ``load_training_data``, ``SFTTrainer(callbacks=run_callbacks())``,
-``with_additions``, ``train``, ``stop_if_diverged``, ``save_model``, ``finish_run``; and the run's callbacks."""
+"""What the collection adds around TRL's ``SFTTrainer``, and the run's callbacks. Notebook 02, notebook 03's launched
+function and ``python -m utils.sft`` make the same calls:
+
+    run = start_run(args)                               # the run folder: new, resumed, or finished (then stop)
+    data = load_training_data(args, tokenizer)          # the prepared token ids, packed as the run asks
+    trainer = SFTTrainer(..., train_dataset=data["train"], callbacks=run_callbacks(args, data))
+    with_additions(trainer, args)                       # fp32 LoRA under fp16; each rank's own loss
+    trainer.train(resume_from_checkpoint=run.resume_from)
+    stop_if_diverged(trainer, run)                      # a NaN loss: one line naming the last good checkpoint
+    trainer.save_model(adapter_dir)
+    report = finish_run(trainer, run)                   # trainer_state.json, speed.json, the run marked finished
+"""
 
 from __future__ import annotations
 
@@ -50,7 +59,8 @@ def start_run(args: Args) -> Run:
 # --- data ----------------------------------------------------------------------------------------------------------
 def load_training_data(args: Args, tokenizer) -> dict:
     """The prepared splits (notebook 01's), ``input_ids`` only (TRL trains on our ids as they are), ``args.training``
-    set to match: card packing done here; ``assistant_only_loss`` as a column (TRL's own switch wants ``messages``)."""
+    set to match: card packing done here; ``assistant_only_loss`` as a column (TRL's own switch wants ``messages``);
+    evaluation off, with a note, without a held-out split."""
     import datasets
 
     folder = prepared_dataset(args.script.dataset_name, tokenizer, args.run.dataset_revision)
